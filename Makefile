@@ -1,0 +1,35 @@
+# enserve: the two commands of the README's quickstart.
+#   make serve   install the serving deps and serve the default ensemble on 8000/8001/8002
+#   make test    install everything the tests need and run the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+REPO ?= model_repository
+BIN := $(VENV)/bin
+
+.PHONY: serve test lint bench install-serve install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || { apt-get update && apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip
+
+install-serve: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install -q -e ".[dev,loadtest]"
+
+$(REPO)/ensemble/config.pbtxt: | install-serve
+	$(BIN)/enserve init-demo --model-repository $(REPO)
+
+serve: install-serve $(REPO)/ensemble/config.pbtxt
+	$(BIN)/enserve serve --model-repository $(REPO) $(ARGS)
+
+test: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: install-serve $(REPO)/ensemble/config.pbtxt
+	$(BIN)/enserve bench --model-repository $(REPO) $(ARGS)
+
+clean:
+	rm -rf $(VENV) $(REPO) *.egg-info

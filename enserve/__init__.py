@@ -1,0 +1,1 @@
+"""enserve: the command line that reaches every package (lazily, per subcommand)."""

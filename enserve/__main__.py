@@ -1,0 +1,5 @@
+import sys
+
+from enserve.cli import main
+
+sys.exit(main())

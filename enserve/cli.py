@@ -1,0 +1,142 @@
+"""The ``enserve`` command. Each subcommand imports only what it needs: ``serve`` never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _env(name: str, default):
+    """ENSERVE_<NAME> environment variables are the documented fallback for flags."""
+    return os.environ.get("ENSERVE_" + name.upper(), default)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model repository over KServe v2 gRPC/HTTP",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-repository", type=Path, default=Path(_env("model_repository", "model_repository")),
+                   help="Triton-layout repository: <repo>/<model>/config.pbtxt + <repo>/<model>/1/model.onnx")
+    p.add_argument("--host", default=_env("host", "127.0.0.1"), help="address the three endpoints listen on")
+    p.add_argument("--http-port", type=int, default=int(_env("http_port", 8000)), help="KServe v2 HTTP/REST port")
+    p.add_argument("--grpc-port", type=int, default=int(_env("grpc_port", 8001)), help="KServe v2 gRPC port")
+    p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 8002)),
+                   help="Prometheus metrics port (GET /metrics)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch size of every member (default: each member's config.pbtxt preferred_batch_size)")
+    p.add_argument("--max-queue-delay-us", type=int, default=None,
+                   help="longest a member waits to fill a batch after its first request (default: config.pbtxt)")
+    p.add_argument("--device", default=None,
+                   help="place every member on this device: 'cpu' or 'gpu:<index>' (default: config.pbtxt)")
+    p.add_argument("--cpu-cores", default=None,
+                   help="cores of the CPU device, e.g. '0-1' or '0,2' (default: every core this process may use)")
+    p.add_argument("--threads-per-member", type=int, default=None,
+                   help="ONNX Runtime intra-op threads per member (default: cores / members sharing them)")
+    p.add_argument("--shm-arena-mib", type=int, default=64, help="shared input ring size per input signature")
+    p.add_argument("--max-inflight", type=int, default=1024,
+                   help="requests in flight per model before new ones get RESOURCE_EXHAUSTED / HTTP 503")
+    p.add_argument("--request-timeout", type=float, default=60.0,
+                   help="server-side bound in seconds on every request (a client deadline may be shorter)")
+    p.add_argument("--allow-client-shm", action="store_true",
+                   help="accept system shared-memory registrations and tensors in them (Triton's extension)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM/SIGINT waits for requests in flight before stopping")
+
+
+def _add_import(sub) -> None:
+    p = sub.add_parser("import", help="build a model repository (and an ensemble) from ONNX files")
+    p.add_argument("files", nargs="+", type=Path, help="ONNX classifiers with the same inputs and outputs")
+    p.add_argument("--model-repository", type=Path, required=True, help="repository to create or add to")
+    p.add_argument("--ensemble", default="ensemble", help="name of the ensemble model over all the files")
+    p.add_argument("--max-batch-size", type=int, default=64, help="largest batch a request may carry")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size each member runs at")
+    p.add_argument("--max-queue-delay-us", type=int, default=100, help="batch window after the first request")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("init-demo", help="write a repository of 4 small CNNs (3x32x32, 10 classes) and their ensemble")
+    p.add_argument("--model-repository", type=Path, required=True)
+    p.add_argument("--force", action="store_true", help="rewrite it even if it exists")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="closed-loop gRPC benchmark against the bare ONNX Runtime ceiling")
+    p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--model", default="ensemble")
+    p.add_argument("--url", default=None, help="host:port of a running server (default: start one)")
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated client concurrencies")
+    p.add_argument("--images", default="1,8", help="comma-separated images per request")
+    p.add_argument("--seconds", type=float, default=5.0, help="measuring time per cell")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive one-process baseline")
+
+
+def _cores(text: str | None):
+    if text is None:
+        return None
+    from server.repository import parse_cores
+
+    return parse_cores(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="enserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_import(sub)
+    _add_demo(sub)
+    _add_bench(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from server.config import ServeOptions
+        from server.daemon import run
+        from server.errors import EnserveError
+
+        try:
+            cores = _cores(args.cpu_cores)
+        except EnserveError as exc:
+            parser.error(exc.message)
+        return run(ServeOptions(
+            model_repository=args.model_repository, host=args.host, http_port=args.http_port,
+            grpc_port=args.grpc_port, metrics_port=args.metrics_port, batch_size=args.batch_size,
+            queue_delay_us=args.max_queue_delay_us, device=args.device, cpu_cores=cores,
+            threads_per_member=args.threads_per_member, arena_mib=args.shm_arena_mib,
+            max_inflight=args.max_inflight, request_timeout_s=args.request_timeout,
+            allow_client_shm=args.allow_client_shm, drain_timeout_s=args.drain_timeout,
+        ))
+    if args.command == "import":
+        from server.errors import EnserveError
+        from server.repository import import_onnx
+
+        try:
+            repo = import_onnx(args.files, args.model_repository, ensemble=args.ensemble,
+                               max_batch_size=args.max_batch_size, batch_size=args.batch_size,
+                               queue_delay_us=args.max_queue_delay_us)
+        except EnserveError as exc:
+            print(f"enserve import: {exc.message}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.model_repository}: members {sorted(repo.members)}, ensemble '{args.ensemble}'")
+        return 0
+    if args.command == "init-demo":
+        return init_demo(args.model_repository, force=args.force)
+    if args.command == "bench":
+        from loadtest.bench import run_bench
+
+        return run_bench(args)
+    return 2
+
+
+def init_demo(repository: Path, *, force: bool = False) -> int:
+    import tempfile
+
+    from models.synthetic import write_tiny_cnns
+    from server.repository import import_onnx
+
+    if (repository / "ensemble" / "config.pbtxt").is_file() and not force:
+        print(f"{repository} already holds an ensemble; keeping it (--force rewrites it)")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_tiny_cnns(Path(tmp))
+        import_onnx(files, repository, ensemble="ensemble")
+    print(f"wrote {repository}: 4 CNN members (widths 12, 20, 32, 56) and their ensemble 'ensemble'")
+    return 0

@@ -1,0 +1,1 @@
+"""Network families of the search space, and small synthetic ONNX CNNs for serving demos/tests."""

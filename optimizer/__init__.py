@@ -1,0 +1,1 @@
+"""The allocator: device inventory, profiling, worst-fit-decreasing placement, neighbourhood search."""

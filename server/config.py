@@ -1,0 +1,26 @@
+"""Serving options: one keyword-only object; CLI flags map 1:1 onto its fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(kw_only=True)
+class ServeOptions:
+    model_repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    batch_size: int | None = None  # overrides every member's planned batch size
+    queue_delay_us: int | None = None  # overrides every member's max queue delay
+    device: str | None = None  # overrides every member's device: "cpu" or "gpu:<i>"
+    cpu_cores: tuple[int, ...] | None = None  # the CPU device's cores (default: all)
+    threads_per_member: int | None = None  # ONNX Runtime intra-op threads (default: cores / members)
+    arena_mib: int = 64  # shared input ring size per input signature
+    max_inflight: int = 1024  # requests in flight per model before RESOURCE_EXHAUSTED
+    request_timeout_s: float = 60.0  # server-side bound on any request
+    allow_client_shm: bool = False  # Triton's system shared-memory extension
+    startup_timeout_s: float = 180.0
+    drain_timeout_s: float = 30.0

@@ -1,0 +1,98 @@
+"""The daemon's lifecycle: load, start workers, serve gRPC + HTTP + metrics, drain on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from server.config import ServeOptions
+from server.errors import EnserveError
+from server.grpc_frontend import make_server
+from server.http_frontend import HttpFrontend
+from server.orchestrator import Orchestrator
+from server.repository import load_repository
+from server.service import Service
+from server.shm import clean_leftovers
+from server.stats import MetricsCollector
+
+log = logging.getLogger("enserve")
+
+
+def metrics_app(orchestrator: Orchestrator) -> web.Application:
+    registry = CollectorRegistry()
+    registry.register(MetricsCollector(orchestrator.stats, orchestrator.queue_depth))
+
+    async def metrics(request):
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def _site(app: web.Application, host: str, port: int, what: str) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}") from exc
+    return runner
+
+
+async def serve(options: ServeOptions) -> None:
+    removed = clean_leftovers()
+    if removed:
+        log.info("removed shared memory left by a crashed daemon: %s", removed)
+    repo = load_repository(options.model_repository)
+    orchestrator = Orchestrator(repo, options)
+    runners: list[web.AppRunner] = []
+    grpc_server = None
+    try:
+        await orchestrator.start()
+        service = Service(repo, orchestrator, options)
+        grpc_address = f"{options.host}:{options.grpc_port}"
+        try:
+            grpc_server = make_server(service, grpc_address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen for gRPC on {grpc_address}: {exc}") from exc
+        await grpc_server.start()
+        runners.append(await _site(HttpFrontend(service).app(), options.host, options.http_port, "HTTP"))
+        runners.append(await _site(metrics_app(orchestrator), options.host, options.metrics_port, "metrics"))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        models = ", ".join(sorted(orchestrator.targets))
+        log.info("serving models [%s]: HTTP %s:%d, gRPC %s, metrics %s:%d (workers %s)", models, options.host,
+                 options.http_port, grpc_address, options.host, options.metrics_port, orchestrator.worker_pids())
+        await stop.wait()
+        log.info("stopping: draining %d requests in flight", len(orchestrator.pending))
+        service.accepting = False
+        await grpc_server.stop(grace=options.drain_timeout_s)
+        grpc_server = None
+        service.regions.close()
+    finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=None)
+        for runner in runners:
+            await runner.cleanup()
+        await orchestrator.close()
+        log.info("stopped")
+
+
+def run(options: ServeOptions) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s enserve %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        asyncio.run(serve(options))
+    except (EnserveError, OSError) as exc:
+        log.error("%s", getattr(exc, "message", None) or exc)
+        return 1
+    return 0

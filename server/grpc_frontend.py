@@ -1,0 +1,238 @@
+"""KServe v2 / Triton gRPC frontend: the servicer generated in tritonclient, over grpc.aio."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from server.errors import EnserveError, InvalidArgument
+from server.service import Service, cuda_shm_unavailable, parse_timeout
+from server.stats import ModelStats
+from server.tensors import RequestInput, RequestOutput
+
+log = logging.getLogger("enserve")
+MAX_MESSAGE = 2**31 - 1  # as tritonclient
+_TYPED = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+    "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+def _param(params, key: str, kind: str):
+    if key not in params:
+        return None
+    return getattr(params[key], kind)
+
+
+def decode_request(request: pb.ModelInferRequest) -> tuple[list[RequestInput], list[RequestOutput]]:
+    raw = request.raw_input_contents
+    inputs = []
+    raw_index = 0
+    for t in request.inputs:
+        inp = RequestInput(t.name, t.datatype, list(t.shape))
+        region = _param(t.parameters, "shared_memory_region", "string_param")
+        if region is not None:
+            inp.shm_region = region
+            inp.shm_offset = _param(t.parameters, "shared_memory_offset", "int64_param") or 0
+            inp.shm_byte_size = _param(t.parameters, "shared_memory_byte_size", "int64_param")
+        elif raw:
+            if raw_index >= len(raw):
+                raise InvalidArgument(
+                    f"input '{t.name}' has no raw content: {len(raw)} raw_input_contents for "
+                    f"{len(request.inputs)} inputs"
+                )
+            inp.data = raw[raw_index]
+            raw_index += 1
+        else:
+            field = _TYPED.get(t.datatype)
+            if field is not None and t.HasField("contents"):
+                inp.data = list(getattr(t.contents, field))
+        inputs.append(inp)
+    if raw and raw_index != len(raw):
+        raise InvalidArgument(f"{len(raw)} raw_input_contents for {raw_index} inputs without shared memory")
+    outputs = []
+    for o in request.outputs:
+        out = RequestOutput(o.name)
+        region = _param(o.parameters, "shared_memory_region", "string_param")
+        if region is not None:
+            out.shm_region = region
+            out.shm_offset = _param(o.parameters, "shared_memory_offset", "int64_param") or 0
+            out.shm_byte_size = _param(o.parameters, "shared_memory_byte_size", "int64_param")
+        outputs.append(out)
+    return inputs, outputs
+
+
+def _duration(d) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def stats_message(s: ModelStats) -> pb.ModelStatistics:
+    d = s.durations
+    return pb.ModelStatistics(
+        name=s.name,
+        version=s.version,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(d["success"]), fail=_duration(d["fail"]), queue=_duration(d["queue"]),
+            compute_input=_duration(d["compute_input"]), compute_infer=_duration(d["compute_infer"]),
+            compute_output=_duration(d["compute_output"]),
+        ),
+    )
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
+        inputs, outputs = decode_request(request)
+        timeout = parse_timeout(_param(request.parameters, "timeout", "int64_param"))
+        if deadline_s is not None:
+            timeout = deadline_s if timeout is None else min(timeout, deadline_s)
+        values = await self.service.infer(request.model_name, request.model_version, inputs, outputs, timeout)
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        raw = []
+        for v in values:
+            t = response.outputs.add(name=v.request.name, datatype=v.datatype, shape=v.value.shape)
+            if v.request.shm_region is not None:
+                t.parameters["shared_memory_region"].string_param = v.request.shm_region
+                t.parameters["shared_memory_byte_size"].int64_param = v.value.nbytes
+                if v.request.shm_offset:
+                    t.parameters["shared_memory_offset"].int64_param = v.request.shm_offset
+                raw.append(b"")
+            else:
+                raw.append(v.value.tobytes())
+        response.raw_output_contents.extend(raw)
+        return response
+
+    async def ModelInfer(self, request, context):
+        try:
+            return await self._infer(request, context.time_remaining())
+        except EnserveError as e:
+            await context.abort(e.grpc_code, e.message)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def one(request):
+            try:
+                resp = await self._infer(request, None)
+                await queue.put(pb.ModelStreamInferResponse(infer_response=resp))
+            except EnserveError as e:
+                await queue.put(pb.ModelStreamInferResponse(
+                    error_message=e.message,
+                    infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name),
+                ))
+
+        async def read_all():
+            async for request in request_iterator:
+                task = asyncio.ensure_future(one(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks))
+            await queue.put(None)
+
+        reader = asyncio.ensure_future(read_all())
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _call(self, context, fn, *args):
+        try:
+            return fn(*args)
+        except EnserveError as e:
+            await context.abort(e.grpc_code, e.message)
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.service.ready())
+
+    async def ModelReady(self, request, context):
+        ready = await self._call(context, self.service.model_ready, request.name, request.version)
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(**self.service.server_metadata())
+
+    async def ModelMetadata(self, request, context):
+        meta = await self._call(context, self.service.model_metadata, request.name, request.version)
+        resp = pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
+        for kind in ("inputs", "outputs"):
+            for t in meta[kind]:
+                getattr(resp, kind).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+        return resp
+
+    async def ModelConfig(self, request, context):
+        cfg = await self._call(context, self.service.model_config, request.name, request.version)
+        return pb.ModelConfigResponse(config=cfg)
+
+    async def ModelStatistics(self, request, context):
+        stats = await self._call(context, self.service.stats, request.name, request.version)
+        return pb.ModelStatisticsResponse(model_stats=[stats_message(s) for s in stats])
+
+    async def RepositoryIndex(self, request, context):
+        models = [pb.RepositoryIndexResponse.ModelIndex(**m) for m in self.service.index()]
+        if request.ready:
+            models = [m for m in models if m.state == "READY"]
+        return pb.RepositoryIndexResponse(models=models)
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        await self._call(context, self.service.shm_register, request.name, request.key,
+                         request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        await self._call(context, self.service.shm_unregister, request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        regions = await self._call(context, self.service.shm_status, request.name)
+        resp = pb.SystemSharedMemoryStatusResponse()
+        for r in regions:
+            resp.regions[r.name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size))
+        return resp
+
+    async def _no_cuda(self, context):
+        e = cuda_shm_unavailable()
+        await context.abort(e.grpc_code, e.message)
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        await self._no_cuda(context)
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        await self._no_cuda(context)
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        await self._no_cuda(context)
+
+
+def make_server(service: Service, address: str) -> grpc.aio.Server:
+    server = grpc.aio.server(options=[
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.so_reuseport", 0),
+    ])
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen for gRPC on {address}")
+    return server

@@ -1,0 +1,249 @@
+"""KServe v2 HTTP/REST frontend (aiohttp), with Triton's binary tensor and shared-memory extensions."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+
+from aiohttp import web
+from google.protobuf import json_format
+
+from server.errors import EnserveError, InvalidArgument
+from server.service import Service, cuda_shm_unavailable, parse_timeout
+from server.stats import DURATIONS, ModelStats
+from server.tensors import RequestInput, RequestOutput
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_BODY = 1 << 30
+
+
+def _json(data, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(data).encode(), status=status, content_type="application/json")
+
+
+def _error(e: EnserveError) -> web.Response:
+    return _json({"error": e.message}, e.http_status)
+
+
+def _check_dict(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+def parse_infer_body(body: bytes, header_length: str | None) -> tuple[dict, list[RequestInput], list[RequestOutput]]:
+    """Split a KServe v2 request into its JSON header and tensors (binary extension included)."""
+    if header_length is not None:
+        try:
+            json_size = int(header_length)
+        except ValueError:
+            raise InvalidArgument(f"{HEADER_LENGTH} '{header_length}' is not an integer") from None
+        if not 0 <= json_size <= len(body):
+            raise InvalidArgument(f"{HEADER_LENGTH} {json_size} is outside the body of {len(body)} bytes")
+    else:
+        json_size = len(body)
+    try:
+        header = json.loads(body[:json_size])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
+    header = _check_dict(header, "the request")
+    params = _check_dict(header.get("parameters", {}), "'parameters'")
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list):
+        raise InvalidArgument("the request needs an 'inputs' list")
+    binary = memoryview(body)[json_size:]
+    offset = 0
+    inputs = []
+    for i, t in enumerate(raw_inputs):
+        t = _check_dict(t, f"inputs[{i}]")
+        name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
+            raise InvalidArgument(f"inputs[{i}] needs 'name' (string), 'datatype' (string) and 'shape' (list)")
+        shape = [_int(d, f"input '{name}' shape") for d in shape]
+        inp = RequestInput(name, datatype, shape)
+        tp = _check_dict(t.get("parameters", {}), f"input '{name}' parameters")
+        if "shared_memory_region" in tp:
+            inp.shm_region = str(tp["shared_memory_region"])
+            inp.shm_offset = _int(tp.get("shared_memory_offset", 0), "shared_memory_offset")
+            if "shared_memory_byte_size" in tp:
+                inp.shm_byte_size = _int(tp["shared_memory_byte_size"], "shared_memory_byte_size")
+        elif "binary_data_size" in tp:
+            size = _int(tp["binary_data_size"], f"input '{name}' binary_data_size")
+            if size < 0 or offset + size > len(binary):
+                raise InvalidArgument(
+                    f"input '{name}': binary_data_size {size} at offset {offset} exceeds the "
+                    f"{len(binary)} bytes of binary data after the JSON header"
+                )
+            inp.data = binary[offset : offset + size]
+            offset += size
+        elif "data" in t:
+            inp.data = t["data"]
+        inputs.append(inp)
+    if offset != len(binary):
+        raise InvalidArgument(f"{len(binary) - offset} bytes of binary data follow the inputs unused")
+    default_binary = bool(params.get("binary_data_output", False))
+    outputs = []
+    for i, o in enumerate(header.get("outputs") or []):
+        o = _check_dict(o, f"outputs[{i}]")
+        op = _check_dict(o.get("parameters", {}), f"outputs[{i}] parameters")
+        out = RequestOutput(str(o.get("name")), bool(op.get("binary_data", default_binary)))
+        if "shared_memory_region" in op:
+            out.shm_region = str(op["shared_memory_region"])
+            out.shm_offset = _int(op.get("shared_memory_offset", 0), "shared_memory_offset")
+            if "shared_memory_byte_size" in op:
+                out.shm_byte_size = _int(op["shared_memory_byte_size"], "shared_memory_byte_size")
+        outputs.append(out)
+    return header, inputs, outputs
+
+
+def stats_json(s: ModelStats) -> dict:
+    return {
+        "name": s.name, "version": s.version, "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count, "execution_count": s.execution_count,
+        "inference_stats": {k: {"count": s.durations[k].count, "ns": s.durations[k].ns} for k in DURATIONS},
+    }
+
+
+class HttpFrontend:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
+        r = app.router
+        r.add_get("/v2/health/live", self.live)
+        r.add_get("/v2/health/ready", self.ready)
+        r.add_get("/v2", self.server_metadata)
+        r.add_post("/v2/repository/index", self.repository_index)
+        base = "/v2/models/{model}"
+        for prefix in (base, base + "/versions/{version}"):
+            r.add_get(prefix, self.model_metadata)
+            r.add_get(prefix + "/ready", self.model_ready)
+            r.add_get(prefix + "/config", self.model_config)
+            r.add_get(prefix + "/stats", self.model_stats)
+            r.add_post(prefix + "/infer", self.infer)
+        r.add_get("/v2/models/stats", self.model_stats)
+        r.add_get("/v2/systemsharedmemory/status", self.shm_status)
+        r.add_get("/v2/systemsharedmemory/region/{region}/status", self.shm_status)
+        r.add_post("/v2/systemsharedmemory/region/{region}/register", self.shm_register)
+        r.add_post("/v2/systemsharedmemory/unregister", self.shm_unregister)
+        r.add_post("/v2/systemsharedmemory/region/{region}/unregister", self.shm_unregister)
+        r.add_route("*", "/v2/cudasharedmemory/{tail:.*}", self.no_cuda)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except EnserveError as e:
+            return _error(e)
+
+    async def live(self, request):
+        return web.Response(status=200)
+
+    async def ready(self, request):
+        return web.Response(status=200 if self.service.ready() else 503)
+
+    async def server_metadata(self, request):
+        return _json(self.service.server_metadata())
+
+    async def repository_index(self, request):
+        return _json(self.service.index())
+
+    def _model(self, request) -> tuple[str, str]:
+        return request.match_info["model"], request.match_info.get("version", "")
+
+    async def model_metadata(self, request):
+        return _json(self.service.model_metadata(*self._model(request)))
+
+    async def model_ready(self, request):
+        return web.Response(status=200 if self.service.model_ready(*self._model(request)) else 503)
+
+    async def model_config(self, request):
+        cfg = self.service.model_config(*self._model(request))
+        return _json(json_format.MessageToDict(cfg, preserving_proto_field_name=True))
+
+    async def model_stats(self, request):
+        name = request.match_info.get("model", "")
+        stats = self.service.stats(name, request.match_info.get("version", ""))
+        return _json({"model_stats": [stats_json(s) for s in stats]})
+
+    async def _body(self, request: web.Request) -> bytes:
+        body = await request.read()
+        encoding = request.headers.get("Content-Encoding")
+        try:
+            if encoding == "gzip":
+                return gzip.decompress(body)
+            if encoding == "deflate":
+                return zlib.decompress(body)
+        except (OSError, zlib.error, EOFError) as exc:
+            raise InvalidArgument(f"request body is not valid {encoding} data: {exc}") from None
+        if encoding not in (None, "identity"):
+            raise InvalidArgument(f"Content-Encoding '{encoding}' is not supported; use gzip or deflate")
+        return body
+
+    async def infer(self, request: web.Request) -> web.Response:
+        model, version = self._model(request)
+        body = await self._body(request)
+        header, inputs, outputs = parse_infer_body(body, request.headers.get(HEADER_LENGTH))
+        params = header.get("parameters", {})
+        timeout = parse_timeout(params.get("timeout"))
+        values = await self.service.infer(model, version, inputs, outputs, timeout)
+        default_binary = bool(params.get("binary_data_output", False))
+        result = {"model_name": model, "model_version": "1", "outputs": []}
+        if "id" in header:
+            result["id"] = header["id"]
+        chunks = []
+        for v in values:
+            entry = {"name": v.request.name, "datatype": v.datatype, "shape": list(v.value.shape)}
+            if v.request.shm_region is not None:
+                entry["parameters"] = {"shared_memory_region": v.request.shm_region,
+                                       "shared_memory_byte_size": v.value.nbytes}
+            elif v.request.binary or (not outputs and default_binary):
+                data = v.value.tobytes()
+                entry["parameters"] = {"binary_data_size": len(data)}
+                chunks.append(data)
+            else:
+                entry["data"] = v.value.reshape(-1).tolist()
+            result["outputs"].append(entry)
+        head = json.dumps(result).encode()
+        if not chunks:
+            return web.Response(body=head, content_type="application/json")
+        return web.Response(
+            body=b"".join([head, *chunks]),
+            headers={HEADER_LENGTH: str(len(head))},
+            content_type="application/octet-stream",
+        )
+
+    async def shm_status(self, request):
+        regions = self.service.shm_status(request.match_info.get("region", ""))
+        return _json([{"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size} for r in regions])
+
+    async def shm_register(self, request):
+        try:
+            body = json.loads(await request.read() or b"{}")
+        except ValueError as exc:
+            raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
+        body = _check_dict(body, "the request")
+        key = body.get("key")
+        if not isinstance(key, str):
+            raise InvalidArgument("shared memory registration needs 'key' (string)")
+        self.service.shm_register(
+            request.match_info["region"], key,
+            _int(body.get("offset", 0), "offset"), _int(body.get("byte_size", 0), "byte_size"),
+        )
+        return web.Response(status=200)
+
+    async def shm_unregister(self, request):
+        self.service.shm_unregister(request.match_info.get("region", ""))
+        return web.Response(status=200)
+
+    async def no_cuda(self, request):
+        return _error(cuda_shm_unavailable())

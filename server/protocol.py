@@ -1,0 +1,81 @@
+"""Fixed-size descriptors between the orchestrator and its workers (struct framing over pipes).
+
+Orchestrator -> worker: ``TASK`` = (request id, first row, row count) in the shared input rows.
+Worker -> orchestrator: a ``DONE`` header, then ``n_ids`` uint32 request ids, then ``msg_len``
+bytes of UTF-8 message (errors, or the load failure). No tensor ever crosses a pipe.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+TASK = struct.Struct("<III")
+DONE = struct.Struct("<IIIIQQQQ")  # status, n_ids, msg_len, rows, queue_ns, input_ns, infer_ns, output_ns
+
+STATUS_OK = 0
+STATUS_ERROR = 1
+STATUS_READY = 2
+STATUS_LOAD_FAILED = 3
+
+
+@dataclass
+class Done:
+    status: int
+    ids: tuple[int, ...]
+    message: str
+    rows: int
+    queue_ns: int
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
+
+def pack_tasks(tasks: list[tuple[int, int, int]]) -> bytes:
+    return b"".join(TASK.pack(*t) for t in tasks)
+
+
+def pack_done(
+    status: int,
+    ids: list[int] | tuple[int, ...] = (),
+    message: str = "",
+    rows: int = 0,
+    times: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> bytes:
+    msg = message.encode()
+    return DONE.pack(status, len(ids), len(msg), rows, *times) + struct.pack(f"<{len(ids)}I", *ids) + msg
+
+
+class DoneReader:
+    """Reassembles ``Done`` frames from arbitrary pipe chunks."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> list[Done]:
+        self.buffer += chunk
+        frames = []
+        while len(self.buffer) >= DONE.size:
+            status, n_ids, msg_len, rows, q, i, f, o = DONE.unpack_from(self.buffer)
+            end = DONE.size + 4 * n_ids + msg_len
+            if len(self.buffer) < end:
+                break
+            ids = struct.unpack_from(f"<{n_ids}I", self.buffer, DONE.size)
+            msg = bytes(self.buffer[DONE.size + 4 * n_ids : end]).decode(errors="replace")
+            frames.append(Done(status, ids, msg, rows, q, i, f, o))
+            del self.buffer[:end]
+        return frames
+
+
+class TaskReader:
+    """Reassembles ``TASK`` tuples from arbitrary pipe chunks."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> list[tuple[int, int, int]]:
+        self.buffer += chunk
+        n = len(self.buffer) // TASK.size
+        tasks = list(TASK.iter_unpack(bytes(self.buffer[: n * TASK.size])))
+        del self.buffer[: n * TASK.size]
+        return tasks

@@ -1,0 +1,391 @@
+"""Triton-layout model repository: read and write `config.pbtxt`, import ONNX members.
+
+Layout (as Triton's): ``<repo>/<member>/config.pbtxt`` + ``<repo>/<member>/1/model.onnx`` for
+every member, and ``<repo>/<ensemble>/config.pbtxt`` with ``platform: "ensemble"`` whose
+``ensemble_scheduling`` steps name the members and whose parameter ``enserve.combiner`` names
+the combiner.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
+
+from server.errors import RepositoryError
+
+ONNX_PLATFORM = "onnxruntime_onnx"
+ENSEMBLE_PLATFORM = "ensemble"
+COMBINERS = ("mean",)
+ENTROPY_OUTPUT = "entropy"
+VARIANCE_OUTPUT = "member_variance"
+UNCERTAINTY_OUTPUTS = (ENTROPY_OUTPUT, VARIANCE_OUTPUT)
+DEFAULT_MAX_BATCH_SIZE = 64
+_NAME_RULE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: Triton datatype and the dims after the batch axis."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(triton_to_np_dtype(self.datatype))
+
+    @property
+    def row_elements(self) -> int:
+        return int(np.prod(self.dims, dtype=np.int64))
+
+    @property
+    def row_bytes(self) -> int:
+        return self.row_elements * self.np_dtype.itemsize
+
+
+@dataclass
+class MemberSpec:
+    """A member model: an ONNX file plus its serving placement."""
+
+    name: str
+    path: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    max_batch_size: int
+    batch_size: int = 8
+    queue_delay_us: int = 100
+    device: str = "cpu"
+    cpu_cores: tuple[int, ...] | None = None
+
+
+@dataclass
+class EnsembleSpec:
+    """An ensemble: members averaged with a combiner; it has the members' inputs and outputs."""
+
+    name: str
+    members: list[str]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    max_batch_size: int
+    combiner: str = "mean"
+
+
+@dataclass
+class Repository:
+    path: Path
+    members: dict[str, MemberSpec] = field(default_factory=dict)
+    ensembles: dict[str, EnsembleSpec] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- reading ONNX
+
+
+def _onnx_tensor_specs(values, initializers: set[str], where: str) -> list[TensorSpec]:
+    import onnx
+
+    specs = []
+    for value in values:
+        if value.name in initializers:
+            continue
+        ttype = value.type.tensor_type
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        dims = list(ttype.shape.dim)
+        if not dims:
+            raise RepositoryError(f"{where}: tensor '{value.name}' is a scalar; a batch axis is required")
+        first = dims[0]
+        if first.HasField("dim_value") and first.dim_value > 0:
+            raise RepositoryError(
+                f"{where}: tensor '{value.name}' has a fixed first dimension {first.dim_value}; "
+                "export it with a dynamic batch axis"
+            )
+        rest = []
+        for i, d in enumerate(dims[1:], start=1):
+            if not (d.HasField("dim_value") and d.dim_value > 0):
+                raise RepositoryError(
+                    f"{where}: tensor '{value.name}' dimension {i} is dynamic ('{d.dim_param}'); "
+                    "only the batch axis may be dynamic"
+                )
+            rest.append(int(d.dim_value))
+        specs.append(TensorSpec(value.name, np_to_triton_dtype(np_dtype), tuple(rest)))
+    return specs
+
+
+def read_onnx_signature(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of an ONNX file (batch axis dropped); raises on what we cannot serve."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises several types for corrupt files
+        raise RepositoryError(f"{path}: not a readable ONNX model ({exc})") from exc
+    inits = {t.name for t in model.graph.initializer}
+    inputs = _onnx_tensor_specs(model.graph.input, inits, str(path))
+    outputs = _onnx_tensor_specs(model.graph.output, set(), str(path))
+    return inputs, outputs
+
+
+# ----------------------------------------------------------------------------- config.pbtxt
+
+
+def _dtype_enum(datatype: str) -> int:
+    return mc.DataType.Value("TYPE_" + ("STRING" if datatype == "BYTES" else datatype))
+
+
+def _dtype_name(enum_value: int) -> str:
+    name = mc.DataType.Name(enum_value).removeprefix("TYPE_")
+    return "BYTES" if name == "STRING" else name
+
+
+def _add_tensors(repeated, specs: list[TensorSpec]) -> None:
+    for s in specs:
+        t = repeated.add()
+        t.name = s.name
+        t.data_type = _dtype_enum(s.datatype)
+        t.dims.extend(s.dims)
+
+
+def _tensors(repeated) -> list[TensorSpec]:
+    return [TensorSpec(t.name, _dtype_name(t.data_type), tuple(int(d) for d in t.dims)) for t in repeated]
+
+
+def member_config(spec: MemberSpec) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=spec.name, platform=ONNX_PLATFORM, max_batch_size=spec.max_batch_size)
+    _add_tensors(cfg.input, spec.inputs)
+    _add_tensors(cfg.output, spec.outputs)
+    group = cfg.instance_group.add()
+    group.count = 1
+    if spec.device.startswith("gpu"):
+        group.kind = mc.ModelInstanceGroup.KIND_GPU
+        group.gpus.append(int(spec.device.split(":")[1]) if ":" in spec.device else 0)
+    else:
+        group.kind = mc.ModelInstanceGroup.KIND_CPU
+    cfg.dynamic_batching.preferred_batch_size.append(spec.batch_size)
+    cfg.dynamic_batching.max_queue_delay_microseconds = spec.queue_delay_us
+    if spec.cpu_cores is not None:
+        cfg.parameters["enserve.cpu_cores"].string_value = ",".join(map(str, spec.cpu_cores))
+    return cfg
+
+
+def ensemble_config(spec: EnsembleSpec, members: dict[str, MemberSpec]) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=spec.name, platform=ENSEMBLE_PLATFORM, max_batch_size=spec.max_batch_size)
+    _add_tensors(cfg.input, spec.inputs)
+    _add_tensors(cfg.output, spec.outputs)
+    for name in spec.members:
+        step = cfg.ensemble_scheduling.step.add()
+        step.model_name = name
+        step.model_version = -1
+        for t in members[name].inputs:
+            step.input_map[t.name] = t.name
+        for t in members[name].outputs:
+            step.output_map[t.name] = f"{name}.{t.name}"
+    cfg.parameters["enserve.combiner"].string_value = spec.combiner
+    return cfg
+
+
+def write_config(directory: Path, cfg: mc.ModelConfig) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+
+
+def read_config(path: Path) -> mc.ModelConfig:
+    try:
+        return text_format.Parse(path.read_text(), mc.ModelConfig())
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        raise RepositoryError(f"{path}: not a valid Triton config.pbtxt ({exc})") from exc
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _latest_version_dir(model_dir: Path) -> Path | None:
+    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    return max(versions, key=lambda p: int(p.name)) if versions else None
+
+
+def _member_from_config(model_dir: Path, cfg: mc.ModelConfig) -> MemberSpec:
+    version = _latest_version_dir(model_dir)
+    filename = cfg.default_model_filename or "model.onnx"
+    if version is None or not (version / filename).is_file():
+        raise RepositoryError(f"member '{cfg.name}': no model file {model_dir}/<version>/{filename}")
+    if cfg.max_batch_size <= 0:
+        raise RepositoryError(
+            f"member '{cfg.name}': max_batch_size is {cfg.max_batch_size}, but must be > 0 "
+            "(enserve batches along the first axis)"
+        )
+    device = "cpu"
+    for group in cfg.instance_group:
+        if group.kind == mc.ModelInstanceGroup.KIND_GPU:
+            device = f"gpu:{group.gpus[0] if group.gpus else 0}"
+    cores = None
+    if "enserve.cpu_cores" in cfg.parameters:
+        cores = parse_cores(cfg.parameters["enserve.cpu_cores"].string_value)
+    batching = cfg.dynamic_batching
+    batch = max(batching.preferred_batch_size) if batching.preferred_batch_size else 8
+    return MemberSpec(
+        name=cfg.name,
+        path=version / filename,
+        inputs=_tensors(cfg.input),
+        outputs=_tensors(cfg.output),
+        max_batch_size=cfg.max_batch_size,
+        batch_size=min(batch, cfg.max_batch_size),
+        queue_delay_us=int(batching.max_queue_delay_microseconds),
+        device=device,
+        cpu_cores=cores,
+    )
+
+
+def parse_cores(text: str) -> tuple[int, ...]:
+    """'0,2-3' -> (0, 2, 3)."""
+    cores: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise RepositoryError(f"cpu core list '{text}' is invalid: expected e.g. '0,2-3'")
+        cores.extend(range(int(lo), int(hi or lo) + 1))
+    if not cores:
+        raise RepositoryError(f"cpu core list '{text}' is empty")
+    return tuple(cores)
+
+
+def load_repository(path: Path) -> Repository:
+    """Read every model of a repository and check each ensemble against its members."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RepositoryError(f"model repository '{path}' does not exist or is not a directory")
+    repo = Repository(path=path)
+    ensemble_cfgs = []
+    for model_dir in sorted(p for p in path.iterdir() if p.is_dir()):
+        cfg_path = model_dir / "config.pbtxt"
+        if not cfg_path.is_file():
+            continue
+        cfg = read_config(cfg_path)
+        if not cfg.name:
+            cfg.name = model_dir.name
+        if cfg.name != model_dir.name:
+            raise RepositoryError(f"{cfg_path}: name '{cfg.name}' differs from its directory '{model_dir.name}'")
+        if cfg.platform == ENSEMBLE_PLATFORM:
+            ensemble_cfgs.append(cfg)
+        elif cfg.platform == ONNX_PLATFORM or cfg.backend == "onnxruntime":
+            repo.members[cfg.name] = _member_from_config(model_dir, cfg)
+        else:
+            raise RepositoryError(
+                f"{cfg_path}: platform '{cfg.platform or cfg.backend}' is not supported; "
+                f"expected '{ONNX_PLATFORM}' or '{ENSEMBLE_PLATFORM}'"
+            )
+    for cfg in ensemble_cfgs:
+        names = [s.model_name for s in cfg.ensemble_scheduling.step]
+        missing = [n for n in names if n not in repo.members]
+        if missing:
+            raise RepositoryError(f"ensemble '{cfg.name}': members {missing} are not in {path}")
+        if not names:
+            raise RepositoryError(f"ensemble '{cfg.name}': it names no members")
+        combiner = cfg.parameters["enserve.combiner"].string_value if "enserve.combiner" in cfg.parameters else "mean"
+        if combiner not in COMBINERS:
+            raise RepositoryError(f"ensemble '{cfg.name}': combiner '{combiner}' is not one of {COMBINERS}")
+        members = [repo.members[n] for n in names]
+        check_compatible(members)
+        repo.ensembles[cfg.name] = EnsembleSpec(
+            name=cfg.name,
+            members=names,
+            inputs=list(members[0].inputs),
+            outputs=ensemble_outputs(members[0].outputs),
+            max_batch_size=min([cfg.max_batch_size or DEFAULT_MAX_BATCH_SIZE] + [m.max_batch_size for m in members]),
+            combiner=combiner,
+        )
+    if not repo.members:
+        raise RepositoryError(f"model repository '{path}' holds no model (no */config.pbtxt)")
+    return repo
+
+
+def ensemble_outputs(member_outputs: list[TensorSpec]) -> list[TensorSpec]:
+    """The members' outputs (averaged) plus one uncertainty value per sample of each kind."""
+    return list(member_outputs) + [TensorSpec(n, "FP32", (1,)) for n in UNCERTAINTY_OUTPUTS]
+
+
+def check_compatible(members: list[MemberSpec]) -> None:
+    """Members of one ensemble must agree on input/output names, dtypes and dims."""
+    ref = members[0]
+    for m in members[1:]:
+        for kind, a, b in (("inputs", ref.inputs, m.inputs), ("outputs", ref.outputs, m.outputs)):
+            if [t.name for t in a] != [t.name for t in b]:
+                raise RepositoryError(
+                    f"member '{m.name}' ({m.path}) has {kind} {[t.name for t in b]}, "
+                    f"but '{ref.name}' has {[t.name for t in a]}"
+                )
+            for ta, tb in zip(a, b):
+                if ta.datatype != tb.datatype or ta.dims != tb.dims:
+                    raise RepositoryError(
+                        f"member '{m.name}' ({m.path}): '{tb.name}' is {tb.datatype}{list(tb.dims)}, "
+                        f"but '{ref.name}' has {ta.datatype}{list(ta.dims)} (batch axis omitted)"
+                    )
+    for t in ref.outputs:
+        if t.name in UNCERTAINTY_OUTPUTS:
+            raise RepositoryError(f"member output name '{t.name}' is reserved for the ensemble's uncertainty")
+        if t.datatype not in ("FP32", "FP16", "FP64"):
+            raise RepositoryError(f"output '{t.name}' is {t.datatype}; averaging needs a floating-point output")
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def import_onnx(
+    files: list[Path],
+    repository: Path,
+    *,
+    ensemble: str = "ensemble",
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    batch_size: int = 8,
+    queue_delay_us: int = 100,
+    names: list[str] | None = None,
+) -> Repository:
+    """Build (or add to) a repository from ONNX files and define ``ensemble`` over them."""
+    if not files:
+        raise RepositoryError("no ONNX file given")
+    if max_batch_size < 1:
+        raise RepositoryError(f"max_batch_size is {max_batch_size}, but must be >= 1")
+    names = names or _unique_names([Path(f).stem for f in files])
+    if len(names) != len(files):
+        raise RepositoryError(f"{len(names)} names given for {len(files)} files")
+    for n in [*names, ensemble]:
+        if not _NAME_RULE.match(n):
+            raise RepositoryError(f"model name '{n}' is invalid: use letters, digits, '_', '.', '-'")
+    if ensemble in names:
+        raise RepositoryError(f"ensemble name '{ensemble}' is also a member name")
+    members = []
+    for f, n in zip(files, names):
+        f = Path(f)
+        if not f.is_file():
+            raise RepositoryError(f"ONNX file '{f}' does not exist")
+        inputs, outputs = read_onnx_signature(f)
+        members.append(
+            MemberSpec(n, f, inputs, outputs, max_batch_size, min(batch_size, max_batch_size), queue_delay_us)
+        )
+    check_compatible(members)
+    repository = Path(repository)
+    repository.mkdir(parents=True, exist_ok=True)
+    for m in members:
+        write_config(repository / m.name, member_config(m))
+        (repository / m.name / "1").mkdir(exist_ok=True)
+        shutil.copyfile(m.path, repository / m.name / "1" / "model.onnx")
+    ens = EnsembleSpec(ensemble, names, members[0].inputs, ensemble_outputs(members[0].outputs), max_batch_size)
+    write_config(repository / ensemble, ensemble_config(ens, {m.name: m for m in members}))
+    (repository / ensemble / "1").mkdir(exist_ok=True)
+    return load_repository(repository)
+
+
+def _unique_names(stems: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for s in stems:
+        s = re.sub(r"[^A-Za-z0-9_.\-]", "_", s) or "member"
+        seen[s] = seen.get(s, 0) + 1
+        out.append(s if seen[s] == 1 else f"{s}_{seen[s]}")
+    return out

@@ -1,0 +1,156 @@
+"""What both frontends do, independent of the wire: lookups, metadata, inference, shared memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from server import __version__
+from server.config import ServeOptions
+from server.errors import InvalidArgument, NotFound, Unavailable
+from server.orchestrator import Orchestrator, Target
+from server.repository import Repository, ensemble_config, member_config
+from server.shm import ClientRegions
+from server.tensors import (
+    RequestInput,
+    RequestOutput,
+    check_shm_outputs,
+    prepare,
+    select_outputs,
+    write_shm_output,
+)
+
+EXTENSIONS = ["model_configuration", "system_shared_memory", "statistics", "binary_tensor_data"]
+
+
+@dataclass
+class OutputValue:
+    request: RequestOutput
+    datatype: str
+    value: np.ndarray  # shaped (batch, *dims)
+
+
+class Service:
+    def __init__(self, repo: Repository, orchestrator: Orchestrator, options: ServeOptions) -> None:
+        self.repo = repo
+        self.orchestrator = orchestrator
+        self.options = options
+        self.regions = ClientRegions()
+        self.accepting = True
+
+    # ------------------------------------------------------------------ health and metadata
+
+    def ready(self) -> bool:
+        return self.accepting and all(m.state != "down" for m in self.orchestrator.members.values())
+
+    def target(self, name: str, version: str = "") -> Target:
+        target = self.orchestrator.targets.get(name)
+        if target is None:
+            raise NotFound(f"unknown model '{name}'; this server has {sorted(self.orchestrator.targets)}")
+        if version not in ("", "1"):
+            raise NotFound(f"model '{name}' has no version '{version}'; it has version '1'")
+        return target
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        target = self.target(name, version)
+        return self.accepting and all(m.state != "down" for m in target.members)
+
+    def server_metadata(self) -> dict:
+        return {"name": "enserve", "version": __version__, "extensions": EXTENSIONS}
+
+    def model_metadata(self, name: str, version: str = "") -> dict:
+        t = self.target(name, version)
+
+        def tensors(specs):
+            return [{"name": s.name, "datatype": s.datatype, "shape": [-1, *s.dims]} for s in specs]
+
+        platform = "ensemble" if t.kind == "ensemble" else "onnxruntime_onnx"
+        return {"name": t.name, "versions": ["1"], "platform": platform,
+                "inputs": tensors(t.inputs), "outputs": tensors(t.outputs)}
+
+    def model_config(self, name: str, version: str = ""):
+        t = self.target(name, version)
+        if t.kind == "ensemble":
+            return ensemble_config(self.repo.ensembles[name], self.repo.members)
+        return member_config(self.repo.members[name])
+
+    def stats(self, name: str = "", version: str = ""):
+        if name:
+            return [self.target(name, version).stats]
+        return [t.stats for t in self.orchestrator.targets.values()]
+
+    def index(self) -> list[dict]:
+        out = []
+        for t in self.orchestrator.targets.values():
+            down = [m for m in t.members if m.state == "down"]
+            out.append({"name": t.name, "version": "1", "state": "UNAVAILABLE" if down else "READY",
+                        "reason": "; ".join(m.down_reason for m in down)})
+        return out
+
+    # ------------------------------------------------------------------ inference
+
+    async def infer(
+        self,
+        model: str,
+        version: str,
+        inputs: list[RequestInput],
+        outputs: list[RequestOutput],
+        timeout_s: float | None = None,
+    ) -> list[OutputValue]:
+        if not self.accepting:
+            raise Unavailable("the server is shutting down and accepts no new requests")
+        target = self.target(model, version)
+        regions = self.regions if self.options.allow_client_shm else None
+        arrays, batch = prepare(target, inputs, regions)
+        wanted = select_outputs(target, outputs)
+        check_shm_outputs(wanted, target, batch, regions)
+        values = await self.orchestrator.infer(target, arrays, batch, timeout_s)
+        specs = {t.name: t for t in target.outputs}
+        result = []
+        for out in wanted:
+            value = values[out.name]
+            if out.shm_region is not None:
+                write_shm_output(out, value, regions)
+            result.append(OutputValue(out, specs[out.name].datatype, value))
+        return result
+
+    # ------------------------------------------------------------------ client shared memory
+
+    def _check_shm_allowed(self) -> None:
+        if not self.options.allow_client_shm:
+            raise Unavailable(
+                "system shared memory is disabled on this server; start it with --allow-client-shm"
+            )
+
+    def shm_register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self._check_shm_allowed()
+        self.regions.register(name, key, offset, byte_size)
+
+    def shm_unregister(self, name: str = "") -> None:
+        self._check_shm_allowed()
+        self.regions.unregister(name or None)
+
+    def shm_status(self, name: str = "") -> list:
+        self._check_shm_allowed()
+        return self.regions.status(name or None)
+
+
+def cuda_shm_unavailable() -> Unavailable:
+    return Unavailable(
+        "CUDA shared memory is not available on this server: it needs an NVIDIA GPU with the CUDA "
+        "runtime; use system shared memory (--allow-client-shm) instead"
+    )
+
+
+def parse_timeout(value) -> float | None:
+    """A client timeout in microseconds (Triton's 'timeout' parameter) as seconds."""
+    if value in (None, "", 0):
+        return None
+    try:
+        us = int(value)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"timeout '{value}' is not an integer number of microseconds") from None
+    if us < 0:
+        raise InvalidArgument(f"timeout is {us} us, but must be >= 0")
+    return us / 1e6

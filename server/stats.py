@@ -1,0 +1,79 @@
+"""Per-model inference statistics (Triton's ModelStatistics) and their Prometheus collector."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+@dataclass
+class ModelStats:
+    name: str
+    version: str = "1"
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    rejected: int = 0
+    durations: dict[str, Duration] = field(default_factory=lambda: {k: Duration() for k in DURATIONS})
+
+    def touch(self) -> None:
+        self.last_inference_ms = int(time.time() * 1000)
+
+
+class MetricsCollector:
+    """Prometheus collector with Triton's metric names, read from the stats at scrape time."""
+
+    def __init__(self, stats: dict[str, ModelStats], queue_depth=None) -> None:
+        self.stats = stats
+        self.queue_depth = queue_depth
+
+    def collect(self) -> Iterable:
+        labels = ["model", "version"]
+
+        def family(name: str, doc: str, value) -> Metric:
+            # Triton's counters carry no "_total" suffix: write the samples under the exact name
+            fam = Metric(name, doc, "counter")
+            for s in self.stats.values():
+                fam.add_sample(name, dict(zip(labels, (s.name, s.version))), value(s))
+            return fam
+
+        yield family("nv_inference_request_success", "Number of successful inference requests, all batch sizes",
+                     lambda s: s.durations["success"].count)
+        yield family("nv_inference_request_failure", "Number of failed inference requests, all batch sizes",
+                     lambda s: s.durations["fail"].count)
+        yield family("nv_inference_count", "Number of inferences performed (a batch of n counts n)",
+                     lambda s: s.inference_count)
+        yield family("nv_inference_exec_count", "Number of model executions performed (a batch counts 1)",
+                     lambda s: s.execution_count)
+        yield family("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds",
+                     lambda s: (s.durations["success"].ns + s.durations["fail"].ns) / 1000)
+        yield family("nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds",
+                     lambda s: s.durations["queue"].ns / 1000)
+        yield family("nv_inference_compute_input_duration_us", "Cumulative compute input duration in microseconds",
+                     lambda s: s.durations["compute_input"].ns / 1000)
+        yield family("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds",
+                     lambda s: s.durations["compute_infer"].ns / 1000)
+        yield family("nv_inference_compute_output_duration_us", "Cumulative compute output duration in microseconds",
+                     lambda s: s.durations["compute_output"].ns / 1000)
+        yield family("nv_inference_request_rejected", "Requests refused at once because the server was full",
+                     lambda s: s.rejected)
+        if self.queue_depth is not None:
+            gauge = GaugeMetricFamily("nv_inference_pending_request_count", "Requests in flight", labels=labels)
+            for name, depth in self.queue_depth().items():
+                gauge.add_metric([name, "1"], depth)
+            yield gauge

@@ -1,0 +1,121 @@
+"""Faults and lifecycle against real daemons: worker SIGKILL, SIGTERM drain, leftovers, load failures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+
+import numpy as np
+import posix_ipc
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import images, shm_objects, start_daemon
+
+
+def load(daemon, reference, seconds: float, results: dict, n_threads: int = 8) -> list[threading.Thread]:
+    """Client threads sending distinct requests; each outcome is recorded as ok / error text / wrong."""
+    lock = threading.Lock()
+
+    def run(i: int) -> None:
+        client = grpcclient.InferenceServerClient(daemon.grpc_url)
+        x = images(1 + i % 4, seed=300 + i)
+        expected = reference(x)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            try:
+                got = client.infer("ensemble", [inp], client_timeout=30).as_numpy("probs")
+                key = "ok" if np.allclose(got, expected, atol=1e-5) else "wrong"
+            except InferenceServerException as e:
+                key = f"{e.status()}: {e.message()}"
+            with lock:
+                results[key] = results.get(key, 0) + 1
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_worker_sigkill_under_load(demo_repo, reference, tmp_path):
+    daemon = start_daemon(demo_repo, tmp_path)
+    try:
+        results: dict[str, int] = {}
+        threads = load(daemon, reference, 6.0, results)
+        time.sleep(1.5)
+        before = daemon.worker_pids()
+        os.kill(before["cnn_w56"], signal.SIGKILL)
+        time.sleep(1.5)
+        os.kill(daemon.worker_pids()["cnn_w12"], signal.SIGKILL)
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a request hung"
+        assert results.get("wrong", 0) == 0, results
+        errors = {k: v for k, v in results.items() if k not in ("ok", "wrong")}
+        assert all("died" in k for k in errors), errors  # a clear error, if any
+        assert results["ok"] > 20, results
+        after = daemon.worker_pids()
+        assert after["cnn_w56"] != before["cnn_w56"] and set(after) == set(before)
+        client = grpcclient.InferenceServerClient(daemon.grpc_url)
+        x = images(3, seed=7)
+        inp = grpcclient.InferInput("input", [3, 3, 32, 32], "FP32")
+        inp.set_data_from_numpy(x)
+        np.testing.assert_allclose(client.infer("ensemble", [inp]).as_numpy("probs"), reference(x), atol=1e-5)
+        assert client.is_server_ready()
+    finally:
+        assert daemon.stop() == 0
+    assert shm_objects(daemon.pid) == []
+
+
+def test_sigterm_drains_in_flight_and_cleans_shm(demo_repo, reference, tmp_path):
+    daemon = start_daemon(demo_repo, tmp_path)
+    results: dict[str, int] = {}
+    threads = load(daemon, reference, 3.0, results, n_threads=6)
+    time.sleep(1.0)
+    workers = daemon.worker_pids()
+    assert shm_objects(daemon.pid)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert results.get("wrong", 0) == 0 and results.get("ok", 0) > 0, results
+    assert shm_objects(daemon.pid) == []
+    for pid in workers.values():
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+
+
+def test_leftovers_of_a_crashed_daemon_are_removed(demo_repo, tmp_path):
+    dead_pid = 4_000_000  # above pid_max's default: no such process
+    name = f"/enserve.{dead_pid}.in0.0"
+    posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=4096).close_fd()
+    daemon = start_daemon(demo_repo, tmp_path)
+    try:
+        assert not os.path.exists(f"/dev/shm{name}")
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_member_that_fails_to_load_is_named(demo_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(demo_repo, repo)
+    bad = repo / "cnn_w20" / "1" / "model.onnx"
+    bad.write_bytes(b"this is not an onnx file")
+    daemon = start_daemon(repo, tmp_path, wait=False)
+    assert daemon.proc.wait(90) != 0
+    log = daemon.log.read_text()
+    assert f"member 'cnn_w20' failed to load from {bad}" in log
+    assert shm_objects(daemon.pid) == []
+
+
+def test_gpu_placement_without_gpu_says_what_is_missing(demo_repo, tmp_path):
+    daemon = start_daemon(demo_repo, tmp_path, "--device", "gpu:0", wait=False)
+    assert daemon.proc.wait(90) != 0
+    log = daemon.log.read_text()
+    assert "placed on gpu:0, but onnxruntime offers only" in log and "onnxruntime-gpu" in log
+    assert shm_objects(daemon.pid) == []

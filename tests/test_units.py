@@ -1,0 +1,136 @@
+"""Unit tests with exact answers: row ring, descriptor framing, batch collection, repository rules."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+
+import numpy as np
+import pytest
+
+from models.synthetic import write_tiny_cnns
+from server.errors import RepositoryError
+from server.protocol import STATUS_OK, DoneReader, TaskReader, pack_done, pack_tasks
+from server.repository import import_onnx, load_repository, parse_cores
+from server.rows import RowRing
+from server.worker import collect
+
+
+def test_row_ring_contiguous_wrap_and_out_of_order_free():
+    ring = RowRing(10)
+    assert ring.alloc(4) == 0
+    assert ring.alloc(4) == 4
+    assert ring.alloc(3) is None  # 8 used, 2 left at the end, 3 do not fit anywhere
+    ring.free(4)  # out of order: tail cannot move past row 0 yet
+    assert ring.alloc(3) is None
+    ring.free(0)  # now everything before head is free
+    assert ring.used == 0
+    assert ring.alloc(3) == 0  # 2 rows at the end skipped, wrapped to row 0
+    assert ring.used == 5 and ring.head == 3
+    assert ring.alloc(5) == 3
+    assert ring.alloc(1) is None
+    with pytest.raises(ValueError, match="not allocated"):
+        ring.free(9)
+    with pytest.raises(ValueError, match=r"row count is 11, but must be in \[1, 10\]"):
+        ring.alloc(11)
+
+
+def test_descriptor_framing_survives_arbitrary_chunks():
+    tasks = [(1, 0, 3), (2, 3, 1), (4294967295, 100, 64)]
+    blob = pack_tasks(tasks)
+    reader = TaskReader()
+    got = []
+    for i in range(0, len(blob), 5):
+        got += reader.feed(blob[i : i + 5])
+    assert got == tasks
+    frames = pack_done(STATUS_OK, [7, 8], "", 4, (1, 2, 3, 4)) + pack_done(1, [9], "boom", 1)
+    done = DoneReader()
+    out = done.feed(frames[:17]) + done.feed(frames[17:])
+    assert [(f.status, f.ids, f.message, f.rows) for f in out] == [(0, (7, 8), "", 4), (1, (9,), "boom", 1)]
+    assert (out[0].queue_ns, out[0].input_ns, out[0].infer_ns, out[0].output_ns) == (1, 2, 3, 4)
+
+
+def test_collect_blocks_for_first_then_fills_batch():
+    r, w = os.pipe()
+    try:
+        os.write(w, pack_tasks([(1, 0, 2), (2, 2, 2), (3, 4, 2)]))
+        backlog: deque = deque()
+        batch = collect(r, TaskReader(), backlog, batch_size=4, delay_s=10.0)
+        assert [t[:3] for t in batch] == [(1, 0, 2), (2, 2, 2)]  # full at 4 rows: no waiting
+        assert [t[:3] for t in backlog] == [(3, 4, 2)]
+        t0 = time.monotonic()
+        batch = collect(r, TaskReader(), backlog, batch_size=4, delay_s=0.05)
+        assert [t[:3] for t in batch] == [(3, 4, 2)]
+        assert 0.04 <= time.monotonic() - t0 < 2  # waited the delay for more, then ran what it had
+    finally:
+        os.close(w)
+    with pytest.raises(EOFError):
+        collect(r, TaskReader(), deque(), batch_size=4, delay_s=0.0)
+    os.close(r)
+
+
+def test_collect_takes_oversized_task_alone():
+    r, w = os.pipe()
+    os.write(w, pack_tasks([(1, 0, 10), (2, 10, 1)]))
+    os.close(w)
+    backlog: deque = deque()
+    assert [t[:3] for t in collect(r, TaskReader(), backlog, 4, 0.0)] == [(1, 0, 10)]
+    assert [t[:3] for t in collect(r, TaskReader(), backlog, 4, 0.0)] == [(2, 10, 1)]
+    os.close(r)
+
+
+def test_parse_cores():
+    assert parse_cores("0,2-3") == (0, 2, 3)
+    with pytest.raises(RepositoryError, match="'a-b' is invalid"):
+        parse_cores("a-b")
+
+
+def test_import_writes_triton_layout_and_reads_back(tmp_path):
+    files = write_tiny_cnns(tmp_path / "onnx", (4, 6))
+    repo = import_onnx(files, tmp_path / "repo", ensemble="ens", max_batch_size=16, batch_size=4)
+    assert sorted(repo.members) == ["cnn_w4", "cnn_w6"]
+    assert (tmp_path / "repo" / "cnn_w4" / "1" / "model.onnx").is_file()
+    again = load_repository(tmp_path / "repo")
+    ens = again.ensembles["ens"]
+    assert ens.members == ["cnn_w4", "cnn_w6"] and ens.max_batch_size == 16
+    assert [t.name for t in ens.outputs] == ["probs", "entropy", "member_variance"]
+    assert again.members["cnn_w6"].batch_size == 4
+    assert again.members["cnn_w6"].inputs[0].dims == (3, 32, 32)
+
+
+def test_import_names_the_member_that_disagrees(tmp_path):
+    import onnx
+
+    from models.synthetic import tiny_cnn
+
+    a = tmp_path / "a.onnx"
+    b = tmp_path / "b.onnx"
+    onnx.save(tiny_cnn(4, seed=0), str(a))
+    onnx.save(tiny_cnn(4, seed=1, classes=7), str(b))
+    with pytest.raises(RepositoryError, match=r"member 'b' .*'probs' is FP32\[7\], but 'a' has FP32\[10\]"):
+        import_onnx([a, b], tmp_path / "repo")
+    onnx.save(tiny_cnn(4, seed=1, image_size=16), str(b))
+    with pytest.raises(RepositoryError, match=r"'input' is FP32\[3, 16, 16\], but 'a' has FP32\[3, 32, 32\]"):
+        import_onnx([a, b], tmp_path / "repo")
+
+
+def test_import_rejects_fixed_batch_axis(tmp_path):
+    import onnx
+
+    from models.synthetic import tiny_cnn
+
+    model = tiny_cnn(4, seed=0)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(tmp_path / "fixed.onnx"))
+    with pytest.raises(RepositoryError, match="fixed first dimension 1; export it with a dynamic batch axis"):
+        import_onnx([tmp_path / "fixed.onnx"], tmp_path / "repo")
+    with pytest.raises(RepositoryError, match="does not exist"):
+        import_onnx([tmp_path / "missing.onnx"], tmp_path / "repo")
+
+
+def test_synthetic_members_differ_in_size():
+    from models.synthetic import tiny_cnn
+
+    sizes = [sum(np.prod(t.dims) for t in tiny_cnn(w, seed=0).graph.initializer) for w in (12, 20, 32, 56)]
+    assert sizes == sorted(sizes) and sizes[-1] > 10 * sizes[0]

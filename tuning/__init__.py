@@ -1,0 +1,1 @@
+"""The build pipeline: data, trial training, successive halving, model library, selection, export."""
