@@ -51,7 +51,8 @@ def _add_import(sub) -> None:
     p.add_argument("--ensemble", default="ensemble", help="name of the ensemble model over all the files")
     p.add_argument("--max-batch-size", type=int, default=64, help="largest batch a request may carry")
     p.add_argument("--batch-size", type=int, default=8, help="batch size each member runs at")
-    p.add_argument("--max-queue-delay-us", type=int, default=100, help="batch window after the first request")
+    p.add_argument("--max-queue-delay-us", type=int, default=0,
+                   help="batch window after the first request (0: batch only what is already queued)")
 
 
 def _add_demo(sub) -> None:
@@ -69,6 +70,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--images", default="1,8", help="comma-separated images per request")
     p.add_argument("--seconds", type=float, default=5.0, help="measuring time per cell")
     p.add_argument("--no-naive", action="store_true", help="skip the naive one-process baseline")
+    p.add_argument("serve_args", nargs="*", help="extra 'enserve serve' flags after '--' (e.g. -- --batch-size 16)")
 
 
 def _cores(text: str | None):

@@ -90,6 +90,7 @@ class Member:
     down_reason: str = ""
     ready: asyncio.Future | None = None
     restarts: int = 0
+    outbox: list[bytes] = field(default_factory=list)  # descriptors written at the end of this loop turn
 
     @property
     def name(self) -> str:
@@ -145,6 +146,7 @@ class Orchestrator:
         self.next_id = 0
         self.closing = False
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.flush_scheduled = False
 
     # ------------------------------------------------------------------ set-up
 
@@ -303,11 +305,24 @@ class Orchestrator:
         return result
 
     def _send(self, m: Member, rid: int, start: int, count: int) -> None:
-        if m.state == "ready":
-            os.write(m.task_w, TASK.pack(rid, start, count))
-            m.inflight[rid] = (start, count)
-        else:
+        """Queue a descriptor; all descriptors of one loop turn go out in one write per worker."""
+        if m.state != "ready":
             m.held.append((rid, start, count))
+            return
+        m.outbox.append(TASK.pack(rid, start, count))
+        m.inflight[rid] = (start, count)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        for m in self.members.values():
+            if m.outbox:
+                data = b"".join(m.outbox)
+                m.outbox.clear()
+                if m.task_w >= 0:
+                    os.write(m.task_w, data)
 
     def _expire(self, p: Pending, timeout: float) -> None:
         p.timer = None
@@ -465,6 +480,7 @@ class Orchestrator:
                 p.retried = (p.retried or set()) | {m.name}
                 retry.append((rid, start, count))
         m.inflight.clear()
+        m.outbox.clear()
         m.held = retry + m.held
         m.restarts += 1
         self._spawn(m)

@@ -61,7 +61,7 @@ class MemberSpec:
     outputs: list[TensorSpec]
     max_batch_size: int
     batch_size: int = 8
-    queue_delay_us: int = 100
+    queue_delay_us: int = 0
     device: str = "cpu"
     cpu_cores: tuple[int, ...] | None = None
 
@@ -343,7 +343,7 @@ def import_onnx(
     ensemble: str = "ensemble",
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     batch_size: int = 8,
-    queue_delay_us: int = 100,
+    queue_delay_us: int = 0,
     names: list[str] | None = None,
 ) -> Repository:
     """Build (or add to) a repository from ONNX files and define ``ensemble`` over them."""

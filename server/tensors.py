@@ -6,6 +6,7 @@ Both frontends turn their wire format into ``RequestInput``/``RequestOutput`` an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +88,7 @@ def prepare(target, inputs: list[RequestInput], regions: ClientRegions | None) -
 
 def _to_array(spec, shape: list[int], inp: RequestInput, regions: ClientRegions | None, model: str) -> np.ndarray:
     dtype = np.dtype(triton_to_np_dtype(spec.datatype))
-    n_elements = int(np.prod(shape, dtype=np.int64))
+    n_elements = math.prod(shape)
     n_bytes = n_elements * dtype.itemsize
     what = f"input '{spec.name}'"
     if inp.shm_region is not None:

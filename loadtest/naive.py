@@ -1,0 +1,64 @@
+"""The naive baseline: one process, members run one after another per request, no batching.
+
+It answers ``ModelInfer`` for the ensemble like a hand-written single-process server would
+(what a user gets by wrapping ONNX Runtime sessions in a gRPC handler). Benchmarks only.
+Run as ``python -m loadtest.naive <repository> <port>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from server.repository import load_repository
+
+
+class NaiveServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: Path) -> None:
+        repo = load_repository(repository)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = len(os.sched_getaffinity(0))
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # fair: no spinning
+        self.sessions = [
+            ort.InferenceSession(str(m.path), options, providers=["CPUExecutionProvider"])
+            for m in repo.members.values()
+        ]
+        self.input = next(iter(repo.members.values())).inputs[0]
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=True)
+
+    async def ModelInfer(self, request, context):
+        t = request.inputs[0]
+        x = np.frombuffer(request.raw_input_contents[0], self.input.np_dtype).reshape(list(t.shape))
+        mean = np.mean([s.run(None, {t.name: x})[0] for s in self.sessions], axis=0)
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        response.outputs.add(name="probs", datatype="FP32", shape=mean.shape)
+        response.raw_output_contents.append(mean.astype(np.float32).tobytes())
+        return response
+
+
+async def main(repository: str, port: int) -> None:
+    server = grpc.aio.server()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(NaiveServicer(Path(repository)), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
