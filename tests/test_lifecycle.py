@@ -119,3 +119,17 @@ def test_gpu_placement_without_gpu_says_what_is_missing(demo_repo, tmp_path):
     log = daemon.log.read_text()
     assert "placed on gpu:0, but onnxruntime offers only" in log and "onnxruntime-gpu" in log
     assert shm_objects(daemon.pid) == []
+
+
+def test_members_are_pinned_to_their_cpu_cores(demo_repo, tmp_path):
+    daemon = start_daemon(demo_repo, tmp_path, "--cpu-cores", "0", "--batch-size", "4")
+    try:
+        workers = daemon.worker_pids()
+        assert len(workers) == 4
+        for pid in workers.values():
+            status = open(f"/proc/{pid}/status").read()
+            assert "Cpus_allowed_list:\t0\n" in status
+        cfg = grpcclient.InferenceServerClient(daemon.grpc_url).get_model_config("cnn_w12").config
+        assert cfg.dynamic_batching.preferred_batch_size == [4]
+    finally:
+        assert daemon.stop() == 0
