@@ -154,6 +154,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def print_table(cells: list[Cell], ceiling_rate: float, single_ms: float, naive: dict) -> None:
+    print("naive: one process, members one after another per request, ONNX Runtime default options; "
+          "naive-t: the same with intra-op threads = cores and spinning off")
     print(f"\nbare ONNX Runtime ceiling: {ceiling_rate:.0f} images/s at its best batch size; "
           f"single-image latency {single_ms:.2f} ms")
     head = f"{'server':<8} {'conc':>4} {'img/req':>7} {'req/s':>8} {'img/s':>8} {'p50 ms':>7} {'p90 ms':>7} " \
@@ -194,16 +196,19 @@ def run_bench(args) -> int:
         if procs:
             _stop(procs.pop())
         naive: dict = {}
-        if not args.no_naive:
+        variants = [] if args.no_naive else [("naive", []), ("naive-t", ["--tuned"])]
+        for label, flags in variants:
             port = _free_port()
             naive_url = f"127.0.0.1:{port}"
-            procs.append(_start([sys.executable, "-m", "loadtest.naive", str(args.model_repository), str(port)],
-                                naive_url))
+            procs.append(_start([sys.executable, "-m", "loadtest.naive", str(args.model_repository), str(port),
+                                 *flags], naive_url))
             for images in image_counts:
                 for conc in concurrencies:
-                    cell = measure("naive", naive_url, args.model, conc, images, args.seconds, dims)
-                    naive[(conc, images)] = cell.images_per_s
+                    cell = measure(label, naive_url, args.model, conc, images, args.seconds, dims)
+                    if label == "naive":
+                        naive[(conc, images)] = cell.images_per_s
                     cells.append(cell)
+            _stop(procs.pop())
     finally:
         for p in procs:
             _stop(p)

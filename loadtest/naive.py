@@ -2,7 +2,8 @@
 
 It answers ``ModelInfer`` for the ensemble like a hand-written single-process server would
 (what a user gets by wrapping ONNX Runtime sessions in a gRPC handler). Benchmarks only.
-Run as ``python -m loadtest.naive <repository> <port>``.
+Run as ``python -m loadtest.naive <repository> <port> [--tuned]``: ONNX Runtime's default
+session options (what a hand-written server gets), or ``--tuned`` with thread spinning off.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from server.repository import load_repository
 
 
 class NaiveServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: Path) -> None:
+    def __init__(self, repository: Path, tuned: bool) -> None:
         repo = load_repository(repository)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = len(os.sched_getaffinity(0))
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # fair: no spinning
+        if tuned:
+            options.intra_op_num_threads = len(os.sched_getaffinity(0))
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = [
             ort.InferenceSession(str(m.path), options, providers=["CPUExecutionProvider"])
             for m in repo.members.values()
@@ -47,9 +49,9 @@ class NaiveServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-async def main(repository: str, port: int) -> None:
+async def main(repository: str, port: int, tuned: bool) -> None:
     server = grpc.aio.server()
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(NaiveServicer(Path(repository)), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(NaiveServicer(Path(repository), tuned), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     stop = asyncio.Event()
@@ -61,4 +63,4 @@ async def main(repository: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), "--tuned" in sys.argv[3:]))
