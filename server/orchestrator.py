@@ -80,10 +80,10 @@ class Member:
     stats: ModelStats
     out_arenas: list[Arena] = field(default_factory=list)
     out_views: list[np.ndarray] = field(default_factory=list)
+    index: int = 0
     proc: subprocess.Popen | None = None
     task_w: int = -1
-    done_r: int = -1
-    reader: DoneReader = field(default_factory=DoneReader)
+    lifeline_r: int = -1  # EOF when the worker is gone
     inflight: dict[int, tuple[int, int]] = field(default_factory=dict)
     held: list[tuple[int, int, int]] = field(default_factory=list)
     state: str = "starting"  # starting | ready | down
@@ -140,6 +140,10 @@ class Orchestrator:
         self.options = options
         self.stats: dict[str, ModelStats] = {}
         self.members: dict[str, Member] = {}
+        self.by_index: list[Member] = []
+        self.done_r = -1  # the completion pipe all workers write to
+        self.done_w = -1
+        self.done_reader = DoneReader()
         self.targets: dict[str, Target] = {}
         self.spaces: dict[tuple, RowSpace] = {}
         self.pending: dict[int, Pending] = {}
@@ -186,7 +190,8 @@ class Orchestrator:
             threads = self.options.threads_per_member or max(1, len(cores) // sharing.get(cores, 1))
             stats = self.stats[spec.name] = ModelStats(spec.name)
             space = self._space_for(spec.inputs, max_batch)
-            member = Member(spec, space, cores, threads, stats)
+            member = Member(spec, space, cores, threads, stats, index=len(self.by_index))
+            self.by_index.append(member)
             for k, t in enumerate(spec.outputs):
                 arena = Arena(arena_name(pid, f"out.{spec.name}.{k}"), space.capacity * t.row_bytes, create=True)
                 member.out_arenas.append(arena)
@@ -205,6 +210,9 @@ class Orchestrator:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.build()
+        self.done_r, self.done_w = os.pipe()
+        os.set_blocking(self.done_r, False)
+        self.loop.add_reader(self.done_r, self._on_done)
         for m in self.members.values():
             self._spawn(m)
         waiters = [m.ready for m in self.members.values()]
@@ -216,7 +224,7 @@ class Orchestrator:
 
     def _spawn(self, m: Member) -> None:
         task_r, task_w = os.pipe()
-        done_r, done_w = os.pipe()
+        lifeline_r, lifeline_w = os.pipe()
         try:
             fcntl.fcntl(task_w, F_SETPIPE_SZ, 1 << 20)
         except OSError:
@@ -240,21 +248,22 @@ class Orchestrator:
             inputs=[(t.name, t.np_dtype.str, list(t.dims), a.name) for t, a in zip(m.space.inputs, m.space.arenas)],
             outputs=[(t.name, t.np_dtype.str, list(t.dims), a.name) for t, a in zip(m.spec.outputs, m.out_arenas)],
             task_fd=task_r,
-            done_fd=done_w,
+            done_fd=self.done_w,
+            lifeline_fd=lifeline_w,
+            index=m.index,
         )
         try:
             m.proc = subprocess.Popen(
-                [sys.executable, "-m", "server.worker", spec.to_json()], pass_fds=(task_r, done_w), env=env
+                [sys.executable, "-m", "server.worker", spec.to_json()],
+                pass_fds=(task_r, self.done_w, lifeline_w), env=env,
             )
         finally:
             os.close(task_r)
-            os.close(done_w)
-        os.set_blocking(done_r, False)
-        m.task_w, m.done_r = task_w, done_r
-        m.reader = DoneReader()
+            os.close(lifeline_w)
+        m.task_w, m.lifeline_r = task_w, lifeline_r
         m.state = "starting"
         m.ready = self.loop.create_future()
-        self.loop.add_reader(done_r, self._on_readable, m)
+        self.loop.add_reader(lifeline_r, self._on_lifeline, m)
 
     # ------------------------------------------------------------------ requests
 
@@ -333,21 +342,29 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ worker events
 
-    def _on_readable(self, m: Member) -> None:
+    def _on_done(self) -> None:
+        """Completion frames of every worker, as many as one read brings."""
         try:
-            chunk = os.read(m.done_r, 1 << 16)
+            chunk = os.read(self.done_r, 1 << 16)
         except BlockingIOError:
             return
-        if not chunk:
-            self._worker_exited(m)
-            return
-        for frame in m.reader.feed(chunk):
+        for frame in self.done_reader.feed(chunk):
+            m = self.by_index[frame.member]
             if frame.status == STATUS_READY:
                 self._worker_ready(m)
             elif frame.status == STATUS_LOAD_FAILED:
                 m.down_reason = frame.message
             else:
                 self._member_done(m, frame)
+
+    def _on_lifeline(self, m: Member) -> None:
+        try:
+            if os.read(m.lifeline_r, 1):
+                return  # never written; ignore
+        except BlockingIOError:
+            return
+        self._on_done()  # frames the worker wrote before it went
+        self._worker_exited(m)
 
     def _worker_ready(self, m: Member) -> None:
         m.state = "ready"
@@ -447,11 +464,11 @@ class Orchestrator:
         return out
 
     def _worker_exited(self, m: Member) -> None:
-        self.loop.remove_reader(m.done_r)
-        for fd in (m.done_r, m.task_w):
+        self.loop.remove_reader(m.lifeline_r)
+        for fd in (m.lifeline_r, m.task_w):
             if fd >= 0:
                 os.close(fd)
-        m.done_r = m.task_w = -1
+        m.lifeline_r = m.task_w = -1
         code = m.proc.wait() if m.proc is not None else None
         if self.closing:
             m.state = "down"
@@ -522,10 +539,15 @@ class Orchestrator:
             except asyncio.TimeoutError:
                 m.proc.kill()
                 m.proc.wait()
-            if m.done_r >= 0:
-                self.loop.remove_reader(m.done_r)
-                os.close(m.done_r)
-                m.done_r = -1
+            if m.lifeline_r >= 0:
+                self.loop.remove_reader(m.lifeline_r)
+                os.close(m.lifeline_r)
+                m.lifeline_r = -1
+        if self.done_r >= 0:
+            self.loop.remove_reader(self.done_r)
+            os.close(self.done_r)
+            os.close(self.done_w)
+            self.done_r = self.done_w = -1
         for p in list(self.pending.values()):
             if not p.future.done():
                 p.future.set_result(Unavailable("the server shut down before this request finished"))

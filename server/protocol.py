@@ -1,8 +1,10 @@
 """Fixed-size descriptors between the orchestrator and its workers (struct framing over pipes).
 
 Orchestrator -> worker: ``TASK`` = (request id, first row, row count) in the shared input rows.
-Worker -> orchestrator: a ``DONE`` header, then ``n_ids`` uint32 request ids, then ``msg_len``
-bytes of UTF-8 message (errors, or the load failure). No tensor ever crosses a pipe.
+Worker -> orchestrator: a ``DONE`` header (with the worker's member index), then ``n_ids`` uint32
+request ids, then ``msg_len`` bytes of UTF-8 message (errors, or the load failure). All workers
+share one completion pipe: a frame is at most ``PIPE_BUF`` bytes, so each write is atomic and
+frames never interleave. No tensor ever crosses a pipe.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import struct
 from dataclasses import dataclass
 
 TASK = struct.Struct("<III")
-DONE = struct.Struct("<IIIIQQQQ")  # status, n_ids, msg_len, rows, queue_ns, input_ns, infer_ns, output_ns
+DONE = struct.Struct("<IIIIIQQQQ")  # member, status, n_ids, msg_len, rows, queue_ns, input_ns, infer_ns, output_ns
+PIPE_BUF = 4096
+MAX_MESSAGE = 1024
+MAX_IDS_PER_FRAME = (PIPE_BUF - DONE.size - MAX_MESSAGE) // 4
 
 STATUS_OK = 0
 STATUS_ERROR = 1
@@ -21,6 +26,7 @@ STATUS_LOAD_FAILED = 3
 
 @dataclass
 class Done:
+    member: int
     status: int
     ids: tuple[int, ...]
     message: str
@@ -36,14 +42,22 @@ def pack_tasks(tasks: list[tuple[int, int, int]]) -> bytes:
 
 
 def pack_done(
+    member: int,
     status: int,
     ids: list[int] | tuple[int, ...] = (),
     message: str = "",
     rows: int = 0,
     times: tuple[int, int, int, int] = (0, 0, 0, 0),
 ) -> bytes:
-    msg = message.encode()
-    return DONE.pack(status, len(ids), len(msg), rows, *times) + struct.pack(f"<{len(ids)}I", *ids) + msg
+    """One frame, or several when there are more ids than fit in PIPE_BUF (times go with the first)."""
+    msg = message.encode()[:MAX_MESSAGE]
+    frames = []
+    for lo in range(0, max(1, len(ids)), MAX_IDS_PER_FRAME):
+        chunk = ids[lo : lo + MAX_IDS_PER_FRAME]
+        t = times if lo == 0 else (0, 0, 0, 0)
+        r = rows if lo == 0 else 0
+        frames.append(DONE.pack(member, status, len(chunk), len(msg), r, *t) + struct.pack(f"<{len(chunk)}I", *chunk) + msg)
+    return b"".join(frames)
 
 
 class DoneReader:
@@ -56,13 +70,13 @@ class DoneReader:
         self.buffer += chunk
         frames = []
         while len(self.buffer) >= DONE.size:
-            status, n_ids, msg_len, rows, q, i, f, o = DONE.unpack_from(self.buffer)
+            member, status, n_ids, msg_len, rows, q, i, f, o = DONE.unpack_from(self.buffer)
             end = DONE.size + 4 * n_ids + msg_len
             if len(self.buffer) < end:
                 break
             ids = struct.unpack_from(f"<{n_ids}I", self.buffer, DONE.size)
             msg = bytes(self.buffer[DONE.size + 4 * n_ids : end]).decode(errors="replace")
-            frames.append(Done(status, ids, msg, rows, q, i, f, o))
+            frames.append(Done(member, status, ids, msg, rows, q, i, f, o))
             del self.buffer[:end]
         return frames
 

@@ -45,7 +45,9 @@ class WorkerSpec:
     inputs: list[tuple[str, str, list[int], str]]  # name, numpy dtype, dims, arena name
     outputs: list[tuple[str, str, list[int], str]]
     task_fd: int
-    done_fd: int
+    done_fd: int  # shared by all workers: frames are atomic writes
+    lifeline_fd: int  # held open, never written: its EOF tells the orchestrator we are gone
+    index: int  # this member's index in the orchestrator's table
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -183,9 +185,9 @@ def serve(spec: WorkerSpec, runner: Runner) -> None:
         try:
             times = runner.run(batch)
         except Exception as exc:  # the request fails, the worker keeps serving
-            os.write(spec.done_fd, pack_done(STATUS_ERROR, ids, f"{type(exc).__name__}: {exc}"[:2000], rows))
+            os.write(spec.done_fd, pack_done(spec.index, STATUS_ERROR, ids, f"{type(exc).__name__}: {exc}", rows))
             continue
-        os.write(spec.done_fd, pack_done(STATUS_OK, ids, "", rows, times))
+        os.write(spec.done_fd, pack_done(spec.index, STATUS_OK, ids, "", rows, times))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         runner.session.run(runner.output_names, warm)
     except Exception as exc:
         msg = f"member '{spec.member}' failed to load from {spec.model_path}: {type(exc).__name__}: {exc}"
-        os.write(spec.done_fd, pack_done(STATUS_LOAD_FAILED, (), msg[:4000]))
+        os.write(spec.done_fd, pack_done(spec.index, STATUS_LOAD_FAILED, (), msg))
         return 1
-    os.write(spec.done_fd, pack_done(STATUS_READY))
+    os.write(spec.done_fd, pack_done(spec.index, STATUS_READY))
     serve(spec, runner)
     return 0
 

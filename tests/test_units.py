@@ -11,7 +11,7 @@ import pytest
 
 from models.synthetic import write_tiny_cnns
 from server.errors import RepositoryError
-from server.protocol import STATUS_OK, DoneReader, TaskReader, pack_done, pack_tasks
+from server.protocol import DONE, STATUS_OK, DoneReader, TaskReader, pack_done, pack_tasks
 from server.repository import import_onnx, load_repository, parse_cores
 from server.rows import RowRing
 from server.worker import collect
@@ -44,11 +44,27 @@ def test_descriptor_framing_survives_arbitrary_chunks():
     for i in range(0, len(blob), 5):
         got += reader.feed(blob[i : i + 5])
     assert got == tasks
-    frames = pack_done(STATUS_OK, [7, 8], "", 4, (1, 2, 3, 4)) + pack_done(1, [9], "boom", 1)
+    frames = pack_done(3, STATUS_OK, [7, 8], "", 4, (1, 2, 3, 4)) + pack_done(0, 1, [9], "boom", 1)
     done = DoneReader()
     out = done.feed(frames[:17]) + done.feed(frames[17:])
-    assert [(f.status, f.ids, f.message, f.rows) for f in out] == [(0, (7, 8), "", 4), (1, (9,), "boom", 1)]
+    assert [(f.member, f.status, f.ids, f.message, f.rows) for f in out] == [
+        (3, 0, (7, 8), "", 4), (0, 1, (9,), "boom", 1)]
     assert (out[0].queue_ns, out[0].input_ns, out[0].infer_ns, out[0].output_ns) == (1, 2, 3, 4)
+
+
+def test_done_frames_fit_pipe_buf_so_shared_pipe_writes_stay_atomic():
+    ids = list(range(2000))
+    blob = pack_done(1, STATUS_OK, ids, "x" * 5000, 2000, (5, 6, 7, 8))
+    frames = DoneReader().feed(blob)
+    assert [i for f in frames for i in f.ids] == ids
+    assert sum(f.rows for f in frames) == 2000 and frames[0].infer_ns == 7 and frames[1].infer_ns == 0
+    sizes = []
+    rest = blob
+    for f in frames:
+        size = DONE.size + 4 * len(f.ids) + len(f.message.encode())
+        sizes.append(size)
+        rest = rest[size:]
+    assert rest == b"" and max(sizes) <= 4096
 
 
 def test_collect_blocks_for_first_then_fills_batch():
