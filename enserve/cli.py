@@ -27,6 +27,9 @@ def _add_serve(sub) -> None:
                    help="batch size of every member (default: each member's config.pbtxt preferred_batch_size)")
     p.add_argument("--max-queue-delay-us", type=int, default=None,
                    help="longest a member waits to fill a batch after its first request (default: config.pbtxt)")
+    p.add_argument("--max-adaptive-wait-us", type=int, default=4000,
+                   help="under concurrent load a member faster than the ensemble's slowest may hold requests "
+                        "up to this long to fill its batch, without delaying answers (0: off)")
     p.add_argument("--device", default=None,
                    help="place every member on this device: 'cpu' or 'gpu:<index>' (default: config.pbtxt)")
     p.add_argument("--cpu-cores", default=None,
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         return run(ServeOptions(
             model_repository=args.model_repository, host=args.host, http_port=args.http_port,
             grpc_port=args.grpc_port, metrics_port=args.metrics_port, batch_size=args.batch_size,
-            queue_delay_us=args.max_queue_delay_us, device=args.device, cpu_cores=cores,
+            queue_delay_us=args.max_queue_delay_us, max_adaptive_wait_us=args.max_adaptive_wait_us,
+            device=args.device, cpu_cores=cores,
             threads_per_member=args.threads_per_member, arena_mib=args.shm_arena_mib,
             max_inflight=args.max_inflight, request_timeout_s=args.request_timeout,
             allow_client_shm=args.allow_client_shm, drain_timeout_s=args.drain_timeout,

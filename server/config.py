@@ -15,6 +15,7 @@ class ServeOptions:
     metrics_port: int = 8002
     batch_size: int | None = None  # overrides every member's planned batch size
     queue_delay_us: int | None = None  # overrides every member's max queue delay
+    max_adaptive_wait_us: int = 4000  # under load, fast members wait up to this to batch (0: off)
     device: str | None = None  # overrides every member's device: "cpu" or "gpu:<i>"
     cpu_cores: tuple[int, ...] | None = None  # the CPU device's cores (default: all)
     threads_per_member: int | None = None  # ONNX Runtime intra-op threads (default: cores / members)

@@ -1,6 +1,8 @@
 """Fixed-size descriptors between the orchestrator and its workers (struct framing over pipes).
 
-Orchestrator -> worker: ``TASK`` = (request id, first row, row count) in the shared input rows.
+Orchestrator -> worker: ``TASK`` = (request id, first row, row count, wait budget in us): rows of
+the shared input ring, and how long the member may hold them to fill a batch without delaying the
+ensemble's answer (see ``Orchestrator._wait_budget``).
 Worker -> orchestrator: a ``DONE`` header (with the worker's member index), then ``n_ids`` uint32
 request ids, then ``msg_len`` bytes of UTF-8 message (errors, or the load failure). All workers
 share one completion pipe: a frame is at most ``PIPE_BUF`` bytes, so each write is atomic and
@@ -12,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-TASK = struct.Struct("<III")
+TASK = struct.Struct("<IIII")
 DONE = struct.Struct("<IIIIIQQQQ")  # member, status, n_ids, msg_len, rows, queue_ns, input_ns, infer_ns, output_ns
 PIPE_BUF = 4096
 MAX_MESSAGE = 1024
@@ -37,7 +39,7 @@ class Done:
     output_ns: int
 
 
-def pack_tasks(tasks: list[tuple[int, int, int]]) -> bytes:
+def pack_tasks(tasks: list[tuple[int, int, int, int]]) -> bytes:
     return b"".join(TASK.pack(*t) for t in tasks)
 
 
@@ -87,7 +89,7 @@ class TaskReader:
     def __init__(self) -> None:
         self.buffer = bytearray()
 
-    def feed(self, chunk: bytes) -> list[tuple[int, int, int]]:
+    def feed(self, chunk: bytes) -> list[tuple[int, int, int, int]]:
         self.buffer += chunk
         n = len(self.buffer) // TASK.size
         tasks = list(TASK.iter_unpack(bytes(self.buffer[: n * TASK.size])))

@@ -85,11 +85,12 @@ def collect(
     backlog: deque,
     batch_size: int,
     delay_s: float,
-) -> list[tuple[int, int, int, int]]:
-    """Block for the first task, then gather for at most ``delay_s`` up to ``batch_size`` rows.
+) -> list[tuple[int, int, int, int, int]]:
+    """Block for the first task, then gather up to ``batch_size`` rows for at most ``delay_s``,
+    or for the first task's wait budget when that is longer.
 
-    Tasks are (request id, first row, rows, arrival ns). Raises EOFError when the
-    orchestrator closed the pipe and nothing is left.
+    Tasks are (request id, first row, rows, wait budget us, arrival ns). Raises EOFError when
+    the orchestrator closed the pipe and nothing is left.
     """
 
     def read_some() -> bool:
@@ -104,7 +105,7 @@ def collect(
     while not backlog:
         if not read_some():
             raise EOFError
-    deadline = time.monotonic() + delay_s
+    deadline = time.monotonic() + max(delay_s, backlog[0][3] / 1e6)
     rows = sum(t[2] for t in backlog)
     while open_pipe and rows < batch_size:
         timeout = deadline - time.monotonic()
@@ -139,16 +140,16 @@ class Runner:
         self.arenas.append(arena)
         return arena.array(np.dtype(dtype), (self.spec.capacity, *dims))
 
-    def run(self, batch: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    def run(self, batch: list[tuple[int, int, int, int, int]]) -> tuple[int, int, int, int]:
         """Compute the batch; returns (queue, input, infer, output) nanoseconds."""
         t0 = time.perf_counter_ns()
-        queue_ns = sum(t0 - t[3] for t in batch)
+        queue_ns = sum(t0 - t[4] for t in batch)
         first, total = batch[0][1], sum(t[2] for t in batch)
         contiguous = all(batch[i][1] == batch[i - 1][1] + batch[i - 1][2] for i in range(1, len(batch)))
         if contiguous:
             feeds = [arr[first : first + total] for arr in self.inputs]
         else:
-            feeds = [np.concatenate([arr[s : s + n] for _, s, n, _ in batch]) for arr in self.inputs]
+            feeds = [np.concatenate([arr[s : s + n] for _, s, n, *_ in batch]) for arr in self.inputs]
         t1 = time.perf_counter_ns()
         step = self.spec.batch_size
         results: list[list[np.ndarray]] = []
@@ -164,7 +165,7 @@ class Runner:
                 out[first : first + total] = values
             else:
                 lo = 0
-                for _, s, n, _ in batch:
+                for _, s, n, *_ in batch:
                     out[s : s + n] = values[lo : lo + n]
                     lo += n
         t3 = time.perf_counter_ns()

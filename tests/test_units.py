@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ def test_row_ring_contiguous_wrap_and_out_of_order_free():
 
 
 def test_descriptor_framing_survives_arbitrary_chunks():
-    tasks = [(1, 0, 3), (2, 3, 1), (4294967295, 100, 64)]
+    tasks = [(1, 0, 3, 0), (2, 3, 1, 500), (4294967295, 100, 64, 0)]
     blob = pack_tasks(tasks)
     reader = TaskReader()
     got = []
@@ -70,7 +71,7 @@ def test_done_frames_fit_pipe_buf_so_shared_pipe_writes_stay_atomic():
 def test_collect_blocks_for_first_then_fills_batch():
     r, w = os.pipe()
     try:
-        os.write(w, pack_tasks([(1, 0, 2), (2, 2, 2), (3, 4, 2)]))
+        os.write(w, pack_tasks([(1, 0, 2, 0), (2, 2, 2, 0), (3, 4, 2, 0)]))
         backlog: deque = deque()
         batch = collect(r, TaskReader(), backlog, batch_size=4, delay_s=10.0)
         assert [t[:3] for t in batch] == [(1, 0, 2), (2, 2, 2)]  # full at 4 rows: no waiting
@@ -88,7 +89,7 @@ def test_collect_blocks_for_first_then_fills_batch():
 
 def test_collect_takes_oversized_task_alone():
     r, w = os.pipe()
-    os.write(w, pack_tasks([(1, 0, 10), (2, 10, 1)]))
+    os.write(w, pack_tasks([(1, 0, 10, 0), (2, 10, 1, 0)]))
     os.close(w)
     backlog: deque = deque()
     assert [t[:3] for t in collect(r, TaskReader(), backlog, 4, 0.0)] == [(1, 0, 10)]
@@ -150,3 +151,32 @@ def test_synthetic_members_differ_in_size():
 
     sizes = [sum(np.prod(t.dims) for t in tiny_cnn(w, seed=0).graph.initializer) for w in (12, 20, 32, 56)]
     assert sizes == sorted(sizes) and sizes[-1] > 10 * sizes[0]
+
+
+def test_collect_waits_for_the_task_wait_budget():
+    r, w = os.pipe()
+    try:
+        os.write(w, pack_tasks([(1, 0, 1, 50_000)]))  # may wait 50 ms to fill a batch
+        t0 = time.monotonic()
+        batch = collect(r, TaskReader(), deque(), batch_size=4, delay_s=0.0)
+        assert [t[:3] for t in batch] == [(1, 0, 1)] and time.monotonic() - t0 >= 0.045
+        os.write(w, pack_tasks([(2, 1, 1, 0)]))  # a lone request's budget is 0: no wait
+        t0 = time.monotonic()
+        collect(r, TaskReader(), deque(), batch_size=4, delay_s=0.0)
+        assert time.monotonic() - t0 < 0.04
+    finally:
+        os.close(w)
+        os.close(r)
+
+
+def test_wait_budget_is_the_gap_to_the_slowest_member_capped():
+    from types import SimpleNamespace
+
+    from server.config import ServeOptions
+    from server.orchestrator import Orchestrator
+
+    orch = Orchestrator(None, ServeOptions(model_repository=Path("."), max_adaptive_wait_us=3000))
+    fast, slow = SimpleNamespace(batch_ns=200_000.0), SimpleNamespace(batch_ns=2_500_000.0)
+    assert orch._wait_budget(fast, slow.batch_ns) == 2300
+    assert orch._wait_budget(slow, slow.batch_ns) == 0
+    assert orch._wait_budget(SimpleNamespace(batch_ns=0.0), 9_000_000.0) == 3000
