@@ -178,8 +178,7 @@ def run_bench(args) -> int:
     concurrencies = [int(c) for c in str(args.concurrency).split(",")]
     image_counts = [int(i) for i in str(args.images).split(",")]
     rates, single_ms = ceiling(args.model_repository)
-    best_batch = max(rates, key=rates.get)
-    print("ceiling images/s by batch size: " + ", ".join(f"{b}: {r:.0f}" for b, r in rates.items()))
+    print("ceiling images/s by batch size (before): " + ", ".join(f"{b}: {r:.0f}" for b, r in rates.items()))
     cells: list[Cell] = []
     procs = []
     try:
@@ -212,6 +211,10 @@ def run_bench(args) -> int:
     finally:
         for p in procs:
             _stop(p)
-    print(f"(ceiling best batch size {best_batch})")
-    print_table(cells, rates[best_batch], single_ms, naive)
+    # measured again after the servers: on a shared machine the better of the two is the honest bar
+    after, single_after = ceiling(args.model_repository)
+    print("ceiling images/s by batch size (after):  " + ", ".join(f"{b}: {r:.0f}" for b, r in after.items()))
+    best = max(list(rates.items()) + list(after.items()), key=lambda kv: kv[1])
+    print(f"(ceiling: best batch size {best[0]}, the better of the two measurements)")
+    print_table(cells, best[1], min(single_ms, single_after), naive)
     return 0
