@@ -53,7 +53,7 @@ def _add_import(sub) -> None:
     p.add_argument("--model-repository", type=Path, required=True, help="repository to create or add to")
     p.add_argument("--ensemble", default="ensemble", help="name of the ensemble model over all the files")
     p.add_argument("--max-batch-size", type=int, default=64, help="largest batch a request may carry")
-    p.add_argument("--batch-size", type=int, default=8, help="batch size each member runs at")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size each member runs at")
     p.add_argument("--max-queue-delay-us", type=int, default=0,
                    help="batch window after the first request (0: batch only what is already queued)")
 

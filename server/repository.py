@@ -60,7 +60,7 @@ class MemberSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     max_batch_size: int
-    batch_size: int = 8
+    batch_size: int = 32
     queue_delay_us: int = 0
     device: str = "cpu"
     cpu_cores: tuple[int, ...] | None = None
@@ -228,7 +228,7 @@ def _member_from_config(model_dir: Path, cfg: mc.ModelConfig) -> MemberSpec:
     if "enserve.cpu_cores" in cfg.parameters:
         cores = parse_cores(cfg.parameters["enserve.cpu_cores"].string_value)
     batching = cfg.dynamic_batching
-    batch = max(batching.preferred_batch_size) if batching.preferred_batch_size else 8
+    batch = max(batching.preferred_batch_size) if batching.preferred_batch_size else 32
     return MemberSpec(
         name=cfg.name,
         path=version / filename,
@@ -342,7 +342,7 @@ def import_onnx(
     *,
     ensemble: str = "ensemble",
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    batch_size: int = 8,
+    batch_size: int = 32,
     queue_delay_us: int = 0,
     names: list[str] | None = None,
 ) -> Repository:
