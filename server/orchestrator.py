@@ -150,6 +150,7 @@ class Orchestrator:
         self.pending: dict[int, Pending] = {}
         self.next_id = 0
         self.closing = False
+        self.drained: asyncio.Event | None = None  # set when closing and nothing is pending
         self.loop: asyncio.AbstractEventLoop | None = None
         self.flush_scheduled = False
 
@@ -464,6 +465,8 @@ class Orchestrator:
                 stats.durations["fail"].add(t_end - p.t0)
         if not p.future.done():
             p.future.set_result(p.error if p.error is not None else outputs)
+        if self.closing and not self.pending and self.drained is not None:
+            self.drained.set()
 
     def _combine(self, p: Pending) -> dict[str, np.ndarray]:
         target = p.target
@@ -542,9 +545,13 @@ class Orchestrator:
     async def close(self) -> None:
         """Finish what is in flight (bounded), stop the workers, unlink shared memory."""
         self.closing = True
-        deadline = time.monotonic() + self.options.drain_timeout_s
-        while self.pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        if self.pending:
+            self.drained = asyncio.Event()
+            try:
+                await asyncio.wait_for(self.drained.wait(), self.options.drain_timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("%d requests still in flight after %g s; stopping anyway",
+                            len(self.pending), self.options.drain_timeout_s)
         for m in self.members.values():
             if m.task_w >= 0:
                 os.close(m.task_w)  # EOF: the worker finishes its batch and exits
