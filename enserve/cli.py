@@ -45,6 +45,37 @@ def _add_serve(sub) -> None:
                    help="accept system shared-memory registrations and tensors in them (Triton's extension)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM/SIGINT waits for requests in flight before stopping")
+    p.add_argument("--plan", type=Path, default=None, help="serve with this allocation plan (from 'enserve allocate')")
+    p.add_argument("--no-optimize", action="store_true",
+                   help="skip the allocator: placement from config.pbtxt (also implied by --device, "
+                        "--cpu-cores, --batch-size)")
+    _add_allocator_flags(p)
+
+
+def _add_allocator_flags(p) -> None:
+    p.add_argument("--cpu-devices", default=None,
+                   help="CPU devices as core sets, e.g. '0;1' (two devices of one core) or '0-1' "
+                        "(default: all cores but core 0 on machines with 4 or more, else all)")
+    p.add_argument("--max-combi", type=int, default=12, help="most allocations the search scores")
+    p.add_argument("--optimize-time", type=float, default=120.0, help="time budget of the search in seconds")
+    p.add_argument("--optimize-metric", choices=("throughput", "latency"), default="throughput",
+                   help="what the search maximises: images/s, or minus the p99 latency under load")
+
+
+def _add_allocate(sub) -> None:
+    p = sub.add_parser("allocate", help="place the members on devices and choose batch sizes; print and save the plan")
+    p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--ensemble", default=None, help="the ensemble to place (default: the only one)")
+    _add_allocator_flags(p)
+    p.add_argument("--batch-sizes", default="1,8,32,64", help="batch sizes the search may choose from")
+    p.add_argument("--bench", choices=("real", "cost"), default="real",
+                   help="score allocations on the real pipeline, or with the cost model from profiles")
+    p.add_argument("--profiles", type=Path, default=None,
+                   help="member profiles (JSON) instead of measuring them, e.g. for machines we do not have")
+    p.add_argument("--simulate-gpus", type=int, default=0,
+                   help="plan for this many GPUs (cost-model bench; the profiles must have 'gpu' latencies)")
+    p.add_argument("--gpu-memory-gib", type=float, default=16.0, help="memory of each simulated GPU")
+    p.add_argument("--output", type=Path, default=None, help="where to save the plan (default: in the repository)")
 
 
 def _add_import(sub) -> None:
@@ -91,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_import(sub)
     _add_demo(sub)
     _add_bench(sub)
+    _add_allocate(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         from server.config import ServeOptions
@@ -109,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             threads_per_member=args.threads_per_member, arena_mib=args.shm_arena_mib,
             max_inflight=args.max_inflight, request_timeout_s=args.request_timeout,
             allow_client_shm=args.allow_client_shm, drain_timeout_s=args.drain_timeout,
+            optimize=not args.no_optimize, plan_path=args.plan, cpu_devices=args.cpu_devices,
+            max_combi=args.max_combi, optimize_time_s=args.optimize_time, optimize_metric=args.optimize_metric,
         ))
     if args.command == "import":
         from server.errors import EnserveError
@@ -123,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"wrote {args.model_repository}: members {sorted(repo.members)}, ensemble '{args.ensemble}'")
         return 0
+    if args.command == "allocate":
+        return allocate_command(args)
     if args.command == "init-demo":
         return init_demo(args.model_repository, force=args.force)
     if args.command == "bench":
@@ -145,4 +181,40 @@ def init_demo(repository: Path, *, force: bool = False) -> int:
         files = write_tiny_cnns(Path(tmp))
         import_onnx(files, repository, ensemble="ensemble")
     print(f"wrote {repository}: 4 CNN members (widths 12, 20, 32, 56) and their ensemble 'ensemble'")
+    return 0
+
+
+def allocate_command(args) -> int:
+    import json
+    import logging
+
+    from optimizer import plan as plans
+    from optimizer.allocation import Device, PlacementError
+    from optimizer.devices import inventory
+    from optimizer.profiles import profiles_from_json
+    from server.allocate import allocate, plan_table
+    from server.errors import EnserveError
+    from server.repository import load_repository
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        repo = load_repository(args.model_repository)
+        devices = inventory(args.cpu_devices, use_gpus=not args.simulate_gpus)
+        bench = args.bench
+        if args.simulate_gpus:
+            gib = int(args.gpu_memory_gib * 2**30)
+            devices = [Device(f"gpu:{i}", "gpu", gib, index=i) for i in range(args.simulate_gpus)] + devices
+            bench = "cost"
+        profiles = profiles_from_json(json.loads(args.profiles.read_text())) if args.profiles else None
+        done = allocate(repo, devices, ensemble=args.ensemble, metric=args.optimize_metric,
+                        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+                        max_combi=args.max_combi, time_budget_s=args.optimize_time, bench=bench,
+                        profiles=profiles, progress=print)
+    except (EnserveError, PlacementError, ValueError) as exc:
+        print(f"enserve allocate: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    print(plan_table(done.plan))
+    path = args.output or plans.plan_path(repo.path, done.plan.ensemble, done.plan.key)
+    plans.save(done.plan, path)
+    print(f"plan saved to {path}")
     return 0

@@ -25,3 +25,14 @@ class ServeOptions:
     allow_client_shm: bool = False  # Triton's system shared-memory extension
     startup_timeout_s: float = 180.0
     drain_timeout_s: float = 30.0
+    # the allocator at start-up (paper §2.4); manual placement flags above switch it off
+    optimize: bool = True
+    plan_path: Path | None = None  # force this plan
+    cpu_devices: str | None = None  # e.g. "0;1": two CPU devices of one core each
+    max_combi: int = 12
+    optimize_time_s: float = 120.0
+    optimize_metric: str = "throughput"
+
+    @property
+    def manual_placement(self) -> bool:
+        return self.device is not None or self.cpu_cores is not None or self.batch_size is not None

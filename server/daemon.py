@@ -12,11 +12,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from server.config import ServeOptions
-from server.errors import EnserveError
+from server.errors import EnserveError, RepositoryError
 from server.grpc_frontend import make_server
 from server.http_frontend import HttpFrontend
 from server.orchestrator import Orchestrator
-from server.repository import load_repository
+from server.repository import Repository, load_repository
 from server.service import Service
 from server.shm import clean_leftovers
 from server.stats import MetricsCollector
@@ -47,11 +47,53 @@ async def _site(app: web.Application, host: str, port: int, what: str) -> web.Ap
     return runner
 
 
-async def serve(options: ServeOptions) -> None:
-    removed = clean_leftovers()
-    if removed:
-        log.info("removed shared memory left by a crashed daemon: %s", removed)
-    repo = load_repository(options.model_repository)
+def choose_placement(repo: Repository, options: ServeOptions) -> None:
+    """Apply a forced plan, a saved plan for this ensemble and hardware, or a new one."""
+    from optimizer import plan as plans
+    from optimizer.devices import hardware_fingerprint, inventory
+    from optimizer.profiles import file_hash
+    from server.allocate import allocate, apply_plan, ensemble_members, plan_table
+
+    if options.plan_path is not None:
+        try:
+            plan = plans.load(options.plan_path)
+        except ValueError as exc:
+            raise RepositoryError(str(exc)) from exc
+        apply_plan(repo, plan)
+        log.info("placement from plan %s (score %.1f, %s)", options.plan_path, plan.score, plan.metric)
+        return
+    if not options.optimize or options.manual_placement or not repo.ensembles:
+        return
+    if len(repo.ensembles) > 1:
+        log.info("several ensembles %s: placement from config.pbtxt (run 'enserve allocate --ensemble E' "
+                 "and serve with --plan)", sorted(repo.ensembles))
+        return
+    try:
+        devices = inventory(options.cpu_devices)
+    except ValueError as exc:
+        raise RepositoryError(str(exc)) from exc
+    ensemble, names = ensemble_members(repo, None)
+    key = plans.plan_key(ensemble, [file_hash(str(repo.members[n].path)) for n in names],
+                         hardware_fingerprint(devices))
+    path = plans.plan_path(repo.path, ensemble, key)
+    if path.is_file():
+        plan = plans.load(path)
+        log.info("reusing the plan for this ensemble and hardware: %s", path)
+    else:
+        log.info("no plan for this ensemble and hardware yet: running the allocator (at most %d "
+                 "allocations or %g s; --no-optimize skips it)", options.max_combi, options.optimize_time_s)
+        plan = allocate(repo, devices, ensemble=ensemble, metric=options.optimize_metric,
+                        max_combi=options.max_combi, time_budget_s=options.optimize_time_s,
+                        progress=lambda msg: log.info("allocator: %s", msg)).plan
+        try:
+            plans.save(plan, path)
+        except OSError as exc:
+            log.warning("could not save the plan to %s: %s", path, exc)
+    log.info("placement:\n%s", plan_table(plan))
+    apply_plan(repo, plan)
+
+
+async def serve(options: ServeOptions, repo: Repository) -> None:
     orchestrator = Orchestrator(repo, options)
     runners: list[web.AppRunner] = []
     grpc_server = None
@@ -91,7 +133,12 @@ async def serve(options: ServeOptions) -> None:
 def run(options: ServeOptions) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s enserve %(levelname)s %(message)s", stream=sys.stderr)
     try:
-        asyncio.run(serve(options))
+        removed = clean_leftovers()
+        if removed:
+            log.info("removed shared memory left by a crashed daemon: %s", removed)
+        repo = load_repository(options.model_repository)
+        choose_placement(repo, options)
+        asyncio.run(serve(options, repo))
     except (EnserveError, OSError) as exc:
         log.error("%s", getattr(exc, "message", None) or exc)
         return 1

@@ -87,10 +87,11 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-def start_daemon(repo: Path, tmp: Path, *extra: str, wait: bool = True, timeout: float = 90) -> Daemon:
+def start_daemon(repo: Path, tmp: Path, *extra: str, wait: bool = True, timeout: float = 90,
+                 optimize: bool = False) -> Daemon:
     http, grpc_port, metrics = free_ports(3)
     log = tmp / f"daemon-{grpc_port}.log"
-    cmd = [sys.executable, "-m", "enserve", "serve", "--model-repository", str(repo),
+    cmd = [sys.executable, "-m", "enserve", "serve", "--model-repository", str(repo), *([] if optimize else ["--no-optimize"]),
            "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics), *extra]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
     daemon = Daemon(proc, http, grpc_port, metrics, log)

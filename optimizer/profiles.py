@@ -1,0 +1,161 @@
+"""Per-member profiles: memory footprint and seconds per batch, measured in a child process.
+
+A profile is measured once per (model file hash, hardware, device key) and cached in a
+versioned JSON file. Run as ``python -m optimizer.profiles '<json request>'`` for one measurement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from optimizer.allocation import Device, MemberProfile
+
+CACHE_VERSION = 1
+DEFAULT_BATCH_SIZES = (1, 8, 32, 64)
+
+
+@dataclass(frozen=True)
+class MemberSource:
+    """What the profiler needs of a member (plain data: the optimizer does not read repositories)."""
+
+    name: str
+    path: str
+    inputs: tuple[tuple[str, str, tuple[int, ...]], ...]  # name, numpy dtype, dims after the batch axis
+
+
+def file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _measure_here(request: dict) -> dict:
+    """Runs in the child: load the session on the device, time each batch size, report memory."""
+    import onnxruntime as ort
+
+    if request.get("cores"):
+        os.sched_setaffinity(0, request["cores"])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = request["threads"]
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = ["CPUExecutionProvider"]
+    if request["kind"] == "gpu":
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    session = ort.InferenceSession(request["path"], options, providers=providers)
+    rng = np.random.default_rng(0)
+    latency = {}
+    for b in sorted(request["batch_sizes"]):
+        feed = {n: rng.random((b, *dims)).astype(np.dtype(dt)) for n, dt, dims in request["inputs"]}
+        session.run(None, feed)
+        times = []
+        end = time.perf_counter() + request["seconds"]
+        while time.perf_counter() < end or len(times) < 3:
+            t = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - t)
+        latency[b] = float(np.median(times))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"memory_bytes": max(1, after - before) * 1024, "latency_s": latency}
+
+
+def measure(source: MemberSource, *, kind: str, threads: int, cores: tuple[int, ...] | None,
+            batch_sizes=DEFAULT_BATCH_SIZES, seconds: float = 0.25) -> dict:
+    """One profile, measured in a fresh child process so training or serving does not disturb it."""
+    request = {"path": source.path, "inputs": [list(i) for i in source.inputs], "kind": kind,
+               "threads": threads, "cores": list(cores) if cores else None,
+               "batch_sizes": list(batch_sizes), "seconds": seconds}
+    pkg_root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=pkg_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-m", "optimizer.profiles", json.dumps(request)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"profiling member '{source.name}' ({source.path}) failed: {out.stderr.strip()[-2000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["latency_s"] = {int(b): s for b, s in result["latency_s"].items()}
+    return result
+
+
+def device_keys(devices: list[Device]) -> list[tuple[str, str, int, tuple[int, ...] | None]]:
+    """The (key, kind, threads, cores) measurements the cost model needs for these devices."""
+    keys = []
+    max_cores = max([len(d.cores) for d in devices if d.kind == "cpu"], default=0)
+    cpu = next((d for d in devices if d.kind == "cpu" and len(d.cores) == max_cores), None)
+    for k in range(1, max_cores + 1):
+        keys.append((f"cpu{k}", "cpu", k, cpu.cores[:k] if cpu else None))
+    if any(d.kind == "gpu" for d in devices):
+        keys.append(("gpu", "gpu", 1, None))
+    return keys
+
+
+def load_cache(path: Path) -> dict:
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("version") == CACHE_VERSION:
+            return data
+    return {"version": CACHE_VERSION, "entries": {}}
+
+
+def profile_members(
+    sources: list[MemberSource],
+    devices: list[Device],
+    hardware: str,
+    *,
+    cache_path: Path | None = None,
+    batch_sizes=DEFAULT_BATCH_SIZES,
+    progress: Callable[[str], None] | None = None,
+) -> list[MemberProfile]:
+    """Profiles for every member on every device key; cached by model hash + hardware + key."""
+    cache = load_cache(cache_path) if cache_path else {"version": CACHE_VERSION, "entries": {}}
+    profiles = []
+    for src in sources:
+        digest = file_hash(src.path)
+        latency: dict[str, dict[int, float]] = {}
+        memory = 0
+        for key, kind, threads, cores in device_keys(devices):
+            entry_key = f"{digest}:{hardware}:{key}:{','.join(map(str, sorted(batch_sizes)))}"
+            entry = cache["entries"].get(entry_key)
+            if entry is None:
+                if progress:
+                    progress(f"profiling {src.name} on {key}")
+                entry = measure(src, kind=kind, threads=threads, cores=cores, batch_sizes=batch_sizes)
+                cache["entries"][entry_key] = entry
+                if cache_path:
+                    cache_path.parent.mkdir(parents=True, exist_ok=True)
+                    cache_path.write_text(json.dumps(cache, indent=1))
+            latency[key] = {int(b): float(s) for b, s in entry["latency_s"].items()}
+            memory = max(memory, int(entry["memory_bytes"]))
+        profiles.append(MemberProfile(src.name, memory, latency))
+    return profiles
+
+
+def profiles_to_json(profiles: list[MemberProfile]) -> dict:
+    return {"version": CACHE_VERSION, "members": [
+        {"name": p.name, "memory_bytes": p.memory_bytes,
+         "latency_s": {k: {str(b): s for b, s in t.items()} for k, t in p.latency_s.items()}} for p in profiles]}
+
+
+def profiles_from_json(data: dict) -> list[MemberProfile]:
+    if data.get("version") != CACHE_VERSION:
+        raise ValueError(f"profile file version {data.get('version')!r}, but this enserve reads {CACHE_VERSION}")
+    return [MemberProfile(m["name"], int(m["memory_bytes"]),
+                          {k: {int(b): float(s) for b, s in t.items()} for k, t in m["latency_s"].items()})
+            for m in data["members"]]
+
+
+if __name__ == "__main__":
+    print(json.dumps(_measure_here(json.loads(sys.argv[1]))))

@@ -1,0 +1,71 @@
+"""The allocator with the real bench on two CPU devices, and the daemon applying its plan."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from optimizer import plan as plans
+from tests.conftest import ROOT, images, start_daemon
+
+
+def test_allocate_on_two_cpu_devices_then_serve_the_plan(demo_repo, reference, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(demo_repo, repo)
+    out = subprocess.run(
+        [sys.executable, "-m", "enserve", "allocate", "--model-repository", str(repo), "--cpu-devices", "0;1",
+         "--max-combi", "3", "--batch-sizes", "8,32"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert "profiling cnn_w56 on cpu1" in out.stdout
+    assert "after 3 allocations scored" in out.stdout
+    saved = list((repo / ".enserve" / "plans").glob("ensemble.*.json"))
+    assert len(saved) == 1
+    plan = plans.load(saved[0])
+    assert plan.evaluated == 3 and plan.score >= plan.start_score > 0
+    assert {e.device for e in plan.members} <= {"cpu:0", "cpu:1"}
+    assert all(e.cores == [int(e.device[-1])] and e.batch_size in (8, 32) for e in plan.members)
+    # worst-fit decreasing spreads the members over both devices
+    assert {e.device for e in plan.start} == {"cpu:0", "cpu:1"}
+
+    for extra, optimize in ((["--plan", str(saved[0])], False), (["--cpu-devices", "0;1"], True)):
+        daemon = start_daemon(repo, tmp_path, *extra, optimize=optimize)
+        try:
+            workers = daemon.worker_pids()
+            for e in plan.members:
+                status = open(f"/proc/{workers[e.member]}/status").read()
+                assert f"Cpus_allowed_list:\t{e.cores[0]}\n" in status
+            client = grpcclient.InferenceServerClient(daemon.grpc_url)
+            cfg = client.get_model_config(plan.members[0].member).config
+            assert list(cfg.dynamic_batching.preferred_batch_size) == [plan.members[0].batch_size]
+            x = images(4, seed=11)
+            inp = grpcclient.InferInput("input", [4, 3, 32, 32], "FP32")
+            inp.set_data_from_numpy(x)
+            np.testing.assert_allclose(client.infer("ensemble", [inp]).as_numpy("probs"), reference(x), atol=1e-5)
+        finally:
+            assert daemon.stop() == 0
+        if optimize:
+            assert "reusing the plan for this ensemble and hardware" in daemon.log.read_text()
+
+
+def test_allocate_reports_an_impossible_fit(demo_repo, tmp_path):
+    import json
+
+    from optimizer.allocation import MemberProfile
+    from optimizer.profiles import profiles_to_json
+
+    huge = [MemberProfile(n, 2**50, {"cpu1": {1: 0.001}}) for n in ("cnn_w12", "cnn_w20", "cnn_w32", "cnn_w56")]
+    prof = tmp_path / "profiles.json"
+    prof.write_text(json.dumps(profiles_to_json(huge)))
+    out = subprocess.run(
+        [sys.executable, "-m", "enserve", "allocate", "--model-repository", str(demo_repo), "--cpu-devices", "0",
+         "--profiles", str(prof), "--bench", "cost"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert out.returncode == 2
+    assert "member 'cnn_w12' needs 1073741824.0 MiB, but the most free memory" in out.stderr
