@@ -45,12 +45,18 @@ def neighbourhood_search(
     *,
     max_combi: int = 20,
     time_budget_s: float | None = None,
+    min_gain: float = 0.0,
     progress: Callable[[int, Allocation, float, float], None] | None = None,
 ) -> SearchResult:
     """Move to the best improving neighbour until none improves, ``max_combi`` allocations were
-    scored (the start included) or the time budget is spent. Never returns worse than the start."""
+    scored (the start included) or the time budget is spent. Never returns worse than the start.
+
+    With a noisy bench, ``min_gain`` (relative) is the margin a neighbour must beat the current
+    score by to count as better, so that measurement noise does not steer the search."""
     if max_combi < 1:
         raise ValueError(f"max_combi is {max_combi}, but must be >= 1")
+    if min_gain < 0:
+        raise ValueError(f"min_gain is {min_gain}, but must be >= 0")
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     current, score = start, bench(start)
     result = SearchResult(start, score, start, score, 1, [(start, score)])
@@ -58,7 +64,7 @@ def neighbourhood_search(
         progress(1, start, score, score)
     seen = {start}
     while result.evaluated < max_combi:
-        best_next, best_score = None, score
+        best_next, best_score = None, score + min_gain * abs(score)
         for cand in neighbours(current, members, devices, batch_sizes):
             if result.evaluated >= max_combi or (deadline is not None and time.monotonic() >= deadline):
                 break
@@ -71,7 +77,7 @@ def neighbourhood_search(
             if s > best_score:
                 best_next, best_score = cand, s
             if progress:
-                progress(result.evaluated, cand, s, max(best_score, score))
+                progress(result.evaluated, cand, s, best_score if best_next is not None else score)
         if best_next is None:
             break
         current, score = best_next, best_score

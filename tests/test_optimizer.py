@@ -133,3 +133,16 @@ def test_parse_cpu_devices():
     assert parse_cpu_devices("0-3;4,6") == [(0, 1, 2, 3), (4, 6)]
     with pytest.raises(ValueError, match="uses a core twice"):
         parse_cpu_devices("0-1;1")
+
+
+def test_min_gain_ignores_improvements_within_noise():
+    start = Allocation(("cpu:0", "cpu:0"), (8, 8))
+
+    def slightly_better_elsewhere(alloc):
+        return 100.0 if alloc == start else 101.0  # +1 %: noise for a 3 % margin
+
+    result = neighbourhood_search(start, MEMBERS, DEVICES, [1, 8, 32], slightly_better_elsewhere,
+                                  max_combi=50, min_gain=0.03)
+    assert result.best == start and result.best_score == 100.0
+    result = neighbourhood_search(start, MEMBERS, DEVICES, [1, 8, 32], slightly_better_elsewhere, max_combi=50)
+    assert result.best != start and result.best_score == 101.0

@@ -1,0 +1,163 @@
+"""The paper's Table 3 for enserve's allocator: predictions/s of "algo1" (worst-fit decreasing only)
+and "algo1+algo2" (with the neighbourhood search).
+
+(a) real CPU devices of this machine, 1 device of all cores vs 1 device per core, searched with the
+    real-pipeline bench and then measured with the daemon really serving (gRPC, closed loop);
+(b) 0..6 simulated GPUs + 1 CPU device, searched with the cost-model bench from measured CPU
+    profiles of a 7-member ensemble; GPU latencies come from a stated analytic model (no GPU here).
+It also reports the cost model's error against the real measurements of (a).
+
+    python -m loadtest.allocator_bench [--max-combi 10] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from loadtest.bench import _closed_loop, _free_port, _start, _stop
+from optimizer.allocation import Device, MemberProfile
+from optimizer.costmodel import CostModelBench, predicted_throughput
+from optimizer.devices import inventory
+from optimizer.placement import worst_fit_decreasing
+from optimizer.search import neighbourhood_search
+from server import allocate as alloc_mod
+from server.repository import import_onnx, load_repository
+
+GPU_LAUNCH_S = 0.0002  # assumed per-batch overhead of a GPU (launch + copies)
+GPU_SPEEDUP = 30.0  # assumed GPU speed per image relative to one CPU core
+
+
+def serve_and_measure(repo: Path, plan_file: Path, seconds: float, concurrency: int, images: int) -> float:
+    ports = [_free_port() for _ in range(3)]
+    url = f"127.0.0.1:{ports[1]}"
+    proc = _start([sys.executable, "-m", "enserve", "serve", "--model-repository", str(repo), "--plan", str(plan_file),
+                   "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])], url)
+    try:
+        n, _, errors = asyncio.run(_closed_loop(url, "ensemble", concurrency, images, seconds, (3, 32, 32)))
+    finally:
+        _stop(proc)
+    if errors:
+        raise RuntimeError(f"{errors} failed requests while measuring")
+    return n * images / seconds
+
+
+def part_a(repo: Path, args) -> tuple[list[tuple], list[float]]:
+    from optimizer import plan as plans
+
+    rows = []
+    errors = []
+    n_cores = len(os.sched_getaffinity(0))
+    configs = [(f"1 CPU device x {n_cores} cores", f"0-{n_cores - 1}"),
+               (f"{n_cores} CPU devices x 1 core", ";".join(str(c) for c in range(n_cores)))]
+    for label, spec in configs:
+        devices = inventory(spec, use_gpus=False)
+        done = alloc_mod.allocate(load_repository(repo), devices, max_combi=args.max_combi, time_budget_s=None,
+                                  bench_seconds=args.bench_seconds, progress=lambda m: print("  " + m, flush=True))
+        names = [e.member for e in done.plan.members]
+        model = CostModelBench(done.profiles, devices)
+        for alloc, real in done.result.history:
+            errors.append((model(alloc) - real) / real)
+        measured = {}
+        for which, entries in (("algo1", done.plan.start), ("algo1+algo2", done.plan.members)):
+            plan = plans.Plan(**{**done.plan.__dict__, "members": entries})
+            path = Path(tempfile.mkdtemp()) / "plan.json"
+            plans.save(plan, path)
+            measured[which] = serve_and_measure(repo, path, args.seconds, 16, 8)
+        start_pred = predicted_throughput(done.result.start, done.profiles, devices)
+        best_pred = predicted_throughput(done.result.best, done.profiles, devices)
+        rows.append((label, measured["algo1"], measured["algo1+algo2"], done.plan.start_score, done.plan.score,
+                     start_pred, best_pred, alloc_mod.describe(done.result.best, names)))
+    return rows, errors
+
+
+def seven_member_repo(tmp: Path) -> Path:
+    from models.synthetic import write_tiny_cnns
+
+    files = write_tiny_cnns(tmp / "onnx", (8, 12, 16, 24, 32, 48, 64), seed=10)
+    import_onnx(files, tmp / "repo7", ensemble="ensemble")
+    return tmp / "repo7"
+
+
+def with_gpu_model(profiles: list[MemberProfile]) -> list[MemberProfile]:
+    out = []
+    for p in profiles:
+        one = p.latency("cpu1", 1)
+        gpu = {b: GPU_LAUNCH_S + b * one / GPU_SPEEDUP for b in (1, 8, 32, 64)}
+        out.append(MemberProfile(p.name, p.memory_bytes, {**p.latency_s, "gpu": gpu}))
+    return out
+
+
+def part_b(repo7: Path, args) -> list[tuple]:
+    from optimizer.devices import hardware_fingerprint
+    from optimizer.profiles import profile_members
+
+    repo = load_repository(repo7)
+    _, names = alloc_mod.ensemble_members(repo, None)
+    cpu = inventory(f"0-{len(os.sched_getaffinity(0)) - 1}", use_gpus=False)
+    measured = profile_members(alloc_mod.member_sources(repo, names), cpu, hardware_fingerprint(cpu),
+                               cache_path=repo7 / ".enserve" / "profiles.json",
+                               progress=lambda m: print("  " + m, flush=True))
+    profiles = with_gpu_model(measured)
+    rows = []
+    for g in range(0, 7):
+        devices = [Device(f"gpu:{i}", "gpu", 16 * 2**30, index=i) for i in range(g)] + cpu
+        start = worst_fit_decreasing(profiles, devices, 32)
+        bench = CostModelBench(profiles, devices)
+        result = neighbourhood_search(start, profiles, devices, [1, 8, 32, 64], bench, max_combi=args.sim_combi)
+        rows.append((g, result.start_score, result.best_score, result.evaluated, alloc_mod.describe(result.best, names)))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repository", type=Path, default=None, help="4-member repository (default: the demo)")
+    parser.add_argument("--max-combi", type=int, default=10, help="allocations the real search scores")
+    parser.add_argument("--bench-seconds", type=float, default=1.5, help="measuring time of one real-bench score")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time of the serving daemon")
+    parser.add_argument("--sim-combi", type=int, default=300, help="allocations the simulated search scores")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="enserve-alloc-"))
+    try:
+        if args.model_repository is None:
+            from enserve.cli import init_demo
+
+            init_demo(tmp / "repo4")
+            repo4 = tmp / "repo4"
+        else:
+            repo4 = tmp / "repo4"
+            shutil.copytree(args.model_repository, repo4)
+        print("(a) real CPU devices, real-pipeline bench; serving measured with gRPC, 16 clients x 8 images")
+        rows_a, errors = part_a(repo4, args)
+        print("(b) simulated GPUs + 1 CPU device, cost-model bench, 7 members")
+        rows_b = part_b(seven_member_repo(tmp), args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\n(a) predictions/s on this machine (4-member demo ensemble)")
+    print(f"{'devices':<26} {'algo1':>8} {'algo1+algo2':>12} {'gain':>6}   {'search: start':>13} {'refined':>8}"
+          f"   {'cost model: start':>17} {'refined':>8}")
+    for label, a1, a2, s_start, s_best, p_start, p_best, best in rows_a:
+        print(f"{label:<26} {a1:>8.0f} {a2:>12.0f} {a2 / a1:>6.2f}   {s_start:>13.0f} {s_best:>8.0f}"
+              f"   {p_start:>17.0f} {p_best:>8.0f}")
+        print(f"{'':<26} refined: {best}")
+    err = np.abs(errors)
+    print(f"cost model vs real-pipeline bench over {len(errors)} allocations: mean |error| {err.mean():.0%}, "
+          f"median {np.median(err):.0%}, signed mean {np.mean(errors):+.0%}")
+    print("\n(b) predicted predictions/s, 7-member ensemble, N simulated GPUs + 1 CPU device "
+          f"(GPU model: {GPU_LAUNCH_S * 1e3:.1f} ms per batch + CPU-core time / {GPU_SPEEDUP:g} per image)")
+    print(f"{'GPUs':>4} {'algo1':>9} {'algo1+algo2':>12} {'gain':>6} {'scored':>7}")
+    for g, s0, s1, n, _ in rows_b:
+        print(f"{g:>4} {s0:>9.0f} {s1:>12.0f} {s1 / s0:>6.2f} {n:>7}")
+    print(f"refined with 6 GPUs: {rows_b[-1][4]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
