@@ -59,7 +59,10 @@ def _add_allocator_flags(p) -> None:
     p.add_argument("--max-combi", type=int, default=12, help="most allocations the search scores")
     p.add_argument("--optimize-time", type=float, default=120.0, help="time budget of the search in seconds")
     p.add_argument("--optimize-metric", choices=("throughput", "latency"), default="throughput",
-                   help="what the search maximises: images/s, or minus the p99 latency under load")
+                   help="what the search maximises: images/s, or minus the p99 latency under the bench load")
+    p.add_argument("--bench-concurrency", type=int, default=16,
+                   help="the real bench's load: requests kept in flight")
+    p.add_argument("--bench-images", type=int, default=8, help="the real bench's load: images per request")
 
 
 def _add_allocate(sub) -> None:
@@ -143,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_client_shm=args.allow_client_shm, drain_timeout_s=args.drain_timeout,
             optimize=not args.no_optimize, plan_path=args.plan, cpu_devices=args.cpu_devices,
             max_combi=args.max_combi, optimize_time_s=args.optimize_time, optimize_metric=args.optimize_metric,
+            bench_concurrency=args.bench_concurrency, bench_images=args.bench_images,
         ))
     if args.command == "import":
         from server.errors import EnserveError
@@ -209,7 +213,7 @@ def allocate_command(args) -> int:
         done = allocate(repo, devices, ensemble=args.ensemble, metric=args.optimize_metric,
                         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
                         max_combi=args.max_combi, time_budget_s=args.optimize_time, bench=bench,
-                        profiles=profiles, progress=print)
+                        profiles=profiles, bench_load=(args.bench_concurrency, args.bench_images), progress=print)
     except (EnserveError, PlacementError, ValueError) as exc:
         print(f"enserve allocate: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2

@@ -141,6 +141,7 @@ def allocate(
     bench: str = "real",
     profiles: list[MemberProfile] | None = None,
     bench_seconds: float = 1.5,
+    bench_load: tuple[int, int] = (16, 8),
     progress: Callable[[str], None] | None = None,
 ) -> Allocated:
     """Profile, place with worst-fit decreasing, refine with Algorithm 1; the plan is not saved."""
@@ -160,8 +161,9 @@ def allocate(
         profiles = [by_name[n] for n in names]
     start = worst_fit_decreasing(profiles, devices, start_batch)
     if bench == "real":
-        score: Callable[[Allocation], float] = RealBench(repo, ensemble, names, devices, metric,
-                                                         seconds=bench_seconds)
+        score: Callable[[Allocation], float] = RealBench(
+            repo, ensemble, names, devices, metric, concurrency=bench_load[0], images=bench_load[1],
+            seconds=bench_seconds)
     elif bench == "cost":
         if metric != "throughput":
             raise RepositoryError("the cost-model bench predicts throughput only; use --metric throughput")

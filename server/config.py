@@ -32,6 +32,8 @@ class ServeOptions:
     max_combi: int = 12
     optimize_time_s: float = 120.0
     optimize_metric: str = "throughput"
+    bench_concurrency: int = 16  # the real bench's load: requests in flight ...
+    bench_images: int = 8  # ... of this many images each
 
     @property
     def manual_placement(self) -> bool:

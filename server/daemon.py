@@ -84,6 +84,7 @@ def choose_placement(repo: Repository, options: ServeOptions) -> None:
                  "allocations or %g s; --no-optimize skips it)", options.max_combi, options.optimize_time_s)
         plan = allocate(repo, devices, ensemble=ensemble, metric=options.optimize_metric,
                         max_combi=options.max_combi, time_budget_s=options.optimize_time_s,
+                        bench_load=(options.bench_concurrency, options.bench_images),
                         progress=lambda msg: log.info("allocator: %s", msg)).plan
         try:
             plans.save(plan, path)
