@@ -43,6 +43,16 @@ def _add_serve(sub) -> None:
                    help="server-side bound in seconds on every request (a client deadline may be shorter)")
     p.add_argument("--allow-client-shm", action="store_true",
                    help="accept system shared-memory registrations and tensors in them (Triton's extension)")
+    p.add_argument("--max-request-bytes", type=int, default=256 << 20,
+                   help="largest gRPC message / HTTP body accepted (RESOURCE_EXHAUSTED / HTTP 413 beyond)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate: gRPC, HTTP and metrics speak TLS")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--auth-token-file", type=Path, default=None,
+                   help="file holding a bearer token every call but health probes must carry "
+                        "(or the environment variable ENSERVE_AUTH_TOKEN)")
+    p.add_argument("--admin-token-file", type=Path, default=None,
+                   help="file holding the bearer token for admin calls: shared-memory (un)registration "
+                        "(or ENSERVE_ADMIN_TOKEN; without it admin calls take the auth token)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM/SIGINT waits for requests in flight before stopping")
     p.add_argument("--plan", type=Path, default=None, help="serve with this allocation plan (from 'enserve allocate')")
@@ -110,6 +120,14 @@ def _add_bench(sub) -> None:
     p.add_argument("serve_args", nargs="*", help="extra 'enserve serve' flags after '--' (e.g. -- --batch-size 16)")
 
 
+def _token(path: Path | None, env: str) -> str | None:
+    """A token from a file (not the command line, which every user can read) or the environment."""
+    token = path.read_text().strip() if path is not None else os.environ.get(env)
+    if token is not None and (len(token) < 8 or any(c.isspace() for c in token)):
+        raise ValueError(f"the token from {path or env} must be at least 8 characters without spaces")
+    return token or None
+
+
 def _cores(text: str | None):
     if text is None:
         return None
@@ -134,8 +152,12 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             cores = _cores(args.cpu_cores)
+            auth = _token(args.auth_token_file, "ENSERVE_AUTH_TOKEN")
+            admin = _token(args.admin_token_file, "ENSERVE_ADMIN_TOKEN")
         except EnserveError as exc:
             parser.error(exc.message)
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
         return run(ServeOptions(
             model_repository=args.model_repository, host=args.host, http_port=args.http_port,
             grpc_port=args.grpc_port, metrics_port=args.metrics_port, batch_size=args.batch_size,
@@ -147,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             optimize=not args.no_optimize, plan_path=args.plan, cpu_devices=args.cpu_devices,
             max_combi=args.max_combi, optimize_time_s=args.optimize_time, optimize_metric=args.optimize_metric,
             bench_concurrency=args.bench_concurrency, bench_images=args.bench_images,
+            max_request_bytes=args.max_request_bytes, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            auth_token=auth, admin_token=admin,
         ))
     if args.command == "import":
         from server.errors import EnserveError

@@ -23,6 +23,11 @@ class ServeOptions:
     max_inflight: int = 1024  # requests in flight per model before RESOURCE_EXHAUSTED
     request_timeout_s: float = 60.0  # server-side bound on any request
     allow_client_shm: bool = False  # Triton's system shared-memory extension
+    max_request_bytes: int = 256 << 20  # larger gRPC messages / HTTP bodies are refused
+    tls_cert: Path | None = None  # PEM; with tls_key, gRPC, HTTP and metrics speak TLS
+    tls_key: Path | None = None
+    auth_token: str | None = None  # bearer token for every call but health probes
+    admin_token: str | None = None  # bearer token for shared-memory registration and other admin calls
     startup_timeout_s: float = 180.0
     drain_timeout_s: float = 30.0
     # the allocator at start-up (paper §2.4); manual placement flags above switch it off

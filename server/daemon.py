@@ -17,6 +17,7 @@ from server.grpc_frontend import make_server
 from server.http_frontend import HttpFrontend
 from server.orchestrator import Orchestrator
 from server.repository import Repository, load_repository
+from server.security import Tokens, read_pair, server_ssl_context
 from server.service import Service
 from server.shm import clean_leftovers
 from server.stats import MetricsCollector
@@ -24,11 +25,14 @@ from server.stats import MetricsCollector
 log = logging.getLogger("enserve")
 
 
-def metrics_app(orchestrator: Orchestrator) -> web.Application:
+def metrics_app(orchestrator: Orchestrator, tokens: Tokens) -> web.Application:
     registry = CollectorRegistry()
     registry.register(MetricsCollector(orchestrator.stats, orchestrator.queue_depth))
 
     async def metrics(request):
+        reason = tokens.check(request.headers.get("Authorization"), admin=False)
+        if reason is not None:
+            return web.json_response({"error": reason}, status=401)
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
@@ -36,11 +40,11 @@ def metrics_app(orchestrator: Orchestrator) -> web.Application:
     return app
 
 
-async def _site(app: web.Application, host: str, port: int, what: str) -> web.AppRunner:
+async def _site(app: web.Application, host: str, port: int, what: str, ssl_context=None) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context).start()
     except OSError as exc:
         await runner.cleanup()
         raise OSError(f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}") from exc
@@ -107,8 +111,10 @@ async def serve(options: ServeOptions, repo: Repository) -> None:
         except RuntimeError as exc:
             raise OSError(f"cannot listen for gRPC on {grpc_address}: {exc}") from exc
         await grpc_server.start()
-        runners.append(await _site(HttpFrontend(service).app(), options.host, options.http_port, "HTTP"))
-        runners.append(await _site(metrics_app(orchestrator), options.host, options.metrics_port, "metrics"))
+        tls = server_ssl_context(options.tls_cert, options.tls_key) if options.tls_cert else None
+        runners.append(await _site(HttpFrontend(service).app(), options.host, options.http_port, "HTTP", tls))
+        runners.append(await _site(metrics_app(orchestrator, Tokens(options.auth_token, options.admin_token)),
+                                   options.host, options.metrics_port, "metrics", tls))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -134,13 +140,14 @@ async def serve(options: ServeOptions, repo: Repository) -> None:
 def run(options: ServeOptions) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s enserve %(levelname)s %(message)s", stream=sys.stderr)
     try:
+        read_pair(options.tls_cert, options.tls_key)  # both or neither, readable: fail before any work
         removed = clean_leftovers()
         if removed:
             log.info("removed shared memory left by a crashed daemon: %s", removed)
         repo = load_repository(options.model_repository)
         choose_placement(repo, options)
         asyncio.run(serve(options, repo))
-    except (EnserveError, OSError) as exc:
+    except (EnserveError, OSError, ValueError) as exc:
         log.error("%s", getattr(exc, "message", None) or exc)
         return 1
     return 0

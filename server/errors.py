@@ -41,6 +41,11 @@ class ResourceExhausted(EnserveError):
     http_status = 503
 
 
+class PayloadTooLarge(EnserveError):
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 413
+
+
 class DeadlineExceeded(EnserveError):
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
     http_status = 504

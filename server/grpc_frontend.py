@@ -10,6 +10,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from server.errors import EnserveError, InvalidArgument
+from server.security import AuthInterceptor, Tokens, grpc_credentials, read_pair
 from server.service import Service, cuda_shm_unavailable, parse_timeout
 from server.stats import ModelStats
 from server.tensors import RequestInput, RequestOutput
@@ -227,12 +228,19 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 
 def make_server(service: Service, address: str) -> grpc.aio.Server:
-    server = grpc.aio.server(options=[
-        ("grpc.max_send_message_length", MAX_MESSAGE),
-        ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ("grpc.so_reuseport", 0),
-    ])
+    options = service.options
+    tokens = Tokens(options.auth_token, options.admin_token)
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(tokens)] if tokens.enabled else None,
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_receive_message_length", options.max_request_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
-    if server.add_insecure_port(address) == 0:
+    pair = read_pair(options.tls_cert, options.tls_key)
+    port = server.add_secure_port(address, grpc_credentials(pair)) if pair else server.add_insecure_port(address)
+    if port == 0:
         raise OSError(f"cannot listen for gRPC on {address}")
     return server

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import zlib
 
 from aiohttp import web
 from google.protobuf import json_format
 
-from server.errors import EnserveError, InvalidArgument
+from server.errors import EnserveError, InvalidArgument, PayloadTooLarge
+from server.security import Tokens, is_admin_path, is_open_path
 from server.service import Service, cuda_shm_unavailable, parse_timeout
 from server.stats import DURATIONS, ModelStats
 from server.tensors import RequestInput, RequestOutput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-MAX_BODY = 1 << 30
 
 
 def _json(data, status: int = 200) -> web.Response:
@@ -116,7 +115,10 @@ class HttpFrontend:
         self.service = service
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
+        options = self.service.options
+        self.tokens = Tokens(options.auth_token, options.admin_token)
+        middlewares = [self._auth, self._errors] if self.tokens.enabled else [self._errors]
+        app = web.Application(client_max_size=options.max_request_bytes, middlewares=middlewares)
         r = app.router
         r.add_get("/v2/health/live", self.live)
         r.add_get("/v2/health/ready", self.ready)
@@ -137,6 +139,15 @@ class HttpFrontend:
         r.add_post("/v2/systemsharedmemory/region/{region}/unregister", self.shm_unregister)
         r.add_route("*", "/v2/cudasharedmemory/{tail:.*}", self.no_cuda)
         return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        path = request.path
+        if not is_open_path(path):
+            reason = self.tokens.check(request.headers.get("Authorization"), admin=is_admin_path(path))
+            if reason is not None:
+                return _json({"error": reason}, 401)
+        return await handler(request)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
@@ -178,16 +189,21 @@ class HttpFrontend:
     async def _body(self, request: web.Request) -> bytes:
         body = await request.read()
         encoding = request.headers.get("Content-Encoding")
-        try:
-            if encoding == "gzip":
-                return gzip.decompress(body)
-            if encoding == "deflate":
-                return zlib.decompress(body)
-        except (OSError, zlib.error, EOFError) as exc:
-            raise InvalidArgument(f"request body is not valid {encoding} data: {exc}") from None
-        if encoding not in (None, "identity"):
+        if encoding in (None, "identity"):
+            return body
+        if encoding not in ("gzip", "deflate"):
             raise InvalidArgument(f"Content-Encoding '{encoding}' is not supported; use gzip or deflate")
-        return body
+        limit = self.service.options.max_request_bytes
+        inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            data = inflater.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise InvalidArgument(f"request body is not valid {encoding} data: {exc}") from None
+        if len(data) > limit or inflater.unconsumed_tail:
+            raise PayloadTooLarge(f"the {encoding} body inflates to more than the limit of {limit} bytes")
+        if not inflater.eof:
+            raise InvalidArgument(f"request body is truncated {encoding} data")
+        return data
 
     async def infer(self, request: web.Request) -> web.Response:
         model, version = self._model(request)
