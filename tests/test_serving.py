@@ -194,3 +194,13 @@ def test_statistics_and_metrics(daemon):
                  "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
                  "nv_inference_compute_infer_duration_us"):
         assert f'{name}{{model="cnn_w12",version="1"}}' in text
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_http_compressed_request(daemon, reference, algorithm):
+    client = httpclient.InferenceServerClient(daemon.http_url)
+    x = images(2, seed=12)
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer("ensemble", [inp], request_compression_algorithm=algorithm)
+    np.testing.assert_allclose(result.as_numpy("probs"), reference(x), atol=TOL)
