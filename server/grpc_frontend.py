@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -227,6 +228,57 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         await self._no_cuda(context)
 
 
+def _parse(request_cls, raw: bytes):
+    try:
+        return request_cls.FromString(raw)
+    except DecodeError as exc:
+        raise InvalidArgument(f"malformed {request_cls.DESCRIPTOR.full_name} protobuf: {exc}") from None
+
+
+def _unary(method, request_cls):
+    async def handler(raw: bytes, context):
+        try:
+            request = _parse(request_cls, raw)
+        except EnserveError as e:
+            await context.abort(e.grpc_code, e.message)
+        return await method(request, context)
+
+    return handler
+
+
+def _streaming(method, request_cls):
+    async def handler(raw_iterator, context):
+        async def requests():
+            async for raw in raw_iterator:
+                try:
+                    yield _parse(request_cls, raw)
+                except EnserveError as e:
+                    await context.abort(e.grpc_code, e.message)
+
+        async for response in method(requests(), context):
+            yield response
+
+    return handler
+
+
+def add_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer like the generated ``add_..._to_server``, but parse requests ourselves,
+    so that a malformed message gets INVALID_ARGUMENT naming the problem (gRPC would say UNKNOWN)."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for m in service.methods:
+        request_cls = getattr(pb, m.input_type.name)
+        response_cls = getattr(pb, m.output_type.name)
+        method = getattr(servicer, m.name)
+        if m.client_streaming and m.server_streaming:
+            handlers[m.name] = grpc.stream_stream_rpc_method_handler(
+                _streaming(method, request_cls), response_serializer=response_cls.SerializeToString)
+        else:
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(method, request_cls), response_serializer=response_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
 def make_server(service: Service, address: str) -> grpc.aio.Server:
     options = service.options
     tokens = Tokens(options.auth_token, options.admin_token)
@@ -238,7 +290,7 @@ def make_server(service: Service, address: str) -> grpc.aio.Server:
             ("grpc.so_reuseport", 0),
         ],
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
+    add_servicer(InferenceServicer(service), server)
     pair = read_pair(options.tls_cert, options.tls_key)
     port = server.add_secure_port(address, grpc_credentials(pair)) if pair else server.add_insecure_port(address)
     if port == 0:

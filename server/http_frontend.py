@@ -49,7 +49,7 @@ def parse_infer_body(body: bytes, header_length: str | None) -> tuple[dict, list
         json_size = len(body)
     try:
         header = json.loads(body[:json_size])
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
     header = _check_dict(header, "the request")
     params = _check_dict(header.get("parameters", {}), "'parameters'")
@@ -88,7 +88,10 @@ def parse_infer_body(body: bytes, header_length: str | None) -> tuple[dict, list
         raise InvalidArgument(f"{len(binary) - offset} bytes of binary data follow the inputs unused")
     default_binary = bool(params.get("binary_data_output", False))
     outputs = []
-    for i, o in enumerate(header.get("outputs") or []):
+    raw_outputs = header.get("outputs") or []
+    if not isinstance(raw_outputs, list):
+        raise InvalidArgument("'outputs' must be a list")
+    for i, o in enumerate(raw_outputs):
         o = _check_dict(o, f"outputs[{i}]")
         op = _check_dict(o.get("parameters", {}), f"outputs[{i}] parameters")
         out = RequestOutput(str(o.get("name")), bool(op.get("binary_data", default_binary)))

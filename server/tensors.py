@@ -114,8 +114,8 @@ def _to_array(spec, shape: list[int], inp: RequestInput, regions: ClientRegions 
         return np.frombuffer(data, dtype=dtype).reshape(shape)
     try:
         arr = np.asarray(data, dtype=dtype)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidArgument(f"{what}: data cannot be read as {spec.datatype}: {exc}") from exc
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise InvalidArgument(f"{what}: data cannot be read as {spec.datatype}: {exc}") from None
     if arr.size != n_elements:
         raise InvalidArgument(
             f"{what}: {arr.size} values given, but shape {_fmt(shape)} needs {n_elements}"

@@ -1,0 +1,194 @@
+"""Backpressure, timeouts, disconnects and shared-memory races against a real daemon."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import images, start_daemon
+
+
+def metric(daemon, name: str, model: str = "ensemble") -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics").read().decode()
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{model="{model}"'):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} for {model} not in the metrics")
+
+
+def request(x: np.ndarray, model: str = "ensemble") -> pb.ModelInferRequest:
+    r = pb.ModelInferRequest(model_name=model)
+    r.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    r.raw_input_contents.append(x.tobytes())
+    return r
+
+
+def test_backpressure_refuses_at_once_and_counts(demo_repo, reference, tmp_path):
+    daemon = start_daemon(demo_repo, tmp_path, "--max-inflight", "2")
+    try:
+        outcomes: dict[str, int] = {}
+        lock = threading.Lock()
+        x = images(8, seed=5)
+        expected = reference(x)
+
+        def client_thread():
+            client = grpcclient.InferenceServerClient(daemon.grpc_url)
+            for _ in range(10):
+                inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                t0 = time.monotonic()
+                try:
+                    ok = np.allclose(client.infer("ensemble", [inp]).as_numpy("probs"), expected, atol=1e-5)
+                    key = "ok" if ok else "wrong"
+                except InferenceServerException as e:
+                    key = "refused" if "in flight, the limit is 2; retry later" in e.message() else e.message()
+                    if key == "refused" and time.monotonic() - t0 > 1.0:
+                        key = "refused slowly"
+                with lock:
+                    outcomes[key] = outcomes.get(key, 0) + 1
+
+        threads = [threading.Thread(target=client_thread) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert set(outcomes) <= {"ok", "refused"}, outcomes
+        assert outcomes.get("refused", 0) > 0 and outcomes.get("ok", 0) > 0
+        assert metric(daemon, "nv_inference_request_rejected") == outcomes["refused"]
+        body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                                       "data": [0.0] * 3072}]}).encode()
+        codes = set()
+
+        def http_thread():
+            req = urllib.request.Request(f"http://{daemon.http_url}/v2/models/ensemble/infer", data=body)
+            for _ in range(10):
+                try:
+                    codes.add(urllib.request.urlopen(req).status)
+                except urllib.error.HTTPError as e:
+                    codes.add(e.code)
+
+        threads = [threading.Thread(target=http_thread) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert codes <= {200, 503} and 200 in codes
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_request_timeouts(daemon, reference):
+    body = json.dumps({"parameters": {"timeout": 1},  # 1 us: cannot finish in time
+                       "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                                   "data": [0.5] * 3072}]}).encode()
+    req = urllib.request.Request(f"http://{daemon.http_url}/v2/models/ensemble/infer", data=body)
+    try:
+        urllib.request.urlopen(req)
+        raise AssertionError("a 1 us timeout was met")
+    except urllib.error.HTTPError as e:
+        assert e.code == 504 and "did not finish within 1e-06 s" in json.loads(e.read())["error"]
+    client = grpcclient.InferenceServerClient(daemon.grpc_url)
+    inp = grpcclient.InferInput("input", [1, 3, 32, 32], "FP32")
+    inp.set_data_from_numpy(images(1))
+    try:
+        client.infer("ensemble", [inp], client_timeout=1e-4)  # the client's gRPC deadline
+        raise AssertionError("a 0.1 ms deadline was met")
+    except InferenceServerException as e:
+        assert "DEADLINE_EXCEEDED" in str(e.status())
+    x = images(2, seed=3)
+    inp = grpcclient.InferInput("input", [2, 3, 32, 32], "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_allclose(client.infer("ensemble", [inp], client_timeout=30).as_numpy("probs"),
+                               reference(x), atol=1e-5)
+
+
+def test_cancelled_calls_and_streams_leave_nothing_behind(daemon, reference):
+    with grpc.insecure_channel(daemon.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        futures = [stub.ModelInfer.future(request(images(4, seed=i))) for i in range(40)]
+        for f in futures:
+            f.cancel()
+
+        def requests():
+            for i in range(20):
+                yield request(images(2, seed=i))
+                if i == 10:
+                    return
+
+        stream = stub.ModelStreamInfer(requests())
+        next(stream)
+        stream.cancel()
+    deadline = time.monotonic() + 10
+    while metric(daemon, "nv_inference_pending_request_count") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(daemon, "nv_inference_pending_request_count") == 0
+    client = grpcclient.InferenceServerClient(daemon.grpc_url)
+    x = images(3, seed=77)
+    inp = grpcclient.InferInput("input", [3, 3, 32, 32], "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_allclose(client.infer("ensemble", [inp]).as_numpy("probs"), reference(x), atol=1e-5)
+
+
+def test_unregistering_a_region_during_inference(daemon, reference):
+    x = images(4, seed=21)
+    expected = reference(x)
+    handle = shm.create_shared_memory_region("race", "/enserve_test_race", x.nbytes)
+    shm.set_shared_memory_region(handle, [x])
+    admin = grpcclient.InferenceServerClient(daemon.grpc_url)
+    admin.unregister_system_shared_memory()
+    admin.register_system_shared_memory("race", "/enserve_test_race", x.nbytes)
+    outcomes: dict[str, int] = {}
+    stop = threading.Event()
+
+    def user():
+        client = grpcclient.InferenceServerClient(daemon.grpc_url)
+        while not stop.is_set():
+            inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_shared_memory("race", x.nbytes)
+            try:
+                ok = np.allclose(client.infer("ensemble", [inp]).as_numpy("probs"), expected, atol=1e-5)
+                key = "ok" if ok else "wrong"
+            except InferenceServerException as e:
+                key = "unregistered" if "region 'race' is not registered" in e.message() else e.message()
+            outcomes[key] = outcomes.get(key, 0) + 1
+
+    threads = [threading.Thread(target=user) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(30):
+            admin.unregister_system_shared_memory("race")
+            time.sleep(0.01)
+            admin.register_system_shared_memory("race", "/enserve_test_race", x.nbytes)
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        admin.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(handle)
+    assert set(outcomes) <= {"ok", "unregistered"}, outcomes
+    assert outcomes.get("ok", 0) > 0
+
+
+def test_nan_and_inf_pass_through(daemon, member_sessions):
+    x = images(3, seed=8)
+    x[0, 0, 0, 0] = np.nan
+    x[1, :, :, :] = np.inf
+    client = grpcclient.InferenceServerClient(daemon.grpc_url)
+    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    got = client.infer("ensemble", [inp]).as_numpy("probs")
+    expected = np.mean([s.run(None, {"input": x})[0] for s in member_sessions.values()], axis=0)
+    np.testing.assert_allclose(got, expected, atol=1e-5, equal_nan=True)
+    assert np.isnan(got[0]).all()  # NaN went through the network, not an error
