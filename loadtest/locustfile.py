@@ -1,0 +1,157 @@
+"""Locust users for enserve: gRPC (tritonclient.grpc on gevent) and HTTP (KServe v2 JSON and binary).
+
+Every response is validated: shape, probabilities that sum to 1, and, when
+ENSERVE_MODEL_REPOSITORY names the served repository, equality with the mean of the members run
+here with ONNX Runtime. A wrong answer is a failure named "wrong answer: ...".
+
+    locust -f loadtest/locustfile.py --headless -u 32 -r 32 -t 1m --host http://127.0.0.1:8000 \\
+        --csv results/enserve --html results/enserve.html GrpcUser HttpJsonUser HttpBinaryUser
+
+Environment: ENSERVE_GRPC_URL (default 127.0.0.1:8001), ENSERVE_MODEL (default ensemble),
+ENSERVE_MODEL_REPOSITORY (reference answers), ENSERVE_MAX_IMAGES (images per request, default 4).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from functools import lru_cache
+
+import grpc.experimental.gevent as grpc_gevent
+
+grpc_gevent.init_gevent()  # before any gRPC object exists: make gRPC cooperate with gevent
+
+import numpy as np  # noqa: E402
+import tritonclient.grpc as grpcclient  # noqa: E402
+from locust import FastHttpUser, User, between, task  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+MODEL = os.environ.get("ENSERVE_MODEL", "ensemble")
+GRPC_URL = os.environ.get("ENSERVE_GRPC_URL", "127.0.0.1:8001")
+MAX_IMAGES = int(os.environ.get("ENSERVE_MAX_IMAGES", "4"))
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class WrongAnswer(Exception):
+    pass
+
+
+@lru_cache(maxsize=1)
+def cases() -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """A fixed set of input batches and, if the repository is known, their reference answers."""
+    rng = np.random.default_rng(1234)
+    inputs = [rng.random((1 + i % MAX_IMAGES, 3, 32, 32), dtype=np.float32) for i in range(16)]
+    repo = os.environ.get("ENSERVE_MODEL_REPOSITORY")
+    if not repo:
+        return [(x, None) for x in inputs]
+    import onnxruntime as ort
+
+    from server.repository import load_repository
+
+    r = load_repository(repo)
+    members = r.ensembles[MODEL].members if MODEL in r.ensembles else [MODEL]
+    sessions = [ort.InferenceSession(str(r.members[m].path), providers=["CPUExecutionProvider"]) for m in members]
+    return [(x, np.mean([s.run(None, {"input": x})[0] for s in sessions], axis=0)) for x in inputs]
+
+
+def validate(probs: np.ndarray | None, x: np.ndarray, expected: np.ndarray | None) -> None:
+    if probs is None or probs.shape != (x.shape[0], 10):
+        raise WrongAnswer(f"wrong answer: shape {None if probs is None else probs.shape}")
+    if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-4):
+        raise WrongAnswer("wrong answer: probabilities do not sum to 1")
+    if expected is not None and not np.allclose(probs, expected, atol=1e-5):
+        raise WrongAnswer("wrong answer: differs from the mean of the members")
+
+
+class GrpcUser(User):
+    """KServe v2 gRPC through tritonclient.grpc."""
+
+    wait_time = between(0, 0.01)
+
+    def on_start(self) -> None:
+        self.client = grpcclient.InferenceServerClient(GRPC_URL)
+        cases()
+
+    def on_stop(self) -> None:
+        self.client.close()  # an open gRPC channel keeps a gevent-patched process from exiting
+
+    @task
+    def infer(self) -> None:
+        x, expected = random.choice(cases())
+        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        start = time.perf_counter()
+        exc: Exception | None = None
+        length = 0
+        try:
+            result = self.client.infer(MODEL, [inp], client_timeout=30)
+            probs = result.as_numpy("probs")
+            length = probs.nbytes
+            validate(probs, x, expected)
+        except InferenceServerException as e:
+            exc = RuntimeError(f"{e.status()}: {e.message()}")
+        except WrongAnswer as e:
+            exc = e
+        self.environment.events.request.fire(
+            request_type="grpc", name="ModelInfer", response_time=(time.perf_counter() - start) * 1000,
+            response_length=length, exception=exc, context={},
+        )
+
+
+class HttpJsonUser(FastHttpUser):
+    """KServe v2 REST with JSON tensors."""
+
+    wait_time = between(0, 0.01)
+
+    @task
+    def infer(self) -> None:
+        x, expected = random.choice(cases())
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                            "data": x.ravel().tolist()}],
+                "outputs": [{"name": "probs", "parameters": {"binary_data": False}}]}
+        with self.client.post(f"/v2/models/{MODEL}/infer", json=body, name="infer json",
+                              catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {_error(r)}")
+                return
+            try:
+                out = r.json()["outputs"][0]
+                validate(np.asarray(out["data"], np.float32).reshape(out["shape"]), x, expected)
+            except (WrongAnswer, KeyError, ValueError) as e:
+                r.failure(str(e))
+
+
+class HttpBinaryUser(FastHttpUser):
+    """KServe v2 REST with Triton's binary tensor extension."""
+
+    wait_time = between(0, 0.01)
+
+    @task
+    def infer(self) -> None:
+        import json
+
+        x, expected = random.choice(cases())
+        head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                       "parameters": {"binary_data_size": x.nbytes}}],
+                           "outputs": [{"name": "probs", "parameters": {"binary_data": True}}]}).encode()
+        with self.client.post(f"/v2/models/{MODEL}/infer", data=head + x.tobytes(), name="infer binary",
+                              headers={HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"},
+                              catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {_error(r)}")
+                return
+            try:
+                n = int(r.headers[HEADER_LENGTH])
+                out = json.loads(r.content[:n])["outputs"][0]
+                probs = np.frombuffer(r.content[n:n + out["parameters"]["binary_data_size"]], np.float32)
+                validate(probs.reshape(out["shape"]), x, expected)
+            except (WrongAnswer, KeyError, ValueError) as e:
+                r.failure(str(e))
+
+
+def _error(response) -> str:
+    try:
+        return response.json()["error"]
+    except Exception:
+        return (response.text or "")[:200]
