@@ -11,19 +11,22 @@ from pathlib import Path
 from optimizer.allocation import Device
 
 
+def parse_core_list(text: str) -> tuple[int, ...]:
+    """'0,2-3' -> (0, 2, 3)."""
+    cores: list[int] = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = item.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f"cpu core list '{text}' is invalid: expected e.g. '0,2-3'")
+        cores.extend(range(int(lo), int(hi or lo) + 1))
+    if not cores:
+        raise ValueError(f"cpu core list '{text}' is empty")
+    return tuple(cores)
+
+
 def parse_cpu_devices(text: str) -> list[tuple[int, ...]]:
     """'0;1' -> [(0,), (1,)]; '0-3;4-7' -> [(0,1,2,3), (4,5,6,7)]."""
-    devices = []
-    for part in text.split(";"):
-        cores: list[int] = []
-        for item in filter(None, (p.strip() for p in part.split(","))):
-            lo, _, hi = item.partition("-")
-            if not lo.isdigit() or (hi and not hi.isdigit()):
-                raise ValueError(f"CPU device list '{text}' is invalid: expected e.g. '0;1' or '0-3;4-7'")
-            cores.extend(range(int(lo), int(hi or lo) + 1))
-        if not cores:
-            raise ValueError(f"CPU device list '{text}' has an empty device")
-        devices.append(tuple(cores))
+    devices = [parse_core_list(part) for part in text.split(";")]
     seen = [c for d in devices for c in d]
     if len(seen) != len(set(seen)):
         raise ValueError(f"CPU device list '{text}' uses a core twice")

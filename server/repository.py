@@ -18,6 +18,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
+from optimizer.devices import parse_core_list
 from server.errors import RepositoryError
 
 ONNX_PLATFORM = "onnxruntime_onnx"
@@ -244,15 +245,10 @@ def _member_from_config(model_dir: Path, cfg: mc.ModelConfig) -> MemberSpec:
 
 def parse_cores(text: str) -> tuple[int, ...]:
     """'0,2-3' -> (0, 2, 3)."""
-    cores: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        lo, _, hi = part.partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
-            raise RepositoryError(f"cpu core list '{text}' is invalid: expected e.g. '0,2-3'")
-        cores.extend(range(int(lo), int(hi or lo) + 1))
-    if not cores:
-        raise RepositoryError(f"cpu core list '{text}' is empty")
-    return tuple(cores)
+    try:
+        return parse_core_list(text)
+    except ValueError as exc:
+        raise RepositoryError(str(exc)) from None
 
 
 def load_repository(path: Path) -> Repository:

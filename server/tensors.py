@@ -140,37 +140,28 @@ def select_outputs(target, requested: list[RequestOutput]) -> list[RequestOutput
     return requested
 
 
-def write_shm_output(out: RequestOutput, value: np.ndarray, regions: ClientRegions | None) -> None:
+def shm_output_window(out: RequestOutput, nbytes: int, regions: ClientRegions | None) -> memoryview:
+    """The client's shared-memory bytes for ``nbytes`` of output ``out``; a precise error if they do not fit."""
     what = f"output '{out.name}'"
     if regions is None:
         raise InvalidArgument(f"{what}: shared memory outputs are disabled on this server (--allow-client-shm)")
     region = regions.get(out.shm_region)
     size = out.shm_byte_size if out.shm_byte_size is not None else region.byte_size - out.shm_offset
-    if value.nbytes > size:
+    if nbytes > size:
         raise InvalidArgument(
-            f"{what} needs {value.nbytes} bytes, but shared memory region '{out.shm_region}' "
+            f"{what} needs {nbytes} bytes, but shared memory region '{out.shm_region}' "
             f"gives {size} bytes from offset {out.shm_offset}"
         )
-    buf = region.view(out.shm_offset, value.nbytes, what)
-    np.frombuffer(buf, dtype=value.dtype)[:] = value.reshape(-1)
+    return region.view(out.shm_offset, nbytes, what)
+
+
+def write_shm_output(out: RequestOutput, value: np.ndarray, regions: ClientRegions | None) -> None:
+    np.frombuffer(shm_output_window(out, value.nbytes, regions), dtype=value.dtype)[:] = value.reshape(-1)
 
 
 def check_shm_outputs(outputs: list[RequestOutput], target, batch: int, regions: ClientRegions | None) -> None:
     """Validate shared-memory outputs before running, so a bad window fails fast."""
     specs = {t.name: t for t in target.outputs}
     for out in outputs:
-        if out.shm_region is None:
-            continue
-        if regions is None:
-            raise InvalidArgument(
-                f"output '{out.name}': shared memory outputs are disabled on this server (--allow-client-shm)"
-            )
-        region = regions.get(out.shm_region)
-        need = batch * specs[out.name].row_bytes
-        size = out.shm_byte_size if out.shm_byte_size is not None else region.byte_size - out.shm_offset
-        if need > size:
-            raise InvalidArgument(
-                f"output '{out.name}' needs {need} bytes, but shared memory region '{out.shm_region}' "
-                f"gives {size} bytes from offset {out.shm_offset}"
-            )
-        region.view(out.shm_offset, need, f"output '{out.name}'")
+        if out.shm_region is not None:
+            shm_output_window(out, batch * specs[out.name].row_bytes, regions)

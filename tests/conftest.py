@@ -56,17 +56,9 @@ class Daemon:
 
     def worker_pids(self) -> dict[str, int]:
         """Member name -> worker pid, read from the daemon's children (their command lines)."""
-        import json
+        from loadtest.soak import workers
 
-        out = {}
-        for pid in _children(self.pid):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except FileNotFoundError:
-                continue
-            if b"server.worker" in cmd:
-                out[json.loads(cmd[cmd.index(b"server.worker") + 1])["member"]] = pid
-        return out
+        return workers(self.pid)
 
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
@@ -77,14 +69,6 @@ class Daemon:
             self.proc.kill()
             self.proc.wait()
             raise
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except FileNotFoundError:
-        return []
-    return [int(p) for p in text.split()]
 
 
 def start_daemon(repo: Path, tmp: Path, *extra: str, wait: bool = True, timeout: float = 90,
