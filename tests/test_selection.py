@@ -1,0 +1,108 @@
+"""Ensemble selection with known answers worked out by hand on tiny prediction arrays."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tuning.selection import (
+    caruana,
+    combine,
+    cross_entropy,
+    forward_greedy,
+    prune_top,
+    smobf,
+    smobf_best,
+)
+
+
+def two_class(p_true: list[float], labels: list[int]) -> np.ndarray:
+    """(samples, 2) probabilities giving the true class the probability p_true."""
+    out = np.zeros((len(labels), 2))
+    for i, (p, y) in enumerate(zip(p_true, labels)):
+        out[i, y] = p
+        out[i, 1 - y] = 1 - p
+    return out
+
+
+LABELS = np.array([0, 0, 1])
+# p(true class) per sample: A good everywhere, B mediocre, C wrong on sample 3, D weak on 1-2
+A = two_class([0.9, 0.9, 0.9], LABELS)
+B = two_class([0.6, 0.6, 0.6], LABELS)
+C = two_class([0.99, 0.99, 0.1], LABELS)
+D = two_class([0.5, 0.5, 0.99], LABELS)
+PREDS = np.stack([A, B, C, D])
+
+
+def nll(*p):
+    return -sum(math.log(x) for x in p) / len(p)
+
+
+def test_cross_entropy_is_the_mean_nll():
+    assert cross_entropy(A, LABELS) == pytest.approx(nll(0.9, 0.9, 0.9))
+
+
+def test_forward_greedy_fixed_count():
+    one = forward_greedy(PREDS, LABELS, n_models=1)
+    assert one.members == (0,) and one.loss == pytest.approx(nll(0.9, 0.9, 0.9))
+    # A+B: 0.75 everywhere -> 0.2877; A+C: .945,.945,.5 -> 0.2687; A+D: .7,.7,.945 -> 0.2566
+    two = forward_greedy(PREDS, LABELS, n_models=2)
+    assert two.members == (0, 3) and two.loss == pytest.approx(nll(0.7, 0.7, 0.945))
+    # a fixed count is reached even when the loss gets worse
+    assert len(forward_greedy(PREDS, LABELS, n_models=4).members) == 4
+
+
+def test_smobf_respects_the_budget_and_trades_cost():
+    costs = np.array([10.0, 1.0, 1.0, 1.0])
+    # budget 10: A alone (score .9*.1054+.1*1 = .195) beats every cheap model; A+x is over budget
+    assert smobf(PREDS, LABELS, costs, budget=10, w=0.1).members == (0,)
+    # budget 3: A is excluded. D first (.9*.4654+.1/3 = .452), then D+C
+    # (.9*nll(.745,.745,.545)+.1*2/3 = .425 improves), then D+C+B (.489) does not
+    sel = smobf(PREDS, LABELS, costs, budget=3, w=0.1)
+    assert sel.members == (3, 2)
+    assert sel.loss == pytest.approx(nll(0.745, 0.745, 0.545)) and sel.cost == 2
+    best = smobf_best(PREDS, LABELS, costs, budget=3)
+    assert best.cost <= 3 and best.loss <= sel.loss
+    with pytest.raises(ValueError, match="no model fits the budget 0.5"):
+        smobf_best(PREDS, LABELS, costs, budget=0.5)
+
+
+def test_smobf_weight_makes_cost_matter():
+    costs = np.array([3.0, 1.0, 1.0, 1.0])
+    # with w=0.9 cost dominates: the cheapest useful model wins over the accurate but costly A
+    cheap = smobf(PREDS, LABELS, costs, budget=3, w=0.9)
+    accurate = smobf(PREDS, LABELS, costs, budget=3, w=0.001)
+    assert 0 not in cheap.members and accurate.members == (0,)
+
+
+def test_caruana_with_replacement():
+    labels = np.array([0, 1])
+    a = two_class([0.9, 0.4], labels)
+    b = two_class([0.2, 0.9], labels)
+    # steps: A (.5108), A again (no gain), B (.4867), A (.4830), then A (.4838) and B (.4944) lose
+    sel = caruana(np.stack([a, b]), labels, n_iterations=5)
+    assert sel.members == (0, 0, 1, 0)
+    assert sel.weights == {0: 0.75, 1: 0.25}
+    assert sel.loss == pytest.approx(nll(0.725, 0.525))
+
+
+def test_combiners():
+    preds = np.stack([two_class([0.9, 0.4], [0, 1]), two_class([0.6, 0.2], [0, 1]),
+                      two_class([0.3, 0.7], [0, 1])])
+    np.testing.assert_allclose(combine(preds, "mean")[:, 0], [0.6, (0.6 + 0.8 + 0.3) / 3])
+    np.testing.assert_allclose(combine(preds, "weighted_mean", np.array([2, 1, 1]))[:, 0],
+                               [(1.8 + 0.6 + 0.3) / 4, (1.2 + 0.8 + 0.3) / 4])
+    # votes for class 0: sample 1 -> models 1,2 (2 of 3); sample 2 -> models 1,2 (p0 = .6, .8)
+    np.testing.assert_allclose(combine(preds, "majority_vote"), [[2 / 3, 1 / 3], [2 / 3, 1 / 3]])
+    with pytest.raises(ValueError, match="combiner 'median' is not one of"):
+        combine(preds, "median")
+
+
+def test_prune_top_fraction():
+    losses = np.array([0.5, 0.1, 0.3, 0.9, 0.2])
+    assert prune_top(losses, 0.4).tolist() == [1, 4]
+    assert prune_top(losses, 0.01).tolist() == [1]
+    with pytest.raises(ValueError, match="must be in \\(0, 1\\]"):
+        prune_top(losses, 0)

@@ -1,0 +1,179 @@
+"""Ensemble selection over cached predictions (paper §2.1): pure functions, no models, no I/O.
+
+``preds`` is (models, samples, classes) validation probabilities, ``labels`` (samples,) class
+ids, ``costs`` (models,) inference costs (the paper's C: time to predict a fixed number of
+samples), ``budget`` the largest total cost allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+COMBINERS = ("mean", "weighted_mean", "majority_vote")
+SMOBF_WEIGHTS = (0.1, 0.01, 0.001)
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Chosen models (indices; a repeated index weighs more) with the ensemble's loss and cost."""
+
+    members: tuple[int, ...]
+    loss: float
+    cost: float
+    method: str
+
+    @property
+    def weights(self) -> dict[int, float]:
+        counts: dict[int, int] = {}
+        for m in self.members:
+            counts[m] = counts.get(m, 0) + 1
+        return {m: c / len(self.members) for m, c in counts.items()}
+
+
+def cross_entropy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes."""
+    picked = probs[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(picked, EPS, 1.0))))
+
+
+def error_rate(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(probs, axis=1) != labels))
+
+
+def combine(preds: np.ndarray, method: str = "mean", weights: np.ndarray | None = None) -> np.ndarray:
+    """Combine (models, samples, classes) predictions into (samples, classes)."""
+    if method == "mean":
+        return preds.mean(axis=0)
+    if method == "weighted_mean":
+        if weights is None or len(weights) != len(preds) or np.any(np.asarray(weights) < 0) or np.sum(weights) <= 0:
+            raise ValueError(f"weighted_mean needs {len(preds)} non-negative weights with a positive sum, got {weights}")
+        w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        return np.tensordot(w, preds, axes=1)
+    if method == "majority_vote":
+        votes = np.zeros(preds.shape[1:], dtype=np.float64)
+        winners = preds.argmax(axis=2)  # (models, samples)
+        for m in range(len(preds)):
+            votes[np.arange(preds.shape[1]), winners[m]] += 1.0
+        return votes / len(preds)
+    raise ValueError(f"combiner '{method}' is not one of {COMBINERS}")
+
+
+def ensemble_cost(members, costs: np.ndarray) -> float:
+    """Each distinct member runs once, however often it is repeated."""
+    return float(sum(costs[m] for m in set(members)))
+
+
+def prune_top(losses: np.ndarray, fraction: float = 0.2) -> np.ndarray:
+    """Indices of the best ``fraction`` of models by validation loss (at least one), best first."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"the pruning fraction is {fraction}, but must be in (0, 1]")
+    keep = max(1, math.ceil(fraction * len(losses)))
+    return np.argsort(losses, kind="stable")[:keep]
+
+
+def _check(preds: np.ndarray, labels: np.ndarray, costs: np.ndarray | None) -> None:
+    if preds.ndim != 3 or preds.shape[1] != len(labels):
+        raise ValueError(f"predictions of shape {preds.shape} do not match {len(labels)} labels")
+    if costs is not None and len(costs) != len(preds):
+        raise ValueError(f"{len(costs)} costs for {len(preds)} models")
+
+
+def forward_greedy(
+    preds: np.ndarray,
+    labels: np.ndarray,
+    n_models: int,
+    costs: np.ndarray | None = None,
+    budget: float = math.inf,
+) -> Selection:
+    """Baseline: add, without replacement, the model whose addition gives the lowest validation loss,
+    until ``n_models`` models are in (or none fits the budget)."""
+    _check(preds, labels, costs)
+    costs = np.zeros(len(preds)) if costs is None else np.asarray(costs, dtype=np.float64)
+    chosen: list[int] = []
+    total = np.zeros(preds.shape[1:])
+    loss = math.inf
+    while len(chosen) < n_models:
+        best, best_loss = None, math.inf
+        for m in range(len(preds)):
+            if m in chosen or ensemble_cost(chosen + [m], costs) > budget:
+                continue
+            cand = cross_entropy((total + preds[m]) / (len(chosen) + 1), labels)
+            if cand < best_loss:
+                best, best_loss = m, cand
+        if best is None:
+            break
+        chosen.append(best)
+        total += preds[best]
+        loss = best_loss
+    return Selection(tuple(chosen), loss, ensemble_cost(chosen, costs), f"forward greedy ({n_models})")
+
+
+def smobf(preds: np.ndarray, labels: np.ndarray, costs: np.ndarray, budget: float, w: float) -> Selection:
+    """SMOBF greedy with one weight: add the model minimising
+    ``(1-w) E(y_a, y) + w C_a / B + P_a`` while that score improves (P_a: excluded over budget)."""
+    _check(preds, labels, costs)
+    if budget <= 0:
+        raise ValueError(f"the budget is {budget}, but must be > 0")
+    costs = np.asarray(costs, dtype=np.float64)
+    chosen: list[int] = []
+    total = np.zeros(preds.shape[1:])
+    score, loss = math.inf, math.inf
+    while True:
+        best, best_score, best_loss = None, score, loss
+        for m in range(len(preds)):
+            if m in chosen:
+                continue
+            cost = ensemble_cost(chosen + [m], costs)
+            if cost > budget:  # P_a: an arbitrarily large penalty
+                continue
+            cand_loss = cross_entropy((total + preds[m]) / (len(chosen) + 1), labels)
+            cand = (1 - w) * cand_loss + w * cost / budget
+            if cand < best_score:
+                best, best_score, best_loss = m, cand, cand_loss
+        if best is None:
+            break
+        chosen.append(best)
+        total += preds[best]
+        score, loss = best_score, best_loss
+    return Selection(tuple(chosen), loss, ensemble_cost(chosen, costs), f"SMOBF (w={w:g})")
+
+
+def smobf_best(preds: np.ndarray, labels: np.ndarray, costs: np.ndarray, budget: float,
+               weights=SMOBF_WEIGHTS) -> Selection:
+    """SMOBF run for every weight; the ensemble with the lowest validation loss within budget."""
+    runs = [smobf(preds, labels, costs, budget, w) for w in weights]
+    runs = [r for r in runs if r.members]
+    if not runs:
+        raise ValueError(f"no model fits the budget {budget} (cheapest costs {float(np.min(costs)):g})")
+    return min(runs, key=lambda r: r.loss)
+
+
+def caruana(preds: np.ndarray, labels: np.ndarray, n_iterations: int = 50,
+            costs: np.ndarray | None = None, budget: float = math.inf) -> Selection:
+    """Caruana et al.'s selection with replacement: each step adds the model (possibly again) that
+    lowers the loss of the running mean most; the best prefix is returned."""
+    _check(preds, labels, costs)
+    costs = np.zeros(len(preds)) if costs is None else np.asarray(costs, dtype=np.float64)
+    chosen: list[int] = []
+    total = np.zeros(preds.shape[1:])
+    best_prefix, best_loss = 0, math.inf
+    for _ in range(n_iterations):
+        step, step_loss = None, math.inf
+        for m in range(len(preds)):
+            if ensemble_cost(chosen + [m], costs) > budget:
+                continue
+            cand = cross_entropy((total + preds[m]) / (len(chosen) + 1), labels)
+            if cand < step_loss:
+                step, step_loss = m, cand
+        if step is None:
+            break
+        chosen.append(step)
+        total += preds[step]
+        if step_loss < best_loss:
+            best_prefix, best_loss = len(chosen), step_loss
+    members = tuple(chosen[:best_prefix])
+    return Selection(members, best_loss, ensemble_cost(members, costs), "Caruana with replacement")
