@@ -16,7 +16,7 @@ install-serve: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev,loadtest]"
+	$(BIN)/pip install -q -e ".[dev,loadtest,tune]"
 
 $(REPO)/ensemble/config.pbtxt: | install-serve
 	$(BIN)/enserve init-demo --model-repository $(REPO)

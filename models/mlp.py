@@ -1,0 +1,42 @@
+"""An MLP family for tabular data: hidden widths, activation, dropout; ends in logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.resnet import ACTIVATIONS
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    features: int
+    classes: int
+    hidden: tuple[int, ...] = (64, 64)
+    activation: str = "relu"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation '{self.activation}' is not one of {tuple(ACTIVATIONS)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout is {self.dropout}, but must be in [0, 1)")
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MLPConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = config.features
+        for h in config.hidden:
+            layers += [nn.Linear(width, h), ACTIVATIONS[config.activation]()]
+            if config.dropout:
+                layers.append(nn.Dropout(config.dropout))
+            width = h
+        layers.append(nn.Linear(width, config.classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
