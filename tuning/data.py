@@ -1,0 +1,167 @@
+"""Data sets for the build pipeline, split once with a fixed seed (train / validation / test).
+
+Sources: ``digits`` (scikit-learn's 8x8 digits, read from the installed package: no download),
+an ``.npz`` with ``x_train``/``y_train`` and optionally ``x_val``/``y_val``, ``x_test``/``y_test``
+(absent splits are carved from the training arrays), a folder with one sub-folder of images per
+class, CIFAR-10/100 in their published python-pickle format (the ``.tar.gz`` or its extracted
+folder), and CSV for tabular data (label in the ``label`` column, else the last one).
+Images are float32 (N, C, H, W) in [0, 1]; tabular rows are float32 (N, F).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class Dataset:
+    name: str
+    kind: str  # "image" | "tabular"
+    classes: int
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def carve(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Stratified split of ``fraction`` of (x, y) off the rest: (x_rest, y_rest, x_part, y_part)."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 else None
+    x_rest, x_part, y_rest, y_part = train_test_split(x, y, test_size=fraction, random_state=seed,
+                                                      stratify=stratify)
+    return x_rest, y_rest, x_part, y_part
+
+
+def make_dataset(name: str, kind: str, x: np.ndarray, y: np.ndarray, *, seed: int = 0,
+                 val_fraction: float = 0.2, test_fraction: float = 0.2,
+                 x_val=None, y_val=None, x_test=None, y_test=None) -> Dataset:
+    y = np.asarray(y).astype(np.int64)
+    if len(x) != len(y):
+        raise ValueError(f"{name}: {len(x)} inputs but {len(y)} labels")
+    if x_test is None:
+        x, y, x_test, y_test = carve(x, y, test_fraction, seed)
+    if x_val is None:
+        x, y, x_val, y_val = carve(x, y, val_fraction / (1 - test_fraction), seed + 1)
+    classes = int(max(y.max(), np.max(y_val), np.max(y_test))) + 1
+    f = np.float32
+    return Dataset(name, kind, classes, x.astype(f), y, np.asarray(x_val, f), np.asarray(y_val, np.int64),
+                   np.asarray(x_test, f), np.asarray(y_test, np.int64))
+
+
+def load_digits(seed: int = 0) -> Dataset:
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    return make_dataset("digits", "image", (d.images / 16.0)[:, None, :, :], d.target, seed=seed)
+
+
+def load_npz(path: Path, seed: int = 0) -> Dataset:
+    data = np.load(path)
+    for key in ("x_train", "y_train"):
+        if key not in data:
+            raise ValueError(f"{path}: needs arrays 'x_train' and 'y_train' (has {sorted(data.files)})")
+    x = data["x_train"]
+    kind = "image" if x.ndim == 4 else "tabular"
+    extra = {k: data[k] for k in ("x_val", "y_val", "x_test", "y_test") if k in data}
+    return make_dataset(path.stem, kind, x, data["y_train"], seed=seed, **extra)
+
+
+def load_image_folder(path: Path, size: int = 32, seed: int = 0) -> Dataset:
+    from PIL import Image
+
+    classes = sorted(p for p in path.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{path}: expected one sub-folder of images per class")
+    xs, ys = [], []
+    for label, folder in enumerate(classes):
+        for f in sorted(folder.iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                with Image.open(f) as img:
+                    arr = np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
+                xs.append(arr.transpose(2, 0, 1))
+                ys.append(label)
+    if not xs:
+        raise ValueError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
+    return make_dataset(path.name, "image", np.stack(xs), np.array(ys), seed=seed)
+
+
+def _cifar_members(path: Path) -> dict[str, bytes]:
+    if path.is_dir():
+        return {p.name: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    with tarfile.open(path) as tar:
+        return {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def load_cifar(path: Path, seed: int = 0) -> Dataset:
+    """CIFAR-10 (data_batch_1..5, test_batch) or CIFAR-100 (train, test) python pickles."""
+    files = _cifar_members(path)
+
+    def unpickle(name: str) -> dict:
+        return pickle.load(io.BytesIO(files[name]), encoding="bytes")
+
+    if "data_batch_1" in files:
+        train = [unpickle(n) for n in sorted(files) if n.startswith("data_batch_")]
+        test, key, name = unpickle("test_batch"), b"labels", "cifar10"
+    elif "train" in files:
+        train, test, key, name = [unpickle("train")], unpickle("test"), b"fine_labels", "cifar100"
+    else:
+        raise ValueError(f"{path}: not a CIFAR-10/100 python archive (no data_batch_1 nor train)")
+
+    def images(batch: dict) -> np.ndarray:
+        return batch[b"data"].reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
+
+    x = np.concatenate([images(b) for b in train])
+    y = np.concatenate([np.asarray(b[key]) for b in train])
+    return make_dataset(name, "image", x, y, seed=seed, x_test=images(test), y_test=np.asarray(test[key]))
+
+
+def load_csv(path: Path, label: str = "label", seed: int = 0) -> Dataset:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    col = header.index(label) if label in header else len(header) - 1
+    values = sorted({r[col] for r in body})
+    index = {v: i for i, v in enumerate(values)}
+    try:
+        x = np.array([[float(v) for j, v in enumerate(r) if j != col] for r in body], dtype=np.float32)
+    except ValueError as exc:
+        raise ValueError(f"{path}: feature columns must be numeric ({exc})") from None
+    y = np.array([index[r[col]] for r in body])
+    return make_dataset(path.stem, "tabular", x, y, seed=seed)
+
+
+def load_dataset(spec: str, seed: int = 0, image_size: int = 32) -> Dataset:
+    """``digits``, or a path: ``.npz``, ``.csv``, a CIFAR archive or folder, a folder of class folders."""
+    if spec == "digits":
+        return load_digits(seed)
+    path = Path(spec)
+    if not path.exists():
+        raise ValueError(f"data set '{spec}' is neither 'digits' nor an existing path")
+    if path.suffix == ".npz":
+        return load_npz(path, seed)
+    if path.suffix == ".csv":
+        return load_csv(path, seed=seed)
+    if path.name.endswith((".tar.gz", ".tgz")) or (path.is_dir() and any(
+            (p.name in ("data_batch_1", "train")) for p in path.rglob("*"))):
+        return load_cifar(path, seed)
+    if path.is_dir():
+        return load_image_folder(path, image_size, seed)
+    raise ValueError(f"data set '{spec}': unknown format (expected digits, .npz, .csv, CIFAR, or a folder)")
