@@ -1,0 +1,184 @@
+"""Building the library: an Optuna study whose pruner is asynchronous successive halving (or
+Hyperband) over epochs, run by worker processes that share the study's storage (a journal file on
+one machine, an RDB URL across machines). Every trial, pruned or not, goes into the library."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from tuning.library import TrialRecord, trial_dir, write_record
+
+COST_SAMPLES = 2000  # the paper's C: seconds to predict this many samples on one core
+SAMPLERS = ("random", "tpe", "gp", "nsga2")
+PRUNERS = ("asha", "hyperband", "none")
+
+
+def make_storage(storage: str):
+    """An RDB URL (postgresql://..., sqlite:///...) as is; any other string is a journal file path."""
+    import optuna
+
+    if "://" in storage:
+        return storage
+    Path(storage).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
+
+
+def make_sampler(name: str, seed: int | None):
+    import optuna
+
+    samplers = {"random": optuna.samplers.RandomSampler, "tpe": optuna.samplers.TPESampler,
+                "gp": optuna.samplers.GPSampler, "nsga2": optuna.samplers.NSGAIISampler}
+    if name not in samplers:
+        raise ValueError(f"sampler '{name}' is not one of {SAMPLERS}")
+    return samplers[name](seed=seed)
+
+
+def make_pruner(name: str, max_epochs: int):
+    import optuna
+
+    if name == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"pruner '{name}' is not one of {PRUNERS}")
+
+
+def suggest(trial, data):
+    """Table 5's space, scaled to what a CPU trains in minutes (filters [8, 32], 1-2 blocks a stage)."""
+    from models.mlp import MLPConfig
+    from models.resnet import ResNetConfig
+    from tuning.augment import Augmentation
+    from tuning.train import TrialConfig
+
+    lr = trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)
+    batch = trial.suggest_int("batch_size", 8, 48)
+    l2 = trial.suggest_float("l2", 0.0, 1e-3)
+    if data.kind == "tabular":
+        width = trial.suggest_int("width", 16, 256, log=True)
+        depth = trial.suggest_int("depth", 1, 3)
+        net = MLPConfig(features=int(np.prod(data.input_shape)), classes=data.classes, hidden=(width,) * depth,
+                        activation=trial.suggest_categorical("activation", ["tanh", "relu", "elu"]),
+                        dropout=trial.suggest_float("dropout", 0.0, 0.5))
+        return TrialConfig(net, lr, batch, l2)
+    net = ResNetConfig(
+        block=trial.suggest_categorical("block", ["v1", "v2", "next"]),
+        activation=trial.suggest_categorical("activation", ["tanh", "relu", "elu"]),
+        filters=trial.suggest_int("filters", 8, 32),
+        filter_step=trial.suggest_int("filter_step", 8, 32),
+        blocks=tuple(trial.suggest_int(f"blocks_{k}", 1, 2) for k in range(4)),
+        in_channels=data.input_shape[0], classes=data.classes,
+        small_input=data.input_shape[-1] <= 64,
+    )
+    aug = Augmentation(zoom=trial.suggest_float("zoom", 0.0, 0.6), translation=trial.suggest_float("translation", 0.0, 0.6),
+                       shear=trial.suggest_float("shear", 0.0, 0.3), channel_shift=trial.suggest_float("channel_shift", 0.0, 0.3),
+                       rotation=trial.suggest_int("rotation", 0, 90))
+    return TrialConfig(net, lr, batch, l2, aug)
+
+
+def measure_cost(onnx_path: Path, data) -> float:
+    """Seconds to predict COST_SAMPLES samples with one core, measured in a child process."""
+    from optimizer.profiles import MemberSource, measure
+
+    src = MemberSource(onnx_path.parent.name, str(onnx_path), (("input", "<f4", tuple(data.input_shape)),))
+    latency = measure(src, kind="cpu", threads=1, cores=None, batch_sizes=(64,), seconds=0.2)["latency_s"][64]
+    return latency / 64 * COST_SAMPLES
+
+
+def objective(trial, data, library: Path, max_epochs: int, seed: int) -> float:
+    import optuna
+    import torch
+
+    from models.counting import flop_count, parameter_count
+    from tuning.export import export_onnx
+    from tuning.train import TrialDiverged, build_model, evaluate, predict, train
+
+    config = suggest(trial, data)
+    torch.manual_seed(seed + trial.number)
+    model = build_model(config.network)
+
+    def report(epoch: int, val_loss: float) -> bool:
+        trial.report(val_loss, epoch)
+        return trial.should_prune()
+
+    d = trial_dir(library, trial.number)
+    d.mkdir(parents=True, exist_ok=True)
+    params = {"trial_params": trial.params, "network": asdict(config.network), "network_kind": type(config.network).__name__}
+    try:
+        result = train(model, data, config, epochs=max_epochs, report=report, seed=seed + trial.number)
+    except TrialDiverged as exc:
+        write_record(library, TrialRecord(trial.number, "failed", params, 0, [], float("nan"), 1.0, 1.0,
+                                          float("nan"), parameter_count(model), 0, d.name, str(exc)))
+        raise
+    val_loss, val_error = evaluate(model, data.x_val, data.y_val)
+    _, test_error = evaluate(model, data.x_test, data.y_test)
+    np.save(d / "val_pred.npy", predict(model, data.x_val), allow_pickle=False)
+    np.save(d / "test_pred.npy", predict(model, data.x_test), allow_pickle=False)
+    np.savez(d / "weights.npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+    onnx_path = export_onnx(model, data.input_shape, d / "model.onnx", check=data.x_test[:32])
+    record = TrialRecord(trial.number, "pruned" if result.pruned else "complete", params, result.epochs,
+                         result.curve, val_loss, val_error, test_error, measure_cost(onnx_path, data),
+                         parameter_count(model), flop_count(model, data.input_shape), d.name)
+    write_record(library, record)
+    if result.pruned:
+        raise optuna.TrialPruned(f"stopped at epoch {result.epochs}")
+    return val_loss
+
+
+def worker(storage: str, study_name: str, dataset: str, library: str, deadline: float, max_epochs: int,
+           threads: int, seed: int, max_trials: int | None) -> None:
+    """One worker process: pull trials from the shared study until the deadline."""
+    import optuna
+    import torch
+
+    from tuning.data import load_dataset
+    from tuning.train import TrialDiverged
+
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    data = load_dataset(dataset, seed=seed)
+    attrs = optuna.load_study(study_name=study_name, storage=make_storage(storage)).user_attrs
+    study = optuna.load_study(study_name=study_name, storage=make_storage(storage),
+                              sampler=make_sampler(attrs.get("sampler", "random"), seed + os.getpid()),
+                              pruner=make_pruner(attrs.get("pruner", "asha"), max_epochs))
+    remaining = deadline - time.time()
+    if remaining <= 0:
+        return
+    callbacks = []
+    if max_trials is not None:
+        callbacks.append(optuna.study.MaxTrialsCallback(max_trials, states=None))
+    study.optimize(lambda t: objective(t, data, Path(library), max_epochs, seed), timeout=remaining,
+                   catch=(TrialDiverged,), callbacks=callbacks, gc_after_trial=True)
+
+
+def build_library(dataset: str, library: Path, *, storage: str | None = None, study_name: str = "enserve",
+                  sampler: str = "random", pruner: str = "asha", workers: int = 1, time_budget_s: float = 600,
+                  max_epochs: int = 9, seed: int = 0, max_trials: int | None = None) -> str:
+    """Create (or continue) the study and run ``workers`` processes on it until the time budget."""
+    import optuna
+
+    library = Path(library)
+    library.mkdir(parents=True, exist_ok=True)
+    storage = storage or str(library / "study.journal")
+    study = optuna.create_study(study_name=study_name, storage=make_storage(storage), direction="minimize",
+                                sampler=make_sampler(sampler, seed), pruner=make_pruner(pruner, max_epochs),
+                                load_if_exists=True)
+    study.set_user_attr("sampler", sampler)
+    study.set_user_attr("pruner", pruner)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    deadline = time.time() + time_budget_s
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(storage, study_name, dataset, str(library), deadline, max_epochs,
+                                              threads, seed + i, max_trials)) for i in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return storage
