@@ -108,6 +108,53 @@ def _add_demo(sub) -> None:
     p.add_argument("--force", action="store_true", help="rewrite it even if it exists")
 
 
+def _duration(text: str) -> float:
+    """'90', '90s', '10m', '1h' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"duration '{text}' is invalid: expected e.g. 90s, 10m, 1h") from None
+
+
+def _add_selection_flags(p) -> None:
+    p.add_argument("--budget", type=float, default=None,
+                   help="largest total inference cost of the ensemble, in seconds per 2000 samples on one core "
+                        "(default: 3 x the best single model's)")
+    p.add_argument("--method", choices=("smobf", "greedy"), default="smobf",
+                   help="SMOBF greedy (w in 0.1, 0.01, 0.001) or forward greedy with --n-models")
+    p.add_argument("--n-models", type=int, default=5, help="models of the forward-greedy baseline")
+    p.add_argument("--prune", type=float, default=0.2, help="select among the top fraction of the library")
+    p.add_argument("--ensemble", default="ensemble", help="name of the ensemble model in the repository")
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="search hyperparameters, select an ensemble, export it to a model repository")
+    p.add_argument("--dataset", default="digits", help="digits, or a .npz, .csv, CIFAR archive or image folder")
+    p.add_argument("--time-budget", type=_duration, default=_duration("10m"), help="search time, e.g. 10m")
+    p.add_argument("--model-repository", type=Path, required=True)
+    p.add_argument("--library", type=Path, default=Path("library"), help="where every trained trial is kept")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage shared by the workers: an RDB URL (postgresql://...) for several "
+                        "machines; default: a journal file in the library")
+    p.add_argument("--workers", type=int, default=2, help="worker processes on this machine")
+    p.add_argument("--sampler", choices=("random", "tpe", "gp", "nsga2"), default="random")
+    p.add_argument("--pruner", choices=("asha", "hyperband", "none"), default="asha",
+                   help="asynchronous successive halving over epochs, Hyperband, or none")
+    p.add_argument("--max-epochs", type=int, default=9)
+    p.add_argument("--seed", type=int, default=0)
+    _add_selection_flags(p)
+
+
+def _add_select(sub) -> None:
+    p = sub.add_parser("select", help="select another ensemble from a library (no training) and export it")
+    p.add_argument("--library", type=Path, required=True)
+    p.add_argument("--model-repository", type=Path, required=True)
+    _add_selection_flags(p)
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="closed-loop gRPC benchmark against the bare ONNX Runtime ceiling")
     p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
@@ -144,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_demo(sub)
     _add_bench(sub)
     _add_allocate(sub)
+    _add_build(sub)
+    _add_select(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         from server.config import ServeOptions
@@ -187,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "allocate":
         return allocate_command(args)
+    if args.command in ("build", "select"):
+        return build_command(args)
     if args.command == "init-demo":
         return init_demo(args.model_repository, force=args.force)
     if args.command == "bench":
@@ -245,4 +296,50 @@ def allocate_command(args) -> int:
     path = args.output or plans.plan_path(repo.path, done.plan.ensemble, done.plan.key)
     plans.save(done.plan, path)
     print(f"plan saved to {path}")
+    return 0
+
+
+def build_command(args) -> int:
+    """`enserve build` (search, then select) and `enserve select` (select only)."""
+    from server.errors import EnserveError
+    from server.repository import import_onnx
+    from tuning import build
+    from tuning.library import candidates, trial_dir, write_index
+
+    library = args.library
+    if args.command == "build":
+        from tuning.search import build_library
+
+        print(f"building a library in {library} for {args.time_budget:g} s with {args.workers} workers "
+              f"({args.sampler} sampler, {args.pruner} pruner); interrupt and rerun to continue", flush=True)
+        build_library(args.dataset, library, storage=args.storage, sampler=args.sampler, pruner=args.pruner,
+                      workers=args.workers, time_budget_s=args.time_budget, max_epochs=args.max_epochs,
+                      seed=args.seed, progress=lambda: print(build.progress_line(library), flush=True))
+        write_index(library, args.dataset)
+    try:
+        c = candidates(library)
+    except (ValueError, OSError) as exc:
+        print(f"enserve {args.command}: {exc}", file=sys.stderr)
+        return 2
+    single = build.best_single(c)
+    budget = args.budget if args.budget is not None else 3 * single["cost"]
+    rows = build.pareto_rows(c, build.default_budgets(c) + [budget], prune=args.prune)
+    print(f"\nlibrary: {len(c.numbers)} models; best single model: trial {single['number']}, "
+          f"test error {single['test_error']:.4f}, cost {single['cost']:.4f} s")
+    print(f"{'budget s':>9} {'members':>7} {'cost s':>8} {'val loss':>8} {'val err':>7} {'test err':>8}")
+    for r in sorted(rows, key=lambda r: r["budget"]):
+        print(f"{r['budget']:>9.4f} {r['members']:>7} {r['cost']:>8.4f} {r['val_loss']:>8.4f} "
+              f"{r['val_error']:>7.4f} {r['test_error']:>8.4f}")
+    png = build.plot(c, sorted(rows, key=lambda r: r["cost"]), Path(library) / "pareto.png",
+                     f"{len(c.numbers)} models, SMOBF ensembles")
+    print(f"plot: {png}")
+    try:
+        chosen = build.choose(c, budget, method=args.method, prune=args.prune, n_models=args.n_models)
+        files = [trial_dir(library, n) / "model.onnx" for n in chosen.numbers]
+        import_onnx(files, args.model_repository, ensemble=args.ensemble, names=[f"trial_{n:05d}" for n in chosen.numbers])
+    except (ValueError, EnserveError) as exc:
+        print(f"enserve {args.command}: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    print(f"ensemble '{args.ensemble}' of {len(chosen.numbers)} models (cost {chosen.cost:.4f} s <= budget "
+          f"{budget:.4f} s, test error {chosen.test_error:.4f}) written to {args.model_repository}")
     return 0

@@ -33,7 +33,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, *, c
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(wrapped, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                      dynamic_shapes={"x": {0: batch}}, external_data=False, dynamo=True)
+                      dynamic_shapes={"x": {0: batch}}, external_data=False, dynamo=True, verbose=False)
     if check is not None and len(check):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = session.run(None, {INPUT_NAME: check.astype(np.float32)})[0]

@@ -85,6 +85,12 @@ class Candidates:
     test_preds: np.ndarray
     costs: np.ndarray
     val_losses: np.ndarray
+    labels: np.ndarray  # validation labels
+    test_labels: np.ndarray
+
+
+def write_labels(library: Path, y_val: np.ndarray, y_test: np.ndarray) -> None:
+    np.savez(Path(library) / "labels.npz", y_val=y_val, y_test=y_test)
 
 
 def candidates(library: Path) -> Candidates:
@@ -93,5 +99,7 @@ def candidates(library: Path) -> Candidates:
         raise ValueError(f"{library}: no trained trial to select from")
     val = [np.load(trial_dir(library, r.number) / "val_pred.npy", allow_pickle=False) for r in records]
     test = [np.load(trial_dir(library, r.number) / "test_pred.npy", allow_pickle=False) for r in records]
+    labels = np.load(Path(library) / "labels.npz", allow_pickle=False)
     return Candidates([r.number for r in records], np.stack(val), np.stack(test),
-                      np.array([r.cost_s for r in records]), np.array([r.val_loss for r in records]))
+                      np.array([r.cost_s for r in records]), np.array([r.val_loss for r in records]),
+                      labels["y_val"], labels["y_test"])

@@ -160,12 +160,18 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
 
 def build_library(dataset: str, library: Path, *, storage: str | None = None, study_name: str = "enserve",
                   sampler: str = "random", pruner: str = "asha", workers: int = 1, time_budget_s: float = 600,
-                  max_epochs: int = 9, seed: int = 0, max_trials: int | None = None) -> str:
+                  max_epochs: int = 9, seed: int = 0, max_trials: int | None = None,
+                  progress=None, progress_every_s: float = 10.0) -> str:
     """Create (or continue) the study and run ``workers`` processes on it until the time budget."""
     import optuna
 
+    from tuning.data import load_dataset
+    from tuning.library import write_labels
+
     library = Path(library)
     library.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(dataset, seed=seed)
+    write_labels(library, data.y_val, data.y_test)
     storage = storage or str(library / "study.journal")
     study = optuna.create_study(study_name=study_name, storage=make_storage(storage), direction="minimize",
                                 sampler=make_sampler(sampler, seed), pruner=make_pruner(pruner, max_epochs),
@@ -176,9 +182,13 @@ def build_library(dataset: str, library: Path, *, storage: str | None = None, st
     deadline = time.time() + time_budget_s
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=worker, args=(storage, study_name, dataset, str(library), deadline, max_epochs,
-                                              threads, seed + i, max_trials)) for i in range(workers)]
+                                              threads, seed, max_trials)) for i in range(workers)]
     for p in procs:
         p.start()
+    while any(p.is_alive() for p in procs):
+        procs[0].join(progress_every_s) if procs[0].is_alive() else time.sleep(progress_every_s)
+        if progress is not None:
+            progress()
     for p in procs:
         p.join()
     return storage

@@ -1,0 +1,103 @@
+"""From a library to an ensemble: pruning, selection under a budget, the Pareto front and its plot."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tuning.library import Candidates, read_records
+from tuning.selection import Selection, error_rate, forward_greedy, prune_top, smobf_best
+
+METHODS = ("smobf", "greedy")
+
+
+@dataclass
+class Chosen:
+    selection: Selection
+    numbers: list[int]  # trial numbers of the members
+    val_error: float
+    test_error: float
+    cost: float
+
+
+def choose(c: Candidates, budget: float, *, method: str = "smobf", prune: float = 0.2,
+           n_models: int = 5) -> Chosen:
+    """The ensemble of the library's top ``prune`` fraction chosen within ``budget`` (seconds)."""
+    keep = prune_top(c.val_losses, prune)
+    preds, costs = c.val_preds[keep], c.costs[keep]
+    labels = c.labels
+    if method == "smobf":
+        sel = smobf_best(preds, labels, costs, budget)
+    elif method == "greedy":
+        sel = forward_greedy(preds, labels, n_models, costs, budget)
+        if not sel.members:
+            raise ValueError(f"no model fits the budget {budget:g}")
+    else:
+        raise ValueError(f"selection method '{method}' is not one of {METHODS}")
+    members = [int(keep[m]) for m in sel.members]
+    val = c.val_preds[members].mean(axis=0)
+    test = c.test_preds[members].mean(axis=0)
+    return Chosen(sel, [c.numbers[m] for m in members], error_rate(val, labels),
+                  error_rate(test, c.test_labels), float(c.costs[members].sum()))
+
+
+def pareto_rows(c: Candidates, budgets: list[float], **kw) -> list[dict]:
+    rows = []
+    for b in budgets:
+        try:
+            ch = choose(c, b, **kw)
+        except ValueError:
+            continue
+        rows.append({"budget": b, "members": len(ch.numbers), "cost": ch.cost,
+                     "val_loss": ch.selection.loss, "val_error": ch.val_error, "test_error": ch.test_error})
+    return rows
+
+
+def best_single(c: Candidates) -> dict:
+    i = int(np.argmin(c.val_losses))
+    return {"number": c.numbers[i], "cost": float(c.costs[i]), "val_loss": float(c.val_losses[i]),
+            "test_error": error_rate(c.test_preds[i], c.test_labels)}
+
+
+def default_budgets(c: Candidates, n: int = 6) -> list[float]:
+    """From the cheapest model's cost to the sum of the top-20 % models' costs, geometric."""
+    lo = float(np.min(c.costs))
+    hi = max(lo * 1.01, float(np.sum(np.sort(c.costs)[: max(2, math.ceil(0.2 * len(c.costs)))])) * 2)
+    return [float(x) for x in np.geomspace(lo, hi, n)]
+
+
+def plot(c: Candidates, rows: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    singles = [error_rate(p, c.test_labels) for p in c.test_preds]
+    ax.scatter(c.costs, singles, s=12, alpha=0.5, label="single models")
+    ax.plot([r["cost"] for r in rows], [r["test_error"] for r in rows], "o-", color="C3", label="SMOBF ensembles")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"inference cost (s per {2000} samples, one core)")
+    ax.set_ylabel("test error")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def progress_line(library: Path) -> str:
+    records = read_records(library)
+    states = {s: sum(r.state == s for r in records) for s in ("complete", "pruned", "failed")}
+    line = f"trials: {len(records)} done ({states['complete']} complete, {states['pruned']} stopped early, " \
+           f"{states['failed']} failed)"
+    usable = [r for r in records if r.state != "failed"]
+    if usable:
+        best = min(usable, key=lambda r: r.val_loss)
+        line += f"; best single: trial {best.number} val error {best.val_error:.3f}"
+    return line
+
