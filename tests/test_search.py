@@ -1,38 +1,79 @@
-"""Building a library with asynchronous successive halving: two worker processes sharing a journal."""
+"""Building a library with asynchronous successive halving (two worker processes sharing a journal),
+then selecting an ensemble from it and serving it: the daemon's answer is the members' mean."""
 
 from __future__ import annotations
 
-import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 pytest.importorskip("optuna", reason="the 'tune' extra is not installed")
 
+from tests.conftest import ROOT, start_daemon  # noqa: E402
 from tuning.library import candidates, read_index, read_records, write_index  # noqa: E402
 from tuning.search import build_library  # noqa: E402
 
 
-def test_two_workers_build_a_library_and_a_rerun_continues(tmp_path):
+def study_trials(storage: str) -> int:
     import optuna
 
-    lib = tmp_path / "lib"
+    backend = optuna.storages.journal.JournalFileBackend(storage)
+    return len(optuna.load_study(study_name="enserve", storage=optuna.storages.JournalStorage(backend)).trials)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    lib = tmp_path_factory.mktemp("lib") / "library"
     storage = build_library("digits", lib, workers=2, time_budget_s=25, max_epochs=3, pruner="asha",
                             sampler="random", seed=0, max_trials=6)
+    write_index(lib, "digits")
+    return lib, storage
+
+
+def test_two_workers_build_a_library_and_a_rerun_continues(library):
+    lib, storage = library
     records = read_records(lib)
-    study = optuna.load_study(study_name="enserve", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(storage)))
-    assert len(records) == len(study.trials) >= 2
+    assert len(records) == study_trials(storage) >= 2
     assert {r.state for r in records} <= {"complete", "pruned", "failed"}
-    done = [r for r in records if r.state != "failed"]
-    for r in done:
+    for r in (r for r in records if r.state != "failed"):
         assert 1 <= r.epochs <= 3 and len(r.curve) == r.epochs and r.cost_s > 0 and r.parameters > 0
         assert (lib / r.directory / "model.onnx").is_file()
-    index = read_index(lib) if (lib / "index.json").is_file() else json.loads(write_index(lib, "digits").read_text())
+    index = read_index(lib)
     assert index["version"] == 1 and len(index["trials"]) == len(records)
     c = candidates(lib)
     assert c.val_preds.shape[1:] == (360, 10) and np.allclose(c.val_preds.sum(axis=2), 1, atol=1e-4)
-    before = len(study.trials)
-    build_library("digits", lib, workers=1, time_budget_s=8, max_epochs=3, seed=1, max_trials=before + 1)
-    assert len(optuna.load_study(study_name="enserve", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(storage))).trials) > before  # the same study, continued
+    before = study_trials(storage)
+    build_library("digits", lib, workers=1, time_budget_s=8, max_epochs=3, seed=0, max_trials=before + 1)
+    assert study_trials(storage) > before  # the same study, continued
+
+
+def test_select_exports_a_servable_ensemble(library, tmp_path):
+    import onnxruntime as ort
+
+    from server.repository import load_repository
+    from tuning.data import load_dataset
+
+    lib, _ = library
+    repo = tmp_path / "repo"
+    out = subprocess.run([sys.executable, "-m", "enserve", "select", "--library", str(lib), "--model-repository",
+                          str(repo), "--budget", "10", "--prune", "1.0"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "best single model" in out.stdout and (lib / "pareto.png").is_file()
+    members = load_repository(repo).ensembles["ensemble"].members
+    assert members and all(m.startswith("trial_") for m in members)
+    x = load_dataset("digits").x_test[:5]
+    expected = np.mean([ort.InferenceSession(str(repo / m / "1" / "model.onnx")).run(None, {"input": x})[0]
+                        for m in members], axis=0)
+    daemon = start_daemon(repo, tmp_path)
+    try:
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(daemon.grpc_url)
+        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        np.testing.assert_allclose(client.infer("ensemble", [inp]).as_numpy("probs"), expected, atol=1e-5)
+    finally:
+        assert daemon.stop() == 0
