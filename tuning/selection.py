@@ -82,6 +82,19 @@ def _check(preds: np.ndarray, labels: np.ndarray, costs: np.ndarray | None) -> N
         raise ValueError(f"{len(costs)} costs for {len(preds)} models")
 
 
+def _best_addition(preds: np.ndarray, labels: np.ndarray, chosen: list[int], total: np.ndarray,
+                   costs: np.ndarray, budget: float, *, repeat: bool) -> tuple[int | None, float]:
+    """The model whose addition to ``chosen`` (running sum ``total``) gives the lowest loss within budget."""
+    best, best_loss = None, math.inf
+    for m in range(len(preds)):
+        if (not repeat and m in chosen) or ensemble_cost(chosen + [m], costs) > budget:
+            continue
+        cand = cross_entropy((total + preds[m]) / (len(chosen) + 1), labels)
+        if cand < best_loss:
+            best, best_loss = m, cand
+    return best, best_loss
+
+
 def forward_greedy(
     preds: np.ndarray,
     labels: np.ndarray,
@@ -97,13 +110,7 @@ def forward_greedy(
     total = np.zeros(preds.shape[1:])
     loss = math.inf
     while len(chosen) < n_models:
-        best, best_loss = None, math.inf
-        for m in range(len(preds)):
-            if m in chosen or ensemble_cost(chosen + [m], costs) > budget:
-                continue
-            cand = cross_entropy((total + preds[m]) / (len(chosen) + 1), labels)
-            if cand < best_loss:
-                best, best_loss = m, cand
+        best, best_loss = _best_addition(preds, labels, chosen, total, costs, budget, repeat=False)
         if best is None:
             break
         chosen.append(best)
@@ -162,13 +169,7 @@ def caruana(preds: np.ndarray, labels: np.ndarray, n_iterations: int = 50,
     total = np.zeros(preds.shape[1:])
     best_prefix, best_loss = 0, math.inf
     for _ in range(n_iterations):
-        step, step_loss = None, math.inf
-        for m in range(len(preds)):
-            if ensemble_cost(chosen + [m], costs) > budget:
-                continue
-            cand = cross_entropy((total + preds[m]) / (len(chosen) + 1), labels)
-            if cand < step_loss:
-                step, step_loss = m, cand
+        step, step_loss = _best_addition(preds, labels, chosen, total, costs, budget, repeat=True)
         if step is None:
             break
         chosen.append(step)
