@@ -70,7 +70,7 @@ def ceiling(repository: Path, batch_sizes=(1, 2, 4, 8, 16, 32, 64), seconds: flo
 
 
 async def _closed_loop(url: str, model: str, concurrency: int, images: int, seconds: float,
-                       dims: tuple[int, ...], warmup: float = 1.0) -> tuple[int, list[float], int]:
+                       dims: tuple[int, ...], warmup: float = 1.0, row_bytes: int = 40) -> tuple[int, list[float], int]:
     """``concurrency`` users over one channel; each request is serialised once, like perf_analyzer."""
     import grpc
     from tritonclient.grpc import service_pb2 as pb
@@ -100,7 +100,7 @@ async def _closed_loop(url: str, model: str, concurrency: int, images: int, seco
                     errors += 1
                     continue
                 t1 = time.perf_counter()
-                if len(reply.raw_output_contents[0]) != images * 40:
+                if len(reply.raw_output_contents[0]) != images * row_bytes:
                     errors += 1
                 elif t0 >= t_start and t1 <= t_end:
                     lat.append((t1 - t0) * 1e3)
@@ -110,8 +110,8 @@ async def _closed_loop(url: str, model: str, concurrency: int, images: int, seco
 
 
 def measure(server: str, url: str, model: str, concurrency: int, images: int, seconds: float,
-            dims: tuple[int, ...]) -> Cell:
-    n, lat, errors = asyncio.run(_closed_loop(url, model, concurrency, images, seconds, dims))
+            dims: tuple[int, ...], row_bytes: int = 40) -> Cell:
+    n, lat, errors = asyncio.run(_closed_loop(url, model, concurrency, images, seconds, dims, row_bytes=row_bytes))
     return Cell(server, concurrency, images, n, seconds, np.array(lat), errors)
 
 
@@ -174,7 +174,8 @@ def run_bench(args) -> int:
     from server.repository import load_repository
 
     repo = load_repository(args.model_repository)
-    dims = next(iter(repo.members.values())).inputs[0].dims
+    first = next(iter(repo.members.values()))
+    dims, row_bytes = first.inputs[0].dims, first.outputs[0].row_bytes
     concurrencies = [int(c) for c in str(args.concurrency).split(",")]
     image_counts = [int(i) for i in str(args.images).split(",")]
     rates, single_ms = ceiling(args.model_repository)
@@ -191,7 +192,7 @@ def run_bench(args) -> int:
                                  str(ports[1]), "--metrics-port", str(ports[2]), *args.serve_args], url))
         for images in image_counts:
             for conc in concurrencies:
-                cells.append(measure("enserve", url, args.model, conc, images, args.seconds, dims))
+                cells.append(measure("enserve", url, args.model, conc, images, args.seconds, dims, row_bytes))
         if procs:
             _stop(procs.pop())
         naive: dict = {}
@@ -203,7 +204,7 @@ def run_bench(args) -> int:
                                  *flags], naive_url))
             for images in image_counts:
                 for conc in concurrencies:
-                    cell = measure(label, naive_url, args.model, conc, images, args.seconds, dims)
+                    cell = measure(label, naive_url, args.model, conc, images, args.seconds, dims, row_bytes)
                     if label == "naive":
                         naive[(conc, images)] = cell.images_per_s
                     cells.append(cell)
