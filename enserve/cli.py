@@ -308,13 +308,18 @@ def build_command(args) -> int:
 
     library = args.library
     if args.command == "build":
-        from tuning.search import build_library
+        from tuning.search import build_library, running_trials
 
         print(f"building a library in {library} for {args.time_budget:g} s with {args.workers} workers "
               f"({args.sampler} sampler, {args.pruner} pruner); interrupt and rerun to continue", flush=True)
-        build_library(args.dataset, library, storage=args.storage, sampler=args.sampler, pruner=args.pruner,
+        storage = args.storage or str(library / "study.journal")
+
+        def progress() -> None:
+            print(build.progress_line(library, running=running_trials(storage), budget=args.budget), flush=True)
+
+        build_library(args.dataset, library, storage=storage, sampler=args.sampler, pruner=args.pruner,
                       workers=args.workers, time_budget_s=args.time_budget, max_epochs=args.max_epochs,
-                      seed=args.seed, progress=lambda: print(build.progress_line(library), flush=True))
+                      seed=args.seed, progress=progress)
         write_index(library, args.dataset)
     try:
         c = candidates(library)

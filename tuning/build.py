@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tuning.library import Candidates, read_records
+from tuning.library import Candidates, candidates, read_records
 from tuning.selection import Selection, error_rate, forward_greedy, prune_top, smobf_best
 
 METHODS = ("smobf", "greedy")
@@ -90,14 +90,21 @@ def plot(c: Candidates, rows: list[dict], path: Path, title: str) -> Path:
     return path
 
 
-def progress_line(library: Path) -> str:
+def progress_line(library: Path, *, running: int | None = None, budget: float | None = None) -> str:
+    """Trials running, finished and stopped; the best single model and best ensemble so far."""
     records = read_records(library)
     states = {s: sum(r.state == s for r in records) for s in ("complete", "pruned", "failed")}
-    line = f"trials: {len(records)} done ({states['complete']} complete, {states['pruned']} stopped early, " \
-           f"{states['failed']} failed)"
+    line = f"trials: {'' if running is None else f'{running} running, '}{states['complete']} finished, " \
+           f"{states['pruned']} stopped early, {states['failed']} failed"
     usable = [r for r in records if r.state != "failed"]
     if usable:
         best = min(usable, key=lambda r: r.val_loss)
         line += f"; best single: trial {best.number} val error {best.val_error:.3f}"
+        if math.isfinite(best.cost_s):
+            try:
+                chosen = choose(candidates(library), budget if budget is not None else 3 * best.cost_s)
+                line += f"; best ensemble: {len(chosen.numbers)} models, val error {chosen.val_error:.3f}"
+            except (ValueError, OSError):
+                pass  # nothing fits the budget yet, or a trial is being written
     return line
 

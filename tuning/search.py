@@ -158,6 +158,16 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
                    catch=(TrialDiverged,), callbacks=callbacks, gc_after_trial=True)
 
 
+def running_trials(storage: str, study_name: str = "enserve") -> int | None:
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=make_storage(storage))
+    except Exception:  # not created yet, or the storage is busy: the progress line just omits it
+        return None
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+
+
 def build_library(dataset: str, library: Path, *, storage: str | None = None, study_name: str = "enserve",
                   sampler: str = "random", pruner: str = "asha", workers: int = 1, time_budget_s: float = 600,
                   max_epochs: int = 9, seed: int = 0, max_trials: int | None = None,
