@@ -44,6 +44,11 @@ def test_two_workers_build_a_library_and_a_rerun_continues(library):
     assert index["version"] == 1 and len(index["trials"]) == len(records)
     c = candidates(lib)
     assert c.val_preds.shape[1:] == (360, 10) and np.allclose(c.val_preds.sum(axis=2), 1, atol=1e-4)
+    from tuning.build import progress_line
+    from tuning.search import running_trials
+
+    line = progress_line(lib, running=running_trials(storage))
+    assert line.startswith("trials: 0 running, ") and "best single: trial" in line and "best ensemble:" in line
     before = study_trials(storage)
     build_library("digits", lib, workers=1, time_budget_s=8, max_epochs=3, seed=0, max_trials=before + 1)
     assert study_trials(storage) > before  # the same study, continued

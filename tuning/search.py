@@ -135,8 +135,14 @@ def objective(trial, data, library: Path, max_epochs: int, seed: int) -> float:
 def worker(storage: str, study_name: str, dataset: str, library: str, deadline: float, max_epochs: int,
            threads: int, seed: int, max_trials: int | None) -> None:
     """One worker process: pull trials from the shared study until the deadline."""
+    import logging
+    import warnings
+
     import optuna
     import torch
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # the exporter's notes, once per trial
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     from tuning.data import load_dataset
     from tuning.train import TrialDiverged
