@@ -68,7 +68,7 @@ def part_a(repo: Path, args) -> tuple[list[tuple], list[float]]:
         measured = {}
         for which, entries in (("algo1", done.plan.start), ("algo1+algo2", done.plan.members)):
             plan = plans.Plan(**{**done.plan.__dict__, "members": entries})
-            path = Path(tempfile.mkdtemp()) / "plan.json"
+            path = repo.parent / f"plan-{spec.replace(';', '_')}-{which}.json"
             plans.save(plan, path)
             measured[which] = serve_and_measure(repo, path, args.seconds, 16, 8)
         start_pred = predicted_throughput(done.result.start, done.profiles, devices)

@@ -89,7 +89,6 @@ class Member:
     state: str = "starting"  # starting | ready | down
     down_reason: str = ""
     ready: asyncio.Future | None = None
-    restarts: int = 0
     batch_ns: float = 0.0  # moving average of one batch's compute time (input + infer + output)
     outbox: list[bytes] = field(default_factory=list)  # descriptors written at the end of this loop turn
 
@@ -520,7 +519,6 @@ class Orchestrator:
         m.inflight.clear()
         m.outbox.clear()
         m.held = retry + m.held
-        m.restarts += 1
         self._spawn(m)
 
     def _drop(self, p: Pending, error: EnserveError) -> None:
