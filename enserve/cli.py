@@ -143,7 +143,8 @@ def _add_build(sub) -> None:
     p.add_argument("--sampler", choices=("random", "tpe", "gp", "nsga2"), default="random")
     p.add_argument("--pruner", choices=("asha", "hyperband", "none"), default="asha",
                    help="asynchronous successive halving over epochs, Hyperband, or none")
-    p.add_argument("--max-epochs", type=int, default=9)
+    p.add_argument("--max-epochs", type=int, default=27,
+                   help="epochs of a trial that is never stopped (ASHA rungs at 1, 3, 9, ... epochs)")
     p.add_argument("--seed", type=int, default=0)
     _add_selection_flags(p)
 
@@ -299,12 +300,38 @@ def allocate_command(args) -> int:
     return 0
 
 
+def _export_members(library: Path, numbers: list[int], repository: Path, ensemble: str) -> None:
+    """Optimise the chosen trials' ONNX files offline, write them as a model repository, and add
+    TensorRT engines (``<member>/1/model.plan``) where TensorRT and a GPU are present."""
+    import tempfile
+
+    from optimizer.devices import gpus
+    from server.repository import import_onnx
+    from tuning.export import build_tensorrt_engine, optimise_offline, tensorrt_available
+    from tuning.library import trial_dir
+
+    names = [f"trial_{n:05d}" for n in numbers]
+    for_gpu = bool(gpus())
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [optimise_offline(trial_dir(library, n) / "model.onnx", Path(tmp) / f"{name}.onnx", for_gpu=for_gpu)
+                 for n, name in zip(numbers, names)]
+        repo = import_onnx(files, repository, ensemble=ensemble, names=names)
+    print(f"members optimised offline by ONNX Runtime ({'basic level: a GPU is present' if for_gpu else 'extended level'})")
+    ok, why = tensorrt_available()
+    if not ok:
+        print(why)
+        return
+    for name in names:
+        version = Path(repository) / name / "1"
+        build_tensorrt_engine(version / "model.onnx", version / "model.plan", repo.members[name].inputs[0].dims)
+    print(f"TensorRT engines written as <member>/1/model.plan for {len(names)} members")
+
+
 def build_command(args) -> int:
     """`enserve build` (search, then select) and `enserve select` (select only)."""
     from server.errors import EnserveError
-    from server.repository import import_onnx
     from tuning import build
-    from tuning.library import candidates, trial_dir, write_index
+    from tuning.library import candidates, write_index
 
     library = args.library
     if args.command == "build":
@@ -335,14 +362,15 @@ def build_command(args) -> int:
     for r in sorted(rows, key=lambda r: r["budget"]):
         print(f"{r['budget']:>9.4f} {r['members']:>7} {r['cost']:>8.4f} {r['val_loss']:>8.4f} "
               f"{r['val_error']:>7.4f} {r['test_error']:>8.4f}")
-    png = build.plot(c, sorted(rows, key=lambda r: r["cost"]), Path(library) / "pareto.png",
-                     f"{len(c.numbers)} models, SMOBF ensembles")
+    baseline = build.pareto_rows(c, build.default_budgets(c) + [budget], prune=args.prune, method="greedy",
+                                 n_models=args.n_models)
+    png = build.plot(c, {"SMOBF": rows, f"forward greedy ({args.n_models} models)": baseline},
+                     Path(library) / "pareto.png", f"{len(c.numbers)} models: SMOBF vs forward greedy")
     print(f"plot: {png}")
     try:
         chosen = build.choose(c, budget, method=args.method, prune=args.prune, n_models=args.n_models)
-        files = [trial_dir(library, n) / "model.onnx" for n in chosen.numbers]
-        import_onnx(files, args.model_repository, ensemble=args.ensemble, names=[f"trial_{n:05d}" for n in chosen.numbers])
-    except (ValueError, EnserveError) as exc:
+        _export_members(library, chosen.numbers, args.model_repository, args.ensemble)
+    except (ValueError, RuntimeError, EnserveError) as exc:
         print(f"enserve {args.command}: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
     print(f"ensemble '{args.ensemble}' of {len(chosen.numbers)} models (cost {chosen.cost:.4f} s <= budget "

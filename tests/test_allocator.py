@@ -71,3 +71,27 @@ def test_allocate_reports_an_impossible_fit(demo_repo, tmp_path):
     )
     assert out.returncode == 2
     assert "member 'cnn_w12' needs 1073741824.0 MiB, but the most free memory" in out.stderr
+
+
+def test_a_long_lived_profiler_measures_model_after_model_and_reports_a_bad_one(demo_repo, tmp_path):
+    import os
+
+    import pytest
+
+    from optimizer.profiles import MemberSource, Profiler
+
+    files = sorted(demo_repo.glob("*/1/model.onnx"))[:2]
+    sources = [MemberSource(f.parent.parent.name, str(f), (("input", "<f4", (3, 32, 32)),)) for f in files]
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not a model")
+    with Profiler() as profiler:
+        pid = profiler._proc.pid
+        first = profiler.measure(sources[0], batch_sizes=(1, 8), seconds=0.05)
+        with pytest.raises(RuntimeError, match=r"profiling member 'broken' .*broken.onnx.* failed: "):
+            profiler.measure(MemberSource("broken", str(bad), sources[0].inputs), seconds=0.05)
+        second = profiler.measure(sources[1], batch_sizes=(8,), seconds=0.05)  # the same child, still serving
+        assert profiler._proc.pid == pid
+    assert set(first["latency_s"]) == {1, 8} and set(second["latency_s"]) == {8}
+    assert all(s > 0 for s in [*first["latency_s"].values(), *second["latency_s"].values()])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the child is gone (and reaped) once the block ends

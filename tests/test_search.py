@@ -67,11 +67,15 @@ def test_select_exports_a_servable_ensemble(library, tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "best single model" in out.stdout and (lib / "pareto.png").is_file()
+    assert "optimised offline by ONNX Runtime (extended level)" in out.stdout
+    assert "TensorRT engines skipped: " in out.stdout  # this machine has neither TensorRT nor a GPU
     members = load_repository(repo).ensembles["ensemble"].members
     assert members and all(m.startswith("trial_") for m in members)
     x = load_dataset("digits").x_test[:5]
-    expected = np.mean([ort.InferenceSession(str(repo / m / "1" / "model.onnx")).run(None, {"input": x})[0]
+    # the reference: the library's own (unoptimised) exports, run directly
+    expected = np.mean([ort.InferenceSession(str(lib / m / "model.onnx")).run(None, {"input": x})[0]
                         for m in members], axis=0)
+    assert all((repo / m / "1" / "model.onnx").read_bytes() != (lib / m / "model.onnx").read_bytes() for m in members)
     daemon = start_daemon(repo, tmp_path)
     try:
         import tritonclient.grpc as grpcclient
@@ -82,3 +86,30 @@ def test_select_exports_a_servable_ensemble(library, tmp_path):
         np.testing.assert_allclose(client.infer("ensemble", [inp]).as_numpy("probs"), expected, atol=1e-5)
     finally:
         assert daemon.stop() == 0
+
+
+def test_augmentation_ranges_follow_the_image_size():
+    import optuna
+
+    from tuning.data import load_dataset
+    from tuning.search import (
+        SMALL_IMAGE_AUGMENTATION,
+        TABLE5_AUGMENTATION,
+        augmentation_bounds,
+        suggest,
+    )
+
+    assert augmentation_bounds((3, 32, 32)) == TABLE5_AUGMENTATION  # the paper's CIFAR ranges
+    assert augmentation_bounds((1, 8, 8)) == SMALL_IMAGE_AUGMENTATION
+    assert TABLE5_AUGMENTATION.translation == 0.6 and TABLE5_AUGMENTATION.rotation == 90
+    digits = load_dataset("digits")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    augs = []
+    for _ in range(40):
+        trial = study.ask()
+        augs.append(suggest(trial, digits).augmentation)
+        study.tell(trial, 0.0)
+    b = SMALL_IMAGE_AUGMENTATION
+    assert all(a.zoom <= b.zoom and a.translation <= b.translation and a.shear <= b.shear
+               and a.channel_shift <= b.channel_shift and a.rotation <= b.rotation for a in augs)
+    assert max(a.translation for a in augs) > b.translation / 2  # the range is searched, not pinned at 0

@@ -106,3 +106,19 @@ def test_prune_top_fraction():
     assert prune_top(losses, 0.01).tolist() == [1]
     with pytest.raises(ValueError, match="must be in \\(0, 1\\]"):
         prune_top(losses, 0)
+
+
+def test_choose_prunes_among_the_models_that_fit_the_budget():
+    from tuning.build import choose
+    from tuning.library import Candidates
+
+    preds = np.stack([A, B, C, D])
+    losses = np.array([cross_entropy(p, LABELS) for p in preds])  # A 0.105 < D 0.465 < B 0.511 < C 0.775
+    lib = Candidates([10, 11, 12, 13], preds, preds, np.array([10.0, 1.0, 1.0, 1.0]), losses, LABELS, LABELS)
+    # A (the best) costs 10: with B = 2 the top quarter is taken among B, C, D, i.e. D alone
+    chosen = choose(lib, 2.0, prune=0.25)
+    assert chosen.numbers == [13] and chosen.cost == 1.0
+    assert chosen.selection.loss == pytest.approx(nll(0.5, 0.5, 0.99))
+    assert choose(lib, 10.0, prune=0.25).numbers == [10]  # A fits: the top quarter is A
+    with pytest.raises(ValueError, match="no model fits the budget 0.5 \\(cheapest costs 1\\)"):
+        choose(lib, 0.5)

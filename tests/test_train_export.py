@@ -29,17 +29,36 @@ def test_resnet_learns_digits_and_exports(digits, tmp_path):
     assert result.epochs == 3 and len(result.curve) == 3
     loss, error = evaluate(model, digits.x_test, digits.y_test)
     assert error < 0.2, result.curve  # 10 classes: chance is 0.9
-    path = export_onnx(model, digits.input_shape, tmp_path / "m.onnx", check=digits.x_test[:50])
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(optimise_offline(path, tmp_path / "m.opt.onnx")))
-    for n in (1, 7):
-        got = session.run(None, {"input": digits.x_test[:n]})[0]
-        np.testing.assert_allclose(got, predict(model, digits.x_test[:n]), atol=1e-4)
+    for exporter in ("torchscript", "dynamo"):
+        path = export_onnx(model, digits.input_shape, tmp_path / f"{exporter}.onnx", check=digits.x_test[:50],
+                           exporter=exporter)
+        for for_gpu in (False, True):
+            opt = optimise_offline(path, tmp_path / f"{exporter}.{for_gpu}.opt.onnx", for_gpu=for_gpu)
+            session = ort.InferenceSession(str(opt))
+            for n in (1, 7, 300):
+                got = session.run(None, {"input": digits.x_test[:n]})[0]
+                np.testing.assert_allclose(got, predict(model, digits.x_test[:n]), atol=1e-4)
+    with pytest.raises(ValueError, match="exporter 'jit' is not one of"):
+        export_onnx(model, digits.input_shape, tmp_path / "x.onnx", exporter="jit")
     from server.repository import read_onnx_signature
 
     inputs, outputs = read_onnx_signature(path)  # what `enserve import` accepts
     assert inputs[0].name == "input" and inputs[0].dims == (1, 8, 8) and outputs[0].dims == (10,)
+
+
+def test_learning_rate_follows_a_cosine_over_the_whole_budget(digits):
+    cfg = TrialConfig(MLPConfig(features=64, classes=10, hidden=(16,)), learning_rate=0.004, batch_size=64)
+    full = train(build_model(cfg.network), digits, cfg, epochs=4)
+    # after epoch e of 4 the rate is 0.004 * (1 + cos(pi e / 4)) / 2
+    np.testing.assert_allclose([c["learning_rate"] for c in full.curve],
+                               [0.004 * (1 + np.cos(np.pi * e / 4)) / 2 for e in (1, 2, 3, 4)], atol=1e-12)
+    stopped = train(build_model(cfg.network), digits, cfg, epochs=4, schedule_epochs=8,
+                    report=lambda epoch, loss: epoch == 2)  # a pruner stops it half-way through its rungs
+    assert stopped.pruned and stopped.curve[-1]["learning_rate"] == pytest.approx(0.004 * (1 + np.cos(np.pi / 4)) / 2)
+    with pytest.raises(ValueError, match="schedule_epochs is 3, but must be >= start_epoch"):
+        train(build_model(cfg.network), digits, cfg, epochs=4, schedule_epochs=3)
 
 
 def test_report_can_stop_a_trial_and_divergence_is_detected(digits):

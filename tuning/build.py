@@ -25,8 +25,13 @@ class Chosen:
 
 def choose(c: Candidates, budget: float, *, method: str = "smobf", prune: float = 0.2,
            n_models: int = 5) -> Chosen:
-    """The ensemble of the library's top ``prune`` fraction chosen within ``budget`` (seconds)."""
-    keep = prune_top(c.val_losses, prune)
+    """The ensemble chosen within ``budget`` (seconds) among the top ``prune`` fraction (by validation
+    loss) of the models that fit the budget: a model costing more than B can never be a member, so
+    it does not take a place in the top fraction."""
+    fits = np.flatnonzero(c.costs <= budget)
+    if not len(fits):
+        raise ValueError(f"no model fits the budget {budget:g} (cheapest costs {float(np.min(c.costs)):g})")
+    keep = fits[prune_top(c.val_losses[fits], prune)]
     preds, costs = c.val_preds[keep], c.costs[keep]
     labels = c.labels
     if method == "smobf":
@@ -69,18 +74,25 @@ def default_budgets(c: Candidates, n: int = 6) -> list[float]:
     return [float(x) for x in np.geomspace(lo, hi, n)]
 
 
-def plot(c: Candidates, rows: list[dict], path: Path, title: str) -> Path:
+def plot(c: Candidates, curves: dict[str, list[dict]], path: Path, title: str) -> Path:
+    """Test error against inference cost: every single model, and one line per selection method
+    (rows of ``pareto_rows``), each point labelled with its budget and size, as the paper's Figures 5-6."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     singles = [error_rate(p, c.test_labels) for p in c.test_preds]
-    ax.scatter(c.costs, singles, s=12, alpha=0.5, label="single models")
-    ax.plot([r["cost"] for r in rows], [r["test_error"] for r in rows], "o-", color="C3", label="SMOBF ensembles")
+    ax.scatter(c.costs, singles, s=12, alpha=0.4, color="grey", label="single models")
+    for k, (label, rows) in enumerate(curves.items()):
+        rows = sorted(rows, key=lambda r: r["budget"])
+        ax.plot([r["cost"] for r in rows], [r["test_error"] for r in rows], "o-", color=f"C{k}", label=label)
+        for r in rows:
+            ax.annotate(f"B{r['budget']:.2g} #{r['members']}", (r["cost"], r["test_error"]), fontsize=6,
+                        color=f"C{k}", xytext=(3, 3 + 8 * k), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel(f"inference cost (s per {2000} samples, one core)")
+    ax.set_xlabel("inference cost (s per 2000 samples, one core)")
     ax.set_ylabel("test error")
     ax.set_title(title)
     ax.legend()

@@ -34,7 +34,7 @@ class TrialConfig:
 @dataclass
 class TrainResult:
     epochs: int
-    curve: list[dict] = field(default_factory=list)  # per epoch: train_loss, val_loss, val_error
+    curve: list[dict] = field(default_factory=list)  # per epoch: losses, val_error, learning rate at its end
     pruned: bool = False
 
 
@@ -68,11 +68,23 @@ def train(
     start_epoch: int = 0,
     report: Callable[[int, float], bool] | None = None,
     seed: int = 0,
+    schedule_epochs: int | None = None,
 ) -> TrainResult:
     """Train ``epochs`` more epochs. After each, ``report(epoch, val_loss)`` may return True to stop
-    (a pruner's decision). Raises TrialDiverged on a NaN/inf loss."""
+    (a pruner's decision). Raises TrialDiverged on a NaN/inf loss.
+
+    The learning rate follows a cosine from ``config.learning_rate`` to 0 over ``schedule_epochs``
+    (default: ``start_epoch + epochs``), the trial's whole budget: a trial stopped at an early rung
+    simply never reaches the low rates, as in Hyperband's own experiments."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.l2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.l2, foreach=True)
+    horizon = schedule_epochs if schedule_epochs is not None else start_epoch + epochs
+    if horizon < start_epoch + epochs:
+        raise ValueError(f"schedule_epochs is {horizon}, but must be >= start_epoch + epochs = {start_epoch + epochs}")
+    steps_per_epoch = math.ceil(len(data.x_train) / config.batch_size)
+    first, total_steps = start_epoch * steps_per_epoch, horizon * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(first + step, total_steps) / total_steps)))
     x_train = torch.from_numpy(data.x_train)
     y_train = torch.from_numpy(data.y_train)
     result = TrainResult(start_epoch)
@@ -91,12 +103,13 @@ def train(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            scheduler.step()
             total += loss.item() * len(idx)
             seen += len(idx)
         val_loss, val_error = evaluate(model, data.x_val, data.y_val)
         result.epochs = epoch
         result.curve.append({"epoch": epoch, "train_loss": total / max(1, seen), "val_loss": val_loss,
-                             "val_error": val_error})
+                             "val_error": val_error, "learning_rate": optimizer.param_groups[0]["lr"]})
         if report is not None and report(epoch, val_loss):
             result.pruned = True
             break
