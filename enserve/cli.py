@@ -143,7 +143,7 @@ def _add_build(sub) -> None:
     p.add_argument("--sampler", choices=("random", "tpe", "gp", "nsga2"), default="random")
     p.add_argument("--pruner", choices=("asha", "hyperband", "none"), default="asha",
                    help="asynchronous successive halving over epochs, Hyperband, or none")
-    p.add_argument("--max-epochs", type=int, default=27,
+    p.add_argument("--max-epochs", type=int, default=9,
                    help="epochs of a trial that is never stopped (ASHA rungs at 1, 3, 9, ... epochs)")
     p.add_argument("--seed", type=int, default=0)
     _add_selection_flags(p)

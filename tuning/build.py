@@ -92,6 +92,7 @@ def plot(c: Candidates, curves: dict[str, list[dict]], path: Path, title: str) -
             ax.annotate(f"B{r['budget']:.2g} #{r['members']}", (r["cost"], r["test_error"]), fontsize=6,
                         color=f"C{k}", xytext=(3, 3 + 8 * k), textcoords="offset points")
     ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=0.01)  # linear near 0 (an error of 0 stays on the plot), log above 1 %
     ax.set_xlabel("inference cost (s per 2000 samples, one core)")
     ax.set_ylabel("test error")
     ax.set_title(title)

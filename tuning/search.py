@@ -208,7 +208,7 @@ def running_trials(storage: str, study_name: str = "enserve") -> int | None:
 
 def build_library(dataset: str, library: Path, *, storage: str | None = None, study_name: str = "enserve",
                   sampler: str = "random", pruner: str = "asha", workers: int = 1, time_budget_s: float = 600,
-                  max_epochs: int = 27, seed: int = 0, max_trials: int | None = None,
+                  max_epochs: int = 9, seed: int = 0, max_trials: int | None = None,
                   progress=None, progress_every_s: float = 10.0) -> str:
     """Create (or continue) the study and run ``workers`` processes on it until the time budget."""
     import optuna

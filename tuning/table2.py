@@ -59,7 +59,7 @@ def main() -> int:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--time-budget", type=_duration, default=_duration("2m"), help="per search and seed")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--max-epochs", type=int, default=27)
+    parser.add_argument("--max-epochs", type=int, default=9)
     parser.add_argument("--seeds", type=int, default=3, help="runs per search (data split and search seed)")
     parser.add_argument("--keep", type=Path, default=None, help="keep (and reuse) the libraries in this folder")
     args = parser.parse_args()
