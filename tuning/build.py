@@ -93,6 +93,7 @@ def plot(c: Candidates, curves: dict[str, list[dict]], path: Path, title: str) -
                         color=f"C{k}", xytext=(3, 3 + 8 * k), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=0.01)  # linear near 0 (an error of 0 stays on the plot), log above 1 %
+    ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("inference cost (s per 2000 samples, one core)")
     ax.set_ylabel("test error")
     ax.set_title(title)
