@@ -130,8 +130,9 @@ class Profiler:
 
     def measure(self, source: MemberSource, *, kind: str = "cpu", threads: int = 1,
                 cores: tuple[int, ...] | None = None, batch_sizes=DEFAULT_BATCH_SIZES, seconds: float = 0.25) -> dict:
+        """One profile; a child that died on an earlier model is started again first."""
         if self._proc is None:
-            raise RuntimeError("Profiler.measure needs the profiler started: use it as 'with Profiler() as p:'")
+            self.__enter__()
         self._proc.stdin.write(json.dumps(_request(source, kind, threads, cores, batch_sizes, seconds)) + "\n")
         self._proc.stdin.flush()
         line = self._proc.stdout.readline()

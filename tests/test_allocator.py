@@ -75,6 +75,7 @@ def test_allocate_reports_an_impossible_fit(demo_repo, tmp_path):
 
 def test_a_long_lived_profiler_measures_model_after_model_and_reports_a_bad_one(demo_repo, tmp_path):
     import os
+    import signal
 
     import pytest
 
@@ -91,7 +92,14 @@ def test_a_long_lived_profiler_measures_model_after_model_and_reports_a_bad_one(
             profiler.measure(MemberSource("broken", str(bad), sources[0].inputs), seconds=0.05)
         second = profiler.measure(sources[1], batch_sizes=(8,), seconds=0.05)  # the same child, still serving
         assert profiler._proc.pid == pid
-    assert set(first["latency_s"]) == {1, 8} and set(second["latency_s"]) == {8}
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="failed: the profiler exited"):
+            profiler.measure(sources[0], batch_sizes=(8,), seconds=0.05)
+        third = profiler.measure(sources[0], batch_sizes=(8,), seconds=0.05)  # a new child
+        new_pid = profiler._proc.pid
+    assert new_pid != pid
+    assert set(first["latency_s"]) == {1, 8} and set(second["latency_s"]) == set(third["latency_s"]) == {8}
     assert all(s > 0 for s in [*first["latency_s"].values(), *second["latency_s"].values()])
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)  # the child is gone (and reaped) once the block ends
+    for p in (pid, new_pid):
+        with pytest.raises(ProcessLookupError):
+            os.kill(p, 0)  # both children are gone (and reaped)

@@ -121,6 +121,11 @@ def measure_cost(onnx_path: Path, data, profiler) -> float:
     return latency / 64 * COST_SAMPLES
 
 
+class TrialFailed(Exception):
+    """A trial that diverged or whose model could not be exported or measured: recorded as failed;
+    the search goes on."""
+
+
 def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler) -> float:
     import optuna
     import torch
@@ -142,18 +147,19 @@ def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler) 
     params = {"trial_params": trial.params, "network": asdict(config.network), "network_kind": type(config.network).__name__}
     try:
         result = train(model, data, config, epochs=max_epochs, report=report, seed=seed + trial.number)
-    except TrialDiverged as exc:
+        val_loss, val_error = evaluate(model, data.x_val, data.y_val)
+        _, test_error = evaluate(model, data.x_test, data.y_test)
+        np.save(d / "val_pred.npy", predict(model, data.x_val), allow_pickle=False)
+        np.save(d / "test_pred.npy", predict(model, data.x_test), allow_pickle=False)
+        np.savez(d / "weights.npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+        onnx_path = export_onnx(model, data.input_shape, d / "model.onnx", check=data.x_test[:32])
+        cost = measure_cost(onnx_path, data, profiler)
+    except (TrialDiverged, RuntimeError) as exc:  # diverged, or its export / cost measurement failed
         write_record(library, TrialRecord(trial.number, "failed", params, 0, [], float("nan"), 1.0, 1.0,
                                           float("nan"), parameter_count(model), 0, d.name, str(exc)))
-        raise
-    val_loss, val_error = evaluate(model, data.x_val, data.y_val)
-    _, test_error = evaluate(model, data.x_test, data.y_test)
-    np.save(d / "val_pred.npy", predict(model, data.x_val), allow_pickle=False)
-    np.save(d / "test_pred.npy", predict(model, data.x_test), allow_pickle=False)
-    np.savez(d / "weights.npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()})
-    onnx_path = export_onnx(model, data.input_shape, d / "model.onnx", check=data.x_test[:32])
+        raise TrialFailed(str(exc)) from exc
     record = TrialRecord(trial.number, "pruned" if result.pruned else "complete", params, result.epochs,
-                         result.curve, val_loss, val_error, test_error, measure_cost(onnx_path, data, profiler),
+                         result.curve, val_loss, val_error, test_error, cost,
                          parameter_count(model), flop_count(model, data.input_shape), d.name)
     write_record(library, record)
     if result.pruned:
@@ -174,7 +180,6 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
     warnings.filterwarnings("ignore", category=FutureWarning)
 
     from tuning.data import load_dataset
-    from tuning.train import TrialDiverged
 
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -193,7 +198,7 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
 
     with Profiler() as profiler:
         study.optimize(lambda t: objective(t, data, Path(library), max_epochs, seed, profiler), timeout=remaining,
-                       catch=(TrialDiverged,), callbacks=callbacks, gc_after_trial=True)
+                       catch=(TrialFailed,), callbacks=callbacks, gc_after_trial=True)
 
 
 def running_trials(storage: str, study_name: str = "enserve") -> int | None:
