@@ -310,7 +310,7 @@ def _export_members(library: Path, numbers: list[int], repository: Path, ensembl
     from tuning.export import build_tensorrt_engine, optimise_offline, tensorrt_available
     from tuning.library import trial_dir
 
-    names = [f"trial_{n:05d}" for n in numbers]
+    names = [trial_dir(library, n).name for n in numbers]
     for_gpu = bool(gpus())
     with tempfile.TemporaryDirectory() as tmp:
         files = [optimise_offline(trial_dir(library, n) / "model.onnx", Path(tmp) / f"{name}.onnx", for_gpu=for_gpu)
@@ -344,9 +344,13 @@ def build_command(args) -> int:
         def progress() -> None:
             print(build.progress_line(library, running=running_trials(storage), budget=args.budget), flush=True)
 
-        build_library(args.dataset, library, storage=storage, sampler=args.sampler, pruner=args.pruner,
-                      workers=args.workers, time_budget_s=args.time_budget, max_epochs=args.max_epochs,
-                      seed=args.seed, progress=progress)
+        try:
+            build_library(args.dataset, library, storage=storage, sampler=args.sampler, pruner=args.pruner,
+                          workers=args.workers, time_budget_s=args.time_budget, max_epochs=args.max_epochs,
+                          seed=args.seed, progress=progress)
+        except ValueError as exc:  # a dataset that cannot be read, or a bad setting: the message names it
+            print(f"enserve build: {exc}", file=sys.stderr)
+            return 2
         write_index(library, args.dataset)
     try:
         c = candidates(library)

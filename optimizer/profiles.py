@@ -110,10 +110,13 @@ class Profiler:
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> Profiler:
+    def _start(self) -> None:
         command, env = _child_command("--serve")
         self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=env, bufsize=1)
+
+    def __enter__(self) -> Profiler:
+        self._start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -132,7 +135,7 @@ class Profiler:
                 cores: tuple[int, ...] | None = None, batch_sizes=DEFAULT_BATCH_SIZES, seconds: float = 0.25) -> dict:
         """One profile; a child that died on an earlier model is started again first."""
         if self._proc is None:
-            self.__enter__()
+            self._start()
         self._proc.stdin.write(json.dumps(_request(source, kind, threads, cores, batch_sizes, seconds)) + "\n")
         self._proc.stdin.flush()
         line = self._proc.stdout.readline()

@@ -113,3 +113,12 @@ def test_augmentation_ranges_follow_the_image_size():
     assert all(a.zoom <= b.zoom and a.translation <= b.translation and a.shear <= b.shear
                and a.channel_shift <= b.channel_shift and a.rotation <= b.rotation for a in augs)
     assert max(a.translation for a in augs) > b.translation / 2  # the range is searched, not pinned at 0
+
+
+def test_build_refuses_bad_settings_with_the_value_and_the_rule(tmp_path):
+    for flags, message in ((["--max-epochs", "0"], "max_epochs is 0, but must be >= 1"),
+                           (["--dataset", str(tmp_path / "none.npz")], "is neither 'digits' nor an existing path")):
+        out = subprocess.run([sys.executable, "-m", "enserve", "build", "--time-budget", "5s", "--library",
+                              str(tmp_path / "lib"), "--model-repository", str(tmp_path / "repo"), *flags],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

@@ -109,7 +109,7 @@ def test_prune_top_fraction():
 
 
 def test_choose_prunes_among_the_models_that_fit_the_budget():
-    from tuning.build import choose
+    from tuning.build import best_single, choose
     from tuning.library import Candidates
 
     preds = np.stack([A, B, C, D])
@@ -122,3 +122,6 @@ def test_choose_prunes_among_the_models_that_fit_the_budget():
     assert choose(lib, 10.0, prune=0.25).numbers == [10]  # A fits: the top quarter is A
     with pytest.raises(ValueError, match="no model fits the budget 0.5 \\(cheapest costs 1\\)"):
         choose(lib, 0.5)
+    assert best_single(lib)["number"] == 10 and best_single(lib, 2.0)["number"] == 13
+    assert best_single(lib, 2.0)["test_loss"] == pytest.approx(nll(0.5, 0.5, 0.99))
+    assert best_single(lib, 0.5) is None

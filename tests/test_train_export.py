@@ -57,6 +57,8 @@ def test_learning_rate_follows_a_cosine_over_the_whole_budget(digits):
     stopped = train(build_model(cfg.network), digits, cfg, epochs=4, schedule_epochs=8,
                     report=lambda epoch, loss: epoch == 2)  # a pruner stops it half-way through its rungs
     assert stopped.pruned and stopped.curve[-1]["learning_rate"] == pytest.approx(0.004 * (1 + np.cos(np.pi / 4)) / 2)
+    with pytest.raises(ValueError, match="epochs is 0, but must be >= 1"):
+        train(build_model(cfg.network), digits, cfg, epochs=0)
     with pytest.raises(ValueError, match="schedule_epochs is 3, but must be >= start_epoch"):
         train(build_model(cfg.network), digits, cfg, epochs=4, schedule_epochs=3)
 

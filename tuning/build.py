@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from tuning.library import Candidates, candidates, read_records
-from tuning.selection import Selection, error_rate, forward_greedy, prune_top, smobf_best
+from tuning.selection import (
+    Selection,
+    cross_entropy,
+    error_rate,
+    forward_greedy,
+    prune_top,
+    smobf_best,
+)
 
 METHODS = ("smobf", "greedy")
 
@@ -20,6 +27,7 @@ class Chosen:
     numbers: list[int]  # trial numbers of the members
     val_error: float
     test_error: float
+    test_loss: float
     cost: float
 
 
@@ -45,8 +53,8 @@ def choose(c: Candidates, budget: float, *, method: str = "smobf", prune: float 
     members = [int(keep[m]) for m in sel.members]
     val = c.val_preds[members].mean(axis=0)
     test = c.test_preds[members].mean(axis=0)
-    return Chosen(sel, [c.numbers[m] for m in members], error_rate(val, labels),
-                  error_rate(test, c.test_labels), float(c.costs[members].sum()))
+    return Chosen(sel, [c.numbers[m] for m in members], error_rate(val, labels), error_rate(test, c.test_labels),
+                  cross_entropy(test, c.test_labels), float(c.costs[members].sum()))
 
 
 def pareto_rows(c: Candidates, budgets: list[float], **kw) -> list[dict]:
@@ -61,10 +69,15 @@ def pareto_rows(c: Candidates, budgets: list[float], **kw) -> list[dict]:
     return rows
 
 
-def best_single(c: Candidates) -> dict:
-    i = int(np.argmin(c.val_losses))
+def best_single(c: Candidates, budget: float = math.inf) -> dict | None:
+    """The model with the lowest validation loss among those costing <= ``budget`` (None if none does)."""
+    fits = np.flatnonzero(c.costs <= budget)
+    if not len(fits):
+        return None
+    i = int(fits[np.argmin(c.val_losses[fits])])
     return {"number": c.numbers[i], "cost": float(c.costs[i]), "val_loss": float(c.val_losses[i]),
-            "test_error": error_rate(c.test_preds[i], c.test_labels)}
+            "test_error": error_rate(c.test_preds[i], c.test_labels),
+            "test_loss": cross_entropy(c.test_preds[i], c.test_labels)}
 
 
 def default_budgets(c: Candidates, n: int = 6) -> list[float]:

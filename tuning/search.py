@@ -132,7 +132,8 @@ def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler) 
 
     from models.counting import flop_count, parameter_count
     from tuning.export import export_onnx
-    from tuning.train import TrialDiverged, build_model, evaluate, predict, train
+    from tuning.selection import cross_entropy, error_rate
+    from tuning.train import TrialDiverged, build_model, predict, train
 
     config = suggest(trial, data)
     torch.manual_seed(seed + trial.number)
@@ -147,10 +148,11 @@ def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler) 
     params = {"trial_params": trial.params, "network": asdict(config.network), "network_kind": type(config.network).__name__}
     try:
         result = train(model, data, config, epochs=max_epochs, report=report, seed=seed + trial.number)
-        val_loss, val_error = evaluate(model, data.x_val, data.y_val)
-        _, test_error = evaluate(model, data.x_test, data.y_test)
-        np.save(d / "val_pred.npy", predict(model, data.x_val), allow_pickle=False)
-        np.save(d / "test_pred.npy", predict(model, data.x_test), allow_pickle=False)
+        val_pred, test_pred = predict(model, data.x_val), predict(model, data.x_test)
+        val_loss, val_error = cross_entropy(val_pred, data.y_val), error_rate(val_pred, data.y_val)
+        test_error = error_rate(test_pred, data.y_test)
+        np.save(d / "val_pred.npy", val_pred, allow_pickle=False)
+        np.save(d / "test_pred.npy", test_pred, allow_pickle=False)
         np.savez(d / "weights.npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()})
         onnx_path = export_onnx(model, data.input_shape, d / "model.onnx", check=data.x_test[:32])
         cost = measure_cost(onnx_path, data, profiler)
@@ -221,6 +223,10 @@ def build_library(dataset: str, library: Path, *, storage: str | None = None, st
     from tuning.data import load_dataset
     from tuning.library import write_labels
 
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs is {max_epochs}, but must be >= 1")
+    if workers < 1:
+        raise ValueError(f"workers is {workers}, but must be >= 1")
     library = Path(library)
     library.mkdir(parents=True, exist_ok=True)
     data = load_dataset(dataset, seed=seed)

@@ -21,30 +21,23 @@ import numpy as np
 from tuning.build import best_single, choose
 from tuning.library import Candidates, candidates, write_index
 from tuning.search import build_library
-from tuning.selection import cross_entropy, error_rate
 
 SEARCHES = {"ASHA": ("random", "asha"), "random": ("random", "none")}
 BUDGET_MULTIPLES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 METHODS = {"SMOBF": "smobf", "greedy-5": "greedy"}
 
 
-def single_within(c: Candidates, budget: float) -> tuple[float, float] | None:
-    """(test error, test loss) of the model with the best validation loss among those costing <= budget."""
-    fits = np.flatnonzero(c.costs <= budget)
-    if not len(fits):
-        return None
-    i = fits[np.argmin(c.val_losses[fits])]
-    return error_rate(c.test_preds[i], c.test_labels), cross_entropy(c.test_preds[i], c.test_labels)
-
-
-def cell(c: Candidates, budget: float, method: str) -> tuple[float, float, int] | None:
-    """(test error, test loss, members) of the ensemble ``method`` selects within ``budget``."""
+def cell(c: Candidates, budget: float, column: str) -> tuple[float, float, int | None] | None:
+    """(test error, test loss, members) of a column's choice within ``budget``: an ensemble selected
+    by SMOBF or greedy-5, or the best single model (members None); None when nothing fits."""
+    if column == "single<=B":
+        single = best_single(c, budget)
+        return None if single is None else (single["test_error"], single["test_loss"], None)
     try:
-        ch = choose(c, budget, method=method, n_models=5)
+        ch = choose(c, budget, method=METHODS[column], n_models=5)
     except ValueError:
         return None
-    probs = c.test_preds[[c.numbers.index(n) for n in ch.numbers]].mean(axis=0)
-    return ch.test_error, cross_entropy(probs, c.test_labels), len(ch.numbers)
+    return ch.test_error, ch.test_loss, len(ch.numbers)
 
 
 def mean(values: list) -> float:
@@ -63,6 +56,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3, help="runs per search (data split and search seed)")
     parser.add_argument("--keep", type=Path, default=None, help="keep (and reuse) the libraries in this folder")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds is {args.seeds}, but must be >= 1")
     root = args.keep or Path(tempfile.mkdtemp(prefix="enserve-table2-"))
     runs: dict[str, list[Candidates]] = {label: [] for label in SEARCHES}
     try:
@@ -91,9 +86,9 @@ def main() -> int:
             row, loss_row = f"{b:>7.4f} {k:>5.1f}", f"{b:>7.4f} {k:>5.1f}"
             for label, m in cols:
                 cs = runs[label]
-                got = [single_within(c, b) if m == "single<=B" else cell(c, b, METHODS[m]) for c in cs]
+                got = [cell(c, b, m) for c in cs]
                 errs = mean([g and g[0] for g in got])
-                members = mean([g[2] for g in got if g is not None and len(g) > 2])
+                members = mean([g and g[2] for g in got])
                 text = "-" if np.isnan(errs) else f"{100 * errs:.2f}" + ("" if np.isnan(members) else f" [{members:g}]")
                 row += f" {text:>20}"
                 losses = mean([g and g[1] for g in got])

@@ -79,6 +79,8 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.l2, foreach=True)
     horizon = schedule_epochs if schedule_epochs is not None else start_epoch + epochs
+    if epochs < 1:
+        raise ValueError(f"epochs is {epochs}, but must be >= 1")
     if horizon < start_epoch + epochs:
         raise ValueError(f"schedule_epochs is {horizon}, but must be >= start_epoch + epochs = {start_epoch + epochs}")
     steps_per_epoch = math.ceil(len(data.x_train) / config.batch_size)
