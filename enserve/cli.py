@@ -179,7 +179,7 @@ def _token(path: Path | None, env: str) -> str | None:
 def _cores(text: str | None):
     if text is None:
         return None
-    from server.repository import parse_cores
+    from enserve.server.repository import parse_cores
 
     return parse_cores(text)
 
@@ -196,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_select(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        from server.config import ServeOptions
-        from server.daemon import run
-        from server.errors import EnserveError
+        from enserve.server.config import ServeOptions
+        from enserve.server.daemon import run
+        from enserve.server.errors import EnserveError
 
         try:
             cores = _cores(args.cpu_cores)
@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             auth_token=auth, admin_token=admin,
         ))
     if args.command == "import":
-        from server.errors import EnserveError
-        from server.repository import import_onnx
+        from enserve.server.errors import EnserveError
+        from enserve.server.repository import import_onnx
 
         try:
             repo = import_onnx(args.files, args.model_repository, ensemble=args.ensemble,
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "init-demo":
         return init_demo(args.model_repository, force=args.force)
     if args.command == "bench":
-        from loadtest.bench import run_bench
+        from enserve.loadtest.bench import run_bench
 
         return run_bench(args)
     return 2
@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
 def init_demo(repository: Path, *, force: bool = False) -> int:
     import tempfile
 
-    from models.synthetic import write_tiny_cnns
-    from server.repository import import_onnx
+    from enserve.models.synthetic import write_tiny_cnns
+    from enserve.server.repository import import_onnx
 
     if (repository / "ensemble" / "config.pbtxt").is_file() and not force:
         print(f"{repository} already holds an ensemble; keeping it (--force rewrites it)")
@@ -268,13 +268,13 @@ def allocate_command(args) -> int:
     import json
     import logging
 
-    from optimizer import plan as plans
-    from optimizer.allocation import Device, PlacementError
-    from optimizer.devices import inventory
-    from optimizer.profiles import profiles_from_json
-    from server.allocate import allocate, plan_table
-    from server.errors import EnserveError
-    from server.repository import load_repository
+    from enserve.optimizer import plan as plans
+    from enserve.optimizer.allocation import Device, PlacementError
+    from enserve.optimizer.devices import inventory
+    from enserve.optimizer.profiles import profiles_from_json
+    from enserve.server.allocate import allocate, plan_table
+    from enserve.server.errors import EnserveError
+    from enserve.server.repository import load_repository
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -305,10 +305,10 @@ def _export_members(library: Path, numbers: list[int], repository: Path, ensembl
     TensorRT engines (``<member>/1/model.plan``) where TensorRT and a GPU are present."""
     import tempfile
 
-    from optimizer.devices import gpus
-    from server.repository import import_onnx
-    from tuning.export import build_tensorrt_engine, optimise_offline, tensorrt_available
-    from tuning.library import trial_dir
+    from enserve.optimizer.devices import gpus
+    from enserve.server.repository import import_onnx
+    from enserve.tuning.export import build_tensorrt_engine, optimise_offline, tensorrt_available
+    from enserve.tuning.library import trial_dir
 
     names = [trial_dir(library, n).name for n in numbers]
     for_gpu = bool(gpus())
@@ -329,13 +329,13 @@ def _export_members(library: Path, numbers: list[int], repository: Path, ensembl
 
 def build_command(args) -> int:
     """`enserve build` (search, then select) and `enserve select` (select only)."""
-    from server.errors import EnserveError
-    from tuning import build
-    from tuning.library import candidates, write_index
+    from enserve.server.errors import EnserveError
+    from enserve.tuning import build
+    from enserve.tuning.library import candidates, write_index
 
     library = args.library
     if args.command == "build":
-        from tuning.search import build_library, running_trials
+        from enserve.tuning.search import build_library, running_trials
 
         print(f"building a library in {library} for {args.time_budget:g} s with {args.workers} workers "
               f"({args.sampler} sampler, {args.pruner} pruner); interrupt and rerun to continue", flush=True)

@@ -7,7 +7,7 @@ and "algo1+algo2" (with the neighbourhood search).
     profiles of a 7-member ensemble; GPU latencies come from a stated analytic model (no GPU here).
 It also reports the cost model's error against the real measurements of (a).
 
-    python -m loadtest.allocator_bench [--max-combi 10] [--seconds 5]
+    python -m enserve.loadtest.allocator_bench [--max-combi 10] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.bench import _closed_loop, _free_port, _start, _stop
-from optimizer.allocation import Device, MemberProfile
-from optimizer.costmodel import CostModelBench, predicted_throughput
-from optimizer.devices import inventory
-from optimizer.placement import worst_fit_decreasing
-from optimizer.search import neighbourhood_search
-from server import allocate as alloc_mod
-from server.repository import import_onnx, load_repository
+from enserve.loadtest.bench import _closed_loop, _free_port, _start, _stop
+from enserve.optimizer.allocation import Device, MemberProfile
+from enserve.optimizer.costmodel import CostModelBench, predicted_throughput
+from enserve.optimizer.devices import inventory
+from enserve.optimizer.placement import worst_fit_decreasing
+from enserve.optimizer.search import neighbourhood_search
+from enserve.server import allocate as alloc_mod
+from enserve.server.repository import import_onnx, load_repository
 
 GPU_LAUNCH_S = 0.0002  # assumed per-batch overhead of a GPU (launch + copies)
 GPU_SPEEDUP = 30.0  # assumed GPU speed per image relative to one CPU core
@@ -50,7 +50,7 @@ def serve_and_measure(repo: Path, plan_file: Path, seconds: float, concurrency: 
 
 
 def part_a(repo: Path, args) -> tuple[list[tuple], list[float]]:
-    from optimizer import plan as plans
+    from enserve.optimizer import plan as plans
 
     rows = []
     errors = []
@@ -79,7 +79,7 @@ def part_a(repo: Path, args) -> tuple[list[tuple], list[float]]:
 
 
 def seven_member_repo(tmp: Path) -> Path:
-    from models.synthetic import write_tiny_cnns
+    from enserve.models.synthetic import write_tiny_cnns
 
     files = write_tiny_cnns(tmp / "onnx", (8, 12, 16, 24, 32, 48, 64), seed=10)
     import_onnx(files, tmp / "repo7", ensemble="ensemble")
@@ -96,8 +96,8 @@ def with_gpu_model(profiles: list[MemberProfile]) -> list[MemberProfile]:
 
 
 def part_b(repo7: Path, args) -> list[tuple]:
-    from optimizer.devices import hardware_fingerprint
-    from optimizer.profiles import profile_members
+    from enserve.optimizer.devices import hardware_fingerprint
+    from enserve.optimizer.profiles import profile_members
 
     repo = load_repository(repo7)
     _, names = alloc_mod.ensemble_members(repo, None)

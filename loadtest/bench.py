@@ -42,7 +42,7 @@ def ceiling(repository: Path, batch_sizes=(1, 2, 4, 8, 16, 32, 64), seconds: flo
     """Images/s of the members back to back in this process, per batch size; and batch-1 latency (ms)."""
     import onnxruntime as ort
 
-    from server.repository import load_repository
+    from enserve.server.repository import load_repository
 
     repo = load_repository(repository)
     options = ort.SessionOptions()
@@ -171,7 +171,7 @@ def print_table(cells: list[Cell], ceiling_rate: float, single_ms: float, naive:
 
 
 def run_bench(args) -> int:
-    from server.repository import load_repository
+    from enserve.server.repository import load_repository
 
     repo = load_repository(args.model_repository)
     first = next(iter(repo.members.values()))
@@ -200,7 +200,7 @@ def run_bench(args) -> int:
         for label, flags in variants:
             port = _free_port()
             naive_url = f"127.0.0.1:{port}"
-            procs.append(_start([sys.executable, "-m", "loadtest.naive", str(args.model_repository), str(port),
+            procs.append(_start([sys.executable, "-m", "enserve.loadtest.naive", str(args.model_repository), str(port),
                                  *flags], naive_url))
             for images in image_counts:
                 for conc in concurrencies:

@@ -49,7 +49,7 @@ def cases() -> list[tuple[np.ndarray, np.ndarray | None]]:
         return [(x, None) for x in inputs]
     import onnxruntime as ort
 
-    from server.repository import load_repository
+    from enserve.server.repository import load_repository
 
     r = load_repository(repo)
     members = r.ensembles[MODEL].members if MODEL in r.ensembles else [MODEL]

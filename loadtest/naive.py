@@ -2,7 +2,7 @@
 
 It answers ``ModelInfer`` for the ensemble like a hand-written single-process server would
 (what a user gets by wrapping ONNX Runtime sessions in a gRPC handler). Benchmarks only.
-Run as ``python -m loadtest.naive <repository> <port> [--tuned]``: ONNX Runtime's default
+Run as ``python -m enserve.loadtest.naive <repository> <port> [--tuned]``: ONNX Runtime's default
 session options (what a hand-written server gets), or ``--tuned`` with thread spinning off.
 """
 
@@ -20,7 +20,7 @@ import onnxruntime as ort
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from server.repository import load_repository
+from enserve.server.repository import load_repository
 
 
 class NaiveServicer(service_pb2_grpc.GRPCInferenceServiceServicer):

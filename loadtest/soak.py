@@ -2,7 +2,7 @@
 every N seconds. Reports requests, failures by kind, p50/p99, the RSS of every process at start
 and end, and the daemon's /dev/shm objects before and after.
 
-    python -m loadtest.soak --minutes 10 --users 32 --kill-every 30
+    python -m enserve.loadtest.soak --minutes 10 --users 32 --kill-every 30
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import threading
 import time
 from pathlib import Path
 
-from loadtest.bench import _free_port, _start
+from enserve.loadtest.bench import _free_port, _start
 
-ROOT = Path(__file__).resolve().parent.parent
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 
 
 def rss_mib(pid: int) -> float | None:
@@ -48,8 +48,8 @@ def workers(daemon_pid: int) -> dict[str, int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except FileNotFoundError:
             continue
-        if b"server.worker" in cmd:
-            out[json.loads(cmd[cmd.index(b"server.worker") + 1])["member"]] = pid
+        if b"enserve.server.worker" in cmd:
+            out[json.loads(cmd[cmd.index(b"enserve.server.worker") + 1])["member"]] = pid
     return out
 
 
@@ -84,7 +84,7 @@ def main() -> int:
     env = dict(os.environ, ENSERVE_GRPC_URL=f"127.0.0.1:{grpc_port}", ENSERVE_MODEL_REPOSITORY=str(repo))
     seconds = int(args.minutes * 60)
     locust = subprocess.Popen(
-        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
          "-u", str(args.users), "-r", str(args.users), "-t", f"{seconds}s", "--host", f"http://127.0.0.1:{http}",
          "--csv", str(args.out / "soak"), "--html", str(args.out / "soak.html"), "--only-summary",
          "GrpcUser", "HttpJsonUser", "HttpBinaryUser"],

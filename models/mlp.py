@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.resnet import ACTIVATIONS
+from enserve.models.resnet import ACTIVATIONS
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ device (or slowest member).
 
 from __future__ import annotations
 
-from optimizer.allocation import Allocation, Device, MemberProfile
+from enserve.optimizer.allocation import Allocation, Device, MemberProfile
 
 
 def threads_for(device: Device, n_members: int) -> int:

@@ -8,7 +8,7 @@ import os
 import platform
 from pathlib import Path
 
-from optimizer.allocation import Device
+from enserve.optimizer.allocation import Device
 
 
 def parse_core_list(text: str) -> tuple[int, ...]:

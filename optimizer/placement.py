@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from optimizer.allocation import Allocation, Device, MemberProfile, PlacementError
+from enserve.optimizer.allocation import Allocation, Device, MemberProfile, PlacementError
 
 
 def _mib(n: int) -> str:

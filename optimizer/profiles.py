@@ -1,7 +1,7 @@
 """Per-member profiles: memory footprint and seconds per batch, measured in a child process.
 
 A profile is measured once per (model file hash, hardware, device key) and cached in a
-versioned JSON file. Run as ``python -m optimizer.profiles '<json request>'`` for one measurement.
+versioned JSON file. Run as ``python -m enserve.optimizer.profiles '<json request>'`` for one measurement.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optimizer.allocation import Device, MemberProfile
+from enserve.optimizer.allocation import Device, MemberProfile
 
 CACHE_VERSION = 1
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64)
@@ -81,9 +81,7 @@ def _request(source: MemberSource, kind: str, threads: int, cores: tuple[int, ..
 
 
 def _child_command(*args: str) -> tuple[list[str], dict]:
-    pkg_root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=pkg_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return [sys.executable, "-m", "optimizer.profiles", *args], env
+    return [sys.executable, "-m", "enserve.optimizer.profiles", *args], dict(os.environ)
 
 
 def _parse_result(line: str) -> dict:

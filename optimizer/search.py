@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from optimizer.allocation import Allocation, Device, MemberProfile, fits
+from enserve.optimizer.allocation import Allocation, Device, MemberProfile, fits
 
 Bench = Callable[[Allocation], float]  # higher is better
 

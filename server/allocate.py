@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from optimizer import plan as plans
-from optimizer.allocation import Allocation, Device, MemberProfile
-from optimizer.costmodel import CostModelBench
-from optimizer.devices import hardware_fingerprint
-from optimizer.placement import worst_fit_decreasing
-from optimizer.profiles import MemberSource, file_hash, profile_members
-from optimizer.search import SearchResult, neighbourhood_search
-from server.config import ServeOptions
-from server.errors import RepositoryError
-from server.repository import Repository
+from enserve.optimizer import plan as plans
+from enserve.optimizer.allocation import Allocation, Device, MemberProfile
+from enserve.optimizer.costmodel import CostModelBench
+from enserve.optimizer.devices import hardware_fingerprint
+from enserve.optimizer.placement import worst_fit_decreasing
+from enserve.optimizer.profiles import MemberSource, file_hash, profile_members
+from enserve.optimizer.search import SearchResult, neighbourhood_search
+from enserve.server.config import ServeOptions
+from enserve.server.errors import RepositoryError
+from enserve.server.repository import Repository
 
 log = logging.getLogger("enserve")
 
@@ -88,7 +88,7 @@ class RealBench:
         return asyncio.run(self._measure(repo))
 
     async def _measure(self, repo: Repository) -> float:
-        from server.orchestrator import Orchestrator
+        from enserve.server.orchestrator import Orchestrator
 
         options = ServeOptions(model_repository=repo.path, max_inflight=1 << 20, request_timeout_s=120)
         orch = Orchestrator(repo, options)

@@ -11,16 +11,16 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from server.config import ServeOptions
-from server.errors import EnserveError, RepositoryError
-from server.grpc_frontend import make_server
-from server.http_frontend import HttpFrontend
-from server.orchestrator import Orchestrator
-from server.repository import Repository, load_repository
-from server.security import Tokens, read_pair, server_ssl_context
-from server.service import Service
-from server.shm import clean_leftovers
-from server.stats import MetricsCollector
+from enserve.server.config import ServeOptions
+from enserve.server.errors import EnserveError, RepositoryError
+from enserve.server.grpc_frontend import make_server
+from enserve.server.http_frontend import HttpFrontend
+from enserve.server.orchestrator import Orchestrator
+from enserve.server.repository import Repository, load_repository
+from enserve.server.security import Tokens, read_pair, server_ssl_context
+from enserve.server.service import Service
+from enserve.server.shm import clean_leftovers
+from enserve.server.stats import MetricsCollector
 
 log = logging.getLogger("enserve")
 
@@ -53,10 +53,10 @@ async def _site(app: web.Application, host: str, port: int, what: str, ssl_conte
 
 def choose_placement(repo: Repository, options: ServeOptions) -> None:
     """Apply a forced plan, a saved plan for this ensemble and hardware, or a new one."""
-    from optimizer import plan as plans
-    from optimizer.devices import hardware_fingerprint, inventory
-    from optimizer.profiles import file_hash
-    from server.allocate import allocate, apply_plan, ensemble_members, plan_table
+    from enserve.optimizer import plan as plans
+    from enserve.optimizer.devices import hardware_fingerprint, inventory
+    from enserve.optimizer.profiles import file_hash
+    from enserve.server.allocate import allocate, apply_plan, ensemble_members, plan_table
 
     if options.plan_path is not None:
         try:

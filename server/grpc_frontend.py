@@ -10,11 +10,11 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from server.errors import EnserveError, InvalidArgument
-from server.security import AuthInterceptor, Tokens, grpc_credentials, read_pair
-from server.service import Service, cuda_shm_unavailable, parse_timeout
-from server.stats import ModelStats
-from server.tensors import RequestInput, RequestOutput
+from enserve.server.errors import EnserveError, InvalidArgument
+from enserve.server.security import AuthInterceptor, Tokens, grpc_credentials, read_pair
+from enserve.server.service import Service, cuda_shm_unavailable, parse_timeout
+from enserve.server.stats import ModelStats
+from enserve.server.tensors import RequestInput, RequestOutput
 
 log = logging.getLogger("enserve")
 MAX_MESSAGE = 2**31 - 1  # as tritonclient

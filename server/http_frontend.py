@@ -7,11 +7,11 @@ import json
 from aiohttp import web
 from google.protobuf import json_format
 
-from server.errors import EnserveError, InvalidArgument, PayloadTooLarge
-from server.security import Tokens, is_admin_path, is_open_path
-from server.service import Service, cuda_shm_unavailable, parse_timeout
-from server.stats import DURATIONS, ModelStats
-from server.tensors import RequestInput, RequestOutput
+from enserve.server.errors import EnserveError, InvalidArgument, PayloadTooLarge
+from enserve.server.security import Tokens, is_admin_path, is_open_path
+from enserve.server.service import Service, cuda_shm_unavailable, parse_timeout
+from enserve.server.stats import DURATIONS, ModelStats
+from enserve.server.tensors import RequestInput, RequestOutput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

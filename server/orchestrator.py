@@ -16,13 +16,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-import server
-from server.config import ServeOptions
-from server.errors import (
+from enserve.server.config import ServeOptions
+from enserve.server.errors import (
     DeadlineExceeded,
     EnserveError,
     Internal,
@@ -30,7 +28,7 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from server.protocol import (
+from enserve.server.protocol import (
     STATUS_LOAD_FAILED,
     STATUS_OK,
     STATUS_READY,
@@ -38,17 +36,17 @@ from server.protocol import (
     Done,
     DoneReader,
 )
-from server.repository import (
+from enserve.server.repository import (
     ENTROPY_OUTPUT,
     VARIANCE_OUTPUT,
     MemberSpec,
     Repository,
     TensorSpec,
 )
-from server.rows import RowRing
-from server.shm import Arena, arena_name
-from server.stats import ModelStats
-from server.worker import WorkerSpec
+from enserve.server.rows import RowRing
+from enserve.server.shm import Arena, arena_name
+from enserve.server.stats import ModelStats
+from enserve.server.worker import WorkerSpec
 
 log = logging.getLogger("enserve")
 F_SETPIPE_SZ = 1031
@@ -235,8 +233,6 @@ class Orchestrator:
         if device.startswith("gpu"):
             env["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2] or "0"
             device = "gpu:0"
-        pkg_root = str(Path(server.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
         spec = WorkerSpec(
             member=m.name,
             model_path=str(m.spec.path),
@@ -255,7 +251,7 @@ class Orchestrator:
         )
         try:
             m.proc = subprocess.Popen(
-                [sys.executable, "-m", "server.worker", spec.to_json()],
+                [sys.executable, "-m", "enserve.server.worker", spec.to_json()],
                 pass_fds=(task_r, self.done_w, lifeline_w), env=env,
             )
         finally:

@@ -18,8 +18,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
-from optimizer.devices import parse_core_list
-from server.errors import RepositoryError
+from enserve.optimizer.devices import parse_core_list
+from enserve.server.errors import RepositoryError
 
 ONNX_PLATFORM = "onnxruntime_onnx"
 ENSEMBLE_PLATFORM = "ensemble"

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server import __version__
-from server.config import ServeOptions
-from server.errors import InvalidArgument, NotFound, Unavailable
-from server.orchestrator import Orchestrator, Target
-from server.repository import Repository, ensemble_config, member_config
-from server.shm import ClientRegions
-from server.tensors import (
+from enserve.server import __version__
+from enserve.server.config import ServeOptions
+from enserve.server.errors import InvalidArgument, NotFound, Unavailable
+from enserve.server.orchestrator import Orchestrator, Target
+from enserve.server.repository import Repository, ensemble_config, member_config
+from enserve.server.shm import ClientRegions
+from enserve.server.tensors import (
     RequestInput,
     RequestOutput,
     check_shm_outputs,

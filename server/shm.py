@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import posix_ipc
 
-from server.errors import AlreadyExists, InvalidArgument, NotFound
+from enserve.server.errors import AlreadyExists, InvalidArgument, NotFound
 
 PREFIX = "enserve."
 SHM_DIR = Path("/dev/shm")

@@ -3,7 +3,7 @@
 It builds its ONNX Runtime session inside the child, reads input rows straight from the
 shared input ring, writes its outputs into its own shared output slots, and talks to the
 orchestrator only through fixed-size descriptors (``server.protocol``).
-Run as ``python -m server.worker '<json spec>'``.
+Run as ``python -m enserve.server.worker '<json spec>'``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.protocol import (
+from enserve.server.protocol import (
     STATUS_ERROR,
     STATUS_LOAD_FAILED,
     STATUS_OK,
@@ -27,7 +27,7 @@ from server.protocol import (
     TaskReader,
     pack_done,
 )
-from server.shm import Arena
+from enserve.server.shm import Arena
 
 
 @dataclass

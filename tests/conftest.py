@@ -56,7 +56,7 @@ class Daemon:
 
     def worker_pids(self) -> dict[str, int]:
         """Member name -> worker pid, read from the daemon's children (their command lines)."""
-        from loadtest.soak import workers
+        from enserve.loadtest.soak import workers
 
         return workers(self.pid)
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from optimizer import plan as plans
+from enserve.optimizer import plan as plans
 from tests.conftest import ROOT, images, start_daemon
 
 
@@ -58,8 +58,8 @@ def test_allocate_on_two_cpu_devices_then_serve_the_plan(demo_repo, reference, t
 def test_allocate_reports_an_impossible_fit(demo_repo, tmp_path):
     import json
 
-    from optimizer.allocation import MemberProfile
-    from optimizer.profiles import profiles_to_json
+    from enserve.optimizer.allocation import MemberProfile
+    from enserve.optimizer.profiles import profiles_to_json
 
     huge = [MemberProfile(n, 2**50, {"cpu1": {1: 0.001}}) for n in ("cnn_w12", "cnn_w20", "cnn_w32", "cnn_w56")]
     prof = tmp_path / "profiles.json"
@@ -79,7 +79,7 @@ def test_a_long_lived_profiler_measures_model_after_model_and_reports_a_bad_one(
 
     import pytest
 
-    from optimizer.profiles import MemberSource, Profiler
+    from enserve.optimizer.profiles import MemberSource, Profiler
 
     files = sorted(demo_repo.glob("*/1/model.onnx"))[:2]
     sources = [MemberSource(f.parent.parent.name, str(f), (("input", "<f4", (3, 32, 32)),)) for f in files]

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the 'tune' extra (torch) is not installed")
 
-from tuning.augment import Augmentation, apply_affine, augment  # noqa: E402
+from enserve.tuning.augment import Augmentation, apply_affine, augment  # noqa: E402
 
 
 def one_hot_image(row: int, col: int) -> torch.Tensor:

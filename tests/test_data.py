@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("sklearn", reason="the 'tune' extra is not installed")
 
-from tuning.data import load_dataset  # noqa: E402
+from enserve.tuning.data import load_dataset  # noqa: E402
 
 
 def test_digits_split_is_fixed_and_disjoint():

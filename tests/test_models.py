@@ -6,9 +6,9 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the 'tune' extra (torch) is not installed")
 
-from models.counting import flop_count, parameter_count  # noqa: E402
-from models.mlp import MLP, MLPConfig  # noqa: E402
-from models.resnet import ResNet, ResNetConfig  # noqa: E402
+from enserve.models.counting import flop_count, parameter_count  # noqa: E402
+from enserve.models.mlp import MLP, MLPConfig  # noqa: E402
+from enserve.models.resnet import ResNet, ResNetConfig  # noqa: E402
 
 
 @pytest.mark.parametrize("block", ["v1", "v2", "next"])

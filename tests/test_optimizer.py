@@ -6,12 +6,12 @@ import itertools
 
 import pytest
 
-from optimizer import plan as plans
-from optimizer.allocation import Allocation, Device, MemberProfile, PlacementError, fits
-from optimizer.costmodel import predicted_throughput
-from optimizer.devices import parse_cpu_devices
-from optimizer.placement import worst_fit_decreasing
-from optimizer.search import neighbourhood_search, neighbours
+from enserve.optimizer import plan as plans
+from enserve.optimizer.allocation import Allocation, Device, MemberProfile, PlacementError, fits
+from enserve.optimizer.costmodel import predicted_throughput
+from enserve.optimizer.devices import parse_cpu_devices
+from enserve.optimizer.placement import worst_fit_decreasing
+from enserve.optimizer.search import neighbourhood_search, neighbours
 
 MiB = 2**20
 

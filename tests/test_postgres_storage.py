@@ -58,8 +58,8 @@ def postgres_url():
 def test_workers_share_a_study_in_postgresql(postgres_url, tmp_path):
     import optuna
 
-    from tuning.library import read_records
-    from tuning.search import build_library
+    from enserve.tuning.library import read_records
+    from enserve.tuning.search import build_library
 
     lib = tmp_path / "library"
     build_library("digits", lib, storage=postgres_url, workers=2, time_budget_s=25, max_epochs=2,

@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("optuna", reason="the 'tune' extra is not installed")
 
+from enserve.tuning.library import candidates, read_index, read_records, write_index  # noqa: E402
+from enserve.tuning.search import build_library  # noqa: E402
 from tests.conftest import ROOT, start_daemon  # noqa: E402
-from tuning.library import candidates, read_index, read_records, write_index  # noqa: E402
-from tuning.search import build_library  # noqa: E402
 
 
 def study_trials(storage: str) -> int:
@@ -44,8 +44,8 @@ def test_two_workers_build_a_library_and_a_rerun_continues(library):
     assert index["version"] == 1 and len(index["trials"]) == len(records)
     c = candidates(lib)
     assert c.val_preds.shape[1:] == (360, 10) and np.allclose(c.val_preds.sum(axis=2), 1, atol=1e-4)
-    from tuning.build import progress_line
-    from tuning.search import running_trials
+    from enserve.tuning.build import progress_line
+    from enserve.tuning.search import running_trials
 
     line = progress_line(lib, running=running_trials(storage))
     assert line.startswith("trials: 0 running, ") and "best single: trial" in line and "best ensemble:" in line
@@ -57,8 +57,8 @@ def test_two_workers_build_a_library_and_a_rerun_continues(library):
 def test_select_exports_a_servable_ensemble(library, tmp_path):
     import onnxruntime as ort
 
-    from server.repository import load_repository
-    from tuning.data import load_dataset
+    from enserve.server.repository import load_repository
+    from enserve.tuning.data import load_dataset
 
     lib, _ = library
     repo = tmp_path / "repo"
@@ -91,8 +91,8 @@ def test_select_exports_a_servable_ensemble(library, tmp_path):
 def test_augmentation_ranges_follow_the_image_size():
     import optuna
 
-    from tuning.data import load_dataset
-    from tuning.search import (
+    from enserve.tuning.data import load_dataset
+    from enserve.tuning.search import (
         SMALL_IMAGE_AUGMENTATION,
         TABLE5_AUGMENTATION,
         augmentation_bounds,

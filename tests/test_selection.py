@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tuning.selection import (
+from enserve.tuning.selection import (
     caruana,
     combine,
     cross_entropy,
@@ -109,8 +109,8 @@ def test_prune_top_fraction():
 
 
 def test_choose_prunes_among_the_models_that_fit_the_budget():
-    from tuning.build import best_single, choose
-    from tuning.library import Candidates
+    from enserve.tuning.build import best_single, choose
+    from enserve.tuning.library import Candidates
 
     preds = np.stack([A, B, C, D])
     losses = np.array([cross_entropy(p, LABELS) for p in preds])  # A 0.105 < D 0.465 < B 0.511 < C 0.775

@@ -7,12 +7,12 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the 'tune' extra (torch) is not installed")
 
-from models.mlp import MLPConfig  # noqa: E402
-from models.resnet import ResNetConfig  # noqa: E402
-from tuning.augment import Augmentation  # noqa: E402
-from tuning.data import load_dataset  # noqa: E402
-from tuning.export import export_onnx, optimise_offline, tensorrt_available  # noqa: E402
-from tuning.train import TrialConfig, TrialDiverged, build_model, evaluate, predict, train  # noqa: E402
+from enserve.models.mlp import MLPConfig  # noqa: E402
+from enserve.models.resnet import ResNetConfig  # noqa: E402
+from enserve.tuning.augment import Augmentation  # noqa: E402
+from enserve.tuning.data import load_dataset  # noqa: E402
+from enserve.tuning.export import export_onnx, optimise_offline, tensorrt_available  # noqa: E402
+from enserve.tuning.train import TrialConfig, TrialDiverged, build_model, evaluate, predict, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_resnet_learns_digits_and_exports(digits, tmp_path):
                 np.testing.assert_allclose(got, predict(model, digits.x_test[:n]), atol=1e-4)
     with pytest.raises(ValueError, match="exporter 'jit' is not one of"):
         export_onnx(model, digits.input_shape, tmp_path / "x.onnx", exporter="jit")
-    from server.repository import read_onnx_signature
+    from enserve.server.repository import read_onnx_signature
 
     inputs, outputs = read_onnx_signature(path)  # what `enserve import` accepts
     assert inputs[0].name == "input" and inputs[0].dims == (1, 8, 8) and outputs[0].dims == (10,)

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.synthetic import write_tiny_cnns
-from server.errors import RepositoryError
-from server.protocol import DONE, STATUS_OK, DoneReader, TaskReader, pack_done, pack_tasks
-from server.repository import import_onnx, load_repository, parse_cores
-from server.rows import RowRing
-from server.worker import collect
+from enserve.models.synthetic import write_tiny_cnns
+from enserve.server.errors import RepositoryError
+from enserve.server.protocol import DONE, STATUS_OK, DoneReader, TaskReader, pack_done, pack_tasks
+from enserve.server.repository import import_onnx, load_repository, parse_cores
+from enserve.server.rows import RowRing
+from enserve.server.worker import collect
 
 
 def test_row_ring_contiguous_wrap_and_out_of_order_free():
@@ -119,7 +119,7 @@ def test_import_writes_triton_layout_and_reads_back(tmp_path):
 def test_import_names_the_member_that_disagrees(tmp_path):
     import onnx
 
-    from models.synthetic import tiny_cnn
+    from enserve.models.synthetic import tiny_cnn
 
     a = tmp_path / "a.onnx"
     b = tmp_path / "b.onnx"
@@ -135,7 +135,7 @@ def test_import_names_the_member_that_disagrees(tmp_path):
 def test_import_rejects_fixed_batch_axis(tmp_path):
     import onnx
 
-    from models.synthetic import tiny_cnn
+    from enserve.models.synthetic import tiny_cnn
 
     model = tiny_cnn(4, seed=0)
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
@@ -147,7 +147,7 @@ def test_import_rejects_fixed_batch_axis(tmp_path):
 
 
 def test_synthetic_members_differ_in_size():
-    from models.synthetic import tiny_cnn
+    from enserve.models.synthetic import tiny_cnn
 
     sizes = [sum(np.prod(t.dims) for t in tiny_cnn(w, seed=0).graph.initializer) for w in (12, 20, 32, 56)]
     assert sizes == sorted(sizes) and sizes[-1] > 10 * sizes[0]
@@ -172,8 +172,8 @@ def test_collect_waits_for_the_task_wait_budget():
 def test_wait_budget_is_the_gap_to_the_slowest_member_capped():
     from types import SimpleNamespace
 
-    from server.config import ServeOptions
-    from server.orchestrator import Orchestrator
+    from enserve.server.config import ServeOptions
+    from enserve.server.orchestrator import Orchestrator
 
     orch = Orchestrator(None, ServeOptions(model_repository=Path("."), max_adaptive_wait_us=3000))
     fast, slow = SimpleNamespace(batch_ns=200_000.0), SimpleNamespace(batch_ns=2_500_000.0)

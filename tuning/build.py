@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tuning.library import Candidates, candidates, read_records
-from tuning.selection import (
+from enserve.tuning.library import Candidates, candidates, read_records
+from enserve.tuning.selection import (
     Selection,
     cross_entropy,
     error_rate,

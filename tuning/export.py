@@ -83,7 +83,7 @@ def tensorrt_available() -> tuple[bool, str]:
         import tensorrt  # noqa: F401
     except ImportError:
         return False, "TensorRT engines skipped: the 'tensorrt' package is not installed (pip install 'enserve[gpu]')"
-    from optimizer.devices import gpus
+    from enserve.optimizer.devices import gpus
 
     if not gpus():
         return False, "TensorRT engines skipped: no NVIDIA GPU is visible (NVML found none, or nvidia-ml-py is missing)"

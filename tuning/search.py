@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tuning.library import TrialRecord, trial_dir, write_record
+from enserve.tuning.library import TrialRecord, trial_dir, write_record
 
 COST_SAMPLES = 2000  # the paper's C: seconds to predict this many samples on one core
 SAMPLERS = ("random", "tpe", "gp", "nsga2")
@@ -78,10 +78,10 @@ def augmentation_bounds(input_shape: tuple[int, ...]) -> AugmentationBounds:
 def suggest(trial, data):
     """Table 5's space, scaled to what a CPU trains in minutes (filters [8, 32], 1-2 blocks a stage,
     L2 <= 1e-3) and, for small images, narrower augmentations (``augmentation_bounds``)."""
-    from models.mlp import MLPConfig
-    from models.resnet import ResNetConfig
-    from tuning.augment import Augmentation
-    from tuning.train import TrialConfig
+    from enserve.models.mlp import MLPConfig
+    from enserve.models.resnet import ResNetConfig
+    from enserve.tuning.augment import Augmentation
+    from enserve.tuning.train import TrialConfig
 
     lr = trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)
     batch = trial.suggest_int("batch_size", 8, 48)
@@ -114,7 +114,7 @@ def suggest(trial, data):
 def measure_cost(onnx_path: Path, data, profiler) -> float:
     """Seconds to predict COST_SAMPLES samples with one core, measured by ``profiler`` (an
     ``optimizer.profiles.Profiler``: a child process, so training does not disturb it)."""
-    from optimizer.profiles import MemberSource
+    from enserve.optimizer.profiles import MemberSource
 
     src = MemberSource(onnx_path.parent.name, str(onnx_path), (("input", "<f4", tuple(data.input_shape)),))
     latency = profiler.measure(src, kind="cpu", threads=1, batch_sizes=(64,), seconds=0.2)["latency_s"][64]
@@ -130,10 +130,10 @@ def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler) 
     import optuna
     import torch
 
-    from models.counting import flop_count, parameter_count
-    from tuning.export import export_onnx
-    from tuning.selection import cross_entropy, error_rate
-    from tuning.train import TrialDiverged, build_model, predict, train
+    from enserve.models.counting import flop_count, parameter_count
+    from enserve.tuning.export import export_onnx
+    from enserve.tuning.selection import cross_entropy, error_rate
+    from enserve.tuning.train import TrialDiverged, build_model, predict, train
 
     config = suggest(trial, data)
     torch.manual_seed(seed + trial.number)
@@ -181,7 +181,7 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # the exporter's notes, once per trial
     warnings.filterwarnings("ignore", category=FutureWarning)
 
-    from tuning.data import load_dataset
+    from enserve.tuning.data import load_dataset
 
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -196,7 +196,7 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
     callbacks = []
     if max_trials is not None:
         callbacks.append(optuna.study.MaxTrialsCallback(max_trials, states=None))
-    from optimizer.profiles import Profiler
+    from enserve.optimizer.profiles import Profiler
 
     with Profiler() as profiler:
         study.optimize(lambda t: objective(t, data, Path(library), max_epochs, seed, profiler), timeout=remaining,
@@ -220,8 +220,8 @@ def build_library(dataset: str, library: Path, *, storage: str | None = None, st
     """Create (or continue) the study and run ``workers`` processes on it until the time budget."""
     import optuna
 
-    from tuning.data import load_dataset
-    from tuning.library import write_labels
+    from enserve.tuning.data import load_dataset
+    from enserve.tuning.library import write_labels
 
     if max_epochs < 1:
         raise ValueError(f"max_epochs is {max_epochs}, but must be >= 1")

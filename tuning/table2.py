@@ -5,7 +5,7 @@ size. Like the paper, each search runs with several seeds (data split and search
 means over them (the paper shows medians: on digits' 360 test images one error is 0.28 %, so a
 median of three moves in steps that size).
 
-    python -m tuning.table2 --time-budget 2m --workers 2 --seeds 3
+    python -m enserve.tuning.table2 --time-budget 2m --workers 2 --seeds 3
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tuning.build import best_single, choose
-from tuning.library import Candidates, candidates, write_index
-from tuning.search import build_library
+from enserve.tuning.build import best_single, choose
+from enserve.tuning.library import Candidates, candidates, write_index
+from enserve.tuning.search import build_library
 
 SEARCHES = {"ASHA": ("random", "asha"), "random": ("random", "none")}
 BUDGET_MULTIPLES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.mlp import MLP, MLPConfig
-from models.resnet import ResNet, ResNetConfig
-from tuning.augment import Augmentation, augment
-from tuning.data import Dataset
+from enserve.models.mlp import MLP, MLPConfig
+from enserve.models.resnet import ResNet, ResNetConfig
+from enserve.tuning.augment import Augmentation, augment
+from enserve.tuning.data import Dataset
 
 
 class TrialDiverged(Exception):
