@@ -23,6 +23,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--grpc-port", type=int, default=int(_env("grpc_port", 8001)), help="KServe v2 gRPC port")
     p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 8002)),
                    help="Prometheus metrics port (GET /metrics)")
+    p.add_argument("--grpc-transport", choices=("auto", "native", "grpcio"), default=_env("grpc_transport", "auto"),
+                   help="gRPC server: 'native' (pygrpc-native: HTTP/2 in Rust, outside the GIL), 'grpcio' "
+                        "(needed for TLS), or 'auto': native unless --tls-cert is given")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size of every member (default: each member's config.pbtxt preferred_batch_size)")
     p.add_argument("--max-queue-delay-us", type=int, default=None,
@@ -106,6 +109,8 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("init-demo", help="write a repository of 4 small CNNs (3x32x32, 10 classes) and their ensemble")
     p.add_argument("--model-repository", type=Path, required=True)
     p.add_argument("--force", action="store_true", help="rewrite it even if it exists")
+    p.add_argument("--widths", default="12,20,32,56",
+                   help="first-layer widths of the members, one member each (compute grows as width^2)")
 
 
 def _duration(text: str) -> float:
@@ -164,7 +169,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated client concurrencies")
     p.add_argument("--images", default="1,8", help="comma-separated images per request")
     p.add_argument("--seconds", type=float, default=5.0, help="measuring time per cell")
-    p.add_argument("--no-naive", action="store_true", help="skip the naive one-process baseline")
+    p.add_argument("--no-naive", action="store_true", help="skip the baselines (replicated, naive-tuned, naive)")
     p.add_argument("serve_args", nargs="*", help="extra 'enserve serve' flags after '--' (e.g. -- --batch-size 16)")
 
 
@@ -196,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_select(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        from enserve.server.config import ServeOptions
+        from enserve.server.config import ServeOptions, transport_for
         from enserve.server.daemon import run
         from enserve.server.errors import EnserveError
 
         try:
+            transport_for(args.grpc_transport, args.tls_cert is not None)
             cores = _cores(args.cpu_cores)
             auth = _token(args.auth_token_file, "ENSERVE_AUTH_TOKEN")
             admin = _token(args.admin_token_file, "ENSERVE_ADMIN_TOKEN")
@@ -210,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
         return run(ServeOptions(
             model_repository=args.model_repository, host=args.host, http_port=args.http_port,
-            grpc_port=args.grpc_port, metrics_port=args.metrics_port, batch_size=args.batch_size,
+            grpc_port=args.grpc_port, metrics_port=args.metrics_port, grpc_transport=args.grpc_transport,
+            batch_size=args.batch_size,
             queue_delay_us=args.max_queue_delay_us, max_adaptive_wait_us=args.max_adaptive_wait_us,
             device=args.device, cpu_cores=cores,
             threads_per_member=args.threads_per_member, arena_mib=args.shm_arena_mib,
@@ -240,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("build", "select"):
         return build_command(args)
     if args.command == "init-demo":
-        return init_demo(args.model_repository, force=args.force)
+        try:
+            widths = tuple(int(w) for w in args.widths.split(","))
+        except ValueError:
+            parser.error(f"--widths '{args.widths}' is not a comma-separated list of integers")
+        return init_demo(args.model_repository, force=args.force, widths=widths)
     if args.command == "bench":
         from enserve.loadtest.bench import run_bench
 
@@ -248,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def init_demo(repository: Path, *, force: bool = False) -> int:
+def init_demo(repository: Path, *, force: bool = False, widths: tuple[int, ...] = (12, 20, 32, 56)) -> int:
     import tempfile
 
     from enserve.models.synthetic import write_tiny_cnns
@@ -258,9 +269,10 @@ def init_demo(repository: Path, *, force: bool = False) -> int:
         print(f"{repository} already holds an ensemble; keeping it (--force rewrites it)")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        files = write_tiny_cnns(Path(tmp))
+        files = write_tiny_cnns(Path(tmp), widths)
         import_onnx(files, repository, ensemble="ensemble")
-    print(f"wrote {repository}: 4 CNN members (widths 12, 20, 32, 56) and their ensemble 'ensemble'")
+    print(f"wrote {repository}: {len(widths)} CNN members (widths {', '.join(map(str, widths))}) "
+          "and their ensemble 'ensemble'")
     return 0
 
 

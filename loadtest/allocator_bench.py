@@ -26,8 +26,8 @@ from enserve.loadtest.bench import _closed_loop, _free_port, _start, _stop
 from enserve.optimizer.allocation import Device, MemberProfile
 from enserve.optimizer.costmodel import CostModelBench, predicted_throughput
 from enserve.optimizer.devices import inventory
-from enserve.optimizer.placement import worst_fit_decreasing
-from enserve.optimizer.search import neighbourhood_search
+from enserve.optimizer.placement import proportional_start, worst_fit_decreasing
+from enserve.optimizer.search import PAPER_MOVES, neighbourhood_search
 from enserve.server import allocate as alloc_mod
 from enserve.server.repository import import_onnx, load_repository
 
@@ -41,7 +41,7 @@ def serve_and_measure(repo: Path, plan_file: Path, seconds: float, concurrency: 
     proc = _start([sys.executable, "-m", "enserve", "serve", "--model-repository", str(repo), "--plan", str(plan_file),
                    "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])], url)
     try:
-        n, _, errors = asyncio.run(_closed_loop(url, "ensemble", concurrency, images, seconds, (3, 32, 32)))
+        n, _, errors, _ = asyncio.run(_closed_loop(url, "ensemble", concurrency, images, seconds, (3, 32, 32)))
     finally:
         _stop(proc)
     if errors:
@@ -61,13 +61,13 @@ def part_a(repo: Path, args) -> tuple[list[tuple], list[float]]:
         devices = inventory(spec, use_gpus=False)
         done = alloc_mod.allocate(load_repository(repo), devices, max_combi=args.max_combi, time_budget_s=None,
                                   bench_seconds=args.bench_seconds, progress=lambda m: print("  " + m, flush=True))
-        names = [e.member for e in done.plan.members]
+        _, names = alloc_mod.ensemble_members(load_repository(repo), None)
         model = CostModelBench(done.profiles, devices)
         for alloc, real in done.result.history:
             errors.append((model(alloc) - real) / real)
         measured = {}
-        for which, entries in (("algo1", done.plan.start), ("algo1+algo2", done.plan.members)):
-            plan = plans.Plan(**{**done.plan.__dict__, "members": entries})
+        for which, groups in (("algo1", done.plan.start), ("algo1+algo2", done.plan.groups)):
+            plan = plans.Plan(**{**done.plan.__dict__, "groups": groups})
             path = repo.parent / f"plan-{spec.replace(';', '_')}-{which}.json"
             plans.save(plan, path)
             measured[which] = serve_and_measure(repo, path, args.seconds, 16, 8)
@@ -111,8 +111,12 @@ def part_b(repo7: Path, args) -> list[tuple]:
         devices = [Device(f"gpu:{i}", "gpu", 16 * 2**30, index=i) for i in range(g)] + cpu
         start = worst_fit_decreasing(profiles, devices, 32)
         bench = CostModelBench(profiles, devices)
-        result = neighbourhood_search(start, profiles, devices, [1, 8, 32, 64], bench, max_combi=args.sim_combi)
-        rows.append((g, result.start_score, result.best_score, result.evaluated, alloc_mod.describe(result.best, names)))
+        paper = neighbourhood_search(start, profiles, devices, [1, 8, 32, 64], bench, max_combi=args.sim_combi,
+                                     moves=PAPER_MOVES)
+        full = neighbourhood_search(proportional_start(start, profiles, devices), profiles, devices,
+                                    [1, 8, 32, 64], bench, max_combi=args.sim_combi)
+        rows.append((g, paper.start_score, paper.best_score, full.start_score, full.best_score,
+                     paper.evaluated + full.evaluated, alloc_mod.describe(full.best, names)))
     return rows
 
 
@@ -152,10 +156,13 @@ def main() -> int:
           f"median {np.median(err):.0%}, signed mean {np.mean(errors):+.0%}")
     print("\n(b) predicted predictions/s, 7-member ensemble, N simulated GPUs + 1 CPU device "
           f"(GPU model: {GPU_LAUNCH_S * 1e3:.1f} ms per batch + CPU-core time / {GPU_SPEEDUP:g} per image)")
-    print(f"{'GPUs':>4} {'algo1':>9} {'algo1+algo2':>12} {'gain':>6} {'scored':>7}")
-    for g, s0, s1, n, _ in rows_b:
-        print(f"{g:>4} {s0:>9.0f} {s1:>12.0f} {s1 / s0:>6.2f} {n:>7}")
-    print(f"refined with 6 GPUs: {rows_b[-1][4]}")
+    print("    algo1+algo2: the paper's moves (batch size, device); with replicas: proportional start and every "
+          "move (replicas, threads, worker groups)")
+    print(f"{'GPUs':>4} {'algo1':>9} {'algo1+algo2':>12} {'gain':>6} {'replicas: start':>16} {'refined':>8} "
+          f"{'gain':>6} {'scored':>7}")
+    for g, s0, s1, r0, r1, n, _ in rows_b:
+        print(f"{g:>4} {s0:>9.0f} {s1:>12.0f} {s1 / s0:>6.2f} {r0:>16.0f} {r1:>8.0f} {r1 / s0:>6.2f} {n:>7}")
+    print(f"refined with 6 GPUs and replicas: {rows_b[-1][6]}")
     return 0
 
 

@@ -29,6 +29,8 @@ class Cell:
     seconds: float
     latencies_ms: np.ndarray
     errors: int
+    front_cpu_s: float = float("nan")  # CPU of the server's frontend process during the window
+    total_cpu_s: float = float("nan")  # CPU of all its processes (frontend + workers)
 
     @property
     def images_per_s(self) -> float:
@@ -38,18 +40,40 @@ class Cell:
         return float(np.percentile(self.latencies_ms, q)) if len(self.latencies_ms) else float("nan")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process (all its threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return out
+    for c in children:
+        out.extend(_tree(int(c)))
+    return out
+
+
+def cpu_sample(pid: int | None) -> tuple[float, float]:
+    """(frontend CPU s, whole process tree CPU s) of a server, or NaN without a pid."""
+    if pid is None:
+        return float("nan"), float("nan")
+    return _cpu_seconds(pid), sum(_cpu_seconds(p) for p in _tree(pid))
+
+
 def ceiling(repository: Path, batch_sizes=(1, 2, 4, 8, 16, 32, 64), seconds: float = 1.5) -> tuple[dict, float]:
     """Images/s of the members back to back in this process, per batch size; and batch-1 latency (ms)."""
-    import onnxruntime as ort
-
+    from enserve.optimizer.sessions import session_for
     from enserve.server.repository import load_repository
 
     repo = load_repository(repository)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = len(os.sched_getaffinity(0))
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sessions = [ort.InferenceSession(str(m.path), options, providers=["CPUExecutionProvider"])
-                for m in repo.members.values()]
+    sessions = [session_for(str(m.path), threads=len(os.sched_getaffinity(0))) for m in repo.members.values()]
     spec = next(iter(repo.members.values())).inputs[0]
     rates = {}
     single_ms = float("nan")
@@ -70,7 +94,8 @@ def ceiling(repository: Path, batch_sizes=(1, 2, 4, 8, 16, 32, 64), seconds: flo
 
 
 async def _closed_loop(url: str, model: str, concurrency: int, images: int, seconds: float,
-                       dims: tuple[int, ...], warmup: float = 1.0, row_bytes: int = 40) -> tuple[int, list[float], int]:
+                       dims: tuple[int, ...], warmup: float = 1.0, row_bytes: int = 40,
+                       pid: int | None = None) -> tuple[int, list[float], int, tuple[float, float]]:
     """``concurrency`` users over one channel; each request is serialised once, like perf_analyzer."""
     import grpc
     from tritonclient.grpc import service_pb2 as pb
@@ -105,14 +130,22 @@ async def _closed_loop(url: str, model: str, concurrency: int, images: int, seco
                 elif t0 >= t_start and t1 <= t_end:
                     lat.append((t1 - t0) * 1e3)
 
-        await asyncio.gather(*(user() for _ in range(concurrency)))
-    return len(lat), lat, errors
+        async def cpu() -> tuple[float, float]:
+            await asyncio.sleep(t_start - time.perf_counter())
+            before = cpu_sample(pid)
+            await asyncio.sleep(t_end - time.perf_counter())
+            after = cpu_sample(pid)
+            return after[0] - before[0], after[1] - before[1]
+
+        *_, used = await asyncio.gather(*(user() for _ in range(concurrency)), cpu())
+    return len(lat), lat, errors, used
 
 
 def measure(server: str, url: str, model: str, concurrency: int, images: int, seconds: float,
-            dims: tuple[int, ...], row_bytes: int = 40) -> Cell:
-    n, lat, errors = asyncio.run(_closed_loop(url, model, concurrency, images, seconds, dims, row_bytes=row_bytes))
-    return Cell(server, concurrency, images, n, seconds, np.array(lat), errors)
+            dims: tuple[int, ...], row_bytes: int = 40, pid: int | None = None) -> Cell:
+    n, lat, errors, (front, total) = asyncio.run(
+        _closed_loop(url, model, concurrency, images, seconds, dims, row_bytes=row_bytes, pid=pid))
+    return Cell(server, concurrency, images, n, seconds, np.array(lat), errors, front, total)
 
 
 def _free_port() -> int:
@@ -153,21 +186,35 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def print_table(cells: list[Cell], ceiling_rate: float, single_ms: float, naive: dict) -> None:
-    print("naive: one process, members one after another per request, ONNX Runtime default options; "
-          "naive-t: the same with intra-op threads = cores and spinning off")
+BASELINES = {
+    "naive": "one process, members one after another per request, ONNX Runtime default options",
+    "naive-t": "the same with enserve's session options (intra-op threads = cores, spinning off)",
+    "repl": "k processes each running every member back to back behind one gRPC frontend, "
+            "1 request at a time, k = cores (Triton's python backend with k instances)",
+}
+
+
+def print_table(cells: list[Cell], ceiling_rate: float, single_ms: float) -> None:
+    for name, what in BASELINES.items():
+        print(f"{name}: {what}")
     print(f"\nbare ONNX Runtime ceiling: {ceiling_rate:.0f} images/s at its best batch size; "
           f"single-image latency {single_ms:.2f} ms")
-    head = f"{'server':<8} {'conc':>4} {'img/req':>7} {'req/s':>8} {'img/s':>8} {'p50 ms':>7} {'p90 ms':>7} " \
-           f"{'p99 ms':>7} {'x ceiling':>9} {'x naive':>7} {'errors':>6}"
+    by = {(c.server, c.concurrency, c.images): c for c in cells}
+
+    def ratio(c: Cell, base: str) -> str:
+        b = by.get((base, c.concurrency, c.images))
+        return f"{c.images_per_s / b.images_per_s:.2f}" if b and b is not c and b.images_per_s else "-"
+
+    head = (f"{'server':<8} {'conc':>4} {'img/req':>7} {'req/s':>7} {'img/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+            f"{'x ceil':>6} {'x repl':>6} {'x nv-t':>6} {'front ms/req':>12} {'cores':>5} {'err':>4}")
     print(head)
     print("-" * len(head))
     for c in cells:
-        base = naive.get((c.concurrency, c.images))
-        vs_naive = f"{c.images_per_s / base:.2f}" if base and c.server != "naive" else "-"
-        print(f"{c.server:<8} {c.concurrency:>4} {c.images:>7} {c.requests / c.seconds:>8.0f} "
-              f"{c.images_per_s:>8.0f} {c.pct(50):>7.2f} {c.pct(90):>7.2f} {c.pct(99):>7.2f} "
-              f"{c.images_per_s / ceiling_rate:>9.2f} {vs_naive:>7} {c.errors:>6}")
+        front = c.front_cpu_s / c.requests * 1e3 if c.requests else float("nan")
+        print(f"{c.server:<8} {c.concurrency:>4} {c.images:>7} {c.requests / c.seconds:>7.0f} "
+              f"{c.images_per_s:>7.0f} {c.pct(50):>7.2f} {c.pct(99):>7.2f} "
+              f"{c.images_per_s / ceiling_rate:>6.2f} {ratio(c, 'repl'):>6} {ratio(c, 'naive-t'):>6} "
+              f"{front:>12.3f} {c.total_cpu_s / c.seconds:>5.2f} {c.errors:>4}")
 
 
 def run_bench(args) -> int:
@@ -180,42 +227,38 @@ def run_bench(args) -> int:
     image_counts = [int(i) for i in str(args.images).split(",")]
     rates, single_ms = ceiling(args.model_repository)
     print("ceiling images/s by batch size (before): " + ", ".join(f"{b}: {r:.0f}" for b, r in rates.items()))
+    repo_arg = str(args.model_repository)
+    servers: list[tuple[str, list[str] | None]] = [
+        ("enserve", None if args.url else [sys.executable, "-m", "enserve", "serve", "--model-repository",
+                                           repo_arg, "--http-port", "{http}", "--grpc-port", "{port}",
+                                           "--metrics-port", "{metrics}", *args.serve_args]),
+    ]
+    if not args.no_naive:
+        servers += [
+            ("repl", [sys.executable, "-m", "enserve.loadtest.replicated", repo_arg, "{port}"]),
+            ("naive-t", [sys.executable, "-m", "enserve.loadtest.naive", repo_arg, "{port}", "--tuned"]),
+            ("naive", [sys.executable, "-m", "enserve.loadtest.naive", repo_arg, "{port}"]),
+        ]
     cells: list[Cell] = []
-    procs = []
-    try:
+    for label, template in servers:
+        proc = None
         url = args.url
-        if url is None:
-            ports = [_free_port() for _ in range(3)]
-            url = f"127.0.0.1:{ports[1]}"
-            procs.append(_start([sys.executable, "-m", "enserve", "serve", "--model-repository",
-                                 str(args.model_repository), "--http-port", str(ports[0]), "--grpc-port",
-                                 str(ports[1]), "--metrics-port", str(ports[2]), *args.serve_args], url))
-        for images in image_counts:
-            for conc in concurrencies:
-                cells.append(measure("enserve", url, args.model, conc, images, args.seconds, dims, row_bytes))
-        if procs:
-            _stop(procs.pop())
-        naive: dict = {}
-        variants = [] if args.no_naive else [("naive", []), ("naive-t", ["--tuned"])]
-        for label, flags in variants:
-            port = _free_port()
-            naive_url = f"127.0.0.1:{port}"
-            procs.append(_start([sys.executable, "-m", "enserve.loadtest.naive", str(args.model_repository), str(port),
-                                 *flags], naive_url))
+        if template is not None:
+            ports = {"http": _free_port(), "port": _free_port(), "metrics": _free_port()}
+            url = f"127.0.0.1:{ports['port']}"
+            proc = _start([part.format(**ports) for part in template], url)
+        try:
             for images in image_counts:
                 for conc in concurrencies:
-                    cell = measure(label, naive_url, args.model, conc, images, args.seconds, dims, row_bytes)
-                    if label == "naive":
-                        naive[(conc, images)] = cell.images_per_s
-                    cells.append(cell)
-            _stop(procs.pop())
-    finally:
-        for p in procs:
-            _stop(p)
+                    cells.append(measure(label, url, args.model, conc, images, args.seconds, dims, row_bytes,
+                                         pid=proc.pid if proc else None))
+        finally:
+            if proc is not None:
+                _stop(proc)
     # measured again after the servers: on a shared machine the better of the two is the honest bar
     after, single_after = ceiling(args.model_repository)
     print("ceiling images/s by batch size (after):  " + ", ".join(f"{b}: {r:.0f}" for b, r in after.items()))
     best = max(list(rates.items()) + list(after.items()), key=lambda kv: kv[1])
     print(f"(ceiling: best batch size {best[0]}, the better of the two measurements)")
-    print_table(cells, best[1], min(single_ms, single_after), naive)
+    print_table(cells, best[1], min(single_ms, single_after))
     return 0

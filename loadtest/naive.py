@@ -20,20 +20,18 @@ import onnxruntime as ort
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from enserve.optimizer.sessions import session_for
 from enserve.server.repository import load_repository
 
 
 class NaiveServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: Path, tuned: bool) -> None:
         repo = load_repository(repository)
-        options = ort.SessionOptions()
-        if tuned:
-            options.intra_op_num_threads = len(os.sched_getaffinity(0))
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.sessions = [
-            ort.InferenceSession(str(m.path), options, providers=["CPUExecutionProvider"])
-            for m in repo.members.values()
-        ]
+        paths = [str(m.path) for m in repo.members.values()]
+        if tuned:  # enserve's own session options, all cores
+            self.sessions = [session_for(p, threads=len(os.sched_getaffinity(0))) for p in paths]
+        else:  # ONNX Runtime's defaults, as a hand-written server gets them
+            self.sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in paths]
         self.input = next(iter(repo.members.values())).inputs[0]
 
     async def ServerReady(self, request, context):
@@ -49,9 +47,10 @@ class NaiveServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-async def main(repository: str, port: int, tuned: bool) -> None:
+async def serve_until_signal(servicer, port: int) -> None:
+    """Serve ``servicer`` over grpc.aio on 127.0.0.1:``port`` until SIGINT or SIGTERM."""
     server = grpc.aio.server()
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(NaiveServicer(Path(repository), tuned), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     stop = asyncio.Event()
@@ -63,4 +62,4 @@ async def main(repository: str, port: int, tuned: bool) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), "--tuned" in sys.argv[3:]))
+    asyncio.run(serve_until_signal(NaiveServicer(Path(sys.argv[1]), "--tuned" in sys.argv[3:]), int(sys.argv[2])))

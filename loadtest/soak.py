@@ -35,10 +35,11 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
-def workers(daemon_pid: int) -> dict[str, int]:
+def workers(daemon_pid: int) -> dict[str, list[int]]:
+    """Worker group ('a+b' for members sharing processes) -> pids of its replicas."""
     import json
 
-    out = {}
+    out: dict[str, list[int]] = {}
     try:
         children = Path(f"/proc/{daemon_pid}/task/{daemon_pid}/children").read_text().split()
     except FileNotFoundError:
@@ -49,7 +50,8 @@ def workers(daemon_pid: int) -> dict[str, int]:
         except FileNotFoundError:
             continue
         if b"enserve.server.worker" in cmd:
-            out[json.loads(cmd[cmd.index(b"enserve.server.worker") + 1])["member"]] = pid
+            spec = json.loads(cmd[cmd.index(b"enserve.server.worker") + 1])
+            out.setdefault("+".join(name for name, _ in spec["members"]), []).append(pid)
     return out
 
 
@@ -91,17 +93,17 @@ def main() -> int:
         env=env, stdout=subprocess.DEVNULL, stderr=open(args.out / "locust.log", "w"),
     )
     time.sleep(5)  # warm-up before the first reading
-    rss_start = {"orchestrator": rss_mib(daemon.pid)} | {m: rss_mib(p) for m, p in workers(daemon.pid).items()}
+    rss_start = {"orchestrator": rss_mib(daemon.pid)} | {f"{m}#{k}": rss_mib(p) for m, pids in workers(daemon.pid).items() for k, p in enumerate(pids)}
     kills: list[tuple[float, str]] = []
     stop = threading.Event()
 
     def injector() -> None:
         t0 = time.monotonic()
         while args.kill_every > 0 and not stop.wait(args.kill_every):
-            live = workers(daemon.pid)
+            live = sorted((m, p) for m, pids in workers(daemon.pid).items() for p in pids)
             if live:
-                member = random.choice(sorted(live))
-                os.kill(live[member], signal.SIGKILL)
+                member, pid = random.choice(live)
+                os.kill(pid, signal.SIGKILL)
                 kills.append((time.monotonic() - t0, member))
 
     thread = threading.Thread(target=injector, daemon=True)
@@ -114,7 +116,7 @@ def main() -> int:
     stop.set()
     thread.join()
     time.sleep(2)
-    rss_end = {"orchestrator": rss_mib(daemon.pid)} | {m: rss_mib(p) for m, p in workers(daemon.pid).items()}
+    rss_end = {"orchestrator": rss_mib(daemon.pid)} | {f"{m}#{k}": rss_mib(p) for m, pids in workers(daemon.pid).items() for k, p in enumerate(pids)}
     shm_during = shm_objects(daemon.pid)
     daemon.send_signal(signal.SIGTERM)
     t_stop = time.monotonic()

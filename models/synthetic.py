@@ -71,14 +71,18 @@ def tiny_cnn(
 
 
 def write_tiny_cnns(directory: Path, widths: tuple[int, ...] = DEFAULT_WIDTHS, *, seed: int = 0) -> list[Path]:
-    """Write one ``cnn_w<width>.onnx`` per width into ``directory``; return the paths."""
+    """Write one ``cnn_w<width>.onnx`` per width (``cnn_w<width>_<k>`` for the k-th repeat) into
+    ``directory``, each with its own random weights; return the paths."""
     import onnx
 
+    if not widths or min(widths) < 1:
+        raise ValueError(f"widths are {list(widths)}, but must be one or more integers >= 1")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, w in enumerate(widths):
-        p = directory / f"cnn_w{w}.onnx"
+        repeat = widths[:i].count(w)
+        p = directory / (f"cnn_w{w}_{repeat + 1}.onnx" if repeat else f"cnn_w{w}.onnx")
         onnx.save(tiny_cnn(w, seed=seed + i), str(p))
         paths.append(p)
     return paths

@@ -1,4 +1,10 @@
-"""Plain data of the allocator: devices, member profiles, allocations (no I/O)."""
+"""Plain data of the allocator: devices, member profiles, allocations (no I/O).
+
+An allocation is a set of worker groups. A group runs some members (indices in ensemble order)
+in each of its replicas, one process each, at one batch size; a replica has a device and an
+intra-op thread count. One group per member with one replica is the paper's allocation; one
+group of every member with k replicas is Triton's python backend with k instances.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ class Device:
 
 @dataclass(frozen=True)
 class MemberProfile:
-    """Measured (or supplied) cost of one member: memory, and seconds per batch by device key."""
+    """Measured (or supplied) cost of one member: memory, and seconds per batch by device key
+    (``cpu<k>``: on k intra-op threads; ``gpu``)."""
 
     name: str
     memory_bytes: int
@@ -43,19 +50,51 @@ class MemberProfile:
         w = (batch - lo) / (hi - lo)
         return table[lo] * (1 - w) + table[hi] * w
 
+    def threads_measured(self) -> int:
+        """The most CPU threads this profile has a measurement for."""
+        return max([int(k[3:]) for k in self.latency_s if k.startswith("cpu")], default=1)
+
+
+@dataclass(frozen=True, order=True)
+class ReplicaAlloc:
+    device: str
+    threads: int = 1
+
+
+@dataclass(frozen=True, order=True)
+class GroupAlloc:
+    members: tuple[int, ...]
+    batch: int
+    replicas: tuple[ReplicaAlloc, ...]
+
 
 @dataclass(frozen=True)
 class Allocation:
-    """Per member (in ensemble order): its device name and batch size."""
+    """Worker groups, kept in a canonical order (members sorted, groups by first member, replicas
+    sorted) so that equal allocations compare and hash equal."""
 
-    device: tuple[str, ...]
-    batch: tuple[int, ...]
+    groups: tuple[GroupAlloc, ...]
 
-    def move(self, i: int, device: str) -> Allocation:
-        return replace(self, device=self.device[:i] + (device,) + self.device[i + 1 :])
+    @staticmethod
+    def of(groups) -> Allocation:
+        canon = [replace(g, members=tuple(sorted(g.members)), replicas=tuple(sorted(g.replicas))) for g in groups]
+        return Allocation(tuple(sorted(canon, key=lambda g: g.members)))
 
-    def rebatch(self, i: int, batch: int) -> Allocation:
-        return replace(self, batch=self.batch[:i] + (batch,) + self.batch[i + 1 :])
+    @staticmethod
+    def per_member(devices: tuple[str, ...], batches: tuple[int, ...], threads: tuple[int, ...] | None = None
+                   ) -> Allocation:
+        """The paper's allocation: member i alone on ``devices[i]`` at ``batches[i]``."""
+        threads = threads or tuple(1 for _ in devices)
+        return Allocation.of(GroupAlloc((i,), b, (ReplicaAlloc(d, t),))
+                             for i, (d, b, t) in enumerate(zip(devices, batches, threads)))
+
+    def with_group(self, i: int, group: GroupAlloc | None, *extra: GroupAlloc) -> Allocation:
+        """Group ``i`` replaced by ``group`` (or removed), plus ``extra`` groups."""
+        rest = [g for k, g in enumerate(self.groups) if k != i]
+        return Allocation.of(rest + ([group] if group is not None else []) + list(extra))
+
+    def members(self) -> int:
+        return sum(len(g.members) for g in self.groups)
 
 
 class PlacementError(Exception):
@@ -63,9 +102,12 @@ class PlacementError(Exception):
 
 
 def memory_use(alloc: Allocation, members: list[MemberProfile]) -> dict[str, int]:
+    """Bytes per device: each replica holds every member of its group."""
     use: dict[str, int] = {}
-    for d, m in zip(alloc.device, members):
-        use[d] = use.get(d, 0) + m.memory_bytes
+    for g in alloc.groups:
+        need = sum(members[i].memory_bytes for i in g.members)
+        for r in g.replicas:
+            use[r.device] = use.get(r.device, 0) + need
     return use
 
 

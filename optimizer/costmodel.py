@@ -1,11 +1,11 @@
 """The cost-model bench: predicted ensemble throughput of an allocation from member profiles.
 
-Members on one device share it. A CPU device of c cores gives each of its n members
-max(1, c // n) intra-op threads (as the daemon does); its members need
-sum(threads * latency / batch) core-seconds per image, so the device passes at most
-c / that images per second, and each member at most batch / latency. A GPU runs its members one
-after another: sum(latency / batch) seconds per image. The ensemble is as fast as its busiest
-device (or slowest member).
+A replica runs its group's members back to back on each batch: t = sum of their latencies at
+the batch size (on a CPU, measured with the replica's intra-op threads), so it passes batch / t
+images per second and a group the sum over its replicas. Images spread over a group's replicas
+in proportion to those rates. A CPU device of c cores spends threads * t / batch core-seconds on
+an image a replica runs; a GPU runs one batch at a time, t / batch seconds an image. The
+ensemble is as fast as its slowest group or busiest device.
 """
 
 from __future__ import annotations
@@ -13,31 +13,30 @@ from __future__ import annotations
 from enserve.optimizer.allocation import Allocation, Device, MemberProfile
 
 
-def threads_for(device: Device, n_members: int) -> int:
-    return max(1, len(device.cores) // max(1, n_members))
-
-
 def predicted_throughput(alloc: Allocation, members: list[MemberProfile], devices: list[Device]) -> float:
     """Images per second the allocation should sustain."""
     by_name = {d.name: d for d in devices}
-    on: dict[str, list[int]] = {}
-    for i, d in enumerate(alloc.device):
-        on.setdefault(d, []).append(i)
+    load: dict[str, float] = {}  # device -> core-seconds (CPU) or seconds (GPU) per ensemble image
     rate = float("inf")
-    for name, idx in on.items():
+    for g in alloc.groups:
+        replicas = []
+        for r in g.replicas:
+            dev = by_name[r.device]
+            if dev.kind == "gpu":
+                t = sum(members[i].latency("gpu", g.batch) for i in g.members)
+                replicas.append((r.device, g.batch / t, t / g.batch))
+            else:
+                threads = min(r.threads, len(dev.cores))
+                t = sum(members[i].latency(f"cpu{min(threads, members[i].threads_measured())}", g.batch)
+                        for i in g.members)
+                replicas.append((r.device, g.batch / t, threads * t / g.batch))
+        group_rate = sum(x for _, x, _ in replicas)
+        rate = min(rate, group_rate)
+        for device, x, cost in replicas:
+            load[device] = load.get(device, 0.0) + x / group_rate * cost
+    for name, used in load.items():
         dev = by_name[name]
-        if dev.kind == "gpu":
-            per_image = sum(members[i].latency(dev.profile_key, alloc.batch[i]) / alloc.batch[i] for i in idx)
-            rate = min(rate, 1.0 / per_image)
-            continue
-        k = threads_for(dev, len(idx))
-        key = f"cpu{k}"
-        core_s = 0.0
-        for i in idx:
-            lat = members[i].latency(key, alloc.batch[i])
-            core_s += k * lat / alloc.batch[i]
-            rate = min(rate, alloc.batch[i] / lat)
-        rate = min(rate, len(dev.cores) / core_s)
+        rate = min(rate, (len(dev.cores) if dev.kind == "cpu" else 1.0) / used)
     return rate
 
 

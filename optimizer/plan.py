@@ -1,4 +1,8 @@
-"""Allocation plans: versioned JSON files keyed by ensemble + member hashes + hardware."""
+"""Allocation plans: versioned JSON files keyed by ensemble + member hashes + hardware.
+
+Version 2: worker groups, each with its members, batch size and replicas (device, cores, threads).
+Version 1 plans (one entry per member) are read as one group per member with one replica.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,22 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass
-class PlanEntry:
-    member: str
+class PlanReplica:
     device: str  # "cpu:<i>" or "gpu:<i>"
     kind: str
     cores: list[int]
+    threads: int
+
+
+@dataclass
+class PlanGroup:
+    members: list[str]
     batch_size: int
+    replicas: list[PlanReplica]
 
 
 @dataclass
@@ -26,10 +36,10 @@ class Plan:
     key: str
     hardware: str
     metric: str
-    members: list[PlanEntry]
+    groups: list[PlanGroup]
     start_score: float
     score: float
-    start: list[PlanEntry]
+    start: list[PlanGroup]
     evaluated: int
     created: float
     version: int = PLAN_VERSION
@@ -40,15 +50,34 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         data = json.loads(text)
-        if data.get("version") != PLAN_VERSION:
-            raise ValueError(f"plan version {data.get('version')!r}, but this enserve reads version {PLAN_VERSION}")
-        data["members"] = [PlanEntry(**e) for e in data["members"]]
-        data["start"] = [PlanEntry(**e) for e in data["start"]]
+        version = data.get("version")
+        if version == 1:
+            data = _upgrade_v1(data)
+        elif version != PLAN_VERSION:
+            raise ValueError(f"plan version {version!r}, but this enserve reads versions 1 and {PLAN_VERSION}")
+        for k in ("groups", "start"):
+            data[k] = [PlanGroup(g["members"], g["batch_size"], [PlanReplica(**r) for r in g["replicas"]])
+                       for g in data[k]]
         return cls(**data)
 
 
+def _upgrade_v1(data: dict) -> dict:
+    """v1: one entry per member (device, kind, cores, batch); members on the same cores shared them."""
+    def groups(entries: list[dict]) -> list[dict]:
+        sharing: dict[tuple, int] = {}
+        for e in entries:
+            sharing[tuple(e["cores"])] = sharing.get(tuple(e["cores"]), 0) + (e["kind"] == "cpu")
+        return [{"members": [e["member"]], "batch_size": e["batch_size"], "replicas": [{
+            "device": e["device"], "kind": e["kind"], "cores": e["cores"],
+            "threads": max(1, len(e["cores"]) // sharing[tuple(e["cores"])]) if e["kind"] == "cpu" else 1}]}
+            for e in entries]
+
+    data = dict(data, groups=groups(data.pop("members")), start=groups(data["start"]), version=PLAN_VERSION)
+    return data
+
+
 def plan_key(ensemble: str, member_hashes: list[str], hardware: str) -> str:
-    return hashlib.sha256(json.dumps([ensemble, member_hashes, hardware]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([ensemble, member_hashes, hardware, PLAN_VERSION]).encode()).hexdigest()[:16]
 
 
 def plan_path(repository: Path, ensemble: str, key: str) -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from enserve.optimizer.allocation import Device, MemberProfile
+from enserve.optimizer.sessions import session_for
 
 CACHE_VERSION = 1
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64)
@@ -44,19 +45,12 @@ def file_hash(path: str) -> str:
 
 def _measure_here(request: dict) -> dict:
     """Runs in the child: load the session on the device, time each batch size, report memory."""
-    import onnxruntime as ort
 
     if request.get("cores"):
         os.sched_setaffinity(0, request["cores"])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = request["threads"]
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = ["CPUExecutionProvider"]
-    if request["kind"] == "gpu":
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    session = ort.InferenceSession(request["path"], options, providers=providers)
+    session = session_for(request["path"], threads=request["threads"],
+                          device="gpu" if request["kind"] == "gpu" else "cpu")
     rng = np.random.default_rng(0)
     latency = {}
     for b in sorted(request["batch_sizes"]):

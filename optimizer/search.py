@@ -1,14 +1,29 @@
-"""Refinement (paper Algorithm 1): neighbourhood search over one member's batch size or device."""
+"""Refinement (paper Algorithm 1, extended): a neighbourhood search over worker groups.
+
+One move changes one thing: a group's batch size; one replica's device or thread count; adds or
+removes a replica; merges two groups into one or splits a member out of its group. A neighbour
+is scored by a ``Bench`` (the real pipeline, or the cost model). The search never returns worse
+than its start.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from enserve.optimizer.allocation import Allocation, Device, MemberProfile, fits
+from enserve.optimizer.allocation import (
+    Allocation,
+    Device,
+    GroupAlloc,
+    MemberProfile,
+    ReplicaAlloc,
+    fits,
+)
 
 Bench = Callable[[Allocation], float]  # higher is better
+ALL_MOVES = frozenset({"batch", "device", "threads", "replicas", "groups"})
+PAPER_MOVES = frozenset({"batch", "device"})  # Algorithm 1 as published: one member's batch or device
 
 
 @dataclass
@@ -21,19 +36,68 @@ class SearchResult:
     history: list[tuple[Allocation, float]] = field(default_factory=list)
 
 
-def neighbours(
-    alloc: Allocation, members: list[MemberProfile], devices: list[Device], batch_sizes: list[int]
-) -> Iterator[Allocation]:
-    """Every allocation one update away: one member's batch size, or one member's device (if it fits)."""
-    for i in range(len(alloc.device)):
+def _replicas_without(g: GroupAlloc, k: int) -> tuple[ReplicaAlloc, ...]:
+    return g.replicas[:k] + g.replicas[k + 1 :]
+
+
+def group_moves(g: GroupAlloc, devices: list[Device], batch_sizes: list[int], max_threads: int,
+                moves: frozenset[str] = ALL_MOVES) -> Iterator[GroupAlloc]:
+    """Every group one change away (same members): batch size, a replica's device or threads, one
+    replica more (one thread, on any device) or one fewer."""
+    if "batch" in moves:
         for b in batch_sizes:
-            if b != alloc.batch[i]:
-                yield alloc.rebatch(i, b)
+            if b != g.batch:
+                yield replace(g, batch=b)
+    by_name = {d.name: d for d in devices}
+    seen: set[ReplicaAlloc] = set()
+    for k, r in enumerate(g.replicas):
+        if r in seen:  # identical replicas give identical neighbours
+            continue
+        seen.add(r)
+        if "device" in moves:
+            for d in devices:
+                if d.name != r.device:
+                    threads = min(r.threads, len(d.cores)) if d.kind == "cpu" else 1
+                    yield replace(g, replicas=_replicas_without(g, k) + (ReplicaAlloc(d.name, threads),))
+        dev = by_name[r.device]
+        if "threads" in moves and dev.kind == "cpu":
+            for t in (r.threads - 1, r.threads + 1):
+                if 1 <= t <= min(len(dev.cores), max_threads):
+                    yield replace(g, replicas=_replicas_without(g, k) + (ReplicaAlloc(r.device, t),))
+        if "replicas" in moves and len(g.replicas) > 1:
+            yield replace(g, replicas=_replicas_without(g, k))
+    if "replicas" in moves:
         for d in devices:
-            if d.name != alloc.device[i]:
-                moved = alloc.move(i, d.name)
-                if fits(moved, members, devices):
-                    yield moved
+            yield replace(g, replicas=g.replicas + (ReplicaAlloc(d.name, 1),))
+
+
+def neighbours(alloc: Allocation, members: list[MemberProfile], devices: list[Device], batch_sizes: list[int],
+               moves: frozenset[str] = ALL_MOVES) -> Iterator[Allocation]:
+    """Every allocation one move away that fits in memory (duplicates may repeat)."""
+    unknown = moves - ALL_MOVES
+    if unknown:
+        raise ValueError(f"moves {sorted(unknown)} are not among {sorted(ALL_MOVES)}")
+    max_threads = min(m.threads_measured() for m in members)
+    for i, g in enumerate(alloc.groups):
+        for moved in group_moves(g, devices, batch_sizes, max_threads, moves):
+            cand = alloc.with_group(i, moved)
+            if cand != alloc and fits(cand, members, devices):
+                yield cand
+        if "groups" not in moves:
+            continue
+        if len(g.members) > 1:  # split one member out, onto the group's first replica's device
+            for m in g.members:
+                rest = tuple(x for x in g.members if x != m)
+                cand = alloc.with_group(i, replace(g, members=rest),
+                                        GroupAlloc((m,), g.batch, (ReplicaAlloc(g.replicas[0].device, 1),)))
+                if fits(cand, members, devices):
+                    yield cand
+        for j in range(i + 1, len(alloc.groups)):  # merge: the members of both on i's replicas
+            other = alloc.groups[j]
+            merged = GroupAlloc(g.members + other.members, min(g.batch, other.batch), g.replicas)
+            cand = Allocation.of([x for k, x in enumerate(alloc.groups) if k not in (i, j)] + [merged])
+            if fits(cand, members, devices):
+                yield cand
 
 
 def neighbourhood_search(
@@ -46,17 +110,24 @@ def neighbourhood_search(
     max_combi: int = 20,
     time_budget_s: float | None = None,
     min_gain: float = 0.0,
+    rank: Bench | None = None,
+    per_round: int | None = None,
+    moves: frozenset[str] = ALL_MOVES,
     progress: Callable[[int, Allocation, float, float], None] | None = None,
 ) -> SearchResult:
     """Move to the best improving neighbour until none improves, ``max_combi`` allocations were
     scored (the start included) or the time budget is spent. Never returns worse than the start.
 
     With a noisy bench, ``min_gain`` (relative) is the margin a neighbour must beat the current
-    score by to count as better, so that measurement noise does not steer the search."""
+    score by to count as better. With an expensive bench, ``rank`` (a cheap predictor, e.g. the
+    cost model) orders the neighbours, and they are measured ``per_round`` at a time: the search
+    moves to the best of the first such chunk that holds an improvement."""
     if max_combi < 1:
         raise ValueError(f"max_combi is {max_combi}, but must be >= 1")
     if min_gain < 0:
         raise ValueError(f"min_gain is {min_gain}, but must be >= 0")
+    if per_round is not None and per_round < 1:
+        raise ValueError(f"per_round is {per_round}, but must be >= 1")
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     current, score = start, bench(start)
     result = SearchResult(start, score, start, score, 1, [(start, score)])
@@ -64,13 +135,20 @@ def neighbourhood_search(
         progress(1, start, score, score)
     seen = {start}
     while result.evaluated < max_combi:
+        candidates = []
+        for cand in neighbours(current, members, devices, batch_sizes, moves):
+            if cand not in seen:
+                seen.add(cand)
+                candidates.append(cand)
+        if rank is not None:
+            candidates.sort(key=rank, reverse=True)
+        chunk = per_round or max(1, len(candidates))
         best_next, best_score = None, score + min_gain * abs(score)
-        for cand in neighbours(current, members, devices, batch_sizes):
+        for k, cand in enumerate(candidates):
+            if best_next is not None and k % chunk == 0:
+                break  # an improvement in this chunk of the most promising: take it
             if result.evaluated >= max_combi or (deadline is not None and time.monotonic() >= deadline):
                 break
-            if cand in seen:
-                continue
-            seen.add(cand)
             s = bench(cand)
             result.evaluated += 1
             result.history.append((cand, s))

@@ -4,7 +4,6 @@ and plans applied to member placement. The search itself is ``optimizer`` (which
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -17,14 +16,17 @@ from enserve.optimizer import plan as plans
 from enserve.optimizer.allocation import Allocation, Device, MemberProfile
 from enserve.optimizer.costmodel import CostModelBench
 from enserve.optimizer.devices import hardware_fingerprint
-from enserve.optimizer.placement import worst_fit_decreasing
+from enserve.optimizer.placement import proportional_start, worst_fit_decreasing
 from enserve.optimizer.profiles import MemberSource, file_hash, profile_members
 from enserve.optimizer.search import SearchResult, neighbourhood_search
+from enserve.server import placement as placements
 from enserve.server.config import ServeOptions
 from enserve.server.errors import RepositoryError
+from enserve.server.placement import Placement
 from enserve.server.repository import Repository
 
 log = logging.getLogger("enserve")
+PER_ROUND = 4  # real-bench neighbours measured per round, most promising (cost model) first
 
 
 def ensemble_members(repo: Repository, ensemble: str | None) -> tuple[str, list[str]]:
@@ -47,24 +49,17 @@ def member_sources(repo: Repository, names: list[str]) -> list[MemberSource]:
     return out
 
 
-def apply_allocation(repo: Repository, names: list[str], alloc: Allocation, devices: list[Device]) -> None:
+def plan_groups(alloc: Allocation, names: list[str], devices: list[Device]) -> list[plans.PlanGroup]:
     by_name = {d.name: d for d in devices}
-    for name, dev_name, batch in zip(names, alloc.device, alloc.batch):
-        spec = repo.members[name]
-        dev = by_name[dev_name]
-        spec.device = f"gpu:{dev.index}" if dev.kind == "gpu" else "cpu"
-        spec.cpu_cores = tuple(dev.cores) if dev.kind == "cpu" else None
-        spec.batch_size = min(batch, spec.max_batch_size)
+    return [plans.PlanGroup([names[i] for i in g.members], g.batch, [
+        plans.PlanReplica(r.device, by_name[r.device].kind, list(by_name[r.device].cores), r.threads)
+        for r in g.replicas]) for g in alloc.groups]
 
 
-def apply_plan(repo: Repository, plan: plans.Plan) -> None:
-    for e in plan.members:
-        if e.member not in repo.members:
-            raise RepositoryError(f"plan for '{plan.ensemble}' names member '{e.member}', which is not in the repository")
-        spec = repo.members[e.member]
-        spec.device = e.device if e.kind == "gpu" else "cpu"
-        spec.cpu_cores = tuple(e.cores) if e.kind == "cpu" else None
-        spec.batch_size = min(e.batch_size, spec.max_batch_size)
+def placement_for(repo: Repository, names: list[str], alloc: Allocation, devices: list[Device]) -> Placement:
+    """The allocation's groups for the ensemble's members, the rest as their config says."""
+    return placements.from_plan(repo, plans.Plan("", "", "", "", plan_groups(alloc, names, devices),
+                                                 0.0, 0.0, [], 0, 0.0))
 
 
 @dataclass
@@ -83,18 +78,16 @@ class RealBench:
     warmup_s: float = 0.5
 
     def __call__(self, alloc: Allocation) -> float:
-        repo = copy.deepcopy(self.repo)
-        apply_allocation(repo, self.names, alloc, self.devices)
-        return asyncio.run(self._measure(repo))
+        return asyncio.run(self._measure(placement_for(self.repo, self.names, alloc, self.devices)))
 
-    async def _measure(self, repo: Repository) -> float:
+    async def _measure(self, placement: Placement) -> float:
         from enserve.server.orchestrator import Orchestrator
 
-        options = ServeOptions(model_repository=repo.path, max_inflight=1 << 20, request_timeout_s=120)
-        orch = Orchestrator(repo, options)
+        options = ServeOptions(model_repository=self.repo.path, max_inflight=1 << 20, request_timeout_s=120)
+        orch = Orchestrator(self.repo, placement, options)
         try:
             await orch.start()
-            target = orch.targets[self.ensemble]
+            target = orch.models[self.ensemble]
             spec = target.inputs
             rng = np.random.default_rng(0)
             arrays = [rng.random((self.images, *t.dims)).astype(t.np_dtype) for t in spec]
@@ -159,7 +152,8 @@ def allocate(
         if missing:
             raise RepositoryError(f"the profiles given lack members {missing}")
         profiles = [by_name[n] for n in names]
-    start = worst_fit_decreasing(profiles, devices, start_batch)
+    start = proportional_start(worst_fit_decreasing(profiles, devices, start_batch), profiles, devices)
+    cost = CostModelBench(profiles, devices)
     if bench == "real":
         score: Callable[[Allocation], float] = RealBench(
             repo, ensemble, names, devices, metric, concurrency=bench_load[0], images=bench_load[1],
@@ -167,7 +161,7 @@ def allocate(
     elif bench == "cost":
         if metric != "throughput":
             raise RepositoryError("the cost-model bench predicts throughput only; use --metric throughput")
-        score = CostModelBench(profiles, devices)
+        score = cost
     else:
         raise RepositoryError(f"bench '{bench}' is not one of ('real', 'cost')")
 
@@ -177,7 +171,8 @@ def allocate(
 
     noisy = bench == "real"
     result = neighbourhood_search(start, profiles, devices, list(batch_sizes), score, max_combi=max_combi,
-                                  time_budget_s=time_budget_s, min_gain=0.03 if noisy else 0.0, progress=report)
+                                  time_budget_s=time_budget_s, min_gain=0.03 if noisy else 0.0, rank=cost,
+                                  per_round=PER_ROUND if noisy else None, progress=report)
     if noisy and result.best != result.start:
         confirm_against_start(result, score, progress)
     digests = [file_hash(str(repo.members[n].path)) for n in names]
@@ -186,10 +181,10 @@ def allocate(
         key=plans.plan_key(ensemble, digests, hardware),
         hardware=hardware,
         metric=f"{metric} ({bench} bench)",
-        members=_entries(result.best, names, devices),
+        groups=plan_groups(result.best, names, devices),
         start_score=result.start_score,
         score=result.best_score,
-        start=_entries(result.start, names, devices),
+        start=plan_groups(result.start, names, devices),
         evaluated=result.evaluated,
         created=plans.now(),
     )
@@ -213,22 +208,24 @@ def confirm_against_start(result: SearchResult, score: Callable[[Allocation], fl
         result.best, result.best_score = result.start, start_mean
 
 
-def _entries(alloc: Allocation, names: list[str], devices: list[Device]) -> list[plans.PlanEntry]:
-    by_name = {d.name: d for d in devices}
-    return [plans.PlanEntry(n, d, by_name[d].kind, list(by_name[d].cores), b)
-            for n, d, b in zip(names, alloc.device, alloc.batch)]
-
-
 def describe(alloc: Allocation, names: list[str]) -> str:
-    return ", ".join(f"{n}@{d}/b{b}" for n, d, b in zip(names, alloc.device, alloc.batch))
+    return "; ".join("+".join(names[i] for i in g.members) + f"/b{g.batch}@"
+                     + ",".join(f"{r.device}x{r.threads}t" for r in g.replicas) for g in alloc.groups)
 
 
 def plan_table(plan: plans.Plan) -> str:
-    rows = [f"{'member':<16} {'start device':<12} {'start batch':>11}   {'device':<10} {'cores':<10} {'batch':>5}"]
-    for s, e in zip(plan.start, plan.members):
-        cores = ",".join(map(str, e.cores)) if e.kind == "cpu" else "-"
-        rows.append(f"{e.member:<16} {s.device:<12} {s.batch_size:>11}   {e.device:<10} {cores:<10} {e.batch_size:>5}")
+    """The start and the refined plan: per group its members, batch size, and replicas with threads."""
+    def rows(groups: list[plans.PlanGroup]) -> list[str]:
+        out = []
+        for g in groups:
+            reps: dict[tuple[str, int], int] = {}
+            for r in g.replicas:
+                reps[(r.device, r.threads)] = reps.get((r.device, r.threads), 0) + 1
+            where = ", ".join(f"{n} x {d} ({t} thread{'s' if t > 1 else ''})" for (d, t), n in sorted(reps.items()))
+            out.append(f"  {'+'.join(g.members):<32} batch {g.batch_size:>3}   {len(g.replicas)} replica(s): {where}")
+        return out
+
     unit = "images/s" if plan.metric.startswith("throughput") else "-p99 ms"
-    rows.append(f"score ({plan.metric}, {unit}): start {plan.start_score:.1f} -> refined {plan.score:.1f} "
-                f"after {plan.evaluated} allocations scored")
-    return "\n".join(rows)
+    return "\n".join([f"start ({plan.start_score:.1f} {unit}):", *rows(plan.start),
+                      f"refined ({plan.score:.1f} {unit}, {plan.metric}, after {plan.evaluated} allocations scored):",
+                      *rows(plan.groups)])

@@ -13,6 +13,7 @@ class ServeOptions:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
+    grpc_transport: str = "auto"  # "native" (pygrpc-native), "grpcio", or auto: native unless TLS
     batch_size: int | None = None  # overrides every member's planned batch size
     queue_delay_us: int | None = None  # overrides every member's max queue delay
     max_adaptive_wait_us: int = 4000  # under load, fast members wait up to this to batch (0: off)
@@ -43,3 +44,18 @@ class ServeOptions:
     @property
     def manual_placement(self) -> bool:
         return self.device is not None or self.cpu_cores is not None or self.batch_size is not None
+
+
+TRANSPORTS = ("auto", "native", "grpcio")
+
+
+def transport_for(requested: str, tls: bool) -> str:
+    """The gRPC server to run: 'auto' is the native one unless TLS is asked for (it has none)."""
+    if requested not in TRANSPORTS:
+        raise ValueError(f"gRPC transport '{requested}' is not one of {TRANSPORTS}")
+    if requested == "native" and tls:
+        raise ValueError("the native gRPC transport has no TLS: use --grpc-transport grpcio (or auto) with "
+                         "--tls-cert/--tls-key")
+    if requested == "auto":
+        return "grpcio" if tls else "native"
+    return requested

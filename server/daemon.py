@@ -11,11 +11,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from enserve.server import placement as placements
 from enserve.server.config import ServeOptions
 from enserve.server.errors import EnserveError, RepositoryError
 from enserve.server.grpc_frontend import make_server
 from enserve.server.http_frontend import HttpFrontend
 from enserve.server.orchestrator import Orchestrator
+from enserve.server.placement import Placement
 from enserve.server.repository import Repository, load_repository
 from enserve.server.security import Tokens, read_pair, server_ssl_context
 from enserve.server.service import Service
@@ -51,27 +53,27 @@ async def _site(app: web.Application, host: str, port: int, what: str, ssl_conte
     return runner
 
 
-def choose_placement(repo: Repository, options: ServeOptions) -> None:
-    """Apply a forced plan, a saved plan for this ensemble and hardware, or a new one."""
+def choose_placement(repo: Repository, options: ServeOptions) -> Placement:
+    """A forced plan, a saved plan for this ensemble and hardware, a new one, or the configs; then
+    the manual flags on top."""
     from enserve.optimizer import plan as plans
     from enserve.optimizer.devices import hardware_fingerprint, inventory
     from enserve.optimizer.profiles import file_hash
-    from enserve.server.allocate import allocate, apply_plan, ensemble_members, plan_table
+    from enserve.server.allocate import allocate, ensemble_members, plan_table
 
     if options.plan_path is not None:
         try:
             plan = plans.load(options.plan_path)
         except ValueError as exc:
             raise RepositoryError(str(exc)) from exc
-        apply_plan(repo, plan)
         log.info("placement from plan %s (score %.1f, %s)", options.plan_path, plan.score, plan.metric)
-        return
+        return placements.with_flags(placements.from_plan(repo, plan), options)
     if not options.optimize or options.manual_placement or not repo.ensembles:
-        return
+        return placements.with_flags(placements.from_config(repo), options)
     if len(repo.ensembles) > 1:
         log.info("several ensembles %s: placement from config.pbtxt (run 'enserve allocate --ensemble E' "
                  "and serve with --plan)", sorted(repo.ensembles))
-        return
+        return placements.with_flags(placements.from_config(repo), options)
     try:
         devices = inventory(options.cpu_devices)
     except ValueError as exc:
@@ -95,11 +97,12 @@ def choose_placement(repo: Repository, options: ServeOptions) -> None:
         except OSError as exc:
             log.warning("could not save the plan to %s: %s", path, exc)
     log.info("placement:\n%s", plan_table(plan))
-    apply_plan(repo, plan)
+    return placements.with_flags(placements.from_plan(repo, plan), options)
 
 
-async def serve(options: ServeOptions, repo: Repository) -> None:
-    orchestrator = Orchestrator(repo, options)
+async def serve(options: ServeOptions, repo: Repository, placement: Placement) -> None:
+    log.info("worker groups:\n%s", placements.describe(placement))
+    orchestrator = Orchestrator(repo, placement, options)
     runners: list[web.AppRunner] = []
     grpc_server = None
     try:
@@ -119,7 +122,7 @@ async def serve(options: ServeOptions, repo: Repository) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        models = ", ".join(sorted(orchestrator.targets))
+        models = ", ".join(sorted(orchestrator.models))
         log.info("serving models [%s]: HTTP %s:%d, gRPC %s, metrics %s:%d (workers %s)", models, options.host,
                  options.http_port, grpc_address, options.host, options.metrics_port, orchestrator.worker_pids())
         await stop.wait()
@@ -145,8 +148,8 @@ def run(options: ServeOptions) -> int:
         if removed:
             log.info("removed shared memory left by a crashed daemon: %s", removed)
         repo = load_repository(options.model_repository)
-        choose_placement(repo, options)
-        asyncio.run(serve(options, repo))
+        placement = choose_placement(repo, options)
+        asyncio.run(serve(options, repo, placement))
     except (EnserveError, OSError, ValueError) as exc:
         log.error("%s", getattr(exc, "message", None) or exc)
         return 1

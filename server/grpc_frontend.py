@@ -1,4 +1,6 @@
-"""KServe v2 / Triton gRPC frontend: the servicer generated in tritonclient, over grpc.aio."""
+"""KServe v2 / Triton gRPC frontend: the servicer generated in tritonclient, over grpc.aio or over
+pygrpc-native's drop-in ``aio.server()`` (HTTP/2 and gRPC framing in Rust, outside the GIL; its
+bidirectional streams go to a grpc.aio server on a Unix socket behind it)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from enserve.server.config import transport_for
 from enserve.server.errors import EnserveError, InvalidArgument
 from enserve.server.security import AuthInterceptor, Tokens, grpc_credentials, read_pair
 from enserve.server.service import Service, cuda_shm_unavailable, parse_timeout
@@ -261,9 +264,10 @@ def _streaming(method, request_cls):
     return handler
 
 
-def add_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+def add_servicer(servicer: InferenceServicer, server) -> None:
     """Register the servicer like the generated ``add_..._to_server``, but parse requests ourselves,
-    so that a malformed message gets INVALID_ARGUMENT naming the problem (gRPC would say UNKNOWN)."""
+    so that a malformed message gets INVALID_ARGUMENT naming the problem (gRPC would say UNKNOWN).
+    Registered (not generic) handlers: the native transport serves only those itself."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
     for m in service.methods:
@@ -276,13 +280,15 @@ def add_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
         else:
             handlers[m.name] = grpc.unary_unary_rpc_method_handler(
                 _unary(method, request_cls), response_serializer=response_cls.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
-def make_server(service: Service, address: str) -> grpc.aio.Server:
+def make_server(service: Service, address: str):
+    """The gRPC server on ``address`` with the transport the options ask for."""
     options = service.options
     tokens = Tokens(options.auth_token, options.admin_token)
-    server = grpc.aio.server(
+    pair = read_pair(options.tls_cert, options.tls_key)
+    kwargs = dict(
         interceptors=[AuthInterceptor(tokens)] if tokens.enabled else None,
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -290,9 +296,17 @@ def make_server(service: Service, address: str) -> grpc.aio.Server:
             ("grpc.so_reuseport", 0),
         ],
     )
+    if transport_for(options.grpc_transport, pair is not None) == "native":
+        import pygrpc_native.aio
+
+        server = pygrpc_native.aio.server(**kwargs)
+    else:
+        server = grpc.aio.server(**kwargs)
     add_servicer(InferenceServicer(service), server)
-    pair = read_pair(options.tls_cert, options.tls_key)
-    port = server.add_secure_port(address, grpc_credentials(pair)) if pair else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, grpc_credentials(pair)) if pair else server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen for gRPC on {address}: {exc}") from exc
     if port == 0:
         raise OSError(f"cannot listen for gRPC on {address}")
     return server

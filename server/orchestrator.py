@@ -1,538 +1,283 @@
-"""The orchestrator: spawns one worker per member, feeds them descriptors, averages their outputs.
+"""The orchestrator: wiring of the data plane.
 
-Inputs are copied once into a shared input ring that every worker of the same input
-signature reads; each worker writes its outputs into its own shared slots, indexed by the
-same rows. The orchestrator accumulates a running sum (and sum of squares) per request as
-members finish, and divides once when the last member is done.
+A request is copied once into the shared input ring of its signature, and one descriptor goes
+to the least-loaded ready replica of each worker group it needs; the replica runs the group's
+members on those rows and writes their running sums into the group's output slots. When every
+group has answered, the request divides once (``request``, ``combiner``). The jobs have owners:
+``table`` (what is served), ``slots`` (shared memory), ``supervisor`` (processes), ``dispatch``
+(descriptors and completions), ``request`` (resolution and deadlines), ``stats``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from enserve.server.config import ServeOptions
+from enserve.server.dispatch import Dispatch, least_loaded, wait_budget
 from enserve.server.errors import (
-    DeadlineExceeded,
     EnserveError,
     Internal,
     RepositoryError,
     ResourceExhausted,
     Unavailable,
 )
-from enserve.server.protocol import (
-    STATUS_LOAD_FAILED,
-    STATUS_OK,
-    STATUS_READY,
-    TASK,
-    Done,
-    DoneReader,
-)
-from enserve.server.repository import (
-    ENTROPY_OUTPUT,
-    VARIANCE_OUTPUT,
-    MemberSpec,
-    Repository,
-    TensorSpec,
-)
-from enserve.server.rows import RowRing
-from enserve.server.shm import Arena, arena_name
-from enserve.server.stats import ModelStats
+from enserve.server.placement import Placement, WorkerGroup
+from enserve.server.protocol import STATUS_LOAD_FAILED, STATUS_OK, STATUS_READY, Done
+from enserve.server.repository import Repository
+from enserve.server.request import Deadlines, InflightRequest
+from enserve.server.slots import InputRing, OutputSlots
+from enserve.server.stats import ModelStats, record_batch, record_request
+from enserve.server.supervisor import Supervisor, WorkerProcess, WorkerState
+from enserve.server.table import ServedModel, build_table
 from enserve.server.worker import WorkerSpec
 
 log = logging.getLogger("enserve")
-F_SETPIPE_SZ = 1031
 MAX_RING_ROWS = 16384
 
 
-class RowSpace:
-    """The shared input ring of one input signature."""
-
-    def __init__(self, index: int, inputs: list[TensorSpec], capacity: int) -> None:
-        self.inputs = inputs
-        self.capacity = capacity
-        self.arenas = [
-            Arena(arena_name(os.getpid(), f"in{index}.{k}"), capacity * t.row_bytes, create=True)
-            for k, t in enumerate(inputs)
-        ]
-        self.views = [a.array(t.np_dtype, (capacity, *t.dims)) for a, t in zip(self.arenas, inputs)]
-        self.ring = RowRing(capacity)
-
-
 @dataclass(eq=False)
-class Member:
-    """The orchestrator's side of one member worker."""
-
-    spec: MemberSpec
-    space: RowSpace
-    cores: tuple[int, ...]
-    threads: int
-    stats: ModelStats
-    out_arenas: list[Arena] = field(default_factory=list)
-    out_views: list[np.ndarray] = field(default_factory=list)
-    index: int = 0
-    proc: subprocess.Popen | None = None
-    task_w: int = -1
-    lifeline_r: int = -1  # EOF when the worker is gone
-    inflight: dict[int, tuple[int, int]] = field(default_factory=dict)
-    held: list[tuple[int, int, int]] = field(default_factory=list)
-    state: str = "starting"  # starting | ready | down
-    down_reason: str = ""
-    ready: asyncio.Future | None = None
-    batch_ns: float = 0.0  # moving average of one batch's compute time (input + infer + output)
-    outbox: list[bytes] = field(default_factory=list)  # descriptors written at the end of this loop turn
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
-@dataclass(eq=False)
-class Target:
-    """A servable model: an ensemble, or one member on its own."""
-
-    name: str
-    kind: str  # "ensemble" | "member"
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    members: list[Member]
-    space: RowSpace
-    max_batch_size: int
-    stats: ModelStats
-    inflight: int = 0
-
-
-class Pending:
-    __slots__ = (
-        "rid", "target", "start", "count", "outstanding", "sums", "sumsq", "error",
-        "future", "t0", "t_submit", "retried", "timer",
-    )
-
-    def __init__(self, rid: int, target: Target, start: int, count: int, future: asyncio.Future) -> None:
-        self.rid = rid
-        self.target = target
-        self.start = start
-        self.count = count
-        self.outstanding = len(target.members)
-        self.sums: list[np.ndarray] | None = None
-        self.sumsq: np.ndarray | None = None
-        self.error: EnserveError | None = None
-        self.future = future
-        self.t0 = 0
-        self.t_submit = 0
-        self.retried: set[str] | None = None
-        self.timer: asyncio.TimerHandle | None = None
+class GroupRuntime:
+    spec: WorkerGroup
+    slots: OutputSlots
+    workers: list[WorkerProcess] = field(default_factory=list)
+    held: list[tuple[int, int, int, int]] = field(default_factory=list)  # (rid, start, count, mask)
+    batch_ns: float = 0.0  # moving average of one batch's compute time
 
 
 class Orchestrator:
-    def __init__(self, repo: Repository, options: ServeOptions) -> None:
+    def __init__(self, repo: Repository, placement: Placement, options: ServeOptions) -> None:
         self.repo = repo
+        self.placement = placement
         self.options = options
-        self.stats: dict[str, ModelStats] = {}
-        self.members: dict[str, Member] = {}
-        self.by_index: list[Member] = []
-        self.done_r = -1  # the completion pipe all workers write to
-        self.done_w = -1
-        self.done_reader = DoneReader()
-        self.targets: dict[str, Target] = {}
-        self.spaces: dict[tuple, RowSpace] = {}
-        self.pending: dict[int, Pending] = {}
+        self.table = build_table(repo, placement)
+        self.models: dict[str, ServedModel] = self.table.models
+        self.stats = {name: ModelStats(name) for name in self.models}
+        self.inflight = dict.fromkeys(self.models, 0)
+        self.rings: list[InputRing] = []
+        self.groups: list[GroupRuntime] = []
+        self.workers: list[WorkerProcess] = []
+        self.pending: dict[int, InflightRequest] = {}
         self.next_id = 0
         self.closing = False
-        self.drained: asyncio.Event | None = None  # set when closing and nothing is pending
+        self.drained: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.flush_scheduled = False
+        self.done_r = self.done_w = -1
 
     # ------------------------------------------------------------------ set-up
 
-    def _space_for(self, inputs: list[TensorSpec], max_batch: int) -> RowSpace:
-        key = tuple(inputs)
-        if key not in self.spaces:
+    def _build_memory(self) -> None:
+        pid = os.getpid()
+        max_batch = max([m.max_batch_size for m in self.models.values()], default=1)
+        for i, inputs in enumerate(self.table.rings):
             row_bytes = sum(t.row_bytes for t in inputs)
             rows = (self.options.arena_mib << 20) // max(1, row_bytes)
-            capacity = int(min(MAX_RING_ROWS, max(4 * max_batch, rows)))
-            self.spaces[key] = RowSpace(len(self.spaces), inputs, capacity)
-        return self.spaces[key]
+            self.rings.append(InputRing(pid, i, list(inputs), int(min(MAX_RING_ROWS, max(4 * max_batch, rows)))))
+        for g, spec in enumerate(self.placement.groups):
+            ring = self.rings[self.table.group_rings[g]]
+            outputs = self.repo.members[spec.members[0]].outputs
+            self.groups.append(GroupRuntime(spec, OutputSlots(pid, g, outputs, ring.capacity)))
 
-    def _placement(self, spec: MemberSpec) -> tuple[str, tuple[int, ...]]:
-        opts = self.options
-        device = opts.device or spec.device
-        cores = opts.cpu_cores or spec.cpu_cores or tuple(sorted(os.sched_getaffinity(0)))
-        return device, tuple(cores)
-
-    def build(self) -> None:
-        """Create shared memory and the model table (no process yet)."""
-        pid = os.getpid()
-        max_batch = max([m.max_batch_size for m in self.repo.members.values()], default=1)
-        sharing: dict[tuple[int, ...], int] = {}
-        placements = {}
-        for spec in self.repo.members.values():
-            device, cores = self._placement(spec)
-            spec.device = device
-            if self.options.batch_size is not None:
-                spec.batch_size = self.options.batch_size
-            if self.options.queue_delay_us is not None:
-                spec.queue_delay_us = self.options.queue_delay_us
-            placements[spec.name] = cores
-            if not device.startswith("gpu"):
-                sharing[cores] = sharing.get(cores, 0) + 1
-        for spec in self.repo.members.values():
-            cores = placements[spec.name]
-            threads = self.options.threads_per_member or max(1, len(cores) // sharing.get(cores, 1))
-            stats = self.stats[spec.name] = ModelStats(spec.name)
-            space = self._space_for(spec.inputs, max_batch)
-            member = Member(spec, space, cores, threads, stats, index=len(self.by_index))
-            self.by_index.append(member)
-            for k, t in enumerate(spec.outputs):
-                arena = Arena(arena_name(pid, f"out.{spec.name}.{k}"), space.capacity * t.row_bytes, create=True)
-                member.out_arenas.append(arena)
-                member.out_views.append(arena.array(t.np_dtype, (space.capacity, *t.dims)))
-            self.members[spec.name] = member
-            self.targets[spec.name] = Target(
-                spec.name, "member", spec.inputs, spec.outputs, [member], space, spec.max_batch_size, stats
-            )
-        for ens in self.repo.ensembles.values():
-            members = [self.members[n] for n in ens.members]
-            stats = self.stats[ens.name] = ModelStats(ens.name)
-            self.targets[ens.name] = Target(
-                ens.name, "ensemble", ens.inputs, ens.outputs, members, members[0].space, ens.max_batch_size, stats
-            )
+    def _worker_table(self) -> None:
+        for g, rt in enumerate(self.groups):
+            ring = self.rings[self.table.group_rings[g]]
+            for replica in rt.spec.replicas:
+                spec = WorkerSpec(
+                    members=[(m, str(self.repo.members[m].path)) for m in rt.spec.members],
+                    device=replica.device, cpu_cores=list(replica.cores) or None, threads=replica.threads,
+                    batch_size=rt.spec.batch_size, queue_delay_us=rt.spec.queue_delay_us,
+                    capacity=ring.capacity,
+                    inputs=[(t.name, t.np_dtype.str, list(t.dims), a.name) for t, a in zip(ring.inputs, ring.arenas)],
+                    outputs=rt.slots.layout(), task_fd=-1, done_fd=-1, lifeline_fd=-1, index=len(self.workers))
+                w = WorkerProcess(len(self.workers), g, replica, spec)
+                rt.workers.append(w)
+                self.workers.append(w)
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.build()
+        self._build_memory()
+        self._worker_table()
         self.done_r, self.done_w = os.pipe()
         os.set_blocking(self.done_r, False)
+        self.dispatch = Dispatch(self.loop, self.done_r)
+        self.supervisor = Supervisor(self.loop, self.done_w, self._worker_exited)
+        self.deadlines = Deadlines(self.loop)
         self.loop.add_reader(self.done_r, self._on_done)
-        for m in self.members.values():
-            self._spawn(m)
-        waiters = [m.ready for m in self.members.values()]
-        done, _ = await asyncio.wait(waiters, timeout=self.options.startup_timeout_s)
-        failed = [m for m in self.members.values() if m.state != "ready"]
+        for w in self.workers:
+            self.supervisor.spawn(w)
+        await asyncio.wait([w.ready for w in self.workers], timeout=self.options.startup_timeout_s)
+        failed = [w for w in self.workers if w.state is not WorkerState.READY]
         if failed:
-            reasons = "; ".join(m.down_reason or f"member '{m.name}' did not start in time" for m in failed)
-            raise RepositoryError(reasons)
+            raise RepositoryError("; ".join(w.reason or f"{w.label} did not start in time" for w in failed))
 
-    def _spawn(self, m: Member) -> None:
-        task_r, task_w = os.pipe()
-        lifeline_r, lifeline_w = os.pipe()
-        try:
-            fcntl.fcntl(task_w, F_SETPIPE_SZ, 1 << 20)
-        except OSError:
-            pass  # the default 64 KiB still holds thousands of descriptors
-        env = dict(os.environ)
-        device = m.spec.device
-        if device.startswith("gpu"):
-            env["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2] or "0"
-            device = "gpu:0"
-        spec = WorkerSpec(
-            member=m.name,
-            model_path=str(m.spec.path),
-            device=device,
-            cpu_cores=list(m.cores),
-            threads=m.threads,
-            batch_size=m.spec.batch_size,
-            queue_delay_us=m.spec.queue_delay_us,
-            capacity=m.space.capacity,
-            inputs=[(t.name, t.np_dtype.str, list(t.dims), a.name) for t, a in zip(m.space.inputs, m.space.arenas)],
-            outputs=[(t.name, t.np_dtype.str, list(t.dims), a.name) for t, a in zip(m.spec.outputs, m.out_arenas)],
-            task_fd=task_r,
-            done_fd=self.done_w,
-            lifeline_fd=lifeline_w,
-            index=m.index,
-        )
-        try:
-            m.proc = subprocess.Popen(
-                [sys.executable, "-m", "enserve.server.worker", spec.to_json()],
-                pass_fds=(task_r, self.done_w, lifeline_w), env=env,
-            )
-        finally:
-            os.close(task_r)
-            os.close(lifeline_w)
-        m.task_w, m.lifeline_r = task_w, lifeline_r
-        m.state = "starting"
-        m.ready = self.loop.create_future()
-        self.loop.add_reader(lifeline_r, self._on_lifeline, m)
+    # ------------------------------------------------------------------ health
+
+    def unavailable(self, model: ServedModel) -> str | None:
+        """Why ``model`` cannot be served (a group with every replica down), or None."""
+        for g, _ in model.parts:
+            workers = self.groups[g].workers
+            if all(w.state is WorkerState.DOWN for w in workers):
+                return "; ".join(w.reason for w in workers if w.reason) or "its workers are down"
+        return None
+
+    def queue_depth(self) -> dict[str, int]:
+        return dict(self.inflight)
+
+    def worker_pids(self) -> dict[str, list[int]]:
+        return {"+".join(rt.spec.members): [w.proc.pid for w in rt.workers if w.proc is not None]
+                for rt in self.groups}
 
     # ------------------------------------------------------------------ requests
 
-    def queue_depth(self) -> dict[str, int]:
-        return {t.name: t.inflight for t in self.targets.values()}
+    async def infer(self, model: ServedModel, arrays: list[np.ndarray], count: int,
+                    timeout_s: float | None = None) -> dict[str, np.ndarray]:
+        return await self.submit(model, arrays, count, timeout_s).future
 
-    def submit(self, target: Target, arrays: list[np.ndarray], count: int, timeout_s: float | None = None) -> Pending:
-        """Copy the inputs into shared rows and hand the rows to every member of ``target``."""
+    def submit(self, model: ServedModel, arrays: list[np.ndarray], count: int,
+               timeout_s: float | None = None) -> InflightRequest:
+        """Copy the inputs into shared rows and hand them to one replica of every group ``model`` needs."""
         if self.closing:
             raise Unavailable("the server is shutting down")
-        for m in target.members:
-            if m.state == "down":
-                raise Unavailable(f"member '{m.name}' of model '{target.name}' is unavailable: {m.down_reason}")
-        if target.inflight >= self.options.max_inflight:
-            target.stats.rejected += 1
+        reason = self.unavailable(model)
+        if reason is not None:
+            raise Unavailable(f"model '{model.name}' is unavailable: {reason}")
+        stats = self.stats[model.name]
+        if self.inflight[model.name] >= self.options.max_inflight:
+            stats.rejected += 1
             raise ResourceExhausted(
-                f"model '{target.name}' has {target.inflight} requests in flight, the limit is "
-                f"{self.options.max_inflight}; retry later"
-            )
-        t0 = time.perf_counter_ns()
-        start = target.space.ring.alloc(count)
+                f"model '{model.name}' has {self.inflight[model.name]} requests in flight, the limit is "
+                f"{self.options.max_inflight}; retry later")
+        ring = self.rings[model.ring]
+        start = ring.put(arrays, count)
         if start is None:
-            target.stats.rejected += 1
+            stats.rejected += 1
             raise ResourceExhausted(
-                f"the shared input ring of model '{target.name}' is full ({target.space.capacity} rows); retry later"
-            )
-        for view, arr in zip(target.space.views, arrays):
-            view[start : start + count] = arr
+                f"the shared input ring of model '{model.name}' is full ({ring.capacity} rows); retry later")
         rid = self.next_id
         self.next_id = (rid + 1) & 0xFFFFFFFF
-        p = Pending(rid, target, start, count, self.loop.create_future())
-        p.t0 = t0
-        self.pending[rid] = p
-        target.inflight += 1
         timeout = timeout_s if timeout_s is not None else self.options.request_timeout_s
-        p.timer = self.loop.call_later(timeout, self._expire, p, timeout)
-        members = target.members
-        if len(members) > 1 and target.inflight > 1 and self.options.max_adaptive_wait_us > 0:
-            slowest = max(m.batch_ns for m in members)
-            for m in members:
-                self._send(m, rid, start, count, self._wait_budget(m, slowest))
+        request = InflightRequest(rid, model.shape, start, count, len(model.parts), self.loop.create_future(),
+                                  self.loop.time(), timeout)
+        self.pending[rid] = request
+        self.inflight[model.name] += 1
+        self.deadlines.add(request)
+        wait = len(model.parts) > 1 and self.inflight[model.name] > 1 and self.options.max_adaptive_wait_us > 0
+        slowest = max(self.groups[g].batch_ns for g, _ in model.parts) if wait else 0.0
+        for g, mask in model.parts:
+            rt = self.groups[g]
+            self._send(rt, rid, start, count, mask,
+                       wait_budget(self.options.max_adaptive_wait_us, slowest, rt.batch_ns) if wait else 0)
+        request.t_submit = time.perf_counter_ns()
+        return request
+
+    def _send(self, rt: GroupRuntime, rid: int, start: int, count: int, mask: int, wait_us: int = 0) -> None:
+        w = least_loaded(rt.workers)
+        if w is None:  # no replica ready yet: the first one that starts takes it
+            rt.held.append((rid, start, count, mask))
         else:
-            for m in members:
-                self._send(m, rid, start, count, 0)
-        p.t_submit = time.perf_counter_ns()
-        return p
-
-    async def infer(self, target: Target, arrays: list[np.ndarray], count: int,
-                    timeout_s: float | None = None) -> dict[str, np.ndarray]:
-        p = self.submit(target, arrays, count, timeout_s)
-        result = await p.future
-        if isinstance(result, EnserveError):
-            raise result
-        return result
-
-    def _wait_budget(self, m: Member, slowest_ns: float) -> int:
-        """Microseconds member ``m`` may hold a request to fill its batch.
-
-        Under concurrent load the ensemble answers when its slowest member does, so a faster
-        member can wait for the difference in batch time without delaying any answer; bigger
-        batches cost less CPU per image. A lone request (nothing else in flight) never waits.
-        """
-        return int(min(self.options.max_adaptive_wait_us, (slowest_ns - m.batch_ns) / 1000))
-
-    def _send(self, m: Member, rid: int, start: int, count: int, wait_us: int = 0) -> None:
-        """Queue a descriptor; all descriptors of one loop turn go out in one write per worker."""
-        if m.state != "ready":
-            m.held.append((rid, start, count))
-            return
-        m.outbox.append(TASK.pack(rid, start, count, wait_us))
-        m.inflight[rid] = (start, count)
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self.flush_scheduled = False
-        for m in self.members.values():
-            if m.outbox:
-                data = b"".join(m.outbox)
-                m.outbox.clear()
-                if m.task_w >= 0:
-                    os.write(m.task_w, data)
-
-    def _expire(self, p: Pending, timeout: float) -> None:
-        p.timer = None
-        if not p.future.done():
-            p.future.set_result(DeadlineExceeded(
-                f"request to model '{p.target.name}' did not finish within {timeout:g} s"
-            ))
+            self.dispatch.send(w, rid, start, count, wait_us, mask)
 
     # ------------------------------------------------------------------ worker events
 
     def _on_done(self) -> None:
-        """Completion frames of every worker, as many as one read brings."""
-        try:
-            chunk = os.read(self.done_r, 1 << 16)
-        except BlockingIOError:
-            return
-        for frame in self.done_reader.feed(chunk):
-            m = self.by_index[frame.member]
+        for frame in self.dispatch.completions():
+            w = self.workers[frame.worker]
             if frame.status == STATUS_READY:
-                self._worker_ready(m)
+                self._worker_ready(w)
             elif frame.status == STATUS_LOAD_FAILED:
-                m.down_reason = frame.message
+                w.reason = frame.message
             else:
-                self._member_done(m, frame)
+                self._batch_done(w, frame)
 
-    def _on_lifeline(self, m: Member) -> None:
-        try:
-            if os.read(m.lifeline_r, 1):
-                return  # never written; ignore
-        except BlockingIOError:
-            return
-        self._on_done()  # frames the worker wrote before it went
-        self._worker_exited(m)
+    def _worker_ready(self, w: WorkerProcess) -> None:
+        self.supervisor.mark_ready(w)
+        rt = self.groups[w.group]
+        held, rt.held = rt.held, []
+        for rid, start, count, mask in held:
+            self._send(rt, rid, start, count, mask)
 
-    def _worker_ready(self, m: Member) -> None:
-        m.state = "ready"
-        if not m.ready.done():
-            m.ready.set_result(True)
-        held, m.held = m.held, []
-        for rid, start, count in held:
-            self._send(m, rid, start, count)
-
-    def _member_done(self, m: Member, frame: Done) -> None:
-        stats = m.stats
-        n = len(frame.ids)
-        stats.execution_count += 1
-        stats.inference_count += frame.rows
-        stats.touch()
-        d = stats.durations
-        d["queue"].add(frame.queue_ns, n)
-        d["compute_input"].add(frame.input_ns * n, n)
-        d["compute_infer"].add(frame.infer_ns * n, n)
-        d["compute_output"].add(frame.output_ns * n, n)
-        per_request = frame.input_ns + frame.infer_ns + frame.output_ns
-        if frame.rows and frame.status == STATUS_OK:
-            m.batch_ns += 0.1 * (per_request - m.batch_ns)
-        d["success" if frame.status == STATUS_OK else "fail"].add(frame.queue_ns + per_request * n, n)
+    def _batch_done(self, w: WorkerProcess, frame: Done) -> None:
+        rt = self.groups[w.group]
+        ok = frame.status == STATUS_OK
+        if ok and frame.rows:
+            per_batch = frame.input_ns + frame.infer_ns + frame.output_ns
+            rt.batch_ns += 0.1 * (per_batch - rt.batch_ns)
+        ran = 0
         for rid in frame.ids:
-            if m.inflight.pop(rid, None) is None:
+            task = self.dispatch.finished(w, rid)
+            if task is None:
                 continue
-            p = self.pending.get(rid)
-            if p is None:
+            ran |= task[2]
+            request = self.pending.get(rid)
+            if request is None:
                 continue
-            if frame.status != STATUS_OK:
-                if p.error is None:
-                    p.error = Internal(f"member '{m.name}' failed on this request: {frame.message}")
-            elif p.error is None:
-                self._accumulate(p, m)
-            p.outstanding -= 1
-            if p.outstanding == 0:
-                self._finish(p)
+            if not ok:
+                self._part_failed(request, Internal(f"member '{w.spec.label}' failed on this request: {frame.message}"))
+                continue
+            request.part_done(rt.slots.sums, rt.slots.squares)
+            if request.complete:
+                self._finish(request)
+        members = [m for k, m in enumerate(rt.spec.members) if ran >> k & 1]
+        for m in members:
+            record_batch(self.stats[m], frame, len(frame.ids), len(members))
 
-    def _accumulate(self, p: Pending, m: Member) -> None:
-        lo, hi = p.start, p.start + p.count
-        if p.target.kind == "member":
-            p.sums = [v[lo:hi].copy() for v in m.out_views]
-            return
-        first = m.out_views[0][lo:hi]
-        if p.sums is None:
-            p.sums = [v[lo:hi].astype(np.float64) for v in m.out_views]
-            p.sumsq = np.square(p.sums[0])
-        else:
-            for acc, v in zip(p.sums, m.out_views):
-                acc += v[lo:hi]
-            p.sumsq += np.square(first, dtype=np.float64)
-
-    def _finish(self, p: Pending) -> None:
-        target = p.target
-        del self.pending[p.rid]
-        target.space.ring.free(p.start)
-        target.inflight -= 1
-        if p.timer is not None:
-            p.timer.cancel()
-        t_done = time.perf_counter_ns()
-        stats = target.stats
-        if p.error is None:
-            try:
-                outputs = self._combine(p)
-            except Exception as exc:  # never leave a caller waiting
-                p.error = Internal(f"combining member outputs failed: {exc}")
-        t_end = time.perf_counter_ns()
-        if target.kind == "ensemble":
-            stats.touch()
-            if p.error is None:
-                stats.inference_count += p.count
-                stats.execution_count += 1
-                d = stats.durations
-                d["success"].add(t_end - p.t0)
-                d["queue"].add(0)
-                d["compute_input"].add(p.t_submit - p.t0)
-                d["compute_infer"].add(t_done - p.t_submit)
-                d["compute_output"].add(t_end - t_done)
-            else:
-                stats.durations["fail"].add(t_end - p.t0)
-        if not p.future.done():
-            p.future.set_result(p.error if p.error is not None else outputs)
+    def _finish(self, request: InflightRequest) -> None:
+        del self.pending[request.rid]
+        model = self.models[request.shape.model]
+        self.rings[model.ring].release(request.start)
+        self.inflight[model.name] -= 1
+        request.answer()
+        if model.kind == "ensemble":
+            record_request(self.stats[model.name], request)
         if self.closing and not self.pending and self.drained is not None:
             self.drained.set()
 
-    def _combine(self, p: Pending) -> dict[str, np.ndarray]:
-        target = p.target
-        if target.kind == "member":
-            return {t.name: v for t, v in zip(target.outputs, p.sums)}
-        n = len(target.members)
-        out: dict[str, np.ndarray] = {}
-        member_outputs = target.outputs[: len(p.sums)]
-        for t, acc in zip(member_outputs, p.sums):
-            acc /= n
-            out[t.name] = acc.astype(t.np_dtype)
-        mean = p.sums[0].reshape(p.count, -1)
-        var = (p.sumsq.reshape(p.count, -1) / n - np.square(mean)).clip(min=0.0)
-        out[VARIANCE_OUTPUT] = var.mean(axis=1, keepdims=True).astype(np.float32)
-        out[ENTROPY_OUTPUT] = (-(mean * np.log(mean.clip(min=1e-12))).sum(axis=1, keepdims=True)).astype(np.float32)
-        return out
-
-    def _worker_exited(self, m: Member) -> None:
-        self.loop.remove_reader(m.lifeline_r)
-        for fd in (m.lifeline_r, m.task_w):
-            if fd >= 0:
-                os.close(fd)
-        m.lifeline_r = m.task_w = -1
-        code = m.proc.wait() if m.proc is not None else None
+    def _worker_exited(self, w: WorkerProcess, code: int | None) -> None:
+        """A replica is gone: restart it (unless it never loaded or we are stopping) and hand its
+        tasks to a live replica of its group; a task whose worker died before is failed instead."""
+        rt = self.groups[w.group]
+        tasks = list(w.tasks.items())
+        w.tasks.clear()
+        w.rows = 0
         if self.closing:
-            m.state = "down"
-            m.down_reason = "the server is shutting down"
-            self._fail_all(m, Unavailable(m.down_reason))
-            return
-        if m.state == "starting":
-            m.state = "down"
-            m.down_reason = m.down_reason or f"member '{m.name}' worker exited with code {code} while loading"
-            log.error("%s", m.down_reason)
-            if not m.ready.done():
-                m.ready.set_result(False)
-            self._fail_all(m, Unavailable(m.down_reason))
-            return
-        log.warning("worker of member '%s' exited with code %s; restarting it", m.name, code)
-        retry: list[tuple[int, int, int]] = []
-        for rid, (start, count) in m.inflight.items():
-            p = self.pending.get(rid)
-            if p is None:
+            self.supervisor.mark_down(w, "the server is shutting down")
+        elif w.state is WorkerState.STARTING:
+            self.supervisor.mark_down(w, w.reason or f"{w.label} exited with code {code} while loading")
+            log.error("%s", w.reason)
+        else:
+            log.warning("%s exited with code %s; restarting it", w.label, code)
+            w.restarts += 1
+            try:
+                self.supervisor.spawn(w)
+            except OSError as exc:
+                self.supervisor.mark_down(w, f"{w.label} could not be restarted: {exc}")
+                log.error("%s", w.reason)
+        for rid, (start, count, mask) in tasks:
+            request = self.pending.get(rid)
+            if request is None:
                 continue
-            if p.retried and m.name in p.retried:
-                self._drop(p, Unavailable(
-                    f"the worker of member '{m.name}' died twice while computing this request"
-                ))
+            if self.closing or w.group in request.retried:
+                why = "the server is shutting down" if self.closing else "its worker died twice"
+                self._part_failed(request, Unavailable(f"member '{w.spec.label}' did not answer: {why}"))
             else:
-                p.retried = (p.retried or set()) | {m.name}
-                retry.append((rid, start, count))
-        m.inflight.clear()
-        m.outbox.clear()
-        m.held = retry + m.held
-        self._spawn(m)
+                request.retried.add(w.group)
+                self._send(rt, rid, start, count, mask)
+        if all(x.state is WorkerState.DOWN for x in rt.workers):
+            held, rt.held = rt.held, []
+            for rid, *_ in held:
+                request = self.pending.get(rid)
+                if request is not None:
+                    self._part_failed(request, Unavailable(f"member '{w.spec.label}' is unavailable: {w.reason}"))
 
-    def _drop(self, p: Pending, error: EnserveError) -> None:
-        """One member will never answer ``p``."""
-        if p.error is None:
-            p.error = error
-        p.outstanding -= 1
-        if p.outstanding == 0:
-            self._finish(p)
-
-    def _fail_all(self, m: Member, error: EnserveError) -> None:
-        items = [rid for rid in m.inflight] + [rid for rid, _, _ in m.held]
-        m.inflight.clear()
-        m.held.clear()
-        for rid in items:
-            p = self.pending.get(rid)
-            if p is not None:
-                self._drop(p, error)
+    def _part_failed(self, request: InflightRequest, error: EnserveError) -> None:
+        request.part_failed(error)
+        if request.complete:
+            self._finish(request)
 
     # ------------------------------------------------------------------ shut-down
 
@@ -546,40 +291,21 @@ class Orchestrator:
             except asyncio.TimeoutError:
                 log.warning("%d requests still in flight after %g s; stopping anyway",
                             len(self.pending), self.options.drain_timeout_s)
-        for m in self.members.values():
-            if m.task_w >= 0:
-                os.close(m.task_w)  # EOF: the worker finishes its batch and exits
-                m.task_w = -1
-        for m in self.members.values():
-            if m.proc is None:
-                continue
-            try:
-                await asyncio.wait_for(asyncio.to_thread(m.proc.wait), 5)
-            except asyncio.TimeoutError:
-                m.proc.kill()
-                m.proc.wait()
-            if m.lifeline_r >= 0:
-                self.loop.remove_reader(m.lifeline_r)
-                os.close(m.lifeline_r)
-                m.lifeline_r = -1
-        if self.done_r >= 0:
+        if self.loop is not None and self.done_r >= 0:
+            await self.supervisor.stop(self.workers)
             self.loop.remove_reader(self.done_r)
             os.close(self.done_r)
             os.close(self.done_w)
             self.done_r = self.done_w = -1
-        for p in list(self.pending.values()):
-            if not p.future.done():
-                p.future.set_result(Unavailable("the server shut down before this request finished"))
+            self.deadlines.close()
+        for request in list(self.pending.values()):
+            request.part_failed(Unavailable("the server shut down before this request finished"))
+            request.answer()
         self.pending.clear()
         self.release_memory()
 
     def release_memory(self) -> None:
-        for m in self.members.values():
-            for a in m.out_arenas:
-                a.close()
-        for s in self.spaces.values():
-            for a in s.arenas:
-                a.close()
-
-    def worker_pids(self) -> dict[str, int]:
-        return {m.name: m.proc.pid for m in self.members.values() if m.proc is not None}
+        for rt in self.groups:
+            rt.slots.close()
+        for ring in self.rings:
+            ring.close()

@@ -1,21 +1,23 @@
 """Fixed-size descriptors between the orchestrator and its workers (struct framing over pipes).
 
-Orchestrator -> worker: ``TASK`` = (request id, first row, row count, wait budget in us): rows of
-the shared input ring, and how long the member may hold them to fill a batch without delaying the
-ensemble's answer (see ``Orchestrator._wait_budget``).
-Worker -> orchestrator: a ``DONE`` header (with the worker's member index), then ``n_ids`` uint32
+Orchestrator -> worker: ``TASK`` = (request id, first row, row count, wait budget in us, member
+mask): rows of the shared input ring, how long the worker may hold them to fill a batch without
+delaying the ensemble's answer (see ``dispatch.wait_budget``), and which of the worker's members
+to run on them (bit k: its k-th member).
+Worker -> orchestrator: a ``DONE`` header (with the worker's index), then ``n_ids`` uint32
 request ids, then ``msg_len`` bytes of UTF-8 message (errors, or the load failure). All workers
-share one completion pipe: a frame is at most ``PIPE_BUF`` bytes, so each write is atomic and
-frames never interleave. No tensor ever crosses a pipe.
+share one completion pipe: a frame is at most ``PIPE_BUF`` bytes and is written on its own, so
+each write is atomic and frames never interleave. No tensor ever crosses a pipe.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
-TASK = struct.Struct("<IIII")
-DONE = struct.Struct("<IIIIIQQQQ")  # member, status, n_ids, msg_len, rows, queue_ns, input_ns, infer_ns, output_ns
+TASK = struct.Struct("<IIIII")
+DONE = struct.Struct("<IIIIIQQQQ")  # worker, status, n_ids, msg_len, rows, queue_ns, input_ns, infer_ns, output_ns
 PIPE_BUF = 4096
 MAX_MESSAGE = 1024
 MAX_IDS_PER_FRAME = (PIPE_BUF - DONE.size - MAX_MESSAGE) // 4
@@ -28,7 +30,7 @@ STATUS_LOAD_FAILED = 3
 
 @dataclass
 class Done:
-    member: int
+    worker: int
     status: int
     ids: tuple[int, ...]
     message: str
@@ -39,27 +41,33 @@ class Done:
     output_ns: int
 
 
-def pack_tasks(tasks: list[tuple[int, int, int, int]]) -> bytes:
+def pack_tasks(tasks: list[tuple[int, int, int, int, int]]) -> bytes:
     return b"".join(TASK.pack(*t) for t in tasks)
 
 
 def pack_done(
-    member: int,
+    worker: int,
     status: int,
     ids: list[int] | tuple[int, ...] = (),
     message: str = "",
     rows: int = 0,
     times: tuple[int, int, int, int] = (0, 0, 0, 0),
-) -> bytes:
-    """One frame, or several when there are more ids than fit in PIPE_BUF (times go with the first)."""
+) -> list[bytes]:
+    """Frames of at most PIPE_BUF bytes each, several when the ids do not fit in one (times go with
+    the first). Write each with its own ``os.write``: only writes up to PIPE_BUF are atomic."""
     msg = message.encode()[:MAX_MESSAGE]
     frames = []
     for lo in range(0, max(1, len(ids)), MAX_IDS_PER_FRAME):
         chunk = ids[lo : lo + MAX_IDS_PER_FRAME]
         t = times if lo == 0 else (0, 0, 0, 0)
         r = rows if lo == 0 else 0
-        frames.append(DONE.pack(member, status, len(chunk), len(msg), r, *t) + struct.pack(f"<{len(chunk)}I", *chunk) + msg)
-    return b"".join(frames)
+        frames.append(DONE.pack(worker, status, len(chunk), len(msg), r, *t) + struct.pack(f"<{len(chunk)}I", *chunk) + msg)
+    return frames
+
+
+def write_done(fd: int, frames: list[bytes]) -> None:
+    for frame in frames:
+        os.write(fd, frame)
 
 
 class DoneReader:
@@ -72,13 +80,13 @@ class DoneReader:
         self.buffer += chunk
         frames = []
         while len(self.buffer) >= DONE.size:
-            member, status, n_ids, msg_len, rows, q, i, f, o = DONE.unpack_from(self.buffer)
+            worker, status, n_ids, msg_len, rows, q, i, f, o = DONE.unpack_from(self.buffer)
             end = DONE.size + 4 * n_ids + msg_len
             if len(self.buffer) < end:
                 break
             ids = struct.unpack_from(f"<{n_ids}I", self.buffer, DONE.size)
             msg = bytes(self.buffer[DONE.size + 4 * n_ids : end]).decode(errors="replace")
-            frames.append(Done(member, status, ids, msg, rows, q, i, f, o))
+            frames.append(Done(worker, status, ids, msg, rows, q, i, f, o))
             del self.buffer[:end]
         return frames
 
@@ -89,7 +97,7 @@ class TaskReader:
     def __init__(self) -> None:
         self.buffer = bytearray()
 
-    def feed(self, chunk: bytes) -> list[tuple[int, int, int, int]]:
+    def feed(self, chunk: bytes) -> list[tuple[int, int, int, int, int]]:
         self.buffer += chunk
         n = len(self.buffer) // TASK.size
         tasks = list(TASK.iter_unpack(bytes(self.buffer[: n * TASK.size])))

@@ -52,9 +52,10 @@ class TensorSpec:
         return self.row_elements * self.np_dtype.itemsize
 
 
-@dataclass
+@dataclass(frozen=True)
 class MemberSpec:
-    """A member model: an ONNX file plus its serving placement."""
+    """A member model: an ONNX file, and the placement its ``config.pbtxt`` asks for (the served
+    placement is resolved from this, a plan and the flags: ``server.placement``)."""
 
     name: str
     path: Path
@@ -63,8 +64,9 @@ class MemberSpec:
     max_batch_size: int
     batch_size: int = 32
     queue_delay_us: int = 0
-    device: str = "cpu"
+    devices: tuple[str, ...] = ("cpu",)  # one per instance: Triton's instance_group count x gpus
     cpu_cores: tuple[int, ...] | None = None
+    worker_group: str | None = None  # members naming the same group share worker processes
 
 
 @dataclass
@@ -157,21 +159,29 @@ def _tensors(repeated) -> list[TensorSpec]:
     return [TensorSpec(t.name, _dtype_name(t.data_type), tuple(int(d) for d in t.dims)) for t in repeated]
 
 
-def member_config(spec: MemberSpec) -> mc.ModelConfig:
+def member_config(spec: MemberSpec, devices: tuple[str, ...] | None = None, batch_size: int | None = None,
+                  queue_delay_us: int | None = None, cpu_cores: tuple[int, ...] | None = None,
+                  worker_group: str | None = None) -> mc.ModelConfig:
+    """Triton's config of a member: what ``spec`` asks for, or the placement given (one instance per
+    device: CPU instances in one KIND_CPU group, each GPU in a KIND_GPU group of its own)."""
+    devices = spec.devices if devices is None else devices
     cfg = mc.ModelConfig(name=spec.name, platform=ONNX_PLATFORM, max_batch_size=spec.max_batch_size)
     _add_tensors(cfg.input, spec.inputs)
     _add_tensors(cfg.output, spec.outputs)
-    group = cfg.instance_group.add()
-    group.count = 1
-    if spec.device.startswith("gpu"):
-        group.kind = mc.ModelInstanceGroup.KIND_GPU
-        group.gpus.append(int(spec.device.split(":")[1]) if ":" in spec.device else 0)
-    else:
-        group.kind = mc.ModelInstanceGroup.KIND_CPU
-    cfg.dynamic_batching.preferred_batch_size.append(spec.batch_size)
-    cfg.dynamic_batching.max_queue_delay_microseconds = spec.queue_delay_us
-    if spec.cpu_cores is not None:
-        cfg.parameters["enserve.cpu_cores"].string_value = ",".join(map(str, spec.cpu_cores))
+    cpus = sum(1 for d in devices if not d.startswith("gpu"))
+    if cpus:
+        cfg.instance_group.add(count=cpus, kind=mc.ModelInstanceGroup.KIND_CPU)
+    for gpu in sorted({d for d in devices if d.startswith("gpu")}):
+        cfg.instance_group.add(count=devices.count(gpu), kind=mc.ModelInstanceGroup.KIND_GPU,
+                               gpus=[int(gpu.partition(":")[2] or 0)])
+    cfg.dynamic_batching.preferred_batch_size.append(spec.batch_size if batch_size is None else batch_size)
+    cfg.dynamic_batching.max_queue_delay_microseconds = spec.queue_delay_us if queue_delay_us is None else queue_delay_us
+    cores = spec.cpu_cores if cpu_cores is None else cpu_cores
+    if cores:
+        cfg.parameters["enserve.cpu_cores"].string_value = ",".join(map(str, cores))
+    group = spec.worker_group if worker_group is None else worker_group
+    if group:
+        cfg.parameters["enserve.worker_group"].string_value = group
     return cfg
 
 
@@ -221,10 +231,15 @@ def _member_from_config(model_dir: Path, cfg: mc.ModelConfig) -> MemberSpec:
             f"member '{cfg.name}': max_batch_size is {cfg.max_batch_size}, but must be > 0 "
             "(enserve batches along the first axis)"
         )
-    device = "cpu"
-    for group in cfg.instance_group:
+    devices: list[str] = []
+    for group in cfg.instance_group or [mc.ModelInstanceGroup()]:
+        count = group.count or 1
+        if count < 1:
+            raise RepositoryError(f"member '{cfg.name}': instance_group count {group.count}, but must be >= 1")
         if group.kind == mc.ModelInstanceGroup.KIND_GPU:
-            device = f"gpu:{group.gpus[0] if group.gpus else 0}"
+            devices += [f"gpu:{g}" for g in (group.gpus or [0]) for _ in range(count)]
+        else:
+            devices += ["cpu"] * count
     cores = None
     if "enserve.cpu_cores" in cfg.parameters:
         cores = parse_cores(cfg.parameters["enserve.cpu_cores"].string_value)
@@ -238,8 +253,10 @@ def _member_from_config(model_dir: Path, cfg: mc.ModelConfig) -> MemberSpec:
         max_batch_size=cfg.max_batch_size,
         batch_size=min(batch, cfg.max_batch_size),
         queue_delay_us=int(batching.max_queue_delay_microseconds),
-        device=device,
+        devices=tuple(devices),
         cpu_cores=cores,
+        worker_group=(cfg.parameters["enserve.worker_group"].string_value or None)
+        if "enserve.worker_group" in cfg.parameters else None,
     )
 
 
@@ -283,6 +300,9 @@ def load_repository(path: Path) -> Repository:
             raise RepositoryError(f"ensemble '{cfg.name}': members {missing} are not in {path}")
         if not names:
             raise RepositoryError(f"ensemble '{cfg.name}': it names no members")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise RepositoryError(f"ensemble '{cfg.name}': members {twice} appear in more than one step")
         combiner = cfg.parameters["enserve.combiner"].string_value if "enserve.combiner" in cfg.parameters else "mean"
         if combiner not in COMBINERS:
             raise RepositoryError(f"ensemble '{cfg.name}': combiner '{combiner}' is not one of {COMBINERS}")

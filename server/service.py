@@ -9,9 +9,10 @@ import numpy as np
 from enserve.server import __version__
 from enserve.server.config import ServeOptions
 from enserve.server.errors import InvalidArgument, NotFound, Unavailable
-from enserve.server.orchestrator import Orchestrator, Target
+from enserve.server.orchestrator import Orchestrator
 from enserve.server.repository import Repository, ensemble_config, member_config
 from enserve.server.shm import ClientRegions
+from enserve.server.table import ServedModel
 from enserve.server.tensors import (
     RequestInput,
     RequestOutput,
@@ -42,19 +43,20 @@ class Service:
     # ------------------------------------------------------------------ health and metadata
 
     def ready(self) -> bool:
-        return self.accepting and all(m.state != "down" for m in self.orchestrator.members.values())
+        orch = self.orchestrator
+        return self.accepting and all(orch.unavailable(m) is None for m in orch.models.values())
 
-    def target(self, name: str, version: str = "") -> Target:
-        target = self.orchestrator.targets.get(name)
-        if target is None:
-            raise NotFound(f"unknown model '{name}'; this server has {sorted(self.orchestrator.targets)}")
+    def target(self, name: str, version: str = "") -> ServedModel:
+        model = self.orchestrator.models.get(name)
+        if model is None:
+            raise NotFound(f"unknown model '{name}'; this server has {sorted(self.orchestrator.models)}")
         if version not in ("", "1"):
             raise NotFound(f"model '{name}' has no version '{version}'; it has version '1'")
-        return target
+        return model
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        target = self.target(name, version)
-        return self.accepting and all(m.state != "down" for m in target.members)
+        model = self.target(name, version)
+        return self.accepting and self.orchestrator.unavailable(model) is None
 
     def server_metadata(self) -> dict:
         return {"name": "enserve", "version": __version__, "extensions": EXTENSIONS}
@@ -70,22 +72,29 @@ class Service:
                 "inputs": tensors(t.inputs), "outputs": tensors(t.outputs)}
 
     def model_config(self, name: str, version: str = ""):
+        """Triton's config of the model as it is served (a member's instances, batch size, cores)."""
         t = self.target(name, version)
         if t.kind == "ensemble":
             return ensemble_config(self.repo.ensembles[name], self.repo.members)
-        return member_config(self.repo.members[name])
+        placement = self.orchestrator.placement
+        group = placement.groups[placement.group_of(name)]
+        cores = sorted({c for r in group.replicas for c in r.cores})
+        return member_config(self.repo.members[name], devices=tuple(r.device for r in group.replicas),
+                             batch_size=group.batch_size, queue_delay_us=group.queue_delay_us,
+                             cpu_cores=tuple(cores) or None,
+                             worker_group="+".join(group.members) if len(group.members) > 1 else None)
 
     def stats(self, name: str = "", version: str = ""):
         if name:
-            return [self.target(name, version).stats]
-        return [t.stats for t in self.orchestrator.targets.values()]
+            return [self.orchestrator.stats[self.target(name, version).name]]
+        return list(self.orchestrator.stats.values())
 
     def index(self) -> list[dict]:
         out = []
-        for t in self.orchestrator.targets.values():
-            down = [m for m in t.members if m.state == "down"]
-            out.append({"name": t.name, "version": "1", "state": "UNAVAILABLE" if down else "READY",
-                        "reason": "; ".join(m.down_reason for m in down)})
+        for m in self.orchestrator.models.values():
+            reason = self.orchestrator.unavailable(m)
+            out.append({"name": m.name, "version": "1", "state": "READY" if reason is None else "UNAVAILABLE",
+                        "reason": reason or ""})
         return out
 
     # ------------------------------------------------------------------ inference

@@ -35,6 +35,38 @@ class ModelStats:
         self.last_inference_ms = int(time.time() * 1000)
 
 
+def record_batch(stats: ModelStats, frame, requests: int, members: int) -> None:
+    """One batch a worker ran for this member (its compute split evenly among the ``members`` the
+    worker ran on the same batch); ``frame`` is the worker's completion."""
+    stats.execution_count += 1
+    stats.inference_count += frame.rows
+    stats.touch()
+    d = stats.durations
+    d["queue"].add(frame.queue_ns, requests)
+    d["compute_input"].add(frame.input_ns * requests // members, requests)
+    d["compute_infer"].add(frame.infer_ns * requests // members, requests)
+    d["compute_output"].add(frame.output_ns * requests // members, requests)
+    own = (frame.input_ns + frame.infer_ns + frame.output_ns) // members
+    d["success" if frame.status == 0 else "fail"].add(frame.queue_ns + own * requests, requests)
+
+
+def record_request(stats: ModelStats, request) -> None:
+    """One ensemble request, from its arrival to its answer."""
+    t_end = time.perf_counter_ns()
+    stats.touch()
+    d = stats.durations
+    if request.error is None:
+        stats.inference_count += request.count
+        stats.execution_count += 1
+        d["success"].add(t_end - request.t0)
+        d["queue"].add(0)
+        d["compute_input"].add(request.t_submit - request.t0)
+        d["compute_infer"].add(t_end - request.t_submit)
+        d["compute_output"].add(0)
+    else:
+        d["fail"].add(t_end - request.t0)
+
+
 class MetricsCollector:
     """Prometheus collector with Triton's metric names, read from the stats at scrape time."""
 

@@ -1,8 +1,9 @@
-"""A member worker: one child process per ensemble member, pinned to its device.
+"""A worker: one child process of a worker group, pinned to its device, hosting one or more members.
 
-It builds its ONNX Runtime session inside the child, reads input rows straight from the
-shared input ring, writes its outputs into its own shared output slots, and talks to the
-orchestrator only through fixed-size descriptors (``server.protocol``).
+It builds its members' ONNX Runtime sessions inside the child, reads input rows straight from the
+shared input ring, runs the members a task names back to back on the same batch, and writes
+their running sum (and the first output's sum of squares) into its group's shared output slots.
+It talks to the orchestrator only through fixed-size descriptors (``server.protocol``).
 Run as ``python -m enserve.server.worker '<json spec>'``.
 """
 
@@ -15,10 +16,11 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from enserve.optimizer.sessions import session_for
 from enserve.server.protocol import (
     STATUS_ERROR,
     STATUS_LOAD_FAILED,
@@ -26,57 +28,43 @@ from enserve.server.protocol import (
     STATUS_READY,
     TaskReader,
     pack_done,
+    write_done,
 )
 from enserve.server.shm import Arena
+
+Slot = tuple[str, str, list[int], str]  # name, numpy dtype, dims, arena name
 
 
 @dataclass
 class WorkerSpec:
     """What the orchestrator tells a worker (JSON on its command line)."""
 
-    member: str
-    model_path: str
+    members: list[tuple[str, str]]  # (name, model path) in mask-bit order
     device: str  # "cpu" or "gpu:<index>"
     cpu_cores: list[int] | None
     threads: int
     batch_size: int
     queue_delay_us: int
     capacity: int  # rows in the shared ring
-    inputs: list[tuple[str, str, list[int], str]]  # name, numpy dtype, dims, arena name
-    outputs: list[tuple[str, str, list[int], str]]
+    inputs: list[Slot]
+    outputs: list[Slot]  # the group's sums, one per output, then the first output's squares
     task_fd: int
     done_fd: int  # shared by all workers: frames are atomic writes
     lifeline_fd: int  # held open, never written: its EOF tells the orchestrator we are gone
-    index: int  # this member's index in the orchestrator's table
+    index: int  # this worker's index in the orchestrator's table
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__)
+        return json.dumps(asdict(self))
+
+    @property
+    def label(self) -> str:
+        return "+".join(name for name, _ in self.members)
 
 
-def build_session(spec: WorkerSpec):
-    """An ONNX Runtime session for the member on its device; raises with what is missing."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, spec.threads)
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if spec.device.startswith("gpu"):
-        available = ort.get_available_providers()
-        if "CUDAExecutionProvider" not in available:
-            raise RuntimeError(
-                f"member '{spec.member}' is placed on {spec.device}, but onnxruntime offers only "
-                f"{available}: install onnxruntime-gpu (pip install 'enserve[gpu]') on a machine with "
-                "an NVIDIA driver, or place the member on a CPU device"
-            )
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        if "TensorrtExecutionProvider" in available:
-            providers.insert(0, "TensorrtExecutionProvider")
-    else:
-        providers = ["CPUExecutionProvider"]
-    return ort.InferenceSession(spec.model_path, options, providers=providers)
+def build_sessions(spec: WorkerSpec) -> list:
+    """An ONNX Runtime session per member on the worker's device; raises with what is missing."""
+    return [session_for(path, threads=max(1, spec.threads), device=spec.device, what=f"member '{name}'")
+            for name, path in spec.members]
 
 
 def collect(
@@ -85,11 +73,11 @@ def collect(
     backlog: deque,
     batch_size: int,
     delay_s: float,
-) -> list[tuple[int, int, int, int, int]]:
+) -> list[tuple[int, int, int, int, int, int]]:
     """Block for the first task, then gather up to ``batch_size`` rows for at most ``delay_s``,
     or for the first task's wait budget when that is longer.
 
-    Tasks are (request id, first row, rows, wait budget us, arrival ns). Raises EOFError when
+    Tasks are (request id, first row, rows, wait budget us, member mask, arrival ns). Raises EOFError when
     the orchestrator closed the pipe and nothing is left.
     """
 
@@ -123,53 +111,87 @@ def collect(
 
 
 class Runner:
-    """Runs a batch of tasks through the session, reading and writing shared rows."""
+    """Runs a batch of tasks through the members they name, reading and writing shared rows."""
 
-    def __init__(self, spec: WorkerSpec, session) -> None:
+    def __init__(self, spec: WorkerSpec, sessions: list) -> None:
         self.spec = spec
-        self.session = session
+        self.sessions = sessions
         self.arenas: list[Arena] = []
         self.inputs = [self._view(a) for a in spec.inputs]
-        self.outputs = [self._view(a) for a in spec.outputs]
+        slots = [self._view(a) for a in spec.outputs]
+        self.sums, self.squares = slots[:-1], slots[-1]
         self.input_names = [a[0] for a in spec.inputs]
-        self.output_names = [a[0] for a in spec.outputs]
+        self.output_names = [a[0] for a in spec.outputs[:-1]]
 
-    def _view(self, entry: tuple[str, str, list[int], str]) -> np.ndarray:
+    def _view(self, entry: Slot) -> np.ndarray:
         _, dtype, dims, arena_name = entry
         arena = Arena(arena_name, 0, create=False)
         self.arenas.append(arena)
         return arena.array(np.dtype(dtype), (self.spec.capacity, *dims))
 
-    def run(self, batch: list[tuple[int, int, int, int, int]]) -> tuple[int, int, int, int]:
+    def run(self, batch: list[tuple[int, int, int, int, int, int]]) -> tuple[int, int, int, int]:
         """Compute the batch; returns (queue, input, infer, output) nanoseconds."""
         t0 = time.perf_counter_ns()
-        queue_ns = sum(t0 - t[4] for t in batch)
-        first, total = batch[0][1], sum(t[2] for t in batch)
-        contiguous = all(batch[i][1] == batch[i - 1][1] + batch[i - 1][2] for i in range(1, len(batch)))
-        if contiguous:
-            feeds = [arr[first : first + total] for arr in self.inputs]
-        else:
-            feeds = [np.concatenate([arr[s : s + n] for _, s, n, *_ in batch]) for arr in self.inputs]
-        t1 = time.perf_counter_ns()
-        step = self.spec.batch_size
-        results: list[list[np.ndarray]] = []
-        for lo in range(0, total, step):
-            feed = {name: f[lo : lo + step] for name, f in zip(self.input_names, feeds)}
-            results.append(self.session.run(self.output_names, feed))
-        t2 = time.perf_counter_ns()
-        for k, out in enumerate(self.outputs):
-            values = results[0][k] if len(results) == 1 else np.concatenate([r[k] for r in results])
-            if values.shape[0] != total:
-                raise RuntimeError(f"output '{self.output_names[k]}' has {values.shape[0]} rows for {total} inputs")
+        queue_ns = sum(t0 - t[5] for t in batch)
+        by_mask: dict[int, list] = {}
+        for t in batch:
+            by_mask.setdefault(t[4], []).append(t)
+        input_ns = infer_ns = output_ns = 0
+        for mask, tasks in by_mask.items():
+            t1 = time.perf_counter_ns()
+            first, total = tasks[0][1], sum(t[2] for t in tasks)
+            contiguous = all(tasks[i][1] == tasks[i - 1][1] + tasks[i - 1][2] for i in range(1, len(tasks)))
             if contiguous:
-                out[first : first + total] = values
+                feeds = [arr[first : first + total] for arr in self.inputs]
             else:
-                lo = 0
-                for _, s, n, *_ in batch:
-                    out[s : s + n] = values[lo : lo + n]
-                    lo += n
-        t3 = time.perf_counter_ns()
-        return queue_ns, t1 - t0, t2 - t1, t3 - t2
+                feeds = [np.concatenate([arr[s : s + n] for _, s, n, *_ in tasks]) for arr in self.inputs]
+            t2 = time.perf_counter_ns()
+            input_ns += t2 - t1
+            written = False
+            for k, session in enumerate(self.sessions):
+                if not mask >> k & 1:
+                    continue
+                t2 = time.perf_counter_ns()
+                values = self._infer(session, feeds, total)
+                t3 = time.perf_counter_ns()
+                self._store(values, tasks, first, total, contiguous, add=written)
+                written = True
+                t4 = time.perf_counter_ns()
+                infer_ns += t3 - t2
+                output_ns += t4 - t3
+        return queue_ns, input_ns, infer_ns, output_ns
+
+    def _infer(self, session, feeds: list[np.ndarray], total: int) -> list[np.ndarray]:
+        step = self.spec.batch_size
+        results = []
+        for lo in range(0, total, step):
+            results.append(session.run(self.output_names,
+                                       {name: f[lo : lo + step] for name, f in zip(self.input_names, feeds)}))
+        values = results[0] if len(results) == 1 else [np.concatenate(r) for r in zip(*results)]
+        for name, v in zip(self.output_names, values):
+            if v.shape[0] != total:
+                raise RuntimeError(f"output '{name}' has {v.shape[0]} rows for {total} inputs")
+        return values
+
+    def _store(self, values: list[np.ndarray], tasks: list, first: int, total: int, contiguous: bool,
+               add: bool) -> None:
+        """Write (first member) or add (the others) each output and the first one's square."""
+        pairs = [*zip(self.sums, values), (self.squares, np.square(values[0]))]
+        for slot, v in pairs:
+            if contiguous:
+                rows = slot[first : first + total]
+                if add:
+                    rows += v
+                else:
+                    rows[...] = v
+                continue
+            lo = 0
+            for _, s, n, *_ in tasks:
+                if add:
+                    slot[s : s + n] += v[lo : lo + n]
+                else:
+                    slot[s : s + n] = v[lo : lo + n]
+                lo += n
 
 
 def serve(spec: WorkerSpec, runner: Runner) -> None:
@@ -186,27 +208,30 @@ def serve(spec: WorkerSpec, runner: Runner) -> None:
         try:
             times = runner.run(batch)
         except Exception as exc:  # the request fails, the worker keeps serving
-            os.write(spec.done_fd, pack_done(spec.index, STATUS_ERROR, ids, f"{type(exc).__name__}: {exc}", rows))
+            write_done(spec.done_fd, pack_done(spec.index, STATUS_ERROR, ids, f"{type(exc).__name__}: {exc}", rows))
             continue
-        os.write(spec.done_fd, pack_done(spec.index, STATUS_OK, ids, "", rows, times))
+        write_done(spec.done_fd, pack_done(spec.index, STATUS_OK, ids, "", rows, times))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = WorkerSpec(**json.loads(argv[0]))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator decides when we stop
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or a stop sent to the whole process group:
+        signal.signal(sig, signal.SIG_IGN)  # the orchestrator decides when we stop (EOF on our task pipe)
     try:
         if spec.cpu_cores and not spec.device.startswith("gpu"):
             os.sched_setaffinity(0, spec.cpu_cores)
-        runner = Runner(spec, build_session(spec))
+        runner = Runner(spec, build_sessions(spec))
         # one warm-up run so the first request does not pay for lazy initialisation
         warm = {n: np.zeros((1, *d), dtype=np.dtype(t)) for n, t, d, _ in spec.inputs}
-        runner.session.run(runner.output_names, warm)
+        for session in runner.sessions:
+            session.run(runner.output_names, warm)
     except Exception as exc:
-        msg = f"member '{spec.member}' failed to load from {spec.model_path}: {type(exc).__name__}: {exc}"
-        os.write(spec.done_fd, pack_done(spec.index, STATUS_LOAD_FAILED, (), msg))
+        paths = ", ".join(path for _, path in spec.members)
+        msg = f"member '{spec.label}' failed to load from {paths}: {type(exc).__name__}: {exc}"
+        write_done(spec.done_fd, pack_done(spec.index, STATUS_LOAD_FAILED, (), msg))
         return 1
-    os.write(spec.done_fd, pack_done(spec.index, STATUS_READY))
+    write_done(spec.done_fd, pack_done(spec.index, STATUS_READY))
     serve(spec, runner)
     return 0
 

@@ -54,8 +54,9 @@ class Daemon:
     def http_url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
 
-    def worker_pids(self) -> dict[str, int]:
-        """Member name -> worker pid, read from the daemon's children (their command lines)."""
+    def worker_pids(self) -> dict[str, list[int]]:
+        """Worker group ('a+b' when members share processes) -> replica pids, from the daemon's
+        children (their command lines)."""
         from enserve.loadtest.soak import workers
 
         return workers(self.pid)
@@ -126,9 +127,11 @@ def reference(member_sessions):
     return mean_of_members
 
 
-@pytest.fixture(scope="module")
-def daemon(demo_repo, tmp_path_factory):
-    d = start_daemon(demo_repo, tmp_path_factory.mktemp("daemon"), "--allow-client-shm")
+@pytest.fixture(scope="module", params=["native", "grpcio"])
+def daemon(request, demo_repo, tmp_path_factory):
+    """The demo ensemble served with client shared memory on, once per gRPC transport."""
+    d = start_daemon(demo_repo, tmp_path_factory.mktemp("daemon"), "--allow-client-shm",
+                     "--grpc-transport", request.param)
     yield d
     code = d.stop()
     assert code == 0, d.log.read_text()

@@ -30,21 +30,28 @@ def test_allocate_on_two_cpu_devices_then_serve_the_plan(demo_repo, reference, t
     plan = plans.load(saved[0])
     # 3 scored by the search, plus 2 to confirm a refined allocation against the start
     assert plan.evaluated in (3, 5) and plan.score >= plan.start_score > 0
-    assert {e.device for e in plan.members} <= {"cpu:0", "cpu:1"}
-    assert all(e.cores == [int(e.device[-1])] and e.batch_size in (8, 32) for e in plan.members)
+    replicas = [r for g in plan.groups for r in g.replicas]
+    assert {r.device for r in replicas} <= {"cpu:0", "cpu:1"}
+    assert all(r.cores == [int(r.device[-1])] and r.threads == 1 for r in replicas)
+    assert all(g.batch_size in (8, 32) for g in plan.groups)
+    assert sorted(m for g in plan.groups for m in g.members) == ["cnn_w12", "cnn_w20", "cnn_w32", "cnn_w56"]
     # worst-fit decreasing spreads the members over both devices
-    assert {e.device for e in plan.start} == {"cpu:0", "cpu:1"}
+    assert {r.device for g in plan.start for r in g.replicas} == {"cpu:0", "cpu:1"}
 
     for extra, optimize in ((["--plan", str(saved[0])], False), (["--cpu-devices", "0;1"], True)):
         daemon = start_daemon(repo, tmp_path, *extra, optimize=optimize)
         try:
             workers = daemon.worker_pids()
-            for e in plan.members:
-                status = open(f"/proc/{workers[e.member]}/status").read()
-                assert f"Cpus_allowed_list:\t{e.cores[0]}\n" in status
+            for g in plan.groups:  # each replica pinned to its device's core
+                pids = workers["+".join(g.members)]
+                pinned = sorted(open(f"/proc/{pid}/status").read().split("Cpus_allowed_list:\t")[1].split()[0]
+                                for pid in pids)
+                assert pinned == sorted(str(r.cores[0]) for r in g.replicas)
             client = grpcclient.InferenceServerClient(daemon.grpc_url)
-            cfg = client.get_model_config(plan.members[0].member).config
-            assert list(cfg.dynamic_batching.preferred_batch_size) == [plan.members[0].batch_size]
+            first = plan.groups[0]
+            cfg = client.get_model_config(first.members[0]).config
+            assert list(cfg.dynamic_batching.preferred_batch_size) == [first.batch_size]
+            assert sum(group.count for group in cfg.instance_group) == len(first.replicas)
             x = images(4, seed=11)
             inp = grpcclient.InferInput("input", [4, 3, 32, 32], "FP32")
             inp.set_data_from_numpy(x)

@@ -49,9 +49,9 @@ def test_worker_sigkill_under_load(demo_repo, reference, tmp_path):
         threads = load(daemon, reference, 6.0, results)
         time.sleep(1.5)
         before = daemon.worker_pids()
-        os.kill(before["cnn_w56"], signal.SIGKILL)
+        os.kill(before["cnn_w56"][0], signal.SIGKILL)
         time.sleep(1.5)
-        os.kill(daemon.worker_pids()["cnn_w12"], signal.SIGKILL)
+        os.kill(daemon.worker_pids()["cnn_w12"][0], signal.SIGKILL)
         for t in threads:
             t.join(60)
         assert not any(t.is_alive() for t in threads), "a request hung"
@@ -86,7 +86,7 @@ def test_sigterm_drains_in_flight_and_cleans_shm(demo_repo, reference, tmp_path)
     assert not any(t.is_alive() for t in threads)
     assert results.get("wrong", 0) == 0 and results.get("ok", 0) > 0, results
     assert shm_objects(daemon.pid) == []
-    for pid in workers.values():
+    for pid in (p for pids in workers.values() for p in pids):
         assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
 
 
@@ -125,8 +125,8 @@ def test_members_are_pinned_to_their_cpu_cores(demo_repo, tmp_path):
     daemon = start_daemon(demo_repo, tmp_path, "--cpu-cores", "0", "--batch-size", "4")
     try:
         workers = daemon.worker_pids()
-        assert len(workers) == 4
-        for pid in workers.values():
+        assert len(workers) == 4 and all(len(pids) == 1 for pids in workers.values())
+        for pid in (p for pids in workers.values() for p in pids):
             status = open(f"/proc/{pid}/status").read()
             assert "Cpus_allowed_list:\t0\n" in status
         cfg = grpcclient.InferenceServerClient(daemon.grpc_url).get_model_config("cnn_w12").config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import venv
@@ -14,8 +15,14 @@ SUBPACKAGES = [f"enserve.{n}" for n in GENERIC]
 
 
 def test_pip_install_puts_only_the_enserve_namespace_into_a_fresh_venv(tmp_path):
+    src = tmp_path / "src"  # a copy, so that the build leaves nothing in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(ROOT / name, src / name)
+    for name in ("enserve", *GENERIC):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT)],
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(src)],
                    check=True, timeout=300, capture_output=True)
     fresh = tmp_path / "fresh"
     venv.create(fresh, with_pip=False)

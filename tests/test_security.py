@@ -73,6 +73,23 @@ def tls_client(d):
     return grpcclient.InferenceServerClient(d.grpc_url, ssl=True, root_certificates=str(d.cert))
 
 
+@pytest.fixture(scope="module")
+def native_tokens(demo_repo, tmp_path_factory):
+    """The native gRPC transport has no TLS: bearer tokens over plain gRPC, checked the same way."""
+    tmp = tmp_path_factory.mktemp("native-tokens")
+    (tmp / "user").write_text(USER)
+    (tmp / "admin").write_text(ADMIN)
+    d = start_daemon(demo_repo, tmp, "--grpc-transport", "native", "--auth-token-file", str(tmp / "user"),
+                     "--admin-token-file", str(tmp / "admin"), "--max-request-bytes", "100000")
+    yield d
+    assert d.stop() == 0
+
+
+def grpc_client(request, which: str):
+    d = request.getfixturevalue(which)
+    return tls_client(d) if which == "secured" else grpcclient.InferenceServerClient(d.grpc_url)
+
+
 def infer(client, n=1, headers=None):
     x = images(n, seed=n)
     inp = grpcclient.InferInput("input", list(x.shape), "FP32")
@@ -107,8 +124,9 @@ def test_listens_on_loopback_only_by_default(daemon):
     assert {a for a, _ in ours} <= {"0100007F", "0000000000000000FFFF00000100007F"}
 
 
-def test_grpc_needs_the_user_token_and_admin_calls_the_admin_token(secured):
-    client = tls_client(secured)
+@pytest.mark.parametrize("which", ["secured", "native_tokens"])
+def test_grpc_needs_the_user_token_and_admin_calls_the_admin_token(request, which):
+    client = grpc_client(request, which)
     assert client.is_server_live() and client.is_server_ready()  # probes stay open
     with pytest.raises(InferenceServerException, match="UNAUTHENTICATED.*needs an 'authorization: Bearer"):
         infer(client)
@@ -143,11 +161,18 @@ def test_plain_connections_are_refused_when_tls_is_on(secured):
         urllib.request.urlopen(f"http://127.0.0.1:{secured.http_port}/v2/health/live", timeout=3)
 
 
-def test_request_size_limits(secured):
-    client = tls_client(secured)
+@pytest.mark.parametrize("which", ["secured", "native_tokens"])
+def test_grpc_request_size_limit(request, which):
+    client = grpc_client(request, which)
     auth = {"authorization": f"Bearer {USER}"}
     with pytest.raises(InferenceServerException, match="RESOURCE_EXHAUSTED"):
         infer(client, n=16, headers=auth)  # 16 x 12 KiB > 100000 bytes
+    assert infer(client, headers=auth).as_numpy("probs").shape == (1, 10)
+
+
+def test_request_size_limits(secured):
+    client = tls_client(secured)
+    auth = {"authorization": f"Bearer {USER}"}
     x = np.zeros((16, 3, 32, 32), np.float32)
     body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
                                    "data": x.ravel().tolist()}]}).encode()
@@ -165,3 +190,11 @@ def test_unreadable_tls_files_stop_the_start_with_a_clear_error(demo_repo, tmp_p
     assert d.proc.wait(30) != 0
     assert "TLS needs both --tls-cert and --tls-key" in d.log.read_text()
 
+
+
+def test_the_native_transport_refuses_tls_at_once(demo_repo, tmp_path):
+    cert, key = self_signed(tmp_path)
+    d = start_daemon(demo_repo, tmp_path, "--grpc-transport", "native", "--tls-cert", str(cert),
+                     "--tls-key", str(key), wait=False)
+    assert d.proc.wait(30) == 2
+    assert "the native gRPC transport has no TLS: use --grpc-transport grpcio" in d.log.read_text()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from enserve.models.synthetic import write_tiny_cnns
 from enserve.server.errors import RepositoryError
 from enserve.server.protocol import DONE, STATUS_OK, DoneReader, TaskReader, pack_done, pack_tasks
 from enserve.server.repository import import_onnx, load_repository, parse_cores
-from enserve.server.rows import RowRing
+from enserve.server.slots import RowRing
 from enserve.server.worker import collect
 
 
@@ -38,40 +37,35 @@ def test_row_ring_contiguous_wrap_and_out_of_order_free():
 
 
 def test_descriptor_framing_survives_arbitrary_chunks():
-    tasks = [(1, 0, 3, 0), (2, 3, 1, 500), (4294967295, 100, 64, 0)]
+    tasks = [(1, 0, 3, 0, 1), (2, 3, 1, 500, 5), (4294967295, 100, 64, 0, 0xFFFFFFFF)]
     blob = pack_tasks(tasks)
     reader = TaskReader()
     got = []
     for i in range(0, len(blob), 5):
         got += reader.feed(blob[i : i + 5])
     assert got == tasks
-    frames = pack_done(3, STATUS_OK, [7, 8], "", 4, (1, 2, 3, 4)) + pack_done(0, 1, [9], "boom", 1)
+    frames = b"".join(pack_done(3, STATUS_OK, [7, 8], "", 4, (1, 2, 3, 4)) + pack_done(0, 1, [9], "boom", 1))
     done = DoneReader()
     out = done.feed(frames[:17]) + done.feed(frames[17:])
-    assert [(f.member, f.status, f.ids, f.message, f.rows) for f in out] == [
+    assert [(f.worker, f.status, f.ids, f.message, f.rows) for f in out] == [
         (3, 0, (7, 8), "", 4), (0, 1, (9,), "boom", 1)]
     assert (out[0].queue_ns, out[0].input_ns, out[0].infer_ns, out[0].output_ns) == (1, 2, 3, 4)
 
 
 def test_done_frames_fit_pipe_buf_so_shared_pipe_writes_stay_atomic():
     ids = list(range(2000))
-    blob = pack_done(1, STATUS_OK, ids, "x" * 5000, 2000, (5, 6, 7, 8))
-    frames = DoneReader().feed(blob)
+    chunks = pack_done(1, STATUS_OK, ids, "x" * 5000, 2000, (5, 6, 7, 8))
+    assert len(chunks) > 1 and max(len(c) for c in chunks) <= 4096  # each one atomic write
+    frames = DoneReader().feed(b"".join(chunks))
     assert [i for f in frames for i in f.ids] == ids
     assert sum(f.rows for f in frames) == 2000 and frames[0].infer_ns == 7 and frames[1].infer_ns == 0
-    sizes = []
-    rest = blob
-    for f in frames:
-        size = DONE.size + 4 * len(f.ids) + len(f.message.encode())
-        sizes.append(size)
-        rest = rest[size:]
-    assert rest == b"" and max(sizes) <= 4096
+    assert [DONE.size + 4 * len(f.ids) + len(f.message.encode()) for f in frames] == [len(c) for c in chunks]
 
 
 def test_collect_blocks_for_first_then_fills_batch():
     r, w = os.pipe()
     try:
-        os.write(w, pack_tasks([(1, 0, 2, 0), (2, 2, 2, 0), (3, 4, 2, 0)]))
+        os.write(w, pack_tasks([(1, 0, 2, 0, 1), (2, 2, 2, 0, 1), (3, 4, 2, 0, 1)]))
         backlog: deque = deque()
         batch = collect(r, TaskReader(), backlog, batch_size=4, delay_s=10.0)
         assert [t[:3] for t in batch] == [(1, 0, 2), (2, 2, 2)]  # full at 4 rows: no waiting
@@ -89,7 +83,7 @@ def test_collect_blocks_for_first_then_fills_batch():
 
 def test_collect_takes_oversized_task_alone():
     r, w = os.pipe()
-    os.write(w, pack_tasks([(1, 0, 10, 0), (2, 10, 1, 0)]))
+    os.write(w, pack_tasks([(1, 0, 10, 0, 1), (2, 10, 1, 0, 1)]))
     os.close(w)
     backlog: deque = deque()
     assert [t[:3] for t in collect(r, TaskReader(), backlog, 4, 0.0)] == [(1, 0, 10)]
@@ -156,11 +150,11 @@ def test_synthetic_members_differ_in_size():
 def test_collect_waits_for_the_task_wait_budget():
     r, w = os.pipe()
     try:
-        os.write(w, pack_tasks([(1, 0, 1, 50_000)]))  # may wait 50 ms to fill a batch
+        os.write(w, pack_tasks([(1, 0, 1, 50_000, 1)]))  # may wait 50 ms to fill a batch
         t0 = time.monotonic()
         batch = collect(r, TaskReader(), deque(), batch_size=4, delay_s=0.0)
         assert [t[:3] for t in batch] == [(1, 0, 1)] and time.monotonic() - t0 >= 0.045
-        os.write(w, pack_tasks([(2, 1, 1, 0)]))  # a lone request's budget is 0: no wait
+        os.write(w, pack_tasks([(2, 1, 1, 0, 1)]))  # a lone request's budget is 0: no wait
         t0 = time.monotonic()
         collect(r, TaskReader(), deque(), batch_size=4, delay_s=0.0)
         assert time.monotonic() - t0 < 0.04
@@ -169,14 +163,11 @@ def test_collect_waits_for_the_task_wait_budget():
         os.close(r)
 
 
-def test_wait_budget_is_the_gap_to_the_slowest_member_capped():
-    from types import SimpleNamespace
+def test_wait_budget_is_the_gap_to_the_slowest_group_capped():
+    from enserve.server.dispatch import wait_budget
 
-    from enserve.server.config import ServeOptions
-    from enserve.server.orchestrator import Orchestrator
-
-    orch = Orchestrator(None, ServeOptions(model_repository=Path("."), max_adaptive_wait_us=3000))
-    fast, slow = SimpleNamespace(batch_ns=200_000.0), SimpleNamespace(batch_ns=2_500_000.0)
-    assert orch._wait_budget(fast, slow.batch_ns) == 2300
-    assert orch._wait_budget(slow, slow.batch_ns) == 0
-    assert orch._wait_budget(SimpleNamespace(batch_ns=0.0), 9_000_000.0) == 3000
+    assert wait_budget(3000, slowest_ns=2_500_000.0, own_ns=200_000.0) == 2300
+    assert wait_budget(3000, slowest_ns=2_500_000.0, own_ns=2_500_000.0) == 0
+    assert wait_budget(3000, slowest_ns=9_000_000.0, own_ns=0.0) == 3000  # capped
+    assert wait_budget(3000, slowest_ns=100.0, own_ns=900.0) == 0  # never negative
+    assert wait_budget(0, slowest_ns=9_000_000.0, own_ns=0.0) == 0  # off

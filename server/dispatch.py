@@ -1,0 +1,77 @@
+"""Descriptors out, completions in: which replica gets a batch, how long it may wait to fill it,
+one write per worker per event-loop turn, and the completion frames read back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterable
+
+from enserve.server.protocol import TASK, Done, DoneReader
+from enserve.server.supervisor import WorkerProcess, WorkerState
+
+log = logging.getLogger("enserve")
+
+
+def wait_budget(max_wait_us: int, slowest_ns: float, own_ns: float) -> int:
+    """Microseconds a group may hold a request to fill its batch.
+
+    Under concurrent load the ensemble answers when its slowest group does, so a faster group
+    can wait for the difference in batch time without delaying any answer; bigger batches cost
+    less CPU per image. Never negative, never above ``max_wait_us``."""
+    return int(max(0.0, min(float(max_wait_us), (slowest_ns - own_ns) / 1000)))
+
+
+def least_loaded(workers: Iterable[WorkerProcess]) -> WorkerProcess | None:
+    """The ready replica with the fewest rows in flight (the first of equals), or None."""
+    best = None
+    for w in workers:
+        if w.state is WorkerState.READY and (best is None or w.rows < best.rows):
+            best = w
+    return best
+
+
+class Dispatch:
+    def __init__(self, loop: asyncio.AbstractEventLoop, done_r: int) -> None:
+        self.loop = loop
+        self.done_r = done_r
+        self.reader = DoneReader()
+        self.outbox: dict[WorkerProcess, list[bytes]] = {}
+        self.flush_scheduled = False
+
+    def send(self, w: WorkerProcess, rid: int, start: int, count: int, wait_us: int, mask: int) -> None:
+        """Give ``w`` a task; descriptors of one loop turn go out in one write per worker."""
+        w.tasks[rid] = (start, count, mask)
+        w.rows += count
+        self.outbox.setdefault(w, []).append(TASK.pack(rid, start, count, wait_us, mask))
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        outbox, self.outbox = self.outbox, {}
+        for w, descriptors in outbox.items():
+            if w.task_w < 0:
+                continue  # gone: its exit hands its tasks on
+            try:
+                os.write(w.task_w, b"".join(descriptors))
+            except OSError as exc:  # a dead worker must not hold up the others' descriptors
+                log.warning("cannot hand tasks to %s: %s", w.label, exc)
+
+    @staticmethod
+    def finished(w: WorkerProcess, rid: int) -> tuple[int, int, int] | None:
+        """The task ``rid`` of ``w`` is over: (start, count, mask), or None if it was not ``w``'s."""
+        task = w.tasks.pop(rid, None)
+        if task is not None:
+            w.rows -= task[1]
+        return task
+
+    def completions(self) -> list[Done]:
+        """Every frame one read brings (workers share the pipe; each frame is one atomic write)."""
+        try:
+            chunk = os.read(self.done_r, 1 << 16)
+        except BlockingIOError:
+            return []
+        return self.reader.feed(chunk)

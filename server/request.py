@@ -1,0 +1,157 @@
+"""An in-flight request: its rows, the parts (worker groups) still to answer, their running sums,
+and the one path that resolves its future. Plus one deadline timer for all requests.
+
+Errors travel as exceptions: ``answer`` sets the result or the exception, once. A request whose
+caller was already answered (deadline passed) stays in flight until every part is back, because
+its rows in shared memory belong to the workers until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from enserve.server import combiner
+from enserve.server.errors import DeadlineExceeded, EnserveError, Internal
+from enserve.server.repository import ENTROPY_OUTPUT, VARIANCE_OUTPUT, TensorSpec
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a request needs to build its answer from its parts' sums."""
+
+    model: str
+    kind: str  # "ensemble" | "member"
+    outputs: tuple[TensorSpec, ...]  # the members' outputs (the ensemble adds its uncertainty after)
+    members: int
+
+
+class InflightRequest:
+    __slots__ = ("rid", "shape", "start", "count", "outstanding", "totals", "squares", "error", "future",
+                 "t0", "t_submit", "retried", "timeout_s", "deadline")
+
+    def __init__(self, rid: int, shape: Shape, start: int, count: int, parts: int,
+                 future: asyncio.Future, now: float, timeout_s: float) -> None:
+        self.rid = rid
+        self.shape = shape
+        self.start = start
+        self.count = count
+        self.outstanding = parts
+        self.totals: list[np.ndarray] | None = None
+        self.squares: np.ndarray | None = None
+        self.error: EnserveError | None = None
+        self.future = future
+        self.t0 = time.perf_counter_ns()
+        self.t_submit = 0
+        self.retried: set[int] = set()  # groups whose worker died while computing this request
+        self.timeout_s = timeout_s
+        self.deadline = now + timeout_s  # on the event loop's clock
+
+    @property
+    def answered(self) -> bool:
+        return self.future.done()
+
+    @property
+    def complete(self) -> bool:
+        return self.outstanding == 0
+
+    def part_done(self, sums: list[np.ndarray], squares: np.ndarray) -> None:
+        """Add one group's sums over this request's rows (views into shared memory)."""
+        self.outstanding -= 1
+        if self.error is not None or self.answered:
+            return
+        lo, hi = self.start, self.start + self.count
+        if self.totals is None:
+            self.totals = [s[lo:hi].copy() for s in sums]
+            self.squares = squares[lo:hi].copy()
+        else:
+            for acc, s in zip(self.totals, sums):
+                acc += s[lo:hi]
+            self.squares += squares[lo:hi]
+
+    def part_failed(self, error: EnserveError) -> None:
+        """One group will not answer this request; the first error is the one the caller gets."""
+        self.outstanding -= 1
+        if self.error is None:
+            self.error = error
+
+    def answer(self) -> None:
+        """Resolve the future with the combined outputs or the error (at most once)."""
+        if self.answered:
+            return
+        if self.error is None:
+            try:
+                value = self._combine()
+            except Exception as exc:  # never leave a caller waiting
+                self.error = Internal(f"combining member outputs failed: {type(exc).__name__}: {exc}")
+            else:
+                self.future.set_result(value)
+                self.totals = self.squares = None
+                return
+        self.future.set_exception(self.error)
+        self.future.exception()  # retrieved: a caller that went away must not log it as lost
+        self.totals = self.squares = None
+
+    def expire(self) -> None:
+        """The deadline passed: the caller gets DEADLINE_EXCEEDED now; the parts may still come back."""
+        if not self.answered:
+            self.error = self.error or DeadlineExceeded(
+                f"request to model '{self.shape.model}' did not finish within {self.timeout_s:g} s")
+            self.answer()
+
+    def _combine(self) -> dict[str, np.ndarray]:
+        shape = self.shape
+        if shape.kind == "member":
+            return {t.name: v for t, v in zip(shape.outputs, self.totals)}
+        means, entropy, variance = combiner.ensemble_answer(
+            self.totals, self.squares, shape.members, [t.np_dtype for t in shape.outputs])
+        out = {t.name: v for t, v in zip(shape.outputs, means)}
+        out[ENTROPY_OUTPUT] = entropy
+        out[VARIANCE_OUTPUT] = variance
+        return out
+
+
+class Deadlines:
+    """One timer for every request: a heap of deadlines, armed at the earliest."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.heap: list[tuple[float, int, InflightRequest]] = []
+        self.order = itertools.count()
+        self.timer: asyncio.TimerHandle | None = None
+        self.armed_at = float("inf")
+
+    def add(self, request: InflightRequest) -> None:
+        heap = self.heap
+        while heap and heap[0][2].answered:  # answered ones leave from the top as they come up
+            heapq.heappop(heap)
+        heapq.heappush(heap, (request.deadline, next(self.order), request))
+        if request.deadline < self.armed_at:
+            self._arm(request.deadline)
+
+    def _arm(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.armed_at = when
+        self.timer = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self.timer, self.armed_at = None, float("inf")
+        now = self.loop.time()
+        while self.heap and self.heap[0][0] <= now:
+            _, _, request = heapq.heappop(self.heap)
+            request.expire()
+        while self.heap and self.heap[0][2].answered:  # drop the answered ones off the top
+            heapq.heappop(self.heap)
+        if self.heap:
+            self._arm(self.heap[0][0])
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.heap.clear()

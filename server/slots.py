@@ -1,0 +1,109 @@
+"""Shared memory of the data plane: the input ring that requests are copied into once, and the output
+slots that workers write their members' running sums into, indexed by the same rows.
+
+``RowRing`` (pure) hands out contiguous row ranges in arrival order and frees them in any order;
+the ring's tail moves past a range only once everything before it is free, so consecutive
+requests stay contiguous and a worker's batch is usually one slice of shared memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from enserve.server.repository import TensorSpec
+from enserve.server.shm import Arena, arena_name
+
+
+class RowRing:
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity is {capacity}, but must be >= 1")
+        self.capacity = capacity
+        self.head = 0  # next row to hand out
+        self.used = 0  # rows between tail and head, including skipped wrap-around gaps
+        self.live: deque[list[int]] = deque()  # [start, count, freed] in allocation order
+
+    def alloc(self, count: int) -> int | None:
+        """First row of ``count`` contiguous rows, or None when the ring is too full."""
+        if count < 1 or count > self.capacity:
+            raise ValueError(f"row count is {count}, but must be in [1, {self.capacity}]")
+        start = self.head
+        gap = 0
+        if start + count > self.capacity:  # does not fit before the end: skip to row 0
+            gap = self.capacity - start
+            start = 0
+        if self.used + gap + count > self.capacity:
+            return None
+        if gap:
+            self.live.append([self.head, gap, 1])
+        self.live.append([start, count, 0])
+        self.used += gap + count
+        self.head = (start + count) % self.capacity
+        return start
+
+    def free(self, start: int) -> None:
+        for entry in self.live:
+            if entry[0] == start and not entry[2]:
+                entry[2] = 1
+                break
+        else:
+            raise ValueError(f"row {start} is not allocated")
+        while self.live and self.live[0][2]:
+            self.used -= self.live.popleft()[1]
+        if not self.live:
+            self.used = 0
+
+
+class InputRing:
+    """The shared input rows of one input signature; every worker that reads it maps it."""
+
+    def __init__(self, owner: int, index: int, inputs: list[TensorSpec], capacity: int) -> None:
+        self.inputs = inputs
+        self.capacity = capacity
+        self.arenas = [Arena(arena_name(owner, f"in{index}.{k}"), capacity * t.row_bytes, create=True)
+                       for k, t in enumerate(inputs)]
+        self.views = [a.array(t.np_dtype, (capacity, *t.dims)) for a, t in zip(self.arenas, inputs)]
+        self.rows = RowRing(capacity)
+
+    def put(self, arrays: list[np.ndarray], count: int) -> int | None:
+        """Copy a request's inputs into free rows; their first row, or None when the ring is full."""
+        start = self.rows.alloc(count)
+        if start is not None:
+            for view, arr in zip(self.views, arrays):
+                view[start : start + count] = arr
+        return start
+
+    def release(self, start: int) -> None:
+        self.rows.free(start)
+
+    def close(self) -> None:
+        for a in self.arenas:
+            a.close()
+
+
+class OutputSlots:
+    """One worker group's outputs: per output the sum over the members it ran for a row, and the
+    sum of squares of the first output (for the member variance)."""
+
+    def __init__(self, owner: int, group: int, outputs: list[TensorSpec], capacity: int) -> None:
+        self.outputs = outputs
+        first = outputs[0]
+        square_dtype = first.np_dtype if first.np_dtype.kind == "f" else np.dtype(np.float32)
+        self.square = TensorSpec(f"{first.name}.squares", "FP64" if square_dtype.itemsize == 8 else "FP32",
+                                 first.dims)
+        specs = [*outputs, self.square]
+        self.arenas = [Arena(arena_name(owner, f"out{group}.{k}"), capacity * t.row_bytes, create=True)
+                       for k, t in enumerate(specs)]
+        views = [a.array(t.np_dtype, (capacity, *t.dims)) for a, t in zip(self.arenas, specs)]
+        self.sums, self.squares = views[:-1], views[-1]
+
+    def layout(self) -> list[tuple[str, str, list[int], str]]:
+        """(name, numpy dtype, dims, arena) of every slot, outputs then squares: the worker's map."""
+        specs = [*self.outputs, self.square]
+        return [(t.name, t.np_dtype.str, list(t.dims), a.name) for t, a in zip(specs, self.arenas)]
+
+    def close(self) -> None:
+        for a in self.arenas:
+            a.close()

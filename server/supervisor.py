@@ -1,0 +1,133 @@
+"""Worker processes: spawn each replica with its descriptors, notice it go (its lifeline pipe hits
+EOF), and tell the orchestrator through callbacks. Restart policy is the orchestrator's."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from enserve.server.placement import Replica
+from enserve.server.worker import WorkerSpec
+
+log = logging.getLogger("enserve")
+F_SETPIPE_SZ = 1031
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DOWN = "down"  # failed to load, or the server is stopping
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """The orchestrator's side of one replica process."""
+
+    index: int  # in the orchestrator's worker table: the index its completion frames carry
+    group: int
+    replica: Replica
+    spec: WorkerSpec  # fds are filled in at each spawn
+    proc: subprocess.Popen | None = None
+    task_w: int = -1
+    lifeline_r: int = -1
+    state: WorkerState = WorkerState.STARTING
+    reason: str = ""
+    ready: asyncio.Future | None = None
+    tasks: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # rid -> (start, count, mask)
+    rows: int = 0  # rows of its tasks not yet answered: the load that replica choice balances
+    restarts: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.spec.label} (replica {self.index} on {self.replica.device})"
+
+
+class Supervisor:
+    def __init__(self, loop: asyncio.AbstractEventLoop, done_w: int,
+                 on_exit: Callable[[WorkerProcess, int | None], None]) -> None:
+        self.loop = loop
+        self.done_w = done_w
+        self.on_exit = on_exit
+
+    def spawn(self, w: WorkerProcess) -> None:
+        task_r, task_w = os.pipe()
+        lifeline_r, lifeline_w = os.pipe()
+        try:
+            fcntl.fcntl(task_w, F_SETPIPE_SZ, 1 << 20)
+        except OSError:
+            pass  # the default 64 KiB still holds thousands of descriptors
+        env = dict(os.environ)
+        device = w.replica.device
+        if device.startswith("gpu"):  # the child sees its GPU as device 0
+            env["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2] or "0"
+            device = "gpu:0"
+        w.spec = replace(w.spec, device=device, task_fd=task_r, done_fd=self.done_w, lifeline_fd=lifeline_w)
+        try:
+            w.proc = subprocess.Popen([sys.executable, "-m", "enserve.server.worker", w.spec.to_json()],
+                                      pass_fds=(task_r, self.done_w, lifeline_w), env=env)
+        except OSError:
+            os.close(task_w)
+            os.close(lifeline_r)
+            raise
+        finally:
+            os.close(task_r)
+            os.close(lifeline_w)
+        w.task_w, w.lifeline_r = task_w, lifeline_r
+        w.state = WorkerState.STARTING
+        w.ready = self.loop.create_future()
+        self.loop.add_reader(lifeline_r, self._on_lifeline, w)
+
+    def _on_lifeline(self, w: WorkerProcess) -> None:
+        try:
+            if os.read(w.lifeline_r, 1):
+                return  # never written; ignore
+        except BlockingIOError:
+            return
+        self.loop.remove_reader(w.lifeline_r)
+        for fd in (w.lifeline_r, w.task_w):
+            if fd >= 0:
+                os.close(fd)
+        w.lifeline_r = w.task_w = -1
+        code = w.proc.wait() if w.proc is not None else None
+        self.on_exit(w, code)
+
+    @staticmethod
+    def mark_ready(w: WorkerProcess) -> None:
+        w.state = WorkerState.READY
+        if w.ready is not None and not w.ready.done():
+            w.ready.set_result(True)
+
+    @staticmethod
+    def mark_down(w: WorkerProcess, reason: str) -> None:
+        w.state = WorkerState.DOWN
+        w.reason = w.reason or reason
+        if w.ready is not None and not w.ready.done():
+            w.ready.set_result(False)
+
+    async def stop(self, workers: list[WorkerProcess], timeout_s: float = 5.0) -> None:
+        """Close every task pipe (EOF: a worker finishes its batch and exits), then wait, then kill."""
+        for w in workers:
+            w.state = WorkerState.DOWN
+            if w.task_w >= 0:
+                os.close(w.task_w)
+                w.task_w = -1
+        procs = [w.proc for w in workers if w.proc is not None]
+        deadline = self.loop.time() + timeout_s
+        for p in procs:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(p.wait), max(0.1, deadline - self.loop.time()))
+            except asyncio.TimeoutError:
+                p.kill()
+                p.wait()
+        for w in workers:
+            if w.lifeline_r >= 0:
+                self.loop.remove_reader(w.lifeline_r)
+                os.close(w.lifeline_r)
+                w.lifeline_r = -1

@@ -1,0 +1,164 @@
+"""The data plane's pure parts with exact answers: combiner, request resolution, deadlines,
+replica choice, placement resolution."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from enserve.server import combiner
+from enserve.server.config import ServeOptions
+from enserve.server.dispatch import least_loaded
+from enserve.server.errors import DeadlineExceeded, Internal, RepositoryError, Unavailable
+from enserve.server.placement import Placement, Replica, WorkerGroup, check, from_config, with_flags
+from enserve.server.repository import MemberSpec, Repository, TensorSpec
+from enserve.server.request import Deadlines, InflightRequest, Shape
+from enserve.server.supervisor import WorkerState
+
+PROBS = TensorSpec("probs", "FP32", (2,))
+
+
+def test_combiner_known_answers():
+    a = np.array([[0.5, 0.5], [1.0, 0.0]])
+    b = np.array([[0.1, 0.9], [0.0, 1.0]])
+    mean = combiner.mean(a + b, 2)
+    np.testing.assert_array_equal(mean, [[0.3, 0.7], [0.5, 0.5]])
+    # entropy of [0.3, 0.7] and of [0.5, 0.5] (= ln 2)
+    expected = [-(0.3 * math.log(0.3) + 0.7 * math.log(0.7)), math.log(2)]
+    np.testing.assert_allclose(combiner.entropy(mean)[:, 0], expected)
+    # variance across the two members: ((0.5-0.3)^2 + (0.1-0.3)^2) / 2 = 0.04 for both classes;
+    # second row: 0.25 for both classes
+    var = combiner.member_variance(mean, a**2 + b**2, 2)
+    np.testing.assert_allclose(var[:, 0], [0.04, 0.25])
+    # a certain prediction has zero entropy; identical members have zero variance
+    assert combiner.entropy(np.array([[1.0, 0.0]]))[0, 0] == 0.0
+    assert combiner.member_variance(a, 2 * a**2, 2).max() == 0.0
+    np.testing.assert_allclose(combiner.weighted_sum([a, b], [0.75, 0.25]), 0.75 * a + 0.25 * b)
+    with pytest.raises(ValueError, match="2 outputs for 1 weights"):
+        combiner.weighted_sum([a, b], [1.0])
+    with pytest.raises(ValueError, match="member count is 0"):
+        combiner.mean(a, 0)
+    means, ent, var = combiner.ensemble_answer([a + b], a**2 + b**2, 2, [np.dtype(np.float32)])
+    assert means[0].dtype == np.float32 and ent.shape == (2, 1) and var.dtype == np.float32
+
+
+def _request(loop, parts: int, kind: str = "ensemble", members: int = 2, timeout: float = 60.0) -> InflightRequest:
+    return InflightRequest(7, Shape("ens", kind, (PROBS,), members), start=1, count=2, parts=parts,
+                           future=loop.create_future(), now=loop.time(), timeout_s=timeout)
+
+
+def test_request_adds_its_parts_rows_and_resolves_once():
+    loop = asyncio.new_event_loop()
+    try:
+        sums = np.zeros((4, 2), np.float32)
+        squares = np.zeros((4, 2), np.float32)
+        sums[1:3] = [[0.5, 0.5], [1.0, 0.0]]  # group 1 ran one member on rows 1-2
+        squares[1:3] = sums[1:3] ** 2
+        r = _request(loop, parts=2)
+        r.part_done([sums], squares)
+        assert not r.complete and not r.answered
+        sums[1:3] = [[0.1, 0.9], [0.0, 1.0]]  # group 2, the same rows reused for its own slot
+        squares[1:3] = sums[1:3] ** 2
+        sums[0] = sums[3] = 99  # other requests' rows are not read
+        r.part_done([sums], squares)
+        assert r.complete
+        r.answer()
+        out = r.future.result()
+        np.testing.assert_allclose(out["probs"], [[0.3, 0.7], [0.5, 0.5]], rtol=1e-6)
+        np.testing.assert_allclose(out["member_variance"][:, 0], [0.04, 0.25], rtol=1e-5)
+        r.answer()  # a second answer changes nothing
+        assert r.future.result() is out
+    finally:
+        loop.close()
+
+
+def test_request_failure_and_expiry_resolve_with_exceptions():
+    loop = asyncio.new_event_loop()
+    try:
+        r = _request(loop, parts=2)
+        r.part_failed(Internal("member 'a' failed"))
+        r.part_done([np.ones((4, 2), np.float32)], np.ones((4, 2), np.float32))  # ignored after a failure
+        assert r.complete
+        r.answer()
+        with pytest.raises(Internal, match="member 'a' failed"):
+            r.future.result()
+        late = _request(loop, parts=1, timeout=0.5)
+        late.expire()
+        with pytest.raises(DeadlineExceeded, match="did not finish within 0.5 s"):
+            late.future.result()
+        late.part_done([np.ones((4, 2), np.float32)], np.ones((4, 2), np.float32))  # rows come back later
+        assert late.complete and late.totals is None
+        member = _request(loop, parts=1, kind="member", members=1)
+        member.part_done([np.arange(8, dtype=np.float32).reshape(4, 2)], np.zeros((4, 2), np.float32))
+        member.answer()
+        np.testing.assert_array_equal(member.future.result()["probs"], [[2, 3], [4, 5]])
+        assert set(member.future.result()) == {"probs"}
+    finally:
+        loop.close()
+
+
+def test_one_timer_expires_requests_in_deadline_order():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        deadlines = Deadlines(loop)
+        slow, fast, done = (_request(loop, parts=1, timeout=t) for t in (0.3, 0.05, 0.1))
+        for r in (slow, fast, done):
+            deadlines.add(r)
+        done.part_failed(Unavailable("answered before its deadline"))
+        done.answer()
+        await asyncio.sleep(0.15)
+        assert fast.answered and isinstance(fast.error, DeadlineExceeded)
+        assert isinstance(done.error, Unavailable) and not slow.answered
+        await asyncio.sleep(0.25)
+        assert isinstance(slow.error, DeadlineExceeded)
+        assert deadlines.heap == [] and deadlines.timer is None
+        deadlines.close()
+
+    asyncio.run(scenario())
+
+
+def test_least_loaded_ready_replica():
+    ws = [SimpleNamespace(state=WorkerState.READY, rows=5), SimpleNamespace(state=WorkerState.STARTING, rows=0),
+          SimpleNamespace(state=WorkerState.READY, rows=2), SimpleNamespace(state=WorkerState.READY, rows=2)]
+    assert least_loaded(ws) is ws[2]  # fewest rows; the first of equals; not one still starting
+    assert least_loaded([SimpleNamespace(state=WorkerState.DOWN, rows=0)]) is None
+
+
+def _repo(*specs: MemberSpec) -> Repository:
+    return Repository(Path("."), {s.name: s for s in specs})
+
+
+def _member(name: str, **kw) -> MemberSpec:
+    return MemberSpec(name, Path(f"{name}.onnx"), [TensorSpec("x", "FP32", (3,))], [PROBS], 64, **kw)
+
+
+def test_placement_from_config_replicas_groups_and_fair_threads(monkeypatch):
+    monkeypatch.setattr("enserve.server.placement._all_cores", lambda: (0, 1, 2, 3))
+    repo = _repo(_member("a", devices=("cpu", "cpu"), batch_size=8), _member("b", worker_group="g"),
+                 _member("c", worker_group="g", batch_size=4, queue_delay_us=100),
+                 _member("d", devices=("gpu:1",), cpu_cores=(2, 3)))
+    p = from_config(repo)
+    # 3 CPU replicas share cores 0-3: one thread each (4 // 3); the GPU replica has no cores
+    assert p.groups == (
+        WorkerGroup(("a",), (Replica("cpu", (0, 1, 2, 3), 1), Replica("cpu", (0, 1, 2, 3), 1)), 8, 0),
+        WorkerGroup(("b", "c"), (Replica("cpu", (0, 1, 2, 3), 1),), 4, 100),
+        WorkerGroup(("d",), (Replica("gpu:1", (), 1),), 32, 0),
+    )
+    forced = with_flags(p, ServeOptions(model_repository=Path("."), device="cpu", cpu_cores=(0, 1), batch_size=16))
+    assert {r for g in forced.groups for r in g.replicas} == {Replica("cpu", (0, 1), 1)}
+    assert {g.batch_size for g in forced.groups} == {16}
+    threads = with_flags(p, ServeOptions(model_repository=Path("."), threads_per_member=3))
+    assert {r.threads for g in threads.groups for r in g.replicas} == {3}
+    bad = repo.members["c"].__class__(**{**repo.members["c"].__dict__, "devices": ("gpu:0",)})
+    with pytest.raises(RepositoryError, match="worker group 'g': member 'c' has instances"):
+        from_config(_repo(repo.members["b"], bad))
+    with pytest.raises(RepositoryError, match="members \\['a'\\] are placed in two worker groups"):
+        check(Placement((WorkerGroup(("a",), (Replica("cpu", (0,), 1),), 8),
+                         WorkerGroup(("a", "b"), (Replica("cpu", (0,), 1),), 8))))
+    with pytest.raises(RepositoryError, match="has 0 threads, but must have >= 1"):
+        check(Placement((WorkerGroup(("a",), (Replica("cpu", (0,), 0),), 8),)))
