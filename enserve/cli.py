@@ -24,8 +24,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 8002)),
                    help="Prometheus metrics port (GET /metrics)")
     p.add_argument("--grpc-transport", choices=("auto", "native", "grpcio"), default=_env("grpc_transport", "auto"),
-                   help="gRPC server: 'native' (pygrpc-native: HTTP/2 in Rust, outside the GIL), 'grpcio' "
-                        "(needed for TLS), or 'auto': native unless --tls-cert is given")
+                   help="gRPC server: 'native' (pygrpc-native's front serves ModelInfer, HTTP/2 in Rust outside "
+                        "the GIL; the other RPCs go to a grpcio server behind it), 'grpcio' (needed for TLS), "
+                        "or 'auto': native unless --tls-cert is given")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size of every member (default: each member's config.pbtxt preferred_batch_size)")
     p.add_argument("--max-queue-delay-us", type=int, default=None,

@@ -78,3 +78,21 @@ def proportional_start(alloc: Allocation, members: list[MemberProfile], devices:
                     groups = grown
                     break
     return Allocation.of(groups)
+
+
+def replicated_whole(members: list[MemberProfile], devices: list[Device], batch: int) -> Allocation | None:
+    """The other end of the placement space: one worker group holding every member, one replica per
+    GPU that holds them all, else one one-thread replica per core of the largest CPU device (as
+    many as its memory holds). What Triton's python backend with k instances does. None if no
+    device holds every member."""
+    need = sum(m.memory_bytes for m in members)
+    gpus = [d for d in devices if d.kind == "gpu" and d.memory_bytes >= need]
+    if gpus:
+        replicas = [ReplicaAlloc(d.name, 1) for d in gpus]
+    else:
+        cpus = [d for d in devices if d.kind == "cpu" and d.memory_bytes >= need]
+        if not cpus:
+            return None
+        cpu = max(cpus, key=lambda d: (len(d.cores), d.memory_bytes))
+        replicas = [ReplicaAlloc(cpu.name, 1)] * max(1, min(len(cpu.cores), cpu.memory_bytes // max(1, need)))
+    return Allocation.of([GroupAlloc(tuple(range(len(members))), batch, tuple(replicas))])

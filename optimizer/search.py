@@ -113,6 +113,7 @@ def neighbourhood_search(
     rank: Bench | None = None,
     per_round: int | None = None,
     moves: frozenset[str] = ALL_MOVES,
+    alternatives: tuple[Allocation, ...] = (),
     progress: Callable[[int, Allocation, float, float], None] | None = None,
 ) -> SearchResult:
     """Move to the best improving neighbour until none improves, ``max_combi`` allocations were
@@ -121,7 +122,8 @@ def neighbourhood_search(
     With a noisy bench, ``min_gain`` (relative) is the margin a neighbour must beat the current
     score by to count as better. With an expensive bench, ``rank`` (a cheap predictor, e.g. the
     cost model) orders the neighbours, and they are measured ``per_round`` at a time: the search
-    moves to the best of the first such chunk that holds an improvement."""
+    moves to the best of the first such chunk that holds an improvement. ``alternatives`` are
+    other starts, scored first: the search starts from the best of them and ``start``."""
     if max_combi < 1:
         raise ValueError(f"max_combi is {max_combi}, but must be >= 1")
     if min_gain < 0:
@@ -134,6 +136,18 @@ def neighbourhood_search(
     if progress:
         progress(1, start, score, score)
     seen = {start}
+    for alt in alternatives:
+        if alt in seen or result.evaluated >= max_combi:
+            continue
+        seen.add(alt)
+        s = bench(alt)
+        result.evaluated += 1
+        result.history.append((alt, s))
+        if progress:
+            progress(result.evaluated, alt, s, max(s, score))
+        if s > score:
+            current, score = alt, s
+    result.start, result.start_score = current, score
     while result.evaluated < max_combi:
         candidates = []
         for cand in neighbours(current, members, devices, batch_sizes, moves):

@@ -16,7 +16,7 @@ from enserve.optimizer import plan as plans
 from enserve.optimizer.allocation import Allocation, Device, MemberProfile
 from enserve.optimizer.costmodel import CostModelBench
 from enserve.optimizer.devices import hardware_fingerprint
-from enserve.optimizer.placement import proportional_start, worst_fit_decreasing
+from enserve.optimizer.placement import proportional_start, replicated_whole, worst_fit_decreasing
 from enserve.optimizer.profiles import MemberSource, file_hash, profile_members
 from enserve.optimizer.search import SearchResult, neighbourhood_search
 from enserve.server import placement as placements
@@ -170,9 +170,11 @@ def allocate(
             progress(f"[{n}/{max_combi}] {describe(alloc, names)}: {s:.1f} (best {best:.1f})")
 
     noisy = bench == "real"
+    whole = replicated_whole(profiles, devices, start_batch)
     result = neighbourhood_search(start, profiles, devices, list(batch_sizes), score, max_combi=max_combi,
                                   time_budget_s=time_budget_s, min_gain=0.03 if noisy else 0.0, rank=cost,
-                                  per_round=PER_ROUND if noisy else None, progress=report)
+                                  per_round=PER_ROUND if noisy else None, progress=report,
+                                  alternatives=(whole,) if whole is not None else ())
     if noisy and result.best != result.start:
         confirm_against_start(result, score, progress)
     digests = [file_hash(str(repo.members[n].path)) for n in names]

@@ -13,7 +13,7 @@ class ServeOptions:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    grpc_transport: str = "auto"  # "native" (pygrpc-native), "grpcio", or auto: native unless TLS
+    grpc_transport: str = "auto"  # "native" (pygrpc-native's front), "grpcio", or auto: native unless TLS
     batch_size: int | None = None  # overrides every member's planned batch size
     queue_delay_us: int | None = None  # overrides every member's max queue delay
     max_adaptive_wait_us: int = 4000  # under load, fast members wait up to this to batch (0: off)

@@ -39,12 +39,17 @@ class Dispatch:
         self.reader = DoneReader()
         self.outbox: dict[WorkerProcess, list[bytes]] = {}
         self.flush_scheduled = False
+        self.next_task = 0
 
     def send(self, w: WorkerProcess, rid: int, start: int, count: int, wait_us: int, mask: int) -> None:
-        """Give ``w`` a task; descriptors of one loop turn go out in one write per worker."""
-        w.tasks[rid] = (start, count, mask)
+        """Give ``w`` a task (rows of request ``rid``) under a task id of its own: a request split
+        over replicas, or retried, may have several tasks on one worker. Descriptors of one loop
+        turn go out in one write per worker."""
+        tid = self.next_task
+        self.next_task = (tid + 1) & 0xFFFFFFFF
+        w.tasks[tid] = (rid, start, count, mask)
         w.rows += count
-        self.outbox.setdefault(w, []).append(TASK.pack(rid, start, count, wait_us, mask))
+        self.outbox.setdefault(w, []).append(TASK.pack(tid, start, count, wait_us, mask))
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
@@ -61,11 +66,11 @@ class Dispatch:
                 log.warning("cannot hand tasks to %s: %s", w.label, exc)
 
     @staticmethod
-    def finished(w: WorkerProcess, rid: int) -> tuple[int, int, int] | None:
-        """The task ``rid`` of ``w`` is over: (start, count, mask), or None if it was not ``w``'s."""
-        task = w.tasks.pop(rid, None)
+    def finished(w: WorkerProcess, tid: int) -> tuple[int, int, int, int] | None:
+        """Task ``tid`` of ``w`` is over: (request id, start, count, mask), or None if not ``w``'s."""
+        task = w.tasks.pop(tid, None)
         if task is not None:
-            w.rows -= task[1]
+            w.rows -= task[2]
         return task
 
     def completions(self) -> list[Done]:

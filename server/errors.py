@@ -26,6 +26,11 @@ class NotFound(EnserveError):
     http_status = 404
 
 
+class Unauthenticated(EnserveError):
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+
 class AlreadyExists(EnserveError):
     grpc_code = grpc.StatusCode.ALREADY_EXISTS
     http_status = 409

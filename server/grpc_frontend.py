@@ -1,6 +1,6 @@
-"""KServe v2 / Triton gRPC frontend: the servicer generated in tritonclient, over grpc.aio or over
-pygrpc-native's drop-in ``aio.server()`` (HTTP/2 and gRPC framing in Rust, outside the GIL; its
-bidirectional streams go to a grpc.aio server on a Unix socket behind it)."""
+"""KServe v2 / Triton gRPC frontend: the servicer generated in tritonclient, over grpc.aio; with the
+native transport (``native_front``) this server sits behind pygrpc-native's front on a Unix socket
+and serves every RPC but ModelInfer."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ from tritonclient.grpc import service_pb2_grpc
 from enserve.server.config import transport_for
 from enserve.server.errors import EnserveError, InvalidArgument
 from enserve.server.security import AuthInterceptor, Tokens, grpc_credentials, read_pair
-from enserve.server.service import Service, cuda_shm_unavailable, parse_timeout
+from enserve.server.service import (
+    OutputValue,
+    PendingInfer,
+    Service,
+    cuda_shm_unavailable,
+    parse_timeout,
+)
 from enserve.server.stats import ModelStats
 from enserve.server.tensors import RequestInput, RequestOutput
 
@@ -73,6 +79,33 @@ def decode_request(request: pb.ModelInferRequest) -> tuple[list[RequestInput], l
     return inputs, outputs
 
 
+def begin_infer(service: Service, request: pb.ModelInferRequest, deadline_s: float | None) -> PendingInfer:
+    """Decode a ModelInfer request and submit it; the earlier of the client's deadline and Triton's
+    'timeout' parameter bounds it."""
+    inputs, outputs = decode_request(request)
+    timeout = parse_timeout(_param(request.parameters, "timeout", "int64_param"))
+    if deadline_s is not None:
+        timeout = deadline_s if timeout is None else min(timeout, deadline_s)
+    return service.begin(request.model_name, request.model_version, inputs, outputs, timeout)
+
+
+def encode_response(request: pb.ModelInferRequest, values: list[OutputValue]) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+    raw = []
+    for v in values:
+        t = response.outputs.add(name=v.request.name, datatype=v.datatype, shape=v.value.shape)
+        if v.request.shm_region is not None:
+            t.parameters["shared_memory_region"].string_param = v.request.shm_region
+            t.parameters["shared_memory_byte_size"].int64_param = v.value.nbytes
+            if v.request.shm_offset:
+                t.parameters["shared_memory_offset"].int64_param = v.request.shm_offset
+            raw.append(b"")
+        else:
+            raw.append(v.value.tobytes())
+    response.raw_output_contents.extend(raw)
+    return response
+
+
 def _duration(d) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=d.count, ns=d.ns)
 
@@ -98,25 +131,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.service = service
 
     async def _infer(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
-        inputs, outputs = decode_request(request)
-        timeout = parse_timeout(_param(request.parameters, "timeout", "int64_param"))
-        if deadline_s is not None:
-            timeout = deadline_s if timeout is None else min(timeout, deadline_s)
-        values = await self.service.infer(request.model_name, request.model_version, inputs, outputs, timeout)
-        response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
-        raw = []
-        for v in values:
-            t = response.outputs.add(name=v.request.name, datatype=v.datatype, shape=v.value.shape)
-            if v.request.shm_region is not None:
-                t.parameters["shared_memory_region"].string_param = v.request.shm_region
-                t.parameters["shared_memory_byte_size"].int64_param = v.value.nbytes
-                if v.request.shm_offset:
-                    t.parameters["shared_memory_offset"].int64_param = v.request.shm_offset
-                raw.append(b"")
-            else:
-                raw.append(v.value.tobytes())
-        response.raw_output_contents.extend(raw)
-        return response
+        pending = begin_infer(self.service, request, deadline_s)
+        return encode_response(request, pending.finish(await pending.future))
 
     async def ModelInfer(self, request, context):
         try:
@@ -283,25 +299,17 @@ def add_servicer(servicer: InferenceServicer, server) -> None:
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-def make_server(service: Service, address: str):
-    """The gRPC server on ``address`` with the transport the options ask for."""
-    options = service.options
-    tokens = Tokens(options.auth_token, options.admin_token)
-    pair = read_pair(options.tls_cert, options.tls_key)
+def build_server(service: Service, address: str, pair: tuple[bytes, bytes] | None, tokens: Tokens) -> grpc.aio.Server:
+    """A grpc.aio server with the whole servicer (TLS when ``pair`` is given, tokens when set)."""
     kwargs = dict(
         interceptors=[AuthInterceptor(tokens)] if tokens.enabled else None,
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE),
-            ("grpc.max_receive_message_length", options.max_request_bytes),
+            ("grpc.max_receive_message_length", service.options.max_request_bytes),
             ("grpc.so_reuseport", 0),
         ],
     )
-    if transport_for(options.grpc_transport, pair is not None) == "native":
-        import pygrpc_native.aio
-
-        server = pygrpc_native.aio.server(**kwargs)
-    else:
-        server = grpc.aio.server(**kwargs)
+    server = grpc.aio.server(**kwargs)
     add_servicer(InferenceServicer(service), server)
     try:
         port = server.add_secure_port(address, grpc_credentials(pair)) if pair else server.add_insecure_port(address)
@@ -310,3 +318,14 @@ def make_server(service: Service, address: str):
     if port == 0:
         raise OSError(f"cannot listen for gRPC on {address}")
     return server
+
+
+def make_server(service: Service, address: str):
+    """The gRPC server on ``address`` with the transport the options ask for."""
+    options = service.options
+    pair = read_pair(options.tls_cert, options.tls_key)
+    if transport_for(options.grpc_transport, pair is not None) == "native":
+        from enserve.server.native_front import NativeFront
+
+        return NativeFront(service, address)
+    return build_server(service, address, pair, Tokens(options.auth_token, options.admin_token))

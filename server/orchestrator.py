@@ -170,10 +170,25 @@ class Orchestrator:
         slowest = max(self.groups[g].batch_ns for g, _ in model.parts) if wait else 0.0
         for g, mask in model.parts:
             rt = self.groups[g]
-            self._send(rt, rid, start, count, mask,
-                       wait_budget(self.options.max_adaptive_wait_us, slowest, rt.batch_ns) if wait else 0)
+            self._send_part(rt, request, mask,
+                            wait_budget(self.options.max_adaptive_wait_us, slowest, rt.batch_ns) if wait else 0)
         request.t_submit = time.perf_counter_ns()
         return request
+
+    def _send_part(self, rt: GroupRuntime, request: InflightRequest, mask: int, wait_us: int) -> None:
+        """A group's part of a request: split over the group's idle replicas when there are several
+        (a lone large request then runs on all of them at once), else to the least-loaded one."""
+        idle = [w for w in rt.workers if w.state is WorkerState.READY and w.rows == 0]
+        shares = min(len(idle), request.count)
+        if shares < 2:
+            self._send(rt, request.rid, request.start, request.count, mask, wait_us)
+            return
+        request.outstanding += shares - 1
+        lo = request.start
+        for k, w in enumerate(idle[:shares]):
+            n = (request.count - (lo - request.start)) // (shares - k)
+            self.dispatch.send(w, request.rid, lo, n, wait_us, mask)
+            lo += n
 
     def _send(self, rt: GroupRuntime, rid: int, start: int, count: int, mask: int, wait_us: int = 0) -> None:
         w = least_loaded(rt.workers)
@@ -208,18 +223,19 @@ class Orchestrator:
             per_batch = frame.input_ns + frame.infer_ns + frame.output_ns
             rt.batch_ns += 0.1 * (per_batch - rt.batch_ns)
         ran = 0
-        for rid in frame.ids:
-            task = self.dispatch.finished(w, rid)
+        for tid in frame.ids:
+            task = self.dispatch.finished(w, tid)
             if task is None:
                 continue
-            ran |= task[2]
+            rid, start, count, mask = task
+            ran |= mask
             request = self.pending.get(rid)
             if request is None:
                 continue
             if not ok:
                 self._part_failed(request, Internal(f"member '{w.spec.label}' failed on this request: {frame.message}"))
                 continue
-            request.part_done(rt.slots.sums, rt.slots.squares)
+            request.part_done(rt.slots.sums, rt.slots.squares, start, count)
             if request.complete:
                 self._finish(request)
         members = [m for k, m in enumerate(rt.spec.members) if ran >> k & 1]
@@ -241,7 +257,7 @@ class Orchestrator:
         """A replica is gone: restart it (unless it never loaded or we are stopping) and hand its
         tasks to a live replica of its group; a task whose worker died before is failed instead."""
         rt = self.groups[w.group]
-        tasks = list(w.tasks.items())
+        tasks = list(w.tasks.values())
         w.tasks.clear()
         w.rows = 0
         if self.closing:
@@ -257,7 +273,7 @@ class Orchestrator:
             except OSError as exc:
                 self.supervisor.mark_down(w, f"{w.label} could not be restarted: {exc}")
                 log.error("%s", w.reason)
-        for rid, (start, count, mask) in tasks:
+        for rid, start, count, mask in tasks:
             request = self.pending.get(rid)
             if request is None:
                 continue

@@ -1,11 +1,11 @@
 """Fixed-size descriptors between the orchestrator and its workers (struct framing over pipes).
 
-Orchestrator -> worker: ``TASK`` = (request id, first row, row count, wait budget in us, member
+Orchestrator -> worker: ``TASK`` = (task id, first row, row count, wait budget in us, member
 mask): rows of the shared input ring, how long the worker may hold them to fill a batch without
 delaying the ensemble's answer (see ``dispatch.wait_budget``), and which of the worker's members
 to run on them (bit k: its k-th member).
 Worker -> orchestrator: a ``DONE`` header (with the worker's index), then ``n_ids`` uint32
-request ids, then ``msg_len`` bytes of UTF-8 message (errors, or the load failure). All workers
+task ids, then ``msg_len`` bytes of UTF-8 message (errors, or the load failure). All workers
 share one completion pipe: a frame is at most ``PIPE_BUF`` bytes and is written on its own, so
 each write is atomic and frames never interleave. No tensor ever crosses a pipe.
 """

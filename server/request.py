@@ -60,19 +60,19 @@ class InflightRequest:
     def complete(self) -> bool:
         return self.outstanding == 0
 
-    def part_done(self, sums: list[np.ndarray], squares: np.ndarray) -> None:
-        """Add one group's sums over this request's rows (views into shared memory)."""
+    def part_done(self, sums: list[np.ndarray], squares: np.ndarray, start: int, count: int) -> None:
+        """Add one part's sums (views into a group's shared slots) over its rows [start, start+count),
+        all of this request's rows or a share of them that one replica ran."""
         self.outstanding -= 1
         if self.error is not None or self.answered:
             return
-        lo, hi = self.start, self.start + self.count
         if self.totals is None:
-            self.totals = [s[lo:hi].copy() for s in sums]
-            self.squares = squares[lo:hi].copy()
-        else:
-            for acc, s in zip(self.totals, sums):
-                acc += s[lo:hi]
-            self.squares += squares[lo:hi]
+            self.totals = [np.zeros((self.count, *s.shape[1:]), s.dtype) for s in sums]
+            self.squares = np.zeros((self.count, *squares.shape[1:]), squares.dtype)
+        lo = start - self.start
+        for acc, s in zip(self.totals, sums):
+            acc[lo : lo + count] += s[start : start + count]
+        self.squares[lo : lo + count] += squares[start : start + count]
 
     def part_failed(self, error: EnserveError) -> None:
         """One group will not answer this request; the first error is the one the caller gets."""

@@ -32,6 +32,24 @@ class OutputValue:
     value: np.ndarray  # shaped (batch, *dims)
 
 
+@dataclass
+class PendingInfer:
+    future: object  # asyncio.Future of the model's outputs by name
+    target: ServedModel
+    wanted: list[RequestOutput]
+    regions: ClientRegions | None
+
+    def finish(self, values: dict[str, np.ndarray]) -> list[OutputValue]:
+        specs = {t.name: t for t in self.target.outputs}
+        result = []
+        for out in self.wanted:
+            value = values[out.name]
+            if out.shm_region is not None:
+                write_shm_output(out, value, self.regions)
+            result.append(OutputValue(out, specs[out.name].datatype, value))
+        return result
+
+
 class Service:
     def __init__(self, repo: Repository, orchestrator: Orchestrator, options: ServeOptions) -> None:
         self.repo = repo
@@ -107,6 +125,13 @@ class Service:
         outputs: list[RequestOutput],
         timeout_s: float | None = None,
     ) -> list[OutputValue]:
+        pending = self.begin(model, version, inputs, outputs, timeout_s)
+        return pending.finish(await pending.future)
+
+    def begin(self, model: str, version: str, inputs: list[RequestInput], outputs: list[RequestOutput],
+              timeout_s: float | None = None) -> PendingInfer:
+        """Validate and submit a request without waiting: its future resolves to the model's outputs,
+        which ``finish`` turns into the values asked for (errors are raised here or by the future)."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and accepts no new requests")
         target = self.target(model, version)
@@ -114,15 +139,8 @@ class Service:
         arrays, batch = prepare(target, inputs, regions)
         wanted = select_outputs(target, outputs)
         check_shm_outputs(wanted, target, batch, regions)
-        values = await self.orchestrator.infer(target, arrays, batch, timeout_s)
-        specs = {t.name: t for t in target.outputs}
-        result = []
-        for out in wanted:
-            value = values[out.name]
-            if out.shm_region is not None:
-                write_shm_output(out, value, regions)
-            result.append(OutputValue(out, specs[out.name].datatype, value))
-        return result
+        request = self.orchestrator.submit(target, arrays, batch, timeout_s)
+        return PendingInfer(request.future, target, wanted, regions)
 
     # ------------------------------------------------------------------ client shared memory
 

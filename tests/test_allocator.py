@@ -35,8 +35,11 @@ def test_allocate_on_two_cpu_devices_then_serve_the_plan(demo_repo, reference, t
     assert all(r.cores == [int(r.device[-1])] and r.threads == 1 for r in replicas)
     assert all(g.batch_size in (8, 32) for g in plan.groups)
     assert sorted(m for g in plan.groups for m in g.members) == ["cnn_w12", "cnn_w20", "cnn_w32", "cnn_w56"]
-    # worst-fit decreasing spreads the members over both devices
-    assert {r.device for g in plan.start for r in g.replicas} == {"cpu:0", "cpu:1"}
+    # the better of two starts: worst-fit decreasing, which spreads the members over both devices,
+    # or every member in one group replicated on the largest device
+    spread = len(plan.start) == 4 and {r.device for g in plan.start for r in g.replicas} == {"cpu:0", "cpu:1"}
+    whole = len(plan.start) == 1 and len(plan.start[0].members) == 4
+    assert spread or whole, plan.start
 
     for extra, optimize in ((["--plan", str(saved[0])], False), (["--cpu-devices", "0;1"], True)):
         daemon = start_daemon(repo, tmp_path, *extra, optimize=optimize)

@@ -60,12 +60,12 @@ def test_request_adds_its_parts_rows_and_resolves_once():
         sums[1:3] = [[0.5, 0.5], [1.0, 0.0]]  # group 1 ran one member on rows 1-2
         squares[1:3] = sums[1:3] ** 2
         r = _request(loop, parts=2)
-        r.part_done([sums], squares)
+        r.part_done([sums], squares, 1, 2)
         assert not r.complete and not r.answered
         sums[1:3] = [[0.1, 0.9], [0.0, 1.0]]  # group 2, the same rows reused for its own slot
         squares[1:3] = sums[1:3] ** 2
         sums[0] = sums[3] = 99  # other requests' rows are not read
-        r.part_done([sums], squares)
+        r.part_done([sums], squares, 1, 2)
         assert r.complete
         r.answer()
         out = r.future.result()
@@ -77,12 +77,29 @@ def test_request_adds_its_parts_rows_and_resolves_once():
         loop.close()
 
 
+def test_a_request_split_over_replicas_adds_each_share_at_its_rows():
+    loop = asyncio.new_event_loop()
+    try:
+        r = InflightRequest(3, Shape("m", "member", (PROBS,), 1), start=2, count=3, parts=2,
+                            future=loop.create_future(), now=loop.time(), timeout_s=60.0)
+        slot = np.full((8, 2), -1.0, np.float32)
+        slot[2:4] = [[1, 2], [3, 4]]  # replica A ran rows 2-3
+        r.part_done([slot], np.zeros((8, 2), np.float32), 2, 2)
+        slot[2:4] = 99  # rows reused: A's share was already taken
+        slot[4] = [5, 6]  # replica B ran row 4
+        r.part_done([slot], np.zeros((8, 2), np.float32), 4, 1)
+        r.answer()
+        np.testing.assert_array_equal(r.future.result()["probs"], [[1, 2], [3, 4], [5, 6]])
+    finally:
+        loop.close()
+
+
 def test_request_failure_and_expiry_resolve_with_exceptions():
     loop = asyncio.new_event_loop()
     try:
         r = _request(loop, parts=2)
         r.part_failed(Internal("member 'a' failed"))
-        r.part_done([np.ones((4, 2), np.float32)], np.ones((4, 2), np.float32))  # ignored after a failure
+        r.part_done([np.ones((4, 2), np.float32)], np.ones((4, 2), np.float32), 1, 2)  # ignored after a failure
         assert r.complete
         r.answer()
         with pytest.raises(Internal, match="member 'a' failed"):
@@ -91,10 +108,10 @@ def test_request_failure_and_expiry_resolve_with_exceptions():
         late.expire()
         with pytest.raises(DeadlineExceeded, match="did not finish within 0.5 s"):
             late.future.result()
-        late.part_done([np.ones((4, 2), np.float32)], np.ones((4, 2), np.float32))  # rows come back later
+        late.part_done([np.ones((4, 2), np.float32)], np.ones((4, 2), np.float32), 1, 2)  # rows come back later
         assert late.complete and late.totals is None
         member = _request(loop, parts=1, kind="member", members=1)
-        member.part_done([np.arange(8, dtype=np.float32).reshape(4, 2)], np.zeros((4, 2), np.float32))
+        member.part_done([np.arange(8, dtype=np.float32).reshape(4, 2)], np.zeros((4, 2), np.float32), 1, 2)
         member.answer()
         np.testing.assert_array_equal(member.future.result()["probs"], [[2, 3], [4, 5]])
         assert set(member.future.result()) == {"probs"}

@@ -18,7 +18,12 @@ from enserve.optimizer.allocation import (
 )
 from enserve.optimizer.costmodel import predicted_throughput
 from enserve.optimizer.devices import parse_cpu_devices
-from enserve.optimizer.placement import core_budgets, proportional_start, worst_fit_decreasing
+from enserve.optimizer.placement import (
+    core_budgets,
+    proportional_start,
+    replicated_whole,
+    worst_fit_decreasing,
+)
 from enserve.optimizer.search import neighbourhood_search, neighbours
 
 MiB = 2**20
@@ -242,3 +247,21 @@ def test_moving_a_replica_and_the_papers_moves_only():
                      Allocation.of([GroupAlloc((0,), 8, (ReplicaAlloc("gpu:0", 1),))])]
     with pytest.raises(ValueError, match=r"moves \['teleport'\] are not among"):
         list(neighbours(start, [a], devices, [8], frozenset({"teleport"})))
+
+
+def test_replicated_whole_ensemble_start_and_alternative_starts():
+    ms = [member(n, 10, cpu1={8: 0.001}) for n in "abc"]
+    cpus = [Device("cpu:0", "cpu", 10**9, cores=(0, 1)), Device("cpu:1", "cpu", 10**9, cores=(2, 3, 4))]
+    r1 = ReplicaAlloc("cpu:1", 1)
+    assert replicated_whole(ms, cpus, 8) == Allocation.of([GroupAlloc((0, 1, 2), 8, (r1, r1, r1))])
+    small = [Device("cpu:0", "cpu", 65 * MiB, cores=(0, 1, 2, 3))]  # holds 2 copies of 30 MiB
+    assert len(replicated_whole(ms, small, 8).groups[0].replicas) == 2
+    gpus = [Device("gpu:0", "gpu", 10**9), Device("gpu:1", "gpu", 20 * MiB)] + cpus  # gpu:1 holds 2 of 3
+    assert replicated_whole(ms, gpus, 8) == Allocation.of([GroupAlloc((0, 1, 2), 8, (ReplicaAlloc("gpu:0"),))])
+    assert replicated_whole(ms, [Device("cpu:0", "cpu", 20 * MiB, cores=(0,))], 8) is None
+    # the search starts from the better of its starts and never returns worse than it
+    start = P(("cpu:0", "cpu:0", "cpu:0"), (8, 8, 8))
+    whole = replicated_whole(ms, cpus, 8)
+    result = neighbourhood_search(start, ms, cpus, [8], lambda a: 2.0 if a == whole else 1.0, max_combi=30,
+                                  alternatives=(whole,))
+    assert result.start == whole and result.start_score == 2.0 and result.best == whole

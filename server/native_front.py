@@ -1,0 +1,153 @@
+"""ModelInfer straight from pygrpc-native's low-level front; every other RPC behind it.
+
+The front (HTTP/2 and gRPC in Rust, outside the GIL) hands calls to Python in batches, as raw
+request bytes with an id, and is answered by id. ModelInfer is parsed here and submitted without
+a coroutine per call: the request's future answers the call when it resolves. Every other method
+(health, metadata, statistics, shared memory, ModelStreamInfer) goes to a grpc.aio server with
+the full servicer and the auth interceptor on a Unix socket, which the front proxies to. The
+auth interceptor guards the fallback's methods; ModelInfer's bearer token is checked here, from
+the call's metadata (the front's own token check would also close the open health probes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import threading
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+
+from enserve.server.errors import (
+    EnserveError,
+    Internal,
+    InvalidArgument,
+    PayloadTooLarge,
+    Unauthenticated,
+    Unavailable,
+)
+from enserve.server.grpc_frontend import begin_infer, build_server, encode_response
+from enserve.server.security import Tokens
+from enserve.server.service import Service
+
+log = logging.getLogger("enserve")
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def _code(status: grpc.StatusCode) -> int:
+    return status.value[0]
+
+
+class NativeFront:
+    """Looks like a grpc.aio server to the daemon: ``start`` and ``stop(grace)``."""
+
+    def __init__(self, service: Service, address: str) -> None:
+        from pygrpc_native import NativeGrpcFront
+
+        options = service.options
+        self.service = service
+        self.max_bytes = options.max_request_bytes
+        tokens = self.tokens = Tokens(options.auth_token, options.admin_token)
+        self.socket_dir = tempfile.mkdtemp(prefix="enserve-grpc-")
+        self.fallback = build_server(service, f"unix:{os.path.join(self.socket_dir, 'fallback.sock')}", None, tokens)
+        try:
+            self.front = NativeGrpcFront(address, [(MODEL_INFER, False)], call_details=True)
+        except OSError as exc:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            raise OSError(f"cannot listen for gRPC on {address}: {exc}") from exc
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.calls: dict[int, object] = {}  # call id -> its pending request, until answered
+        self.stopping = False
+        self.idle: asyncio.Event | None = None  # set once stopping and no call is left
+        self.thread: threading.Thread | None = None
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.fallback.start()
+        self.front.set_fallback(os.path.join(self.socket_dir, "fallback.sock"))
+        self.front.start()
+        self.thread = threading.Thread(target=self._pump, name="enserve-grpc-front", daemon=True)
+        self.thread.start()
+
+    def _pump(self) -> None:
+        """The front's calls, a batch at a time, onto the event loop."""
+        while (events := self.front.recv_batch_details(256)) is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._on_events, events)
+            except RuntimeError:  # the loop is closed
+                return
+
+    def _on_events(self, events) -> None:
+        from pygrpc_native import EVENT_CANCEL
+
+        for kind, call_id, _, payload, _, details in events:
+            if kind == EVENT_CANCEL:
+                self._forget(call_id)  # its rows still finish; nobody is answered
+                continue
+            try:
+                self._call(call_id, payload, details)
+            except EnserveError as e:
+                self.front.fail(call_id, _code(e.grpc_code), e.message)
+            except Exception as exc:  # never leave a call unanswered
+                log.exception("ModelInfer failed")
+                self.front.fail(call_id, _code(grpc.StatusCode.INTERNAL), f"{type(exc).__name__}: {exc}")
+
+    def _call(self, call_id: int, payload: bytes, details) -> None:
+        metadata, _, time_remaining = details
+        if self.tokens.enabled:
+            reason = self.tokens.check(next((v for k, v in metadata if k == "authorization"), None), admin=False)
+            if reason is not None:
+                raise Unauthenticated(reason)
+        if self.stopping:
+            raise Unavailable("the server is shutting down and accepts no new requests")
+        if len(payload) > self.max_bytes:
+            raise PayloadTooLarge(f"received message larger than max ({len(payload)} vs. {self.max_bytes})")
+        try:
+            request = pb.ModelInferRequest.FromString(payload)
+        except Exception as exc:
+            raise InvalidArgument(f"malformed inference.ModelInferRequest protobuf: {exc}") from None
+        pending = begin_infer(self.service, request, time_remaining)
+        self.calls[call_id] = pending
+        pending.future.add_done_callback(lambda f: self._answer(call_id, request, pending, f))
+
+    def _forget(self, call_id: int) -> object | None:
+        pending = self.calls.pop(call_id, None)
+        if self.idle is not None and not self.calls:
+            self.idle.set()
+        return pending
+
+    def _answer(self, call_id: int, request: pb.ModelInferRequest, pending, future: asyncio.Future) -> None:
+        if self._forget(call_id) is None or future.cancelled():
+            return  # the client went away
+        error = future.exception()
+        try:
+            if error is None:
+                self.front.respond(call_id, encode_response(request, pending.finish(future.result()))
+                                   .SerializeToString())
+                return
+        except EnserveError as exc:
+            error = exc
+        except Exception as exc:
+            error = Internal(f"answering failed: {type(exc).__name__}: {exc}")
+        if isinstance(error, EnserveError):
+            self.front.fail(call_id, _code(error.grpc_code), error.message)
+        else:
+            self.front.fail(call_id, _code(grpc.StatusCode.INTERNAL), f"{type(error).__name__}: {error}")
+
+    async def stop(self, grace: float | None) -> None:
+        """Refuse new calls, let those in flight finish for ``grace`` seconds, then close."""
+        self.stopping = True
+        self.idle = asyncio.Event()
+        if self.calls and grace:
+            try:
+                await asyncio.wait_for(self.idle.wait(), grace)
+            except asyncio.TimeoutError:
+                log.warning("%d gRPC calls still in flight after %g s", len(self.calls), grace)
+        self.front.close()
+        await self.fallback.stop(grace)
+        if self.thread is not None:
+            await asyncio.to_thread(self.thread.join, 5)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
