@@ -26,7 +26,7 @@ from enserve.loadtest.bench import _closed_loop, _free_port, _start, _stop
 from enserve.optimizer.allocation import Device, MemberProfile
 from enserve.optimizer.costmodel import CostModelBench, predicted_throughput
 from enserve.optimizer.devices import inventory
-from enserve.optimizer.placement import proportional_start, worst_fit_decreasing
+from enserve.optimizer.placement import proportional_start, replicated_whole, worst_fit_decreasing
 from enserve.optimizer.search import PAPER_MOVES, neighbourhood_search
 from enserve.server import allocate as alloc_mod
 from enserve.server.repository import import_onnx, load_repository
@@ -113,8 +113,10 @@ def part_b(repo7: Path, args) -> list[tuple]:
         bench = CostModelBench(profiles, devices)
         paper = neighbourhood_search(start, profiles, devices, [1, 8, 32, 64], bench, max_combi=args.sim_combi,
                                      moves=PAPER_MOVES)
+        whole = replicated_whole(profiles, devices, 32)
         full = neighbourhood_search(proportional_start(start, profiles, devices), profiles, devices,
-                                    [1, 8, 32, 64], bench, max_combi=args.sim_combi)
+                                    [1, 8, 32, 64], bench, max_combi=args.sim_combi,
+                                    alternatives=(whole,) if whole is not None else ())
         rows.append((g, paper.start_score, paper.best_score, full.start_score, full.best_score,
                      paper.evaluated + full.evaluated, alloc_mod.describe(full.best, names)))
     return rows
@@ -127,6 +129,7 @@ def main() -> int:
     parser.add_argument("--bench-seconds", type=float, default=1.5, help="measuring time of one real-bench score")
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time of the serving daemon")
     parser.add_argument("--sim-combi", type=int, default=300, help="allocations the simulated search scores")
+    parser.add_argument("--simulated-only", action="store_true", help="only (b): the simulated GPUs, in seconds")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="enserve-alloc-"))
     try:
@@ -138,12 +141,21 @@ def main() -> int:
         else:
             repo4 = tmp / "repo4"
             shutil.copytree(args.model_repository, repo4)
-        print("(a) real CPU devices, real-pipeline bench; serving measured with gRPC, 16 clients x 8 images")
-        rows_a, errors = part_a(repo4, args)
+        rows_a, errors = [], []
+        if not args.simulated_only:
+            print("(a) real CPU devices, real-pipeline bench; serving measured with gRPC, 16 clients x 8 images")
+            rows_a, errors = part_a(repo4, args)
         print("(b) simulated GPUs + 1 CPU device, cost-model bench, 7 members")
         rows_b = part_b(seven_member_repo(tmp), args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if rows_a:
+        print_part_a(rows_a, errors)
+    print_part_b(rows_b)
+    return 0
+
+
+def print_part_a(rows_a: list[tuple], errors: list[float]) -> None:
     print("\n(a) predictions/s on this machine (4-member demo ensemble)")
     print(f"{'devices':<26} {'algo1':>8} {'algo1+algo2':>12} {'gain':>6}   {'search: start':>13} {'refined':>8}"
           f"   {'cost model: start':>17} {'refined':>8}")
@@ -154,16 +166,18 @@ def main() -> int:
     err = np.abs(errors)
     print(f"cost model vs real-pipeline bench over {len(errors)} allocations: mean |error| {err.mean():.0%}, "
           f"median {np.median(err):.0%}, signed mean {np.mean(errors):+.0%}")
+
+
+def print_part_b(rows_b: list[tuple]) -> None:
     print("\n(b) predicted predictions/s, 7-member ensemble, N simulated GPUs + 1 CPU device "
           f"(GPU model: {GPU_LAUNCH_S * 1e3:.1f} ms per batch + CPU-core time / {GPU_SPEEDUP:g} per image)")
-    print("    algo1+algo2: the paper's moves (batch size, device); with replicas: proportional start and every "
-          "move (replicas, threads, worker groups)")
+    print("    algo1+algo2: the paper's moves (batch size, device); with replicas: the better of the proportional "
+          "and the replicated-whole start, then every move (replicas, threads, worker groups)")
     print(f"{'GPUs':>4} {'algo1':>9} {'algo1+algo2':>12} {'gain':>6} {'replicas: start':>16} {'refined':>8} "
           f"{'gain':>6} {'scored':>7}")
     for g, s0, s1, r0, r1, n, _ in rows_b:
         print(f"{g:>4} {s0:>9.0f} {s1:>12.0f} {s1 / s0:>6.2f} {r0:>16.0f} {r1:>8.0f} {r1 / s0:>6.2f} {n:>7}")
     print(f"refined with 6 GPUs and replicas: {rows_b[-1][6]}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ def neighbourhood_search(
     per_round: int | None = None,
     moves: frozenset[str] = ALL_MOVES,
     alternatives: tuple[Allocation, ...] = (),
+    start_repeats: int = 1,
     progress: Callable[[int, Allocation, float, float], None] | None = None,
 ) -> SearchResult:
     """Move to the best improving neighbour until none improves, ``max_combi`` allocations were
@@ -123,7 +124,8 @@ def neighbourhood_search(
     score by to count as better. With an expensive bench, ``rank`` (a cheap predictor, e.g. the
     cost model) orders the neighbours, and they are measured ``per_round`` at a time: the search
     moves to the best of the first such chunk that holds an improvement. ``alternatives`` are
-    other starts, scored first: the search starts from the best of them and ``start``."""
+    other starts, scored first (each ``start_repeats`` times, interleaved): the search starts from
+    the best of them and ``start`` by their mean score."""
     if max_combi < 1:
         raise ValueError(f"max_combi is {max_combi}, but must be >= 1")
     if min_gain < 0:
@@ -131,23 +133,25 @@ def neighbourhood_search(
     if per_round is not None and per_round < 1:
         raise ValueError(f"per_round is {per_round}, but must be >= 1")
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
-    current, score = start, bench(start)
-    result = SearchResult(start, score, start, score, 1, [(start, score)])
-    if progress:
-        progress(1, start, score, score)
-    seen = {start}
-    for alt in alternatives:
-        if alt in seen or result.evaluated >= max_combi:
-            continue
-        seen.add(alt)
-        s = bench(alt)
-        result.evaluated += 1
-        result.history.append((alt, s))
-        if progress:
-            progress(result.evaluated, alt, s, max(s, score))
-        if s > score:
-            current, score = alt, s
-    result.start, result.start_score = current, score
+    starts = list(dict.fromkeys((start, *alternatives)))
+    scores: dict[Allocation, list[float]] = {a: [] for a in starts}
+    result = SearchResult(start, 0.0, start, 0.0, 0, [])
+    for _ in range(start_repeats):  # interleaved, so that a slow spell of a noisy machine hits all alike
+        for alt in starts:
+            if result.evaluated >= max_combi and scores[alt]:
+                continue
+            s = bench(alt)
+            scores[alt].append(s)
+            result.evaluated += 1
+            result.history.append((alt, s))
+            if progress:
+                progress(result.evaluated, alt, s, max(max(v) for v in scores.values() if v))
+    means = {a: sum(v) / len(v) for a, v in scores.items() if v}
+    current = max(means, key=means.get)
+    score = means[current]
+    result.start = result.best = current
+    result.start_score = result.best_score = score
+    seen = set(starts)
     while result.evaluated < max_combi:
         candidates = []
         for cand in neighbours(current, members, devices, batch_sizes, moves):

@@ -174,7 +174,8 @@ def allocate(
     result = neighbourhood_search(start, profiles, devices, list(batch_sizes), score, max_combi=max_combi,
                                   time_budget_s=time_budget_s, min_gain=0.03 if noisy else 0.0, rank=cost,
                                   per_round=PER_ROUND if noisy else None, progress=report,
-                                  alternatives=(whole,) if whole is not None else ())
+                                  alternatives=(whole,) if whole is not None else (),
+                                  start_repeats=2 if noisy else 1)
     if noisy and result.best != result.start:
         confirm_against_start(result, score, progress)
     digests = [file_hash(str(repo.members[n].path)) for n in names]

@@ -28,7 +28,7 @@ from enserve.server.errors import (
     Unavailable,
 )
 from enserve.server.placement import Placement, WorkerGroup
-from enserve.server.protocol import STATUS_LOAD_FAILED, STATUS_OK, STATUS_READY, Done
+from enserve.server.protocol import BURST, STATUS_LOAD_FAILED, STATUS_OK, STATUS_READY, Done
 from enserve.server.repository import Repository
 from enserve.server.request import Deadlines, InflightRequest
 from enserve.server.slots import InputRing, OutputSlots
@@ -93,7 +93,8 @@ class Orchestrator:
                     batch_size=rt.spec.batch_size, queue_delay_us=rt.spec.queue_delay_us,
                     capacity=ring.capacity,
                     inputs=[(t.name, t.np_dtype.str, list(t.dims), a.name) for t, a in zip(ring.inputs, ring.arenas)],
-                    outputs=rt.slots.layout(), task_fd=-1, done_fd=-1, lifeline_fd=-1, index=len(self.workers))
+                    outputs=rt.slots.layout(), task_fd=-1, done_fd=-1, lifeline_fd=-1, index=len(self.workers),
+                    burst_threads=len(replica.cores) if len(replica.cores) > replica.threads else 0)
                 w = WorkerProcess(len(self.workers), g, replica, spec)
                 rt.workers.append(w)
                 self.workers.append(w)
@@ -168,9 +169,11 @@ class Orchestrator:
         self.deadlines.add(request)
         wait = len(model.parts) > 1 and self.inflight[model.name] > 1 and self.options.max_adaptive_wait_us > 0
         slowest = max(self.groups[g].batch_ns for g, _ in model.parts) if wait else 0.0
+        # alone in the server and on one group: its worker may use every core it is pinned to
+        burst = BURST if len(self.pending) == 1 and len(model.parts) == 1 else 0
         for g, mask in model.parts:
             rt = self.groups[g]
-            self._send_part(rt, request, mask,
+            self._send_part(rt, request, mask | burst,
                             wait_budget(self.options.max_adaptive_wait_us, slowest, rt.batch_ns) if wait else 0)
         request.t_submit = time.perf_counter_ns()
         return request
@@ -183,6 +186,7 @@ class Orchestrator:
         if shares < 2:
             self._send(rt, request.rid, request.start, request.count, mask, wait_us)
             return
+        mask &= ~BURST  # its shares run side by side
         request.outstanding += shares - 1
         lo = request.start
         for k, w in enumerate(idle[:shares]):

@@ -17,7 +17,7 @@ from enserve.server.config import ServeOptions
 from enserve.server.errors import RepositoryError
 from enserve.server.repository import MemberSpec, Repository
 
-MAX_GROUP_MEMBERS = 32  # a task names the members to run as a 32-bit mask
+MAX_GROUP_MEMBERS = 31  # a task names the members to run in a 32-bit mask whose top bit is a flag
 
 
 @dataclass(frozen=True)

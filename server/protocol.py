@@ -3,7 +3,8 @@
 Orchestrator -> worker: ``TASK`` = (task id, first row, row count, wait budget in us, member
 mask): rows of the shared input ring, how long the worker may hold them to fill a batch without
 delaying the ensemble's answer (see ``dispatch.wait_budget``), and which of the worker's members
-to run on them (bit k: its k-th member).
+to run on them (bit k: its k-th member; bit 31, ``BURST``: the task is alone on its worker's cores,
+run it on the worker's burst sessions, which have an intra-op thread per core).
 Worker -> orchestrator: a ``DONE`` header (with the worker's index), then ``n_ids`` uint32
 task ids, then ``msg_len`` bytes of UTF-8 message (errors, or the load failure). All workers
 share one completion pipe: a frame is at most ``PIPE_BUF`` bytes and is written on its own, so
@@ -17,6 +18,7 @@ import struct
 from dataclasses import dataclass
 
 TASK = struct.Struct("<IIIII")
+BURST = 1 << 31  # in a task's mask: run on every core of the worker (nothing else is in flight)
 DONE = struct.Struct("<IIIIIQQQQ")  # worker, status, n_ids, msg_len, rows, queue_ns, input_ns, infer_ns, output_ns
 PIPE_BUF = 4096
 MAX_MESSAGE = 1024

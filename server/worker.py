@@ -22,6 +22,7 @@ import numpy as np
 
 from enserve.optimizer.sessions import session_for
 from enserve.server.protocol import (
+    BURST,
     STATUS_ERROR,
     STATUS_LOAD_FAILED,
     STATUS_OK,
@@ -52,6 +53,7 @@ class WorkerSpec:
     done_fd: int  # shared by all workers: frames are atomic writes
     lifeline_fd: int  # held open, never written: its EOF tells the orchestrator we are gone
     index: int  # this worker's index in the orchestrator's table
+    burst_threads: int = 0  # >threads: also sessions with this many threads, for tasks flagged BURST
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -61,9 +63,9 @@ class WorkerSpec:
         return "+".join(name for name, _ in self.members)
 
 
-def build_sessions(spec: WorkerSpec) -> list:
+def build_sessions(spec: WorkerSpec, threads: int) -> list:
     """An ONNX Runtime session per member on the worker's device; raises with what is missing."""
-    return [session_for(path, threads=max(1, spec.threads), device=spec.device, what=f"member '{name}'")
+    return [session_for(path, threads=max(1, threads), device=spec.device, what=f"member '{name}'")
             for name, path in spec.members]
 
 
@@ -113,9 +115,10 @@ def collect(
 class Runner:
     """Runs a batch of tasks through the members they name, reading and writing shared rows."""
 
-    def __init__(self, spec: WorkerSpec, sessions: list) -> None:
+    def __init__(self, spec: WorkerSpec, sessions: list, burst: list | None = None) -> None:
         self.spec = spec
         self.sessions = sessions
+        self.burst = burst or sessions  # for a task alone on the worker's cores: more threads
         self.arenas: list[Arena] = []
         self.inputs = [self._view(a) for a in spec.inputs]
         slots = [self._view(a) for a in spec.outputs]
@@ -137,7 +140,9 @@ class Runner:
         for t in batch:
             by_mask.setdefault(t[4], []).append(t)
         input_ns = infer_ns = output_ns = 0
-        for mask, tasks in by_mask.items():
+        for flagged, tasks in by_mask.items():
+            sessions = self.burst if flagged & BURST and len(batch) == 1 else self.sessions
+            mask = flagged & ~BURST
             t1 = time.perf_counter_ns()
             first, total = tasks[0][1], sum(t[2] for t in tasks)
             contiguous = all(tasks[i][1] == tasks[i - 1][1] + tasks[i - 1][2] for i in range(1, len(tasks)))
@@ -148,7 +153,7 @@ class Runner:
             t2 = time.perf_counter_ns()
             input_ns += t2 - t1
             written = False
-            for k, session in enumerate(self.sessions):
+            for k, session in enumerate(sessions):
                 if not mask >> k & 1:
                     continue
                 t2 = time.perf_counter_ns()
@@ -221,10 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if spec.cpu_cores and not spec.device.startswith("gpu"):
             os.sched_setaffinity(0, spec.cpu_cores)
-        runner = Runner(spec, build_sessions(spec))
+        sessions = build_sessions(spec, spec.threads)
+        burst = build_sessions(spec, spec.burst_threads) if spec.burst_threads > spec.threads else None
+        runner = Runner(spec, sessions, burst)
         # one warm-up run so the first request does not pay for lazy initialisation
         warm = {n: np.zeros((1, *d), dtype=np.dtype(t)) for n, t, d, _ in spec.inputs}
-        for session in runner.sessions:
+        for session in sessions + (burst or []):
             session.run(runner.output_names, warm)
     except Exception as exc:
         paths = ", ".join(path for _, path in spec.members)
