@@ -94,6 +94,7 @@ class NativeFront:
             except Exception as exc:  # never leave a call unanswered
                 log.exception("ModelInfer failed")
                 self.front.fail(call_id, _code(grpc.StatusCode.INTERNAL), f"{type(exc).__name__}: {exc}")
+        self.service.flush()  # this batch's descriptors go out now, not one loop turn later
 
     def _call(self, call_id: int, payload: bytes, details) -> None:
         metadata, _, time_remaining = details

@@ -142,6 +142,10 @@ class Service:
         request = self.orchestrator.submit(target, arrays, batch, timeout_s)
         return PendingInfer(request.future, target, wanted, regions)
 
+    def flush(self) -> None:
+        """Hand the descriptors of the requests submitted so far to the workers now."""
+        self.orchestrator.dispatch.flush()
+
     # ------------------------------------------------------------------ client shared memory
 
     def _check_shm_allowed(self) -> None:
