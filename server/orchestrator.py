@@ -271,7 +271,6 @@ class Orchestrator:
             log.error("%s", w.reason)
         else:
             log.warning("%s exited with code %s; restarting it", w.label, code)
-            w.restarts += 1
             try:
                 self.supervisor.spawn(w)
             except OSError as exc:

@@ -42,7 +42,6 @@ class WorkerProcess:
     ready: asyncio.Future | None = None
     tasks: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)  # task id -> (rid, start, count, mask)
     rows: int = 0  # rows of its tasks not yet answered: the load that replica choice balances
-    restarts: int = 0
 
     @property
     def label(self) -> str:
