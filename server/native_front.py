@@ -19,6 +19,7 @@ import tempfile
 import threading
 
 import grpc
+from pygrpc_native import EVENT_CANCEL, NativeGrpcFront
 from tritonclient.grpc import service_pb2 as pb
 
 from enserve.server.errors import (
@@ -45,8 +46,6 @@ class NativeFront:
     """Looks like a grpc.aio server to the daemon: ``start`` and ``stop(grace)``."""
 
     def __init__(self, service: Service, address: str) -> None:
-        from pygrpc_native import NativeGrpcFront
-
         options = service.options
         self.service = service
         self.max_bytes = options.max_request_bytes
@@ -81,8 +80,6 @@ class NativeFront:
                 return
 
     def _on_events(self, events) -> None:
-        from pygrpc_native import EVENT_CANCEL
-
         for kind, call_id, _, payload, _, details in events:
             if kind == EVENT_CANCEL:
                 self._forget(call_id)  # its rows still finish; nobody is answered

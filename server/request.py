@@ -66,6 +66,10 @@ class InflightRequest:
         self.outstanding -= 1
         if self.error is not None or self.answered:
             return
+        if self.totals is None and count == self.count:  # the usual first part: all rows, one copy
+            self.totals = [s[start : start + count].copy() for s in sums]
+            self.squares = squares[start : start + count].copy()
+            return
         if self.totals is None:
             self.totals = [np.zeros((self.count, *s.shape[1:]), s.dtype) for s in sums]
             self.squares = np.zeros((self.count, *squares.shape[1:]), squares.dtype)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from enserve.server.protocol import STATUS_OK
+
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
 
@@ -47,7 +49,7 @@ def record_batch(stats: ModelStats, frame, requests: int, members: int) -> None:
     d["compute_infer"].add(frame.infer_ns * requests // members, requests)
     d["compute_output"].add(frame.output_ns * requests // members, requests)
     own = (frame.input_ns + frame.infer_ns + frame.output_ns) // members
-    d["success" if frame.status == 0 else "fail"].add(frame.queue_ns + own * requests, requests)
+    d["success" if frame.status == STATUS_OK else "fail"].add(frame.queue_ns + own * requests, requests)
 
 
 def record_request(stats: ModelStats, request) -> None:

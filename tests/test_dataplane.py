@@ -4,6 +4,7 @@ replica choice, placement resolution."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -171,7 +172,7 @@ def test_placement_from_config_replicas_groups_and_fair_threads(monkeypatch):
     assert {g.batch_size for g in forced.groups} == {16}
     threads = with_flags(p, ServeOptions(model_repository=Path("."), threads_per_member=3))
     assert {r.threads for g in threads.groups for r in g.replicas} == {3}
-    bad = repo.members["c"].__class__(**{**repo.members["c"].__dict__, "devices": ("gpu:0",)})
+    bad = dataclasses.replace(repo.members["c"], devices=("gpu:0",))
     with pytest.raises(RepositoryError, match="worker group 'g': member 'c' has instances"):
         from_config(_repo(repo.members["b"], bad))
     with pytest.raises(RepositoryError, match="members \\['a'\\] are placed in two worker groups"):
