@@ -6,6 +6,7 @@ versioned JSON file. Run as ``python -m enserve.optimizer.profiles '<json reques
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -113,7 +114,10 @@ class Profiler:
 
     def __exit__(self, *exc) -> None:
         if self._proc is not None:
-            self._proc.stdin.close()
+            try:
+                self._proc.stdin.close()
+            except BrokenPipeError:  # it is already gone
+                pass
             try:
                 self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -128,12 +132,18 @@ class Profiler:
         """One profile; a child that died on an earlier model is started again first."""
         if self._proc is None:
             self._start()
-        self._proc.stdin.write(json.dumps(_request(source, kind, threads, cores, batch_sizes, seconds)) + "\n")
-        self._proc.stdin.flush()
-        line = self._proc.stdout.readline()
+        try:
+            self._proc.stdin.write(json.dumps(_request(source, kind, threads, cores, batch_sizes, seconds)) + "\n")
+            self._proc.stdin.flush()
+            line = self._proc.stdout.readline()
+        except BrokenPipeError:  # it died before reading the request
+            line = ""
         if not line:
             err = self._proc.stderr.read()[-2000:]
             self._proc.wait()
+            for pipe in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
+                with contextlib.suppress(BrokenPipeError):
+                    pipe.close()
             self._proc = None
             raise RuntimeError(f"profiling member '{source.name}' ({source.path}) failed: the profiler exited: {err}")
         result = json.loads(line)

@@ -45,9 +45,14 @@ def member_variance(mean_value: np.ndarray, total_squares: np.ndarray, n: float)
 
 
 def ensemble_answer(totals: Sequence[np.ndarray], total_squares: np.ndarray, n: int,
-                    dtypes: Sequence[np.dtype]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """Means of every output (in their dtypes), and the entropy and member variance of the first."""
+                    dtypes: Sequence[np.dtype], uncertainty: bool = True,
+                    ) -> tuple[list[np.ndarray], np.ndarray | None, np.ndarray | None]:
+    """Means of every output (in their dtypes), and the entropy and member variance of the first
+    (None for both when ``uncertainty`` is off: nobody asked for them)."""
     means = [mean(t, n) for t in totals]
+    cast = [m.astype(d, copy=False) for m, d in zip(means, dtypes)]
+    if not uncertainty:
+        return cast, None, None
     first = means[0]
-    return ([m.astype(d, copy=False) for m, d in zip(means, dtypes)],
-            entropy(first).astype(np.float32), member_variance(first, total_squares, n).astype(np.float32))
+    return (cast, entropy(first).astype(np.float32),
+            member_variance(first, total_squares, n).astype(np.float32))

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from enserve.server.protocol import TASK, Done, DoneReader
+from enserve.server.protocol import BURST, TASK, Done, DoneReader
 from enserve.server.supervisor import WorkerProcess, WorkerState
 
 log = logging.getLogger("enserve")
@@ -21,6 +21,41 @@ def wait_budget(max_wait_us: int, slowest_ns: float, own_ns: float) -> int:
     can wait for the difference in batch time without delaying any answer; bigger batches cost
     less CPU per image. Never negative, never above ``max_wait_us``."""
     return int(max(0.0, min(float(max_wait_us), (slowest_ns - own_ns) / 1000)))
+
+
+def split_members(costs: Sequence[float], mask: int, shares: int) -> list[int]:
+    """The members in ``mask`` dealt into at most ``shares`` masks of near-equal cost (longest first,
+    each to the lightest share; ties to the earlier share), for one request that idle replicas
+    run side by side. Empty shares are left out; costs are one image's compute per member."""
+    if shares < 1:
+        raise ValueError(f"shares is {shares}, but must be >= 1")
+    members = sorted((k for k in range(len(costs)) if mask >> k & 1), key=lambda k: (-costs[k], k))
+    loads = [0.0] * min(shares, len(members))
+    masks = [0] * len(loads)
+    for k in members:
+        i = loads.index(min(loads))
+        loads[i] += costs[k]
+        masks[i] |= 1 << k
+    return masks
+
+
+def shares(start: int, count: int, idle: int, costs: Sequence[float], mask: int) -> list[tuple[int, int, int]]:
+    """How ``idle`` idle replicas of a group run its part of one request side by side: (first row,
+    rows, member mask) each. Several rows are split between them; one row has its members dealt
+    by cost (``split_members``), the heaviest share keeping a ``BURST`` flag. Without two idle
+    replicas (or costs for one row) the part stays whole."""
+    if idle >= 2 and count > 1:
+        n = min(idle, count)
+        out, lo = [], start
+        for k in range(n):
+            rows = (count - (lo - start)) // (n - k)
+            out.append((lo, rows, mask & ~BURST))
+            lo += rows
+        return out
+    if idle >= 2 and costs:
+        masks = split_members(costs, mask & ~BURST, idle)
+        return [(start, count, m | (mask & BURST if k == 0 else 0)) for k, m in enumerate(masks)]
+    return [(start, count, mask)]
 
 
 def least_loaded(workers: Iterable[WorkerProcess]) -> WorkerProcess | None:

@@ -2,7 +2,7 @@
 
 The front (HTTP/2 and gRPC in Rust, outside the GIL) hands calls to Python in batches, as raw
 request bytes with an id, and is answered by id. ModelInfer is parsed here and submitted without
-a coroutine per call: the request's future answers the call when it resolves. Every other method
+a coroutine per call: the request answers the call as it resolves (not a loop turn later). Every other method
 (health, metadata, statistics, shared memory, ModelStreamInfer) goes to a grpc.aio server with
 the full servicer and the auth interceptor on a Unix socket, which the front proxies to. The
 auth interceptor guards the fallback's methods; ModelInfer's bearer token is checked here, from
@@ -109,7 +109,7 @@ class NativeFront:
             raise InvalidArgument(f"malformed inference.ModelInferRequest protobuf: {exc}") from None
         pending = begin_infer(self.service, request, time_remaining)
         self.calls[call_id] = pending
-        pending.future.add_done_callback(lambda f: self._answer(call_id, request, pending, f))
+        pending.request.on_answer = lambda f: self._answer(call_id, request, pending, f)
 
     def _forget(self, call_id: int) -> object | None:
         pending = self.calls.pop(call_id, None)

@@ -1,25 +1,26 @@
 """The orchestrator: wiring of the data plane.
 
 A request is copied once into the shared input ring of its signature, and one descriptor goes
-to the least-loaded ready replica of each worker group it needs; the replica runs the group's
-members on those rows and writes their running sums into the group's output slots. When every
-group has answered, the request divides once (``request``, ``combiner``). The jobs have owners:
-``table`` (what is served), ``slots`` (shared memory), ``supervisor`` (processes), ``dispatch``
+to the least-loaded ready replica of each worker group it needs (or, when several replicas are
+idle, shares of it to each); a replica runs the group's members on those rows and writes their
+running sums into its own output slots. When every part has answered, the request divides once
+(``request``, ``combiner``). The jobs have owners: ``table`` (what is served), ``runtime`` and
+``slots`` (shared memory and the worker table), ``supervisor`` (processes), ``dispatch``
 (descriptors and completions), ``request`` (resolution and deadlines), ``stats``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from enserve.server.config import ServeOptions
-from enserve.server.dispatch import Dispatch, least_loaded, wait_budget
+from enserve.server.dispatch import Dispatch, least_loaded, shares, wait_budget
 from enserve.server.errors import (
     EnserveError,
     Internal,
@@ -27,27 +28,17 @@ from enserve.server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from enserve.server.placement import Placement, WorkerGroup
+from enserve.server.placement import Placement
 from enserve.server.protocol import BURST, STATUS_LOAD_FAILED, STATUS_OK, STATUS_READY, Done
 from enserve.server.repository import Repository
 from enserve.server.request import Deadlines, InflightRequest
-from enserve.server.slots import InputRing, OutputSlots
+from enserve.server.runtime import GroupRuntime, build_runtime, release_memory
+from enserve.server.slots import InputRing
 from enserve.server.stats import ModelStats, record_batch, record_request
 from enserve.server.supervisor import Supervisor, WorkerProcess, WorkerState
 from enserve.server.table import ServedModel, build_table
-from enserve.server.worker import WorkerSpec
 
 log = logging.getLogger("enserve")
-MAX_RING_ROWS = 16384
-
-
-@dataclass(eq=False)
-class GroupRuntime:
-    spec: WorkerGroup
-    slots: OutputSlots
-    workers: list[WorkerProcess] = field(default_factory=list)
-    held: list[tuple[int, int, int, int]] = field(default_factory=list)  # (rid, start, count, mask)
-    batch_ns: float = 0.0  # moving average of one batch's compute time
 
 
 class Orchestrator:
@@ -69,40 +60,9 @@ class Orchestrator:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.done_r = self.done_w = -1
 
-    # ------------------------------------------------------------------ set-up
-
-    def _build_memory(self) -> None:
-        pid = os.getpid()
-        max_batch = max([m.max_batch_size for m in self.models.values()], default=1)
-        for i, inputs in enumerate(self.table.rings):
-            row_bytes = sum(t.row_bytes for t in inputs)
-            rows = (self.options.arena_mib << 20) // max(1, row_bytes)
-            self.rings.append(InputRing(pid, i, list(inputs), int(min(MAX_RING_ROWS, max(4 * max_batch, rows)))))
-        for g, spec in enumerate(self.placement.groups):
-            ring = self.rings[self.table.group_rings[g]]
-            outputs = self.repo.members[spec.members[0]].outputs
-            self.groups.append(GroupRuntime(spec, OutputSlots(pid, g, outputs, ring.capacity)))
-
-    def _worker_table(self) -> None:
-        for g, rt in enumerate(self.groups):
-            ring = self.rings[self.table.group_rings[g]]
-            for replica in rt.spec.replicas:
-                spec = WorkerSpec(
-                    members=[(m, str(self.repo.members[m].path)) for m in rt.spec.members],
-                    device=replica.device, cpu_cores=list(replica.cores) or None, threads=replica.threads,
-                    batch_size=rt.spec.batch_size, queue_delay_us=rt.spec.queue_delay_us,
-                    capacity=ring.capacity,
-                    inputs=[(t.name, t.np_dtype.str, list(t.dims), a.name) for t, a in zip(ring.inputs, ring.arenas)],
-                    outputs=rt.slots.layout(), task_fd=-1, done_fd=-1, lifeline_fd=-1, index=len(self.workers),
-                    burst_threads=len(replica.cores) if len(replica.cores) > replica.threads else 0)
-                w = WorkerProcess(len(self.workers), g, replica, spec)
-                rt.workers.append(w)
-                self.workers.append(w)
-
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self._build_memory()
-        self._worker_table()
+        self.rings, self.groups, self.workers = build_runtime(self.repo, self.placement, self.table, self.options)
         self.done_r, self.done_w = os.pipe()
         os.set_blocking(self.done_r, False)
         self.dispatch = Dispatch(self.loop, self.done_r)
@@ -140,8 +100,9 @@ class Orchestrator:
         return await self.submit(model, arrays, count, timeout_s).future
 
     def submit(self, model: ServedModel, arrays: list[np.ndarray], count: int,
-               timeout_s: float | None = None) -> InflightRequest:
-        """Copy the inputs into shared rows and hand them to one replica of every group ``model`` needs."""
+               timeout_s: float | None = None, uncertainty: bool = True) -> InflightRequest:
+        """Copy the inputs into shared rows and hand them to one replica of every group ``model`` needs;
+        ``uncertainty`` off skips the ensemble's entropy and variance outputs."""
         if self.closing:
             raise Unavailable("the server is shutting down")
         reason = self.unavailable(model)
@@ -163,7 +124,7 @@ class Orchestrator:
         self.next_id = (rid + 1) & 0xFFFFFFFF
         timeout = timeout_s if timeout_s is not None else self.options.request_timeout_s
         request = InflightRequest(rid, model.shape, start, count, len(model.parts), self.loop.create_future(),
-                                  self.loop.time(), timeout)
+                                  self.loop.time(), timeout, uncertainty)
         self.pending[rid] = request
         self.inflight[model.name] += 1
         self.deadlines.add(request)
@@ -179,20 +140,16 @@ class Orchestrator:
         return request
 
     def _send_part(self, rt: GroupRuntime, request: InflightRequest, mask: int, wait_us: int) -> None:
-        """A group's part of a request: split over the group's idle replicas when there are several
-        (a lone large request then runs on all of them at once), else to the least-loaded one."""
+        """A group's part of a request: shared out over the group's idle replicas (``shares``), or
+        whole to the least-loaded one."""
         idle = [w for w in rt.workers if w.state is WorkerState.READY and w.rows == 0]
-        shares = min(len(idle), request.count)
-        if shares < 2:
+        parts = shares(request.start, request.count, len(idle), rt.member_ns, mask)
+        if len(parts) == 1:
             self._send(rt, request.rid, request.start, request.count, mask, wait_us)
             return
-        mask &= ~BURST  # its shares run side by side
-        request.outstanding += shares - 1
-        lo = request.start
-        for k, w in enumerate(idle[:shares]):
-            n = (request.count - (lo - request.start)) // (shares - k)
-            self.dispatch.send(w, request.rid, lo, n, wait_us, mask)
-            lo += n
+        request.outstanding += len(parts) - 1
+        for w, (start, count, share) in zip(idle, parts):
+            self.dispatch.send(w, request.rid, start, count, wait_us, share)
 
     def _send(self, rt: GroupRuntime, rid: int, start: int, count: int, mask: int, wait_us: int = 0) -> None:
         w = least_loaded(rt.workers)
@@ -207,15 +164,17 @@ class Orchestrator:
         for frame in self.dispatch.completions():
             w = self.workers[frame.worker]
             if frame.status == STATUS_READY:
-                self._worker_ready(w)
+                self._worker_ready(w, frame.message)
             elif frame.status == STATUS_LOAD_FAILED:
                 w.reason = frame.message
             else:
                 self._batch_done(w, frame)
 
-    def _worker_ready(self, w: WorkerProcess) -> None:
+    def _worker_ready(self, w: WorkerProcess, costs: str) -> None:
         self.supervisor.mark_ready(w)
         rt = self.groups[w.group]
+        if not rt.member_ns and costs:
+            rt.member_ns = tuple(json.loads(costs))
         held, rt.held = rt.held, []
         for rid, start, count, mask in held:
             self._send(rt, rid, start, count, mask)
@@ -239,7 +198,7 @@ class Orchestrator:
             if not ok:
                 self._part_failed(request, Internal(f"member '{w.spec.label}' failed on this request: {frame.message}"))
                 continue
-            request.part_done(rt.slots.sums, rt.slots.squares, start, count)
+            request.part_done(w.slots.sums, w.slots.squares, start, count)
             if request.complete:
                 self._finish(request)
         members = [m for k, m in enumerate(rt.spec.members) if ran >> k & 1]
@@ -264,18 +223,7 @@ class Orchestrator:
         tasks = list(w.tasks.values())
         w.tasks.clear()
         w.rows = 0
-        if self.closing:
-            self.supervisor.mark_down(w, "the server is shutting down")
-        elif w.state is WorkerState.STARTING:
-            self.supervisor.mark_down(w, w.reason or f"{w.label} exited with code {code} while loading")
-            log.error("%s", w.reason)
-        else:
-            log.warning("%s exited with code %s; restarting it", w.label, code)
-            try:
-                self.supervisor.spawn(w)
-            except OSError as exc:
-                self.supervisor.mark_down(w, f"{w.label} could not be restarted: {exc}")
-                log.error("%s", w.reason)
+        self.supervisor.restart(w, code, self.closing)
         for rid, start, count, mask in tasks:
             request = self.pending.get(rid)
             if request is None:
@@ -324,7 +272,4 @@ class Orchestrator:
         self.release_memory()
 
     def release_memory(self) -> None:
-        for rt in self.groups:
-            rt.slots.close()
-        for ring in self.rings:
-            ring.close()
+        release_memory(self.rings, self.workers)

@@ -12,6 +12,7 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,10 +34,10 @@ class Shape:
 
 class InflightRequest:
     __slots__ = ("rid", "shape", "start", "count", "outstanding", "totals", "squares", "error", "future",
-                 "t0", "t_submit", "retried", "timeout_s", "deadline")
+                 "t0", "t_submit", "retried", "timeout_s", "deadline", "uncertainty", "on_answer")
 
     def __init__(self, rid: int, shape: Shape, start: int, count: int, parts: int,
-                 future: asyncio.Future, now: float, timeout_s: float) -> None:
+                 future: asyncio.Future, now: float, timeout_s: float, uncertainty: bool = True) -> None:
         self.rid = rid
         self.shape = shape
         self.start = start
@@ -51,6 +52,8 @@ class InflightRequest:
         self.retried: set[int] = set()  # groups whose worker died while computing this request
         self.timeout_s = timeout_s
         self.deadline = now + timeout_s  # on the event loop's clock
+        self.uncertainty = uncertainty  # compute the ensemble's entropy and variance outputs
+        self.on_answer: Callable[[asyncio.Future], None] | None = None  # called at once, not a loop turn later
 
     @property
     def answered(self) -> bool:
@@ -95,11 +98,16 @@ class InflightRequest:
                 self.error = Internal(f"combining member outputs failed: {type(exc).__name__}: {exc}")
             else:
                 self.future.set_result(value)
-                self.totals = self.squares = None
+                self._answered()
                 return
         self.future.set_exception(self.error)
         self.future.exception()  # retrieved: a caller that went away must not log it as lost
+        self._answered()
+
+    def _answered(self) -> None:
         self.totals = self.squares = None
+        if self.on_answer is not None:
+            self.on_answer(self.future)
 
     def expire(self) -> None:
         """The deadline passed: the caller gets DEADLINE_EXCEEDED now; the parts may still come back."""
@@ -113,10 +121,11 @@ class InflightRequest:
         if shape.kind == "member":
             return {t.name: v for t, v in zip(shape.outputs, self.totals)}
         means, entropy, variance = combiner.ensemble_answer(
-            self.totals, self.squares, shape.members, [t.np_dtype for t in shape.outputs])
+            self.totals, self.squares, shape.members, [t.np_dtype for t in shape.outputs], self.uncertainty)
         out = {t.name: v for t, v in zip(shape.outputs, means)}
-        out[ENTROPY_OUTPUT] = entropy
-        out[VARIANCE_OUTPUT] = variance
+        if self.uncertainty:
+            out[ENTROPY_OUTPUT] = entropy
+            out[VARIANCE_OUTPUT] = variance
         return out
 
 

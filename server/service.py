@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +11,14 @@ from enserve.server import __version__
 from enserve.server.config import ServeOptions
 from enserve.server.errors import InvalidArgument, NotFound, Unavailable
 from enserve.server.orchestrator import Orchestrator
-from enserve.server.repository import Repository, ensemble_config, member_config
+from enserve.server.repository import (
+    ENTROPY_OUTPUT,
+    VARIANCE_OUTPUT,
+    Repository,
+    ensemble_config,
+    member_config,
+)
+from enserve.server.request import InflightRequest
 from enserve.server.shm import ClientRegions
 from enserve.server.table import ServedModel
 from enserve.server.tensors import (
@@ -22,6 +30,7 @@ from enserve.server.tensors import (
     write_shm_output,
 )
 
+UNCERTAINTY_OUTPUTS = (ENTROPY_OUTPUT, VARIANCE_OUTPUT)
 EXTENSIONS = ["model_configuration", "system_shared_memory", "statistics", "binary_tensor_data"]
 
 
@@ -34,10 +43,14 @@ class OutputValue:
 
 @dataclass
 class PendingInfer:
-    future: object  # asyncio.Future of the model's outputs by name
+    request: InflightRequest  # its future resolves to the model's outputs by name
     target: ServedModel
     wanted: list[RequestOutput]
     regions: ClientRegions | None
+
+    @property
+    def future(self) -> asyncio.Future:
+        return self.request.future
 
     def finish(self, values: dict[str, np.ndarray]) -> list[OutputValue]:
         specs = {t.name: t for t in self.target.outputs}
@@ -139,8 +152,9 @@ class Service:
         arrays, batch = prepare(target, inputs, regions)
         wanted = select_outputs(target, outputs)
         check_shm_outputs(wanted, target, batch, regions)
-        request = self.orchestrator.submit(target, arrays, batch, timeout_s)
-        return PendingInfer(request.future, target, wanted, regions)
+        uncertainty = any(out.name in UNCERTAINTY_OUTPUTS for out in wanted)
+        request = self.orchestrator.submit(target, arrays, batch, timeout_s, uncertainty)
+        return PendingInfer(request, target, wanted, regions)
 
     def flush(self) -> None:
         """Hand the descriptors of the requests submitted so far to the workers now."""

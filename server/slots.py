@@ -3,7 +3,8 @@ slots that workers write their members' running sums into, indexed by the same r
 
 ``RowRing`` (pure) hands out contiguous row ranges in arrival order and frees them in any order;
 the ring's tail moves past a range only once everything before it is free, so consecutive
-requests stay contiguous and a worker's batch is usually one slice of shared memory.
+requests stay contiguous and a worker's batch is usually one slice of shared memory. An empty ring
+starts over at row 0, so light traffic keeps reusing the same warm rows.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class RowRing:
         """First row of ``count`` contiguous rows, or None when the ring is too full."""
         if count < 1 or count > self.capacity:
             raise ValueError(f"row count is {count}, but must be in [1, {self.capacity}]")
+        if not self.live:  # empty: start over at row 0, whose pages are mapped and likely cached
+            self.head = 0
         start = self.head
         gap = 0
         if start + count > self.capacity:  # does not fit before the end: skip to row 0

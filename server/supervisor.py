@@ -1,5 +1,6 @@
 """Worker processes: spawn each replica with its descriptors, notice it go (its lifeline pipe hits
-EOF), and tell the orchestrator through callbacks. Restart policy is the orchestrator's."""
+EOF), tell the orchestrator through callbacks, and restart it; what happens to its tasks is the
+orchestrator's business."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from enserve.server.placement import Replica
+from enserve.server.slots import OutputSlots
 from enserve.server.worker import WorkerSpec
 
 log = logging.getLogger("enserve")
@@ -42,6 +44,8 @@ class WorkerProcess:
     ready: asyncio.Future | None = None
     tasks: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)  # task id -> (rid, start, count, mask)
     rows: int = 0  # rows of its tasks not yet answered: the load that replica choice balances
+    slots: OutputSlots | None = None  # where it writes its members' running sums (its own: replicas
+    # of a group may run different members of one request's rows at once)
 
     @property
     def label(self) -> str:
@@ -96,6 +100,22 @@ class Supervisor:
         w.lifeline_r = w.task_w = -1
         code = w.proc.wait() if w.proc is not None else None
         self.on_exit(w, code)
+
+    def restart(self, w: WorkerProcess, code: int | None, closing: bool) -> None:
+        """After ``w`` exited: start it again, unless the server is stopping or it never finished
+        loading (then it is down, with the reason)."""
+        if closing:
+            self.mark_down(w, "the server is shutting down")
+        elif w.state is WorkerState.STARTING:
+            self.mark_down(w, w.reason or f"{w.label} exited with code {code} while loading")
+            log.error("%s", w.reason)
+        else:
+            log.warning("%s exited with code %s; restarting it", w.label, code)
+            try:
+                self.spawn(w)
+            except OSError as exc:
+                self.mark_down(w, f"{w.label} could not be restarted: {exc}")
+                log.error("%s", w.reason)
 
     @staticmethod
     def mark_ready(w: WorkerProcess) -> None:

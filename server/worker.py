@@ -2,8 +2,10 @@
 
 It builds its members' ONNX Runtime sessions inside the child, reads input rows straight from the
 shared input ring, runs the members a task names back to back on the same batch, and writes
-their running sum (and the first output's sum of squares) into its group's shared output slots.
-It talks to the orchestrator only through fixed-size descriptors (``server.protocol``).
+their running sum (and the first output's sum of squares) into its own shared output slots.
+It talks to the orchestrator only through fixed-size descriptors (``server.protocol``); its ready
+frame carries one image's compute per member, which balances a lone request's members over
+idle replicas.
 Run as ``python -m enserve.server.worker '<json spec>'``.
 """
 
@@ -199,6 +201,16 @@ class Runner:
                 lo += n
 
 
+def member_cost(session, output_names: list[str], feeds: dict, runs: int = 5) -> int:
+    """Nanoseconds one image takes through ``session`` (the fastest of a few runs)."""
+    best = None
+    for _ in range(runs):
+        t = time.perf_counter_ns()
+        session.run(output_names, feeds)
+        best = min(best or 1 << 62, time.perf_counter_ns() - t)
+    return best
+
+
 def serve(spec: WorkerSpec, runner: Runner) -> None:
     reader = TaskReader()
     backlog: deque = deque()
@@ -233,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         warm = {n: np.zeros((1, *d), dtype=np.dtype(t)) for n, t, d, _ in spec.inputs}
         for session in sessions + (burst or []):
             session.run(runner.output_names, warm)
+        costs = [member_cost(session, runner.output_names, warm) for session in sessions]
     except Exception as exc:
         paths = ", ".join(path for _, path in spec.members)
         msg = f"member '{spec.label}' failed to load from {paths}: {type(exc).__name__}: {exc}"
         write_done(spec.done_fd, pack_done(spec.index, STATUS_LOAD_FAILED, (), msg))
         return 1
-    write_done(spec.done_fd, pack_done(spec.index, STATUS_READY))
+    write_done(spec.done_fd, pack_done(spec.index, STATUS_READY, (), json.dumps(costs)))
     serve(spec, runner)
     return 0
 

@@ -14,9 +14,10 @@ import pytest
 
 from enserve.server import combiner
 from enserve.server.config import ServeOptions
-from enserve.server.dispatch import least_loaded
+from enserve.server.dispatch import least_loaded, shares, split_members
 from enserve.server.errors import DeadlineExceeded, Internal, RepositoryError, Unavailable
 from enserve.server.placement import Placement, Replica, WorkerGroup, check, from_config, with_flags
+from enserve.server.protocol import BURST
 from enserve.server.repository import MemberSpec, Repository, TensorSpec
 from enserve.server.request import Deadlines, InflightRequest, Shape
 from enserve.server.supervisor import WorkerState
@@ -95,6 +96,22 @@ def test_a_request_split_over_replicas_adds_each_share_at_its_rows():
         loop.close()
 
 
+def test_uncertainty_outputs_only_when_asked_and_the_answer_callback_runs_at_once():
+    loop = asyncio.new_event_loop()
+    try:
+        r = InflightRequest(4, Shape("ensemble", "ensemble", (PROBS,), 2), start=0, count=1, parts=1,
+                            future=loop.create_future(), now=loop.time(), timeout_s=60.0, uncertainty=False)
+        seen = []
+        r.on_answer = seen.append
+        r.part_done([np.array([[1.0, 1.0]], np.float32)], np.array([[0.5, 0.5]], np.float32), 0, 1)
+        r.answer()
+        assert seen == [r.future]  # called inside answer(), not scheduled on the loop
+        assert list(r.future.result()) == ["probs"]
+        np.testing.assert_allclose(r.future.result()["probs"], [[0.5, 0.5]])
+    finally:
+        loop.close()
+
+
 def test_request_failure_and_expiry_resolve_with_exceptions():
     loop = asyncio.new_event_loop()
     try:
@@ -145,6 +162,27 @@ def test_least_loaded_ready_replica():
           SimpleNamespace(state=WorkerState.READY, rows=2), SimpleNamespace(state=WorkerState.READY, rows=2)]
     assert least_loaded(ws) is ws[2]  # fewest rows; the first of equals; not one still starting
     assert least_loaded([SimpleNamespace(state=WorkerState.DOWN, rows=0)]) is None
+
+
+def test_split_members_deals_the_longest_first_to_the_lightest_share():
+    costs = [1.0, 2.0, 3.0, 8.0]
+    assert split_members(costs, 0b1111, 2) == [0b1000, 0b0111]  # 8 | 3+2+1
+    assert split_members(costs, 0b1111, 3) == [0b1000, 0b0100, 0b0011]  # 8 | 3 | 2+1
+    assert split_members(costs, 0b0111, 2) == [0b0100, 0b0011]  # only the masked members: 3 | 2+1
+    assert split_members(costs, 0b0011, 5) == [0b0010, 0b0001]  # never more shares than members
+    assert split_members([2.0, 2.0, 2.0, 2.0], 0b1111, 2) == [0b0101, 0b1010]  # ties: the earlier share
+    assert split_members(costs, 0b1111, 1) == [0b1111]
+    with pytest.raises(ValueError, match="shares is 0, but must be >= 1"):
+        split_members(costs, 0b1111, 0)
+
+
+def test_shares_split_rows_or_one_rows_members_over_idle_replicas():
+    costs = [1.0, 2.0, 3.0, 8.0]
+    assert shares(10, 5, 1, costs, 0b1111 | BURST) == [(10, 5, 0b1111 | BURST)]  # one idle replica: whole
+    assert shares(10, 5, 2, costs, 0b1111 | BURST) == [(10, 2, 0b1111), (12, 3, 0b1111)]  # rows, no burst
+    assert shares(10, 2, 3, costs, 0b1111) == [(10, 1, 0b1111), (11, 1, 0b1111)]  # at most a row each
+    assert shares(10, 1, 2, costs, 0b1111 | BURST) == [(10, 1, 0b1000 | BURST), (10, 1, 0b0111)]  # members
+    assert shares(10, 1, 2, (), 0b1111) == [(10, 1, 0b1111)]  # costs not measured yet: whole
 
 
 def _repo(*specs: MemberSpec) -> Repository:

@@ -26,10 +26,15 @@ def test_row_ring_contiguous_wrap_and_out_of_order_free():
     assert ring.alloc(3) is None
     ring.free(0)  # now everything before head is free
     assert ring.used == 0
-    assert ring.alloc(3) == 0  # 2 rows at the end skipped, wrapped to row 0
-    assert ring.used == 5 and ring.head == 3
+    assert ring.alloc(3) == 0  # an empty ring starts over at row 0 (warm rows), no wrap gap
+    assert ring.used == 3 and ring.head == 3
     assert ring.alloc(5) == 3
+    ring.free(0)
+    assert ring.alloc(3) == 0  # 2 rows at the end skipped, wrapped to row 0
+    assert ring.used == 10 and ring.head == 3
     assert ring.alloc(1) is None
+    ring.free(3)  # the skipped gap leaves with the range before it
+    assert ring.used == 3
     with pytest.raises(ValueError, match="not allocated"):
         ring.free(9)
     with pytest.raises(ValueError, match=r"row count is 11, but must be in \[1, 10\]"):
