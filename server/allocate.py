@@ -177,7 +177,7 @@ def allocate(
                                   alternatives=(whole,) if whole is not None else (),
                                   start_repeats=2 if noisy else 1)
     if noisy and result.best != result.start:
-        confirm_against_start(result, score, progress)
+        confirm_against_start(result, score, progress, margin=0.03)
     digests = [file_hash(str(repo.members[n].path)) for n in names]
     plan = plans.Plan(
         ensemble=ensemble,
@@ -195,9 +195,10 @@ def allocate(
 
 
 def confirm_against_start(result: SearchResult, score: Callable[[Allocation], float],
-                          progress: Callable[[str], None] | None) -> None:
+                          progress: Callable[[str], None] | None, margin: float = 0.0) -> None:
     """Measure the refined and the start allocation once more, side by side; keep the start unless
-    the refined one is still better on the mean of both measurements (noise must not make us lose)."""
+    the refined one is still better by ``margin`` (a fraction) on the mean of both measurements:
+    noise must not make us lose, nor trade a simple plan for an equal one."""
     best_again, start_again = score(result.best), score(result.start)
     best_mean = (result.best_score + best_again) / 2
     start_mean = (result.start_score + start_again) / 2
@@ -205,7 +206,7 @@ def confirm_against_start(result: SearchResult, score: Callable[[Allocation], fl
         progress(f"confirming: refined {best_mean:.1f} vs start {start_mean:.1f} (means of two measurements)")
     result.evaluated += 2
     result.start_score = start_mean
-    if best_mean > start_mean:
+    if best_mean > start_mean * (1 + margin):
         result.best_score = best_mean
     else:
         result.best, result.best_score = result.start, start_mean

@@ -165,7 +165,7 @@ class HttpFrontend:
         return web.Response(status=200)
 
     async def ready(self, request):
-        return web.Response(status=200 if self.service.ready() else 503)
+        return web.Response(status=200 if self.service.ready() else 400)  # Triton: 400 when not ready
 
     async def server_metadata(self, request):
         return _json(self.service.server_metadata())
@@ -180,7 +180,7 @@ class HttpFrontend:
         return _json(self.service.model_metadata(*self._model(request)))
 
     async def model_ready(self, request):
-        return web.Response(status=200 if self.service.model_ready(*self._model(request)) else 503)
+        return web.Response(status=200 if self.service.model_ready(*self._model(request)) else 400)
 
     async def model_config(self, request):
         cfg = self.service.model_config(*self._model(request))
@@ -208,7 +208,7 @@ class HttpFrontend:
             if v.request.shm_region is not None:
                 entry["parameters"] = {"shared_memory_region": v.request.shm_region,
                                        "shared_memory_byte_size": v.value.nbytes}
-            elif v.request.binary or (not outputs and default_binary):
+            elif v.request.binary if outputs else default_binary:  # Triton: JSON unless binary is asked for
                 data = v.value.tobytes()
                 entry["parameters"] = {"binary_data_size": len(data)}
                 chunks.append(data)

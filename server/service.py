@@ -86,7 +86,11 @@ class Service:
         return model
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        model = self.target(name, version)
+        """Whether ``name`` can serve now; an unknown model or version is simply not ready (Triton)."""
+        try:
+            model = self.target(name, version)
+        except NotFound:
+            return False
         return self.accepting and self.orchestrator.unavailable(model) is None
 
     def server_metadata(self) -> dict:

@@ -113,3 +113,20 @@ def test_a_long_lived_profiler_measures_model_after_model_and_reports_a_bad_one(
     for p in (pid, new_pid):
         with pytest.raises(ProcessLookupError):
             os.kill(p, 0)  # both children are gone (and reaped)
+
+
+def test_confirming_keeps_the_start_unless_the_refined_plan_wins_by_the_margin():
+    from enserve.optimizer.search import SearchResult
+    from enserve.server.allocate import confirm_against_start
+
+    start, refined = "start", "refined"  # allocations are opaque to the confirmation
+    again = {start: 100.0, refined: 101.0}
+    result = SearchResult(start, 100.0, refined, 104.0, 10)
+    confirm_against_start(result, again.__getitem__, None, margin=0.03)  # 102.5 < 100 * 1.03
+    assert (result.best, result.best_score, result.start_score, result.evaluated) == (start, 100.0, 100.0, 12)
+    result = SearchResult(start, 100.0, refined, 104.0, 10)
+    confirm_against_start(result, again.__getitem__, None, margin=0.0)  # no margin: 102.5 > 100
+    assert (result.best, result.best_score) == (refined, 102.5)
+    result = SearchResult(start, 100.0, refined, 110.0, 10)
+    confirm_against_start(result, {start: 98.0, refined: 108.0}.__getitem__, None, margin=0.03)
+    assert (result.best, result.best_score, result.start_score) == (refined, 109.0, 99.0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -63,6 +65,22 @@ def test_http_json_and_binary(daemon, reference, binary):
     result = client.infer("ensemble", [inp], outputs=[out])
     np.testing.assert_allclose(result.as_numpy("probs"), reference(x), atol=TOL)
     assert result.as_numpy("entropy") is None  # only what was asked for
+
+
+def test_curl_style_json_without_outputs_answers_json(daemon, reference):
+    """KServe v2 JSON naming no outputs gets JSON back (Triton), every output as a data list."""
+    x = images(2, seed=4)
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                   "data": x.reshape(-1).tolist()}]}).encode()
+    reply = urllib.request.urlopen(urllib.request.Request(
+        f"http://{daemon.http_url}/v2/models/ensemble/infer", data=body, headers={"Content-Type": "application/json"}))
+    assert reply.headers["Content-Type"].startswith("application/json")
+    assert "Inference-Header-Content-Length" not in reply.headers
+    outputs = {o["name"]: o for o in json.loads(reply.read())["outputs"]}
+    assert set(outputs) == {"probs", "entropy", "member_variance"}
+    assert all("data" in o and "parameters" not in o for o in outputs.values())
+    probs = np.array(outputs["probs"]["data"], np.float32).reshape(outputs["probs"]["shape"])
+    np.testing.assert_allclose(probs, reference(x), atol=TOL)
 
 
 def test_member_models_are_served(daemon, member_sessions):
@@ -163,6 +181,12 @@ def test_metadata_config_index(daemon):
     h = httpclient.InferenceServerClient(daemon.http_url)
     assert g.is_server_live() and g.is_server_ready() and g.is_model_ready("ensemble")
     assert h.is_server_live() and h.is_server_ready() and h.is_model_ready("cnn_w12")
+    for client in (g, h):  # as Triton: an unknown model or version is not ready, not an error
+        assert client.is_model_ready("no_such_model") is False
+        assert client.is_model_ready("ensemble", "7") is False
+    with pytest.raises(urllib.error.HTTPError) as not_ready:
+        urllib.request.urlopen(f"http://{daemon.http_url}/v2/models/no_such_model/ready")
+    assert not_ready.value.code == 400
     meta = g.get_server_metadata()
     assert meta.name == "enserve" and "system_shared_memory" in meta.extensions
     mm = h.get_model_metadata("ensemble")
