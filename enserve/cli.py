@@ -56,9 +56,20 @@ def _add_serve(sub) -> None:
                         "(or the environment variable ENSERVE_AUTH_TOKEN)")
     p.add_argument("--admin-token-file", type=Path, default=None,
                    help="file holding the bearer token for admin calls: shared-memory (un)registration "
-                        "(or ENSERVE_ADMIN_TOKEN; without it admin calls take the auth token)")
+                        "and model load/unload (or ENSERVE_ADMIN_TOKEN; without it admin calls take the "
+                        "auth token)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM/SIGINT waits for requests in flight before stopping")
+    p.add_argument("--model-control-mode", choices=("none", "explicit", "poll"),
+                   default=_env("model_control_mode", "none"),
+                   help="Triton's: 'none' serves the whole repository and refuses load/unload; 'explicit' "
+                        "serves the --load-model names and obeys load/unload calls (admin); 'poll' follows "
+                        "the repository, re-read every --repository-poll-secs")
+    p.add_argument("--load-model", action="append", default=[],
+                   help="explicit mode: an ensemble (with its members) or member to serve from the start; "
+                        "repeat it, or '*' for everything")
+    p.add_argument("--repository-poll-secs", type=float, default=15.0,
+                   help="poll mode: seconds between re-reads of the repository")
     p.add_argument("--plan", type=Path, default=None, help="serve with this allocation plan (from 'enserve allocate')")
     p.add_argument("--no-optimize", action="store_true",
                    help="skip the allocator: placement from config.pbtxt (also implied by --device, "
@@ -228,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             max_combi=args.max_combi, optimize_time_s=args.optimize_time, optimize_metric=args.optimize_metric,
             bench_concurrency=args.bench_concurrency, bench_images=args.bench_images,
             max_request_bytes=args.max_request_bytes, tls_cert=args.tls_cert, tls_key=args.tls_key,
-            auth_token=auth, admin_token=admin,
+            auth_token=auth, admin_token=admin, model_control_mode=args.model_control_mode,
+            load_model=tuple(args.load_model), repository_poll_secs=args.repository_poll_secs,
         ))
     if args.command == "import":
         from enserve.server.errors import EnserveError

@@ -29,6 +29,9 @@ class ServeOptions:
     tls_key: Path | None = None
     auth_token: str | None = None  # bearer token for every call but health probes
     admin_token: str | None = None  # bearer token for shared-memory registration and other admin calls
+    model_control_mode: str = "none"  # Triton's: none | explicit | poll
+    load_model: tuple[str, ...] = ()  # explicit mode: what to load at start ("*": everything)
+    repository_poll_secs: float = 15.0  # poll mode: how often the repository is re-read
     startup_timeout_s: float = 180.0
     drain_timeout_s: float = 30.0
     # the allocator at start-up (paper §2.4); manual placement flags above switch it off

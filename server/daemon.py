@@ -16,8 +16,8 @@ from enserve.server.config import ServeOptions
 from enserve.server.errors import EnserveError, RepositoryError
 from enserve.server.grpc_frontend import make_server
 from enserve.server.http_frontend import HttpFrontend
-from enserve.server.orchestrator import Orchestrator
 from enserve.server.placement import Placement
+from enserve.server.registry import Registry
 from enserve.server.repository import Repository, load_repository
 from enserve.server.security import Tokens, read_pair, server_ssl_context
 from enserve.server.service import Service
@@ -27,15 +27,15 @@ from enserve.server.stats import MetricsCollector
 log = logging.getLogger("enserve")
 
 
-def metrics_app(orchestrator: Orchestrator, tokens: Tokens) -> web.Application:
-    registry = CollectorRegistry()
-    registry.register(MetricsCollector(orchestrator.stats, orchestrator.queue_depth))
+def metrics_app(registry: Registry, tokens: Tokens) -> web.Application:
+    prometheus = CollectorRegistry()
+    prometheus.register(MetricsCollector(registry.stats, registry.queue_depth))
 
     async def metrics(request):
         reason = tokens.check(request.headers.get("Authorization"), admin=False)
         if reason is not None:
             return web.json_response({"error": reason}, status=401)
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=generate_latest(prometheus), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
@@ -54,8 +54,9 @@ async def _site(app: web.Application, host: str, port: int, what: str, ssl_conte
 
 
 def choose_placement(repo: Repository, options: ServeOptions) -> Placement:
-    """A forced plan, a saved plan for this ensemble and hardware, a new one, or the configs; then
-    the manual flags on top."""
+    """Placement of one unit (an ensemble and its members, or members alone): a forced plan for its
+    ensemble, a saved plan for this ensemble and hardware, a new one, or the configs; then the
+    manual flags on top. Units share the machine's cores; a plan is made for the machine."""
     from enserve.optimizer import plan as plans
     from enserve.optimizer.devices import hardware_fingerprint, inventory
     from enserve.optimizer.profiles import file_hash
@@ -66,8 +67,9 @@ def choose_placement(repo: Repository, options: ServeOptions) -> Placement:
             plan = plans.load(options.plan_path)
         except ValueError as exc:
             raise RepositoryError(str(exc)) from exc
-        log.info("placement from plan %s (score %.1f, %s)", options.plan_path, plan.score, plan.metric)
-        return placements.with_flags(placements.from_plan(repo, plan), options)
+        if plan.ensemble in repo.ensembles or not repo.ensembles:
+            log.info("placement from plan %s (score %.1f, %s)", options.plan_path, plan.score, plan.metric)
+            return placements.with_flags(placements.from_plan(repo, plan), options)
     if not options.optimize or options.manual_placement or not repo.ensembles:
         return placements.with_flags(placements.from_config(repo), options)
     if len(repo.ensembles) > 1:
@@ -100,14 +102,14 @@ def choose_placement(repo: Repository, options: ServeOptions) -> Placement:
     return placements.with_flags(placements.from_plan(repo, plan), options)
 
 
-async def serve(options: ServeOptions, repo: Repository, placement: Placement) -> None:
-    log.info("worker groups:\n%s", placements.describe(placement))
-    orchestrator = Orchestrator(repo, placement, options)
+async def serve(options: ServeOptions) -> None:
+    registry = Registry(options, lambda repo: choose_placement(repo, options))
     runners: list[web.AppRunner] = []
     grpc_server = None
+    poller = None
     try:
-        await orchestrator.start()
-        service = Service(repo, orchestrator, options)
+        await registry.start(options.load_model)
+        service = Service(registry, options)
         grpc_address = f"{options.host}:{options.grpc_port}"
         try:
             grpc_server = make_server(service, grpc_address)
@@ -116,27 +118,33 @@ async def serve(options: ServeOptions, repo: Repository, placement: Placement) -
         await grpc_server.start()
         tls = server_ssl_context(options.tls_cert, options.tls_key) if options.tls_cert else None
         runners.append(await _site(HttpFrontend(service).app(), options.host, options.http_port, "HTTP", tls))
-        runners.append(await _site(metrics_app(orchestrator, Tokens(options.auth_token, options.admin_token)),
+        runners.append(await _site(metrics_app(registry, Tokens(options.auth_token, options.admin_token)),
                                    options.host, options.metrics_port, "metrics", tls))
+        if options.model_control_mode == "poll":
+            poller = asyncio.create_task(registry.poll_forever(options.repository_poll_secs))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        models = ", ".join(sorted(orchestrator.models))
-        log.info("serving models [%s]: HTTP %s:%d, gRPC %s, metrics %s:%d (workers %s)", models, options.host,
-                 options.http_port, grpc_address, options.host, options.metrics_port, orchestrator.worker_pids())
+        models = ", ".join(sorted(registry.models))
+        log.info("serving models [%s] (model control: %s): HTTP %s:%d, gRPC %s, metrics %s:%d (workers %s)",
+                 models, options.model_control_mode, options.host, options.http_port, grpc_address, options.host,
+                 options.metrics_port, registry.worker_pids())
         await stop.wait()
-        log.info("stopping: draining %d requests in flight", len(orchestrator.pending))
+        log.info("stopping: draining %d requests in flight", sum(len(o.pending) for o in registry.orchestrators()))
         service.accepting = False
         await grpc_server.stop(grace=options.drain_timeout_s)
         grpc_server = None
         service.regions.close()
     finally:
+        if poller is not None:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
         if grpc_server is not None:
             await grpc_server.stop(grace=None)
         for runner in runners:
             await runner.cleanup()
-        await orchestrator.close()
+        await registry.close()
         log.info("stopped")
 
 
@@ -147,9 +155,8 @@ def run(options: ServeOptions) -> int:
         removed = clean_leftovers()
         if removed:
             log.info("removed shared memory left by a crashed daemon: %s", removed)
-        repo = load_repository(options.model_repository)
-        placement = choose_placement(repo, options)
-        asyncio.run(serve(options, repo, placement))
+        load_repository(options.model_repository)  # a broken repository fails here, before any port opens
+        asyncio.run(serve(options))
     except (EnserveError, OSError, ValueError) as exc:
         log.error("%s", getattr(exc, "message", None) or exc)
         return 1

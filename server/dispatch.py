@@ -39,12 +39,13 @@ def split_members(costs: Sequence[float], mask: int, shares: int) -> list[int]:
     return masks
 
 
-def shares(start: int, count: int, idle: int, costs: Sequence[float], mask: int) -> list[tuple[int, int, int]]:
+def shares(start: int, count: int, idle: int, costs: Sequence[float], mask: int,
+           alone: bool) -> list[tuple[int, int, int]]:
     """How ``idle`` idle replicas of a group run its part of one request side by side: (first row,
-    rows, member mask) each. Several rows are split between them; the one row of a lone request
-    (flagged ``BURST``) has its members dealt by cost (``split_members``), the heaviest share
-    keeping the flag. Otherwise (one idle replica, no costs measured yet, or other requests in
-    flight, which rows-based replica choice could not balance) the part stays whole."""
+    rows, member mask) each. Several rows are split between them; the one row of a request
+    ``alone`` in the server has its members dealt by cost (``split_members``), the heaviest share
+    keeping a ``BURST`` flag. Otherwise (one idle replica, no costs measured yet, or other requests
+    in flight, which rows-based replica choice could not balance) the part stays whole."""
     if idle >= 2 and count > 1:
         n = min(idle, count)
         out, lo = [], start
@@ -53,7 +54,7 @@ def shares(start: int, count: int, idle: int, costs: Sequence[float], mask: int)
             out.append((lo, rows, mask & ~BURST))
             lo += rows
         return out
-    if idle >= 2 and costs and mask & BURST:
+    if idle >= 2 and costs and alone:
         masks = split_members(costs, mask & ~BURST, idle)
         return [(start, count, m | (mask & BURST if k == 0 else 0)) for k, m in enumerate(masks)]
     return [(start, count, mask)]

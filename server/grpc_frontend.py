@@ -216,6 +216,27 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             models = [m for m in models if m.state == "READY"]
         return pb.RepositoryIndexResponse(models=models)
 
+    async def RepositoryModelLoad(self, request, context):
+        await self._control(context, self.service.load, request)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self._control(context, self.service.unload, request)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _control(self, context, fn, request) -> None:
+        try:
+            if request.repository_name:
+                raise InvalidArgument(f"repository '{request.repository_name}' is not served; leave "
+                                      "repository_name empty (this server has one repository)")
+            params = sorted(set(request.parameters) - {"unload_dependents"})  # a unit's members go with it
+            if params:
+                raise InvalidArgument(f"load/unload parameters {params} are not supported: "
+                                      "models come from the repository by name")
+            await fn(request.model_name)
+        except EnserveError as e:
+            await context.abort(e.grpc_code, e.message)
+
     async def SystemSharedMemoryRegister(self, request, context):
         await self._call(context, self.service.shm_register, request.name, request.key,
                          request.offset, request.byte_size)

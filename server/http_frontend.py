@@ -126,6 +126,8 @@ class HttpFrontend:
         r.add_get("/v2/health/ready", self.ready)
         r.add_get("/v2", self.server_metadata)
         r.add_post("/v2/repository/index", self.repository_index)
+        r.add_post("/v2/repository/models/{model}/load", self.model_load)
+        r.add_post("/v2/repository/models/{model}/unload", self.model_unload)
         base = "/v2/models/{model}"
         for prefix in (base, base + "/versions/{version}"):
             r.add_get(prefix, self.model_metadata)
@@ -171,7 +173,35 @@ class HttpFrontend:
         return _json(self.service.server_metadata())
 
     async def repository_index(self, request):
-        return _json(self.service.index())
+        body = await self._control_body(request, "repository index")
+        models = self.service.index()
+        if body.get("ready"):
+            models = [m for m in models if m["state"] == "READY"]
+        return _json(models)
+
+    async def model_load(self, request):
+        await self._control_body(request, "load")
+        await self.service.load(request.match_info["model"])
+        return web.Response(status=200)
+
+    async def model_unload(self, request):
+        await self._control_body(request, "unload")
+        await self.service.unload(request.match_info["model"])
+        return web.Response(status=200)
+
+    async def _control_body(self, request, what: str) -> dict:
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            raise InvalidArgument(f"the {what} request body is not valid JSON") from None
+        body = _check_dict(body, f"the {what} request body")
+        params = {k: v for k, v in _check_dict(body.get("parameters") or {}, f"the {what} parameters").items()
+                  if k != "unload_dependents"}  # a unit's members always go with it
+        if what != "repository index" and params:
+            raise InvalidArgument(f"{what} parameters {sorted(params)} are not supported: models come from "
+                                  "the repository by name")
+        return body
 
     def _model(self, request) -> tuple[str, str]:
         return request.match_info["model"], request.match_info.get("version", "")

@@ -131,19 +131,20 @@ class Orchestrator:
         wait = len(model.parts) > 1 and self.inflight[model.name] > 1 and self.options.max_adaptive_wait_us > 0
         slowest = max(self.groups[g].batch_ns for g, _ in model.parts) if wait else 0.0
         # alone in the server and on one group: its worker may use every core it is pinned to
-        burst = BURST if len(self.pending) == 1 and len(model.parts) == 1 else 0
+        alone = len(self.pending) == 1
+        burst = BURST if alone and len(model.parts) == 1 else 0
         for g, mask in model.parts:
             rt = self.groups[g]
-            self._send_part(rt, request, mask | burst,
+            self._send_part(rt, request, mask | burst, alone,
                             wait_budget(self.options.max_adaptive_wait_us, slowest, rt.batch_ns) if wait else 0)
         request.t_submit = time.perf_counter_ns()
         return request
 
-    def _send_part(self, rt: GroupRuntime, request: InflightRequest, mask: int, wait_us: int) -> None:
+    def _send_part(self, rt: GroupRuntime, request: InflightRequest, mask: int, alone: bool, wait_us: int) -> None:
         """A group's part of a request: shared out over the group's idle replicas (``shares``), or
         whole to the least-loaded one."""
         idle = [w for w in rt.workers if w.state is WorkerState.READY and w.rows == 0]
-        parts = shares(request.start, request.count, len(idle), rt.member_ns, mask)
+        parts = shares(request.start, request.count, len(idle), rt.member_ns, mask, alone)
         if len(parts) == 1:
             self._send(rt, request.rid, request.start, request.count, mask, wait_us)
             return

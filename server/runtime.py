@@ -3,6 +3,7 @@ processes, each with output slots of its own; built from the served-model table 
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from enserve.server.table import Table
 from enserve.server.worker import WorkerSpec
 
 MAX_RING_ROWS = 16384
+RUNTIMES = itertools.count()
 
 
 @dataclass(eq=False)
@@ -31,12 +33,14 @@ def build_runtime(repo: Repository, placement: Placement, table: Table,
                   options: ServeOptions) -> tuple[list[InputRing], list[GroupRuntime], list[WorkerProcess]]:
     """Create the shared memory and the (not yet started) worker table."""
     owner = os.getpid()
+    serial = next(RUNTIMES)  # runtimes of one process (loaded models, reloads) never share a name
     max_batch = max([m.max_batch_size for m in table.models.values()], default=1)
     rings = []
     for i, inputs in enumerate(table.rings):
         row_bytes = sum(t.row_bytes for t in inputs)
         rows = (options.arena_mib << 20) // max(1, row_bytes)
-        rings.append(InputRing(owner, i, list(inputs), int(min(MAX_RING_ROWS, max(4 * max_batch, rows)))))
+        rings.append(InputRing(owner, f"u{serial}.in{i}", list(inputs),
+                               int(min(MAX_RING_ROWS, max(4 * max_batch, rows)))))
     groups: list[GroupRuntime] = []
     workers: list[WorkerProcess] = []
     for g, spec in enumerate(placement.groups):
@@ -46,7 +50,7 @@ def build_runtime(repo: Repository, placement: Placement, table: Table,
         outputs = repo.members[spec.members[0]].outputs
         for replica in spec.replicas:
             index = len(workers)
-            slots = OutputSlots(owner, index, outputs, ring.capacity)
+            slots = OutputSlots(owner, f"u{serial}.out{index}", outputs, ring.capacity)
             worker = WorkerSpec(
                 members=[(m, str(repo.members[m].path)) for m in spec.members],
                 device=replica.device, cpu_cores=list(replica.cores) or None, threads=replica.threads,

@@ -11,10 +11,10 @@ from enserve.server import __version__
 from enserve.server.config import ServeOptions
 from enserve.server.errors import InvalidArgument, NotFound, Unavailable
 from enserve.server.orchestrator import Orchestrator
+from enserve.server.registry import Registry
 from enserve.server.repository import (
     ENTROPY_OUTPUT,
     VARIANCE_OUTPUT,
-    Repository,
     ensemble_config,
     member_config,
 )
@@ -64,9 +64,8 @@ class PendingInfer:
 
 
 class Service:
-    def __init__(self, repo: Repository, orchestrator: Orchestrator, options: ServeOptions) -> None:
-        self.repo = repo
-        self.orchestrator = orchestrator
+    def __init__(self, registry: Registry, options: ServeOptions) -> None:
+        self.registry = registry
         self.options = options
         self.regions = ClientRegions()
         self.accepting = True
@@ -74,24 +73,25 @@ class Service:
     # ------------------------------------------------------------------ health and metadata
 
     def ready(self) -> bool:
-        orch = self.orchestrator
-        return self.accepting and all(orch.unavailable(m) is None for m in orch.models.values())
+        return self.accepting and all(o.unavailable(m) is None
+                                      for o in self.registry.orchestrators() for m in o.models.values())
 
     def target(self, name: str, version: str = "") -> ServedModel:
-        model = self.orchestrator.models.get(name)
-        if model is None:
-            raise NotFound(f"unknown model '{name}'; this server has {sorted(self.orchestrator.models)}")
+        return self._lookup(name, version)[1]
+
+    def _lookup(self, name: str, version: str = "") -> tuple[Orchestrator, ServedModel]:
+        orchestrator, model = self.registry.lookup(name)
         if version not in ("", "1"):
             raise NotFound(f"model '{name}' has no version '{version}'; it has version '1'")
-        return model
+        return orchestrator, model
 
     def model_ready(self, name: str, version: str = "") -> bool:
         """Whether ``name`` can serve now; an unknown model or version is simply not ready (Triton)."""
         try:
-            model = self.target(name, version)
+            orchestrator, model = self._lookup(name, version)
         except NotFound:
             return False
-        return self.accepting and self.orchestrator.unavailable(model) is None
+        return self.accepting and orchestrator.unavailable(model) is None
 
     def server_metadata(self) -> dict:
         return {"name": "enserve", "version": __version__, "extensions": EXTENSIONS}
@@ -108,29 +108,34 @@ class Service:
 
     def model_config(self, name: str, version: str = ""):
         """Triton's config of the model as it is served (a member's instances, batch size, cores)."""
-        t = self.target(name, version)
+        orchestrator, t = self._lookup(name, version)
+        repo = orchestrator.repo
         if t.kind == "ensemble":
-            return ensemble_config(self.repo.ensembles[name], self.repo.members)
-        placement = self.orchestrator.placement
+            return ensemble_config(repo.ensembles[name], repo.members)
+        placement = orchestrator.placement
         group = placement.groups[placement.group_of(name)]
         cores = sorted({c for r in group.replicas for c in r.cores})
-        return member_config(self.repo.members[name], devices=tuple(r.device for r in group.replicas),
+        return member_config(repo.members[name], devices=tuple(r.device for r in group.replicas),
                              batch_size=group.batch_size, queue_delay_us=group.queue_delay_us,
                              cpu_cores=tuple(cores) or None,
                              worker_group="+".join(group.members) if len(group.members) > 1 else None)
 
     def stats(self, name: str = "", version: str = ""):
         if name:
-            return [self.orchestrator.stats[self.target(name, version).name]]
-        return list(self.orchestrator.stats.values())
+            orchestrator, model = self._lookup(name, version)
+            return [orchestrator.stats[model.name]]
+        return list(self.registry.stats().values())
 
     def index(self) -> list[dict]:
-        out = []
-        for m in self.orchestrator.models.values():
-            reason = self.orchestrator.unavailable(m)
-            out.append({"name": m.name, "version": "1", "state": "READY" if reason is None else "UNAVAILABLE",
-                        "reason": reason or ""})
-        return out
+        return self.registry.index()
+
+    async def load(self, name: str) -> None:
+        self.registry.check_control()
+        await self.registry.load(name)
+
+    async def unload(self, name: str) -> None:
+        self.registry.check_control()
+        await self.registry.unload(name)
 
     # ------------------------------------------------------------------ inference
 
@@ -151,18 +156,19 @@ class Service:
         which ``finish`` turns into the values asked for (errors are raised here or by the future)."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and accepts no new requests")
-        target = self.target(model, version)
+        orchestrator, target = self._lookup(model, version)
         regions = self.regions if self.options.allow_client_shm else None
         arrays, batch = prepare(target, inputs, regions)
         wanted = select_outputs(target, outputs)
         check_shm_outputs(wanted, target, batch, regions)
         uncertainty = any(out.name in UNCERTAINTY_OUTPUTS for out in wanted)
-        request = self.orchestrator.submit(target, arrays, batch, timeout_s, uncertainty)
+        request = orchestrator.submit(target, arrays, batch, timeout_s, uncertainty)
         return PendingInfer(request, target, wanted, regions)
 
     def flush(self) -> None:
         """Hand the descriptors of the requests submitted so far to the workers now."""
-        self.orchestrator.dispatch.flush()
+        for orchestrator in self.registry.orchestrators():
+            orchestrator.dispatch.flush()
 
     # ------------------------------------------------------------------ client shared memory
 

@@ -62,10 +62,11 @@ class RowRing:
 class InputRing:
     """The shared input rows of one input signature; every worker that reads it maps it."""
 
-    def __init__(self, owner: int, index: int, inputs: list[TensorSpec], capacity: int) -> None:
+    def __init__(self, owner: int, tag: str, inputs: list[TensorSpec], capacity: int) -> None:
+        """``tag`` makes its shared-memory names unique within the owner process."""
         self.inputs = inputs
         self.capacity = capacity
-        self.arenas = [Arena(arena_name(owner, f"in{index}.{k}"), capacity * t.row_bytes, create=True)
+        self.arenas = [Arena(arena_name(owner, f"{tag}.{k}"), capacity * t.row_bytes, create=True)
                        for k, t in enumerate(inputs)]
         self.views = [a.array(t.np_dtype, (capacity, *t.dims)) for a, t in zip(self.arenas, inputs)]
         self.rows = RowRing(capacity)
@@ -90,14 +91,14 @@ class OutputSlots:
     """One worker group's outputs: per output the sum over the members it ran for a row, and the
     sum of squares of the first output (for the member variance)."""
 
-    def __init__(self, owner: int, group: int, outputs: list[TensorSpec], capacity: int) -> None:
+    def __init__(self, owner: int, tag: str, outputs: list[TensorSpec], capacity: int) -> None:
         self.outputs = outputs
         first = outputs[0]
         square_dtype = first.np_dtype if first.np_dtype.kind == "f" else np.dtype(np.float32)
         self.square = TensorSpec(f"{first.name}.squares", "FP64" if square_dtype.itemsize == 8 else "FP32",
                                  first.dims)
         specs = [*outputs, self.square]
-        self.arenas = [Arena(arena_name(owner, f"out{group}.{k}"), capacity * t.row_bytes, create=True)
+        self.arenas = [Arena(arena_name(owner, f"{tag}.{k}"), capacity * t.row_bytes, create=True)
                        for k, t in enumerate(specs)]
         views = [a.array(t.np_dtype, (capacity, *t.dims)) for a, t in zip(self.arenas, specs)]
         self.sums, self.squares = views[:-1], views[-1]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -72,17 +72,19 @@ def record_request(stats: ModelStats, request) -> None:
 class MetricsCollector:
     """Prometheus collector with Triton's metric names, read from the stats at scrape time."""
 
-    def __init__(self, stats: dict[str, ModelStats], queue_depth=None) -> None:
-        self.stats = stats
+    def __init__(self, stats: Callable[[], dict[str, ModelStats]],
+                 queue_depth: Callable[[], dict[str, int]] | None = None) -> None:
+        self.stats = stats  # read at each scrape: the models loaded then
         self.queue_depth = queue_depth
 
     def collect(self) -> Iterable:
         labels = ["model", "version"]
+        stats = self.stats()
 
         def family(name: str, doc: str, value) -> Metric:
             # Triton's counters carry no "_total" suffix: write the samples under the exact name
             fam = Metric(name, doc, "counter")
-            for s in self.stats.values():
+            for s in stats.values():
                 fam.add_sample(name, dict(zip(labels, (s.name, s.version))), value(s))
             return fam
 

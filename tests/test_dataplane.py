@@ -178,12 +178,13 @@ def test_split_members_deals_the_longest_first_to_the_lightest_share():
 
 def test_shares_split_rows_or_one_rows_members_over_idle_replicas():
     costs = [1.0, 2.0, 3.0, 8.0]
-    assert shares(10, 5, 1, costs, 0b1111 | BURST) == [(10, 5, 0b1111 | BURST)]  # one idle replica: whole
-    assert shares(10, 5, 2, costs, 0b1111 | BURST) == [(10, 2, 0b1111), (12, 3, 0b1111)]  # rows, no burst
-    assert shares(10, 2, 3, costs, 0b1111) == [(10, 1, 0b1111), (11, 1, 0b1111)]  # at most a row each
-    assert shares(10, 1, 2, costs, 0b1111 | BURST) == [(10, 1, 0b1000 | BURST), (10, 1, 0b0111)]  # members
-    assert shares(10, 1, 2, (), 0b1111 | BURST) == [(10, 1, 0b1111 | BURST)]  # costs not measured yet: whole
-    assert shares(10, 1, 2, costs, 0b1111) == [(10, 1, 0b1111)]  # not alone in the server: whole
+    assert shares(10, 5, 1, costs, 0b1111 | BURST, True) == [(10, 5, 0b1111 | BURST)]  # one idle replica: whole
+    assert shares(10, 5, 2, costs, 0b1111 | BURST, True) == [(10, 2, 0b1111), (12, 3, 0b1111)]  # rows, no burst
+    assert shares(10, 2, 3, costs, 0b1111, False) == [(10, 1, 0b1111), (11, 1, 0b1111)]  # at most a row each
+    assert shares(10, 1, 2, costs, 0b1111 | BURST, True) == [(10, 1, 0b1000 | BURST), (10, 1, 0b0111)]  # members
+    assert shares(10, 1, 2, costs, 0b1111, True) == [(10, 1, 0b1000), (10, 1, 0b0111)]  # alone, other groups too
+    assert shares(10, 1, 2, (), 0b1111 | BURST, True) == [(10, 1, 0b1111 | BURST)]  # costs not measured yet: whole
+    assert shares(10, 1, 2, costs, 0b1111, False) == [(10, 1, 0b1111)]  # not alone in the server: whole
 
 
 def _repo(*specs: MemberSpec) -> Repository:

@@ -138,6 +138,11 @@ def test_grpc_needs_the_user_token_and_admin_calls_the_admin_token(request, whic
     # the admin token passes auth; client shared memory itself is off by default
     with pytest.raises(InferenceServerException, match="system shared memory is disabled on this server"):
         client.register_system_shared_memory("r", "/k", 16, headers={"authorization": f"Bearer {ADMIN}"})
+    for control in (client.load_model, client.unload_model):  # model control is an admin call too
+        with pytest.raises(InferenceServerException, match="needs the admin token"):
+            control("ensemble", headers={"authorization": f"Bearer {USER}"})
+        with pytest.raises(InferenceServerException, match="not allowed in model control mode 'none'"):
+            control("ensemble", headers={"authorization": f"Bearer {ADMIN}"})
 
 
 def test_http_and_metrics_need_the_token_over_tls(secured):
@@ -150,6 +155,8 @@ def test_http_and_metrics_need_the_token_over_tls(secured):
     status, body = https(secured, "/metrics", token=USER, port=secured.metrics_port)
     assert status == 200 and b"nv_inference_request_success" in body
     status, _ = https(secured, "/v2/systemsharedmemory/region/r/register", token=USER, data=b"{}")
+    assert status == 401
+    status, _ = https(secured, "/v2/repository/models/ensemble/unload", token=USER, data=b"{}")
     assert status == 401
 
 
