@@ -16,8 +16,10 @@ from tritonclient.utils import InferenceServerException
 from tests.conftest import images, shm_objects, start_daemon
 
 
-def load(daemon, reference, seconds: float, results: dict, n_threads: int = 8) -> list[threading.Thread]:
-    """Client threads sending distinct requests; each outcome is recorded as ok / error text / wrong."""
+def load(daemon, reference, seconds: float, results: dict, n_threads: int = 8,
+         model: str = "ensemble") -> list[threading.Thread]:
+    """Client threads sending distinct requests to ``model`` (answers checked against ``reference``);
+    each outcome is recorded as ok / error text / wrong."""
     lock = threading.Lock()
 
     def run(i: int) -> None:
@@ -29,7 +31,7 @@ def load(daemon, reference, seconds: float, results: dict, n_threads: int = 8) -
             inp = grpcclient.InferInput("input", list(x.shape), "FP32")
             inp.set_data_from_numpy(x)
             try:
-                got = client.infer("ensemble", [inp], client_timeout=30).as_numpy("probs")
+                got = client.infer(model, [inp], client_timeout=30).as_numpy("probs")
                 key = "ok" if np.allclose(got, expected, atol=1e-5) else "wrong"
             except InferenceServerException as e:
                 key = f"{e.status()}: {e.message()}"

@@ -5,7 +5,6 @@ model control is off."""
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from enserve.server.repository import EnsembleSpec, ensemble_config, load_repository, write_config
 from tests.conftest import images, shm_objects, start_daemon
+from tests.test_lifecycle import load
 
 PAIR = ["cnn_w12", "cnn_w32"]
 
@@ -28,31 +28,6 @@ def add_ensemble(repo, name: str, members: list[str]) -> None:
     write_config(repo / name, ensemble_config(EnsembleSpec(name, members, first.inputs, first.outputs, 64),
                                               spec.members))
     (repo / name / "1").mkdir()
-
-
-def hammer(url: str, model: str, expected: dict, seconds: float, results: dict, threads: int = 4) -> list:
-    """Client threads sending requests to ``model``; outcomes counted as ok / wrong / the error."""
-    lock = threading.Lock()
-
-    def run(i: int) -> None:
-        client = grpcclient.InferenceServerClient(url)
-        x = images(1 + i % 3, seed=40 + i)
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            inp = grpcclient.InferInput("input", list(x.shape), "FP32")
-            inp.set_data_from_numpy(x)
-            try:
-                got = client.infer(model, [inp], client_timeout=30).as_numpy("probs")
-                key = "ok" if np.allclose(got, expected[model](x), atol=1e-5) else "wrong"
-            except InferenceServerException as e:
-                key = f"{e.status()}: {e.message()}"
-            with lock:
-                results[key] = results.get(key, 0) + 1
-
-    out = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    for t in out:
-        t.start()
-    return out
 
 
 def test_load_and_unload_a_second_ensemble_under_load(demo_repo, reference, member_sessions, tmp_path):
@@ -70,7 +45,7 @@ def test_load_and_unload_a_second_ensemble_under_load(demo_repo, reference, memb
         assert not g.is_model_ready("pair") and not h.is_model_ready("pair")
 
         first: dict[str, int] = {}
-        threads = hammer(daemon.grpc_url, "ensemble", expected, 8.0, first)
+        threads = load(daemon, expected["ensemble"], 8.0, first, n_threads=4)
         time.sleep(1.0)
         t0 = time.monotonic()
         g.load_model("pair")  # workers of its own start beside the serving ones
@@ -82,7 +57,7 @@ def test_load_and_unload_a_second_ensemble_under_load(demo_repo, reference, memb
         np.testing.assert_allclose(g.infer("pair", [inp]).as_numpy("probs"), expected["pair"](x), atol=1e-5)
 
         second: dict[str, int] = {}
-        pair_threads = hammer(daemon.grpc_url, "pair", expected, 4.0, second)
+        pair_threads = load(daemon, expected["pair"], 4.0, second, n_threads=4, model="pair")
         time.sleep(1.5)
         h.unload_model("pair")  # drains what is in flight, then refuses
         with pytest.raises(InferenceServerException, match="unknown model 'pair'") as gone:
