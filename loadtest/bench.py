@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from enserve.server.launcher import free_ports, start_server
 
 
 @dataclass
@@ -67,14 +66,14 @@ def cpu_sample(pid: int | None) -> tuple[float, float]:
     return _cpu_seconds(pid), sum(_cpu_seconds(p) for p in _tree(pid))
 
 
-def ceiling(repository: Path, batch_sizes=(1, 2, 4, 8, 16, 32, 64), seconds: float = 1.5) -> tuple[dict, float]:
+def ceiling(repository: Path, model: str = "ensemble", batch_sizes=(1, 2, 4, 8, 16, 32, 64),
+            seconds: float = 1.5) -> tuple[dict, float]:
     """Images/s of the members back to back in this process, per batch size; and batch-1 latency (ms)."""
+    from enserve.loadtest.members import input_of, member_files
     from enserve.optimizer.sessions import session_for
-    from enserve.server.repository import load_repository
 
-    repo = load_repository(repository)
-    sessions = [session_for(str(m.path), threads=len(os.sched_getaffinity(0))) for m in repo.members.values()]
-    spec = next(iter(repo.members.values())).inputs[0]
+    sessions = [session_for(str(p), threads=len(os.sched_getaffinity(0))) for p in member_files(repository, model)]
+    spec = input_of(sessions[0])
     rates = {}
     single_ms = float("nan")
     for b in batch_sizes:
@@ -148,44 +147,6 @@ def measure(server: str, url: str, model: str, concurrency: int, images: int, se
     return Cell(server, concurrency, images, n, seconds, np.array(lat), errors, front, total)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if client.is_server_ready():
-                return
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server at {url} not ready after {timeout} s")
-
-
-def _start(cmd: list[str], url: str) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_ready(url, proc)
-    return proc
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 BASELINES = {
     "naive": "one process, members one after another per request, ONNX Runtime default options",
     "naive-t": "the same with enserve's session options (intra-op threads = cores, spinning off)",
@@ -218,14 +179,18 @@ def print_table(cells: list[Cell], ceiling_rate: float, single_ms: float) -> Non
 
 
 def run_bench(args) -> int:
-    from enserve.server.repository import load_repository
+    import onnxruntime as ort
 
-    repo = load_repository(args.model_repository)
-    first = next(iter(repo.members.values()))
-    dims, row_bytes = first.inputs[0].dims, first.outputs[0].row_bytes
-    concurrencies = [int(c) for c in str(args.concurrency).split(",")]
-    image_counts = [int(i) for i in str(args.images).split(",")]
-    rates, single_ms = ceiling(args.model_repository)
+    from enserve.loadtest.members import ONNX_TYPES, input_of, member_files
+
+    first = ort.InferenceSession(str(member_files(args.model_repository, args.model)[0]),
+                                 providers=["CPUExecutionProvider"])
+    output = first.get_outputs()[0]
+    dims = input_of(first).dims
+    row_bytes = int(np.prod(output.shape[1:])) * np.dtype(ONNX_TYPES[output.type]).itemsize
+    concurrencies = list(args.concurrency)
+    image_counts = list(args.images)
+    rates, single_ms = ceiling(args.model_repository, args.model)
     print("ceiling images/s by batch size (before): " + ", ".join(f"{b}: {r:.0f}" for b, r in rates.items()))
     repo_arg = str(args.model_repository)
     servers: list[tuple[str, list[str] | None]] = [
@@ -241,22 +206,22 @@ def run_bench(args) -> int:
         ]
     cells: list[Cell] = []
     for label, template in servers:
-        proc = None
+        server = None
         url = args.url
         if template is not None:
-            ports = {"http": _free_port(), "port": _free_port(), "metrics": _free_port()}
-            url = f"127.0.0.1:{ports['port']}"
-            proc = _start([part.format(**ports) for part in template], url)
+            http, port, metrics = free_ports(3)
+            server = start_server([part.format(http=http, port=port, metrics=metrics) for part in template], port)
+            url = server.grpc_url
         try:
             for images in image_counts:
                 for conc in concurrencies:
                     cells.append(measure(label, url, args.model, conc, images, args.seconds, dims, row_bytes,
-                                         pid=proc.pid if proc else None))
+                                         pid=server.pid if server else None))
         finally:
-            if proc is not None:
-                _stop(proc)
+            if server is not None:
+                server.stop()
     # measured again after the servers: on a shared machine the better of the two is the honest bar
-    after, single_after = ceiling(args.model_repository)
+    after, single_after = ceiling(args.model_repository, args.model)
     print("ceiling images/s by batch size (after):  " + ", ".join(f"{b}: {r:.0f}" for b, r in after.items()))
     best = max(list(rates.items()) + list(after.items()), key=lambda kv: kv[1])
     print(f"(ceiling: best batch size {best[0]}, the better of the two measurements)")

@@ -1,14 +1,14 @@
 """Locust users for enserve: gRPC (tritonclient.grpc on gevent) and HTTP (KServe v2 JSON and binary).
 
-Every response is validated: shape, probabilities that sum to 1, and, when
-ENSERVE_MODEL_REPOSITORY names the served repository, equality with the mean of the members run
-here with ONNX Runtime. A wrong answer is a failure named "wrong answer: ...".
+Every response is validated: shape, probabilities that sum to 1, and, for an ensemble, equality
+with the mean of what the server's own member models answer (asked one by one, before the load
+starts). It speaks only the protocol. A wrong answer is a failure named "wrong answer: ...".
 
     locust -f loadtest/locustfile.py --headless -u 32 -r 32 -t 1m --host http://127.0.0.1:8000 \\
         --csv results/enserve --html results/enserve.html GrpcUser HttpJsonUser HttpBinaryUser
 
 Environment: ENSERVE_GRPC_URL (default 127.0.0.1:8001), ENSERVE_MODEL (default ensemble),
-ENSERVE_MODEL_REPOSITORY (reference answers), ENSERVE_MAX_IMAGES (images per request, default 4).
+ENSERVE_MAX_IMAGES (images per request, default 4).
 """
 
 from __future__ import annotations
@@ -39,22 +39,23 @@ class WrongAnswer(Exception):
 
 @lru_cache(maxsize=1)
 def cases() -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """A fixed set of input batches and, if the repository is known, their reference answers."""
+    """A fixed set of input batches and their reference answers: the mean of what the server's own
+    member models answer (from the ensemble's config), asked one by one; none for a single model."""
     rng = np.random.default_rng(1234)
-    meta = grpcclient.InferenceServerClient(GRPC_URL).get_model_metadata(MODEL)
+    client = grpcclient.InferenceServerClient(GRPC_URL)
+    meta = client.get_model_metadata(MODEL)
     dims = [int(d) for d in meta.inputs[0].shape[1:]]
     inputs = [rng.random((1 + i % MAX_IMAGES, *dims), dtype=np.float32) for i in range(16)]
-    repo = os.environ.get("ENSERVE_MODEL_REPOSITORY")
-    if not repo:
+    members = [s.model_name for s in client.get_model_config(MODEL).config.ensemble_scheduling.step]
+    if not members:
         return [(x, None) for x in inputs]
-    import onnxruntime as ort
 
-    from enserve.server.repository import load_repository
+    def member_answer(member: str, x: np.ndarray) -> np.ndarray:
+        inp = grpcclient.InferInput(meta.inputs[0].name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return client.infer(member, [inp]).as_numpy("probs")
 
-    r = load_repository(repo)
-    members = r.ensembles[MODEL].members if MODEL in r.ensembles else [MODEL]
-    sessions = [ort.InferenceSession(str(r.members[m].path), providers=["CPUExecutionProvider"]) for m in members]
-    return [(x, np.mean([s.run(None, {"input": x})[0] for s in sessions], axis=0)) for x in inputs]
+    return [(x, np.mean([member_answer(m, x) for m in members], axis=0)) for x in inputs]
 
 
 def validate(probs: np.ndarray | None, x: np.ndarray, expected: np.ndarray | None) -> None:

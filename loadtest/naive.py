@@ -20,19 +20,18 @@ import onnxruntime as ort
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from enserve.loadtest.members import input_of, member_files
 from enserve.optimizer.sessions import session_for
-from enserve.server.repository import load_repository
 
 
 class NaiveServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: Path, tuned: bool) -> None:
-        repo = load_repository(repository)
-        paths = [str(m.path) for m in repo.members.values()]
+        paths = [str(p) for p in member_files(repository)]
         if tuned:  # enserve's own session options, all cores
             self.sessions = [session_for(p, threads=len(os.sched_getaffinity(0))) for p in paths]
         else:  # ONNX Runtime's defaults, as a hand-written server gets them
             self.sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in paths]
-        self.input = next(iter(repo.members.values())).inputs[0]
+        self.input = input_of(self.sessions[0])
 
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=True)

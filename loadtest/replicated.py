@@ -40,12 +40,11 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
 
 def instance(repository: str, fd: int, threads: int) -> None:
     """One instance: every member's session; reads (rows, input bytes), answers the mean's bytes."""
+    from enserve.loadtest.members import input_of, member_files
     from enserve.optimizer.sessions import session_for
-    from enserve.server.repository import load_repository
 
-    repo = load_repository(Path(repository))
-    sessions = [session_for(str(m.path), threads=threads) for m in repo.members.values()]
-    spec = next(iter(repo.members.values())).inputs[0]
+    sessions = [session_for(str(p), threads=threads) for p in member_files(Path(repository))]
+    spec = input_of(sessions[0])
     sock = socket.socket(fileno=fd)
     sock.sendall(b"R")  # loaded
     while True:

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from enserve.loadtest.bench import _free_port, _start
+from enserve.server.launcher import shm_objects, start_daemon, workers
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 
@@ -33,31 +33,6 @@ def rss_mib(pid: int) -> float | None:
     except FileNotFoundError:
         return None
     return None
-
-
-def workers(daemon_pid: int) -> dict[str, list[int]]:
-    """Worker group ('a+b' for members sharing processes) -> pids of its replicas."""
-    import json
-
-    out: dict[str, list[int]] = {}
-    try:
-        children = Path(f"/proc/{daemon_pid}/task/{daemon_pid}/children").read_text().split()
-    except FileNotFoundError:
-        return out
-    for pid in map(int, children):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except FileNotFoundError:
-            continue
-        if b"enserve.server.worker" in cmd:
-            spec = json.loads(cmd[cmd.index(b"enserve.server.worker") + 1])
-            out.setdefault("+".join(name for name, _ in spec["members"]), []).append(pid)
-    return out
-
-
-def shm_objects(pid: int | None = None) -> list[str]:
-    return sorted(p for p in os.listdir("/dev/shm")
-                  if p.startswith("enserve.") and (pid is None or p.split(".")[1] == str(pid)))
 
 
 def main() -> int:
@@ -73,17 +48,15 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="enserve-soak-"))
     repo = args.model_repository
     if repo is None:
-        from enserve.cli import init_demo
+        from enserve.models.demo import write_demo_repository
 
         repo = tmp / "repo"
-        init_demo(repo)
+        write_demo_repository(repo)
     args.out.mkdir(parents=True, exist_ok=True)
     shm_before = shm_objects()
-    http, grpc_port, metrics = (_free_port() for _ in range(3))
-    daemon = _start([sys.executable, "-m", "enserve", "serve", "--model-repository", str(repo), "--no-optimize",
-                     "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)],
-                    f"127.0.0.1:{grpc_port}")
-    env = dict(os.environ, ENSERVE_GRPC_URL=f"127.0.0.1:{grpc_port}", ENSERVE_MODEL_REPOSITORY=str(repo))
+    daemon = start_daemon(repo, "--no-optimize")
+    http, grpc_port = daemon.http_port, daemon.grpc_port
+    env = dict(os.environ, ENSERVE_GRPC_URL=f"127.0.0.1:{grpc_port}")
     seconds = int(args.minutes * 60)
     locust = subprocess.Popen(
         [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
@@ -118,9 +91,8 @@ def main() -> int:
     time.sleep(2)
     rss_end = {"orchestrator": rss_mib(daemon.pid)} | {f"{m}#{k}": rss_mib(p) for m, pids in workers(daemon.pid).items() for k, p in enumerate(pids)}
     shm_during = shm_objects(daemon.pid)
-    daemon.send_signal(signal.SIGTERM)
     t_stop = time.monotonic()
-    code = daemon.wait(60)
+    code = daemon.stop(60)
     stop_s = time.monotonic() - t_stop
     shm_after = shm_objects()
     report(args, kills, rss_start, rss_end, shm_before, shm_during, shm_after, code, stop_s)

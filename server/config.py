@@ -1,48 +1,111 @@
-"""Serving options: one keyword-only object; CLI flags map 1:1 onto its fields."""
+"""Serving options: one keyword-only object; ``enserve serve`` generates its flags from the fields, 1:1."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def read_token(path: str) -> str:
+    """A bearer token from a file (not the command line, which every user of the machine can read)."""
+    token = Path(path).read_text().strip()
+    check_token(token, path)
+    return token
+
+
+def check_token(token: str, where: str) -> str:
+    if len(token) < 8 or any(c.isspace() for c in token):
+        raise ValueError(f"the token from {where} must be at least 8 characters without spaces")
+    return token
+
+
+def parse_cores(text: str) -> tuple[int, ...]:
+    from enserve.optimizer.devices import parse_core_list
+
+    return parse_core_list(text)
+
+
+def option(default, flag: str, help: str, parse: Callable[[str], object] | None = None,
+           choices: tuple[str, ...] | None = None, switch: bool = False, repeat: bool = False):
+    """A serving option and its command-line flag (``enserve serve`` generates its flags from these,
+    each with an ``ENSERVE_<FLAG>`` environment fallback)."""
+    return field(default=default, metadata={"flag": flag, "help": help, "parse": parse, "choices": choices,
+                                            "switch": switch, "repeat": repeat})
 
 
 @dataclass(kw_only=True)
 class ServeOptions:
-    model_repository: Path
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    grpc_transport: str = "auto"  # "native" (pygrpc-native's front), "grpcio", or auto: native unless TLS
-    batch_size: int | None = None  # overrides every member's planned batch size
-    queue_delay_us: int | None = None  # overrides every member's max queue delay
-    max_adaptive_wait_us: int = 4000  # under load, fast members wait up to this to batch (0: off)
-    device: str | None = None  # overrides every member's device: "cpu" or "gpu:<i>"
-    cpu_cores: tuple[int, ...] | None = None  # the CPU device's cores (default: all)
-    threads_per_member: int | None = None  # ONNX Runtime intra-op threads (default: cores / members)
-    arena_mib: int = 64  # shared input ring size per input signature
-    max_inflight: int = 1024  # requests in flight per model before RESOURCE_EXHAUSTED
-    request_timeout_s: float = 60.0  # server-side bound on any request
-    allow_client_shm: bool = False  # Triton's system shared-memory extension
-    max_request_bytes: int = 256 << 20  # larger gRPC messages / HTTP bodies are refused
-    tls_cert: Path | None = None  # PEM; with tls_key, gRPC, HTTP and metrics speak TLS
-    tls_key: Path | None = None
-    auth_token: str | None = None  # bearer token for every call but health probes
-    admin_token: str | None = None  # bearer token for shared-memory registration and other admin calls
-    model_control_mode: str = "none"  # Triton's: none | explicit | poll
-    load_model: tuple[str, ...] = ()  # explicit mode: what to load at start ("*": everything)
-    repository_poll_secs: float = 15.0  # poll mode: how often the repository is re-read
-    startup_timeout_s: float = 180.0
-    drain_timeout_s: float = 30.0
+    model_repository: Path = option(Path("model_repository"), "--model-repository",
+                                    "Triton-layout repository: <repo>/<model>/config.pbtxt + <repo>/<model>/1/model.onnx",
+                                    Path)
+    host: str = option("127.0.0.1", "--host", "address the three endpoints listen on", str)
+    http_port: int = option(8000, "--http-port", "KServe v2 HTTP/REST port", int)
+    grpc_port: int = option(8001, "--grpc-port", "KServe v2 gRPC port", int)
+    metrics_port: int = option(8002, "--metrics-port", "Prometheus metrics port (GET /metrics)", int)
+    grpc_transport: str = option(
+        "auto", "--grpc-transport", "gRPC server: 'native' (pygrpc-native's front serves ModelInfer, HTTP/2 in "
+        "Rust outside the GIL; the other RPCs go to a grpcio server behind it), 'grpcio' (needed for TLS), or "
+        "'auto': native unless --tls-cert is given", str, choices=("auto", "native", "grpcio"))
+    batch_size: int | None = option(None, "--batch-size", "batch size of every member (default: the plan or "
+                                    "config.pbtxt)", int)
+    queue_delay_us: int | None = option(None, "--max-queue-delay-us", "longest a member waits to fill a batch "
+                                        "after its first request (default: the plan or config.pbtxt)", int)
+    max_adaptive_wait_us: int = option(4000, "--max-adaptive-wait-us", "under concurrent load a member faster "
+                                       "than the ensemble's slowest may hold requests up to this long to fill its "
+                                       "batch, without delaying answers (0: off)", int)
+    device: str | None = option(None, "--device", "place every member on this device: 'cpu' or 'gpu:<index>' "
+                                "(switches the allocator off)", str)
+    cpu_cores: tuple[int, ...] | None = option(None, "--cpu-cores", "cores of the CPU device, e.g. '0-1' or "
+                                               "'0,2' (default: every core this process may use)", parse_cores)
+    threads_per_member: int | None = option(None, "--threads-per-member", "ONNX Runtime intra-op threads per "
+                                            "member (default: cores / members sharing them)", int)
+    arena_mib: int = option(64, "--shm-arena-mib", "shared input ring size per input signature", int)
+    max_inflight: int = option(1024, "--max-inflight", "requests in flight per model before new ones get "
+                               "RESOURCE_EXHAUSTED / HTTP 503", int)
+    request_timeout_s: float = option(60.0, "--request-timeout", "server-side bound in seconds on every request "
+                                      "(a client deadline may be shorter)", float)
+    allow_client_shm: bool = option(False, "--allow-client-shm", "accept system shared-memory registrations and "
+                                    "tensors in them (Triton's extension)", switch=True)
+    max_request_bytes: int = option(256 << 20, "--max-request-bytes", "largest gRPC message / HTTP body accepted "
+                                    "(RESOURCE_EXHAUSTED / HTTP 413 beyond)", int)
+    tls_cert: Path | None = option(None, "--tls-cert", "PEM certificate: gRPC, HTTP and metrics speak TLS", Path)
+    tls_key: Path | None = option(None, "--tls-key", "PEM private key of --tls-cert", Path)
+    auth_token: str | None = option(None, "--auth-token-file", "file holding a bearer token every call but health "
+                                    "probes must carry (or the token itself in ENSERVE_AUTH_TOKEN)", read_token)
+    admin_token: str | None = option(None, "--admin-token-file", "file holding the bearer token for admin calls: "
+                                     "shared-memory (un)registration and model load/unload (or the token itself "
+                                     "in ENSERVE_ADMIN_TOKEN; without it admin calls take the auth token)",
+                                     read_token)
+    model_control_mode: str = option(
+        "none", "--model-control-mode", "Triton's: 'none' serves the whole repository and refuses load/unload; "
+        "'explicit' serves the --load-model names and obeys load/unload calls (admin); 'poll' follows the "
+        "repository, re-read every --repository-poll-secs", str, choices=("none", "explicit", "poll"))
+    load_model: tuple[str, ...] = option((), "--load-model", "explicit mode: an ensemble (with its members) or "
+                                         "member to serve from the start; repeat it, or '*' for everything "
+                                         "(in ENSERVE_LOAD_MODEL: comma-separated)", str, repeat=True)
+    repository_poll_secs: float = option(15.0, "--repository-poll-secs", "poll mode: seconds between re-reads of "
+                                         "the repository", float)
+    startup_timeout_s: float = option(180.0, "--startup-timeout", "seconds the workers of a model may take to "
+                                      "load", float)
+    drain_timeout_s: float = option(30.0, "--drain-timeout", "seconds SIGTERM/SIGINT waits for requests in "
+                                    "flight before stopping", float)
     # the allocator at start-up (paper §2.4); manual placement flags above switch it off
-    optimize: bool = True
-    plan_path: Path | None = None  # force this plan
-    cpu_devices: str | None = None  # e.g. "0;1": two CPU devices of one core each
-    max_combi: int = 12
-    optimize_time_s: float = 120.0
-    optimize_metric: str = "throughput"
-    bench_concurrency: int = 16  # the real bench's load: requests in flight ...
-    bench_images: int = 8  # ... of this many images each
+    optimize: bool = option(True, "--no-optimize", "skip the allocator: placement from config.pbtxt (also "
+                            "implied by --device, --cpu-cores, --batch-size)", switch=True)
+    plan_path: Path | None = option(None, "--plan", "serve with this allocation plan (from 'enserve allocate')",
+                                    Path)
+    cpu_devices: str | None = option(None, "--cpu-devices", "CPU devices as core sets, e.g. '0;1' (two devices "
+                                     "of one core) or '0-1' (default: all cores but core 0 on machines with 4 or "
+                                     "more, else all)", str)
+    max_combi: int = option(12, "--max-combi", "most allocations the search scores", int)
+    optimize_time_s: float = option(120.0, "--optimize-time", "time budget of the search in seconds", float)
+    optimize_metric: str = option("throughput", "--optimize-metric", "what the search maximises: images/s, or "
+                                  "minus the p99 latency under the bench load", str,
+                                  choices=("throughput", "latency"))
+    bench_concurrency: int = option(16, "--bench-concurrency", "the real bench's load: requests kept in flight",
+                                    int)
+    bench_images: int = option(8, "--bench-images", "the real bench's load: images per request", int)
 
     @property
     def manual_placement(self) -> bool:

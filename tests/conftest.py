@@ -2,113 +2,43 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+from enserve.server import launcher
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def shm_objects(pid: int) -> list[str]:
-    return [p for p in os.listdir("/dev/shm") if p.startswith(f"enserve.{pid}.")]
+    return launcher.shm_objects(pid)
 
 
-@dataclass
-class Daemon:
-    proc: subprocess.Popen
-    http_port: int
-    grpc_port: int
-    metrics_port: int
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    def worker_pids(self) -> dict[str, list[int]]:
-        """Worker group ('a+b' when members share processes) -> replica pids, from the daemon's
-        children (their command lines)."""
-        from enserve.loadtest.soak import workers
-
-        return workers(self.pid)
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+Daemon = launcher.Server
 
 
 def start_daemon(repo: Path, tmp: Path, *extra: str, wait: bool = True, timeout: float = 90,
                  optimize: bool = False) -> Daemon:
-    http, grpc_port, metrics = free_ports(3)
-    log = tmp / f"daemon-{grpc_port}.log"
-    cmd = [sys.executable, "-m", "enserve", "serve", "--model-repository", str(repo), *([] if optimize else ["--no-optimize"]),
-           "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics), *extra]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
-    daemon = Daemon(proc, http, grpc_port, metrics, log)
-    if wait:
-        wait_ready(daemon, timeout)
-    return daemon
+    """A daemon on free ports, its output in ``tmp``; the allocator off unless ``optimize``."""
+    log = tmp / f"daemon-{time.monotonic_ns()}.log"
+    return launcher.start_daemon(repo, *([] if optimize else ["--no-optimize"]), *extra, log=log, wait=wait,
+                                 timeout=timeout, cwd=ROOT)
 
 
 def wait_ready(daemon: Daemon, timeout: float = 90) -> None:
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(daemon.grpc_url)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if daemon.proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.log.read_text()}")
-        try:
-            if client.is_server_ready():
-                return
-        except Exception:
-            pass
-        time.sleep(0.1)
-    daemon.stop()
-    raise RuntimeError(f"daemon not ready after {timeout} s:\n{daemon.log.read_text()}")
+    daemon.wait_ready(timeout)
 
 
 @pytest.fixture(scope="session")
 def demo_repo(tmp_path_factory) -> Path:
-    from enserve.cli import init_demo
+    from enserve.models.demo import write_demo_repository
 
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
-    init_demo(repo)
+    write_demo_repository(repo)
     return repo
 
 

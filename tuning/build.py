@@ -135,3 +135,16 @@ def progress_line(library: Path, *, running: int | None = None, budget: float | 
                 pass  # nothing fits the budget yet, or a trial is being written
     return line
 
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '10m', '1h' -> seconds (an argparse type: a bad one is a usage error)."""
+    import argparse
+
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"duration '{text}' is invalid: expected e.g. 90s, 10m, 1h") from None

@@ -114,3 +114,31 @@ def build_tensorrt_engine(onnx_path: Path, plan_path: Path, input_shape: tuple[i
     plan_path = Path(plan_path)
     plan_path.write_bytes(bytes(engine))
     return plan_path
+
+
+def export_members(library: Path, numbers: list[int], repository: Path, ensemble: str,
+                   progress=print) -> None:
+    """The export stage: optimise the chosen trials' ONNX files offline, write them into a model
+    repository as members of ``ensemble``, and add TensorRT engines (``<member>/1/model.plan``)
+    where TensorRT and a GPU are present."""
+    import tempfile
+
+    from enserve.optimizer.devices import gpus
+    from enserve.server.repository import import_onnx
+    from enserve.tuning.library import trial_dir
+
+    names = [trial_dir(library, n).name for n in numbers]
+    for_gpu = bool(gpus())
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [optimise_offline(trial_dir(library, n) / "model.onnx", Path(tmp) / f"{name}.onnx", for_gpu=for_gpu)
+                 for n, name in zip(numbers, names)]
+        repo = import_onnx(files, repository, ensemble=ensemble, names=names)
+    progress(f"members optimised offline by ONNX Runtime ({'basic level: a GPU is present' if for_gpu else 'extended level'})")
+    ok, why = tensorrt_available()
+    if not ok:
+        progress(why)
+        return
+    for name in names:
+        version = Path(repository) / name / "1"
+        build_tensorrt_engine(version / "model.onnx", version / "model.plan", repo.members[name].inputs[0].dims)
+    progress(f"TensorRT engines written as <member>/1/model.plan for {len(names)} members")

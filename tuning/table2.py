@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from enserve.tuning.build import best_single, choose
+from enserve.tuning.build import best_single, choose, parse_duration
 from enserve.tuning.library import Candidates, candidates, write_index
 from enserve.tuning.search import build_library
 
@@ -46,11 +46,9 @@ def mean(values: list) -> float:
 
 
 def main() -> int:
-    from enserve.cli import _duration
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--time-budget", type=_duration, default=_duration("2m"), help="per search and seed")
+    parser.add_argument("--time-budget", type=parse_duration, default=parse_duration("2m"), help="per search and seed")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-epochs", type=int, default=9)
     parser.add_argument("--seeds", type=int, default=3, help="runs per search (data split and search seed)")

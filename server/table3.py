@@ -7,7 +7,7 @@ and "algo1+algo2" (with the neighbourhood search).
     profiles of a 7-member ensemble; GPU latencies come from a stated analytic model (no GPU here).
 It also reports the cost model's error against the real measurements of (a).
 
-    python -m enserve.loadtest.allocator_bench [--max-combi 10] [--seconds 5]
+    python -m enserve.server.table3 [--max-combi 10] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from enserve.loadtest.bench import _closed_loop, _free_port, _start, _stop
 from enserve.optimizer.allocation import Device, MemberProfile
 from enserve.optimizer.costmodel import CostModelBench, predicted_throughput
 from enserve.optimizer.devices import inventory
 from enserve.optimizer.placement import proportional_start, replicated_whole, worst_fit_decreasing
 from enserve.optimizer.search import PAPER_MOVES, neighbourhood_search
 from enserve.server import allocate as alloc_mod
+from enserve.server.launcher import start_daemon
 from enserve.server.repository import import_onnx, load_repository
 
 GPU_LAUNCH_S = 0.0002  # assumed per-batch overhead of a GPU (launch + copies)
@@ -36,14 +36,15 @@ GPU_SPEEDUP = 30.0  # assumed GPU speed per image relative to one CPU core
 
 
 def serve_and_measure(repo: Path, plan_file: Path, seconds: float, concurrency: int, images: int) -> float:
-    ports = [_free_port() for _ in range(3)]
-    url = f"127.0.0.1:{ports[1]}"
-    proc = _start([sys.executable, "-m", "enserve", "serve", "--model-repository", str(repo), "--plan", str(plan_file),
-                   "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])], url)
+    """Images/s of the daemon serving ``plan_file``, driven by the benchmark's closed-loop client."""
+    from enserve.loadtest.bench import _closed_loop  # the client only: it speaks the protocol
+
+    daemon = start_daemon(repo, "--plan", str(plan_file))
     try:
-        n, _, errors, _ = asyncio.run(_closed_loop(url, "ensemble", concurrency, images, seconds, (3, 32, 32)))
+        n, _, errors, _ = asyncio.run(_closed_loop(daemon.grpc_url, "ensemble", concurrency, images, seconds,
+                                                   (3, 32, 32)))
     finally:
-        _stop(proc)
+        daemon.stop()
     if errors:
         raise RuntimeError(f"{errors} failed requests while measuring")
     return n * images / seconds
@@ -134,9 +135,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="enserve-alloc-"))
     try:
         if args.model_repository is None:
-            from enserve.cli import init_demo
+            from enserve.models.demo import write_demo_repository
 
-            init_demo(tmp / "repo4")
+            write_demo_repository(tmp / "repo4")
             repo4 = tmp / "repo4"
         else:
             repo4 = tmp / "repo4"

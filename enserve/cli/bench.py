@@ -1,0 +1,27 @@
+"""``enserve bench``: the closed-loop gRPC benchmark against the ceiling and the alternatives."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from enserve.cli.common import int_list
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="closed-loop gRPC benchmark against the bare ONNX Runtime ceiling")
+    p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--model", default="ensemble")
+    p.add_argument("--url", default=None, help="host:port of a running server (default: start one)")
+    p.add_argument("--concurrency", type=int_list, default=(1, 4, 16), help="comma-separated client concurrencies")
+    p.add_argument("--images", type=int_list, default=(1, 8), help="comma-separated images per request")
+    p.add_argument("--seconds", type=float, default=5.0, help="measuring time per cell")
+    p.add_argument("--no-naive", action="store_true", help="skip the baselines (replicated, naive-tuned, naive)")
+    p.add_argument("serve_args", nargs="*", help="extra 'enserve serve' flags after '--' (e.g. -- --batch-size 16)")
+    p.set_defaults(run=run, parser=p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from enserve.loadtest.bench import run_bench
+
+    return run_bench(args)

@@ -1,0 +1,106 @@
+"""``enserve build`` (search hyperparameters, select an ensemble, export it) and ``enserve select``
+(select another ensemble from a library, no training, and export it)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from enserve.cli.common import USAGE, fail
+
+
+def _selection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", type=float, default=None,
+                   help="largest total inference cost of the ensemble, in seconds per 2000 samples on one core "
+                        "(default: 3 x the best single model's)")
+    p.add_argument("--method", choices=("smobf", "greedy"), default="smobf",
+                   help="SMOBF greedy (w in 0.1, 0.01, 0.001) or forward greedy with --n-models")
+    p.add_argument("--n-models", type=int, default=5, help="models of the forward-greedy baseline")
+    p.add_argument("--prune", type=float, default=0.2, help="select among the top fraction of the library")
+    p.add_argument("--ensemble", default="ensemble", help="name of the ensemble model in the repository")
+
+
+def _duration(text: str) -> float:
+    from enserve.tuning.build import parse_duration  # needs the [tune] extra only when given
+
+    return parse_duration(text)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("build", help="search hyperparameters, select an ensemble, export it to a model repository")
+    p.add_argument("--dataset", default="digits", help="digits, or a .npz, .csv, CIFAR archive or image folder")
+    p.add_argument("--time-budget", type=_duration, default=600.0, help="search time, e.g. 10m")
+    p.add_argument("--model-repository", type=Path, required=True)
+    p.add_argument("--library", type=Path, default=Path("library"), help="where every trained trial is kept")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage shared by the workers: an RDB URL (postgresql://...) for several "
+                        "machines; default: a journal file in the library")
+    p.add_argument("--workers", type=int, default=2, help="worker processes on this machine")
+    p.add_argument("--sampler", choices=("random", "tpe", "gp", "nsga2"), default="random")
+    p.add_argument("--pruner", choices=("asha", "hyperband", "none"), default="asha",
+                   help="asynchronous successive halving over epochs, Hyperband, or none")
+    p.add_argument("--max-epochs", type=int, default=9,
+                   help="epochs of a trial that is never stopped (ASHA rungs at 1, 3, 9, ... epochs)")
+    p.add_argument("--seed", type=int, default=0)
+    _selection_flags(p)
+    p.set_defaults(run=run, parser=p)
+    p = sub.add_parser("select", help="select another ensemble from a library (no training) and export it")
+    p.add_argument("--library", type=Path, required=True)
+    p.add_argument("--model-repository", type=Path, required=True)
+    _selection_flags(p)
+    p.set_defaults(run=run, parser=p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build (search, then select) or select only."""
+    from enserve.server.errors import EnserveError
+    from enserve.tuning import build
+    from enserve.tuning.export import export_members
+    from enserve.tuning.library import candidates, write_index
+
+    library = args.library
+    if args.command == "build":
+        from enserve.tuning.search import build_library, running_trials
+
+        print(f"building a library in {library} for {args.time_budget:g} s with {args.workers} workers "
+              f"({args.sampler} sampler, {args.pruner} pruner); interrupt and rerun to continue", flush=True)
+        storage = args.storage or str(library / "study.journal")
+
+        def progress() -> None:
+            print(build.progress_line(library, running=running_trials(storage), budget=args.budget), flush=True)
+
+        try:
+            build_library(args.dataset, library, storage=storage, sampler=args.sampler, pruner=args.pruner,
+                          workers=args.workers, time_budget_s=args.time_budget, max_epochs=args.max_epochs,
+                          seed=args.seed, progress=progress)
+        except ValueError as exc:  # a dataset that cannot be read, or a bad setting: the message names it
+            return fail("build", exc, USAGE)
+        write_index(library, args.dataset)
+    try:
+        c = candidates(library)
+    except (ValueError, OSError) as exc:
+        return fail(args.command, exc)
+    single = build.best_single(c)
+    budget = args.budget if args.budget is not None else 3 * single["cost"]
+    rows = build.pareto_rows(c, build.default_budgets(c) + [budget], prune=args.prune)
+    print(f"\nlibrary: {len(c.numbers)} models; best single model: trial {single['number']}, "
+          f"test error {single['test_error']:.4f}, cost {single['cost']:.4f} s")
+    print(f"{'budget s':>9} {'members':>7} {'cost s':>8} {'val loss':>8} {'val err':>7} {'test err':>8}")
+    for r in sorted(rows, key=lambda r: r["budget"]):
+        print(f"{r['budget']:>9.4f} {r['members']:>7} {r['cost']:>8.4f} {r['val_loss']:>8.4f} "
+              f"{r['val_error']:>7.4f} {r['test_error']:>8.4f}")
+    baseline = build.pareto_rows(c, build.default_budgets(c) + [budget], prune=args.prune, method="greedy",
+                                 n_models=args.n_models)
+    png = build.plot(c, {"SMOBF": rows, f"forward greedy ({args.n_models} models)": baseline},
+                     Path(library) / "pareto.png", f"{len(c.numbers)} models: SMOBF vs forward greedy")
+    print(f"plot: {png}")
+    try:
+        chosen = build.choose(c, budget, method=args.method, prune=args.prune, n_models=args.n_models)
+        export_members(library, chosen.numbers, args.model_repository, args.ensemble)
+    except (ValueError, RuntimeError, EnserveError) as exc:
+        return fail(args.command, exc)
+    print(f"ensemble '{args.ensemble}' of {len(chosen.numbers)} models (cost {chosen.cost:.4f} s <= budget "
+          f"{budget:.4f} s, test error {chosen.test_error:.4f}) written to {args.model_repository}")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,34 @@
+"""``enserve import``: a model repository (and an ensemble) from ONNX files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from enserve.cli.common import fail
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("import", help="build a model repository (and an ensemble) from ONNX files")
+    p.add_argument("files", nargs="+", type=Path, help="ONNX classifiers with the same inputs and outputs")
+    p.add_argument("--model-repository", type=Path, required=True, help="repository to create or add to")
+    p.add_argument("--ensemble", default="ensemble", help="name of the ensemble model over all the files")
+    p.add_argument("--max-batch-size", type=int, default=64, help="largest batch a request may carry")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size each member runs at")
+    p.add_argument("--max-queue-delay-us", type=int, default=0,
+                   help="batch window after the first request (0: batch only what is already queued)")
+    p.set_defaults(run=run, parser=p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from enserve.server.errors import EnserveError
+    from enserve.server.repository import import_onnx
+
+    try:
+        repo = import_onnx(args.files, args.model_repository, ensemble=args.ensemble,
+                           max_batch_size=args.max_batch_size, batch_size=args.batch_size,
+                           queue_delay_us=args.max_queue_delay_us)
+    except (EnserveError, OSError) as exc:
+        return fail("import", exc)
+    print(f"wrote {args.model_repository}: members {sorted(repo.members)}, ensemble '{args.ensemble}'")
+    return 0

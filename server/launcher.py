@@ -1,0 +1,130 @@
+"""A KServe v2 server as a child process: start it, wait until it is ready, stop it by its pid, find
+its workers. The one helper the tests, the benchmark, the soak and the Table 3 script share."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    grpc_port: int
+    http_port: int | None = None
+    metrics_port: int | None = None
+    log: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    def output(self) -> str:
+        return self.log.read_text()[-5000:] if self.log is not None and self.log.exists() else ""
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Until gRPC ServerReady says yes; raises (and stops it) if it exits or takes too long."""
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if client.is_server_ready():
+                    return
+            except Exception:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server at {self.grpc_url} not ready after {timeout} s:\n{self.output()}")
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM by pid, as a container runtime does; SIGKILL after ``timeout`` (then raises)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def worker_pids(self) -> dict[str, list[int]]:
+        return workers(self.pid)
+
+
+def start_server(command: list[str], grpc_port: int, *, http_port: int | None = None,
+                 metrics_port: int | None = None, log: Path | None = None, wait: bool = True,
+                 timeout: float = 120, cwd: Path | None = None) -> Server:
+    """Run ``command`` (any KServe v2 gRPC server listening on ``grpc_port``); output to ``log``."""
+    out = log.open("w") if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+    server = Server(proc, grpc_port, http_port, metrics_port, log)
+    if wait:
+        server.wait_ready(timeout)
+    return server
+
+
+def start_daemon(repository: Path, *flags: str, log: Path | None = None, wait: bool = True,
+                 timeout: float = 120, cwd: Path | None = None) -> Server:
+    """``enserve serve`` on free ports with ``flags``."""
+    http, grpc_port, metrics = free_ports(3)
+    command = [sys.executable, "-m", "enserve", "serve", "--model-repository", str(repository),
+               "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics), *flags]
+    return start_server(command, grpc_port, http_port=http, metrics_port=metrics, log=log, wait=wait,
+                        timeout=timeout, cwd=cwd)
+
+
+def workers(daemon_pid: int) -> dict[str, list[int]]:
+    """Worker group ('a+b' for members sharing processes) -> pids of its replicas, from the
+    daemon's children's command lines."""
+    out: dict[str, list[int]] = {}
+    try:
+        children = Path(f"/proc/{daemon_pid}/task/{daemon_pid}/children").read_text().split()
+    except FileNotFoundError:
+        return out
+    for pid in map(int, children):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if b"enserve.server.worker" in cmd:
+            spec = json.loads(cmd[cmd.index(b"enserve.server.worker") + 1])
+            out.setdefault("+".join(name for name, _ in spec["members"]), []).append(pid)
+    return out
+
+
+def shm_objects(pid: int | None = None) -> list[str]:
+    """enserve's shared-memory objects (of the daemon ``pid``, or of any)."""
+    return sorted(p for p in os.listdir("/dev/shm")
+                  if p.startswith("enserve.") and (pid is None or p.split(".")[1] == str(pid)))
