@@ -140,6 +140,17 @@ async def _closed_loop(url: str, model: str, concurrency: int, images: int, seco
     return len(lat), lat, errors, used
 
 
+def signature(url: str, model: str) -> tuple[tuple[int, ...], int]:
+    """The model's input dims (no batch axis) and its first output's bytes per row, from ModelMetadata."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import triton_to_np_dtype
+
+    meta = grpcclient.InferenceServerClient(url).get_model_metadata(model)
+    out = meta.outputs[0]
+    row = int(np.prod([int(d) for d in out.shape[1:]])) * np.dtype(triton_to_np_dtype(out.datatype)).itemsize
+    return tuple(int(d) for d in meta.inputs[0].shape[1:]), row
+
+
 def measure(server: str, url: str, model: str, concurrency: int, images: int, seconds: float,
             dims: tuple[int, ...], row_bytes: int = 40, pid: int | None = None) -> Cell:
     n, lat, errors, (front, total) = asyncio.run(
@@ -179,15 +190,6 @@ def print_table(cells: list[Cell], ceiling_rate: float, single_ms: float) -> Non
 
 
 def run_bench(args) -> int:
-    import onnxruntime as ort
-
-    from enserve.loadtest.members import ONNX_TYPES, input_of, member_files
-
-    first = ort.InferenceSession(str(member_files(args.model_repository, args.model)[0]),
-                                 providers=["CPUExecutionProvider"])
-    output = first.get_outputs()[0]
-    dims = input_of(first).dims
-    row_bytes = int(np.prod(output.shape[1:])) * np.dtype(ONNX_TYPES[output.type]).itemsize
     concurrencies = list(args.concurrency)
     image_counts = list(args.images)
     rates, single_ms = ceiling(args.model_repository, args.model)
@@ -205,6 +207,7 @@ def run_bench(args) -> int:
             ("naive", [sys.executable, "-m", "enserve.loadtest.naive", repo_arg, "{port}"]),
         ]
     cells: list[Cell] = []
+    shapes: tuple | None = None
     for label, template in servers:
         server = None
         url = args.url
@@ -213,6 +216,8 @@ def run_bench(args) -> int:
             server = start_server([part.format(http=http, port=port, metrics=metrics) for part in template], port)
             url = server.grpc_url
         try:
+            shapes = shapes or signature(url, args.model)  # from the first server, enserve: ModelMetadata
+            dims, row_bytes = shapes
             for images in image_counts:
                 for conc in concurrencies:
                     cells.append(measure(label, url, args.model, conc, images, args.seconds, dims, row_bytes,
