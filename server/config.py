@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 
@@ -27,11 +27,13 @@ def parse_cores(text: str) -> tuple[int, ...]:
 
 
 def option(default, flag: str, help: str, parse: Callable[[str], object] | None = None,
-           choices: tuple[str, ...] | None = None, switch: bool = False, repeat: bool = False):
+           choices: tuple[str, ...] | None = None, switch: bool = False, repeat: bool = False,
+           minimum: float | None = None, above: float | None = None):
     """A serving option and its command-line flag (``enserve serve`` generates its flags from these,
-    each with an ``ENSERVE_<FLAG>`` environment fallback)."""
+    each with an ``ENSERVE_<FLAG>`` environment fallback); ``minimum`` / ``above`` bound a number."""
     return field(default=default, metadata={"flag": flag, "help": help, "parse": parse, "choices": choices,
-                                            "switch": switch, "repeat": repeat})
+                                            "switch": switch, "repeat": repeat, "minimum": minimum,
+                                            "above": above})
 
 
 @dataclass(kw_only=True)
@@ -40,35 +42,35 @@ class ServeOptions:
                                     "Triton-layout repository: <repo>/<model>/config.pbtxt + <repo>/<model>/1/model.onnx",
                                     Path)
     host: str = option("127.0.0.1", "--host", "address the three endpoints listen on", str)
-    http_port: int = option(8000, "--http-port", "KServe v2 HTTP/REST port", int)
-    grpc_port: int = option(8001, "--grpc-port", "KServe v2 gRPC port", int)
-    metrics_port: int = option(8002, "--metrics-port", "Prometheus metrics port (GET /metrics)", int)
+    http_port: int = option(8000, "--http-port", "KServe v2 HTTP/REST port", int, minimum=0)
+    grpc_port: int = option(8001, "--grpc-port", "KServe v2 gRPC port", int, minimum=0)
+    metrics_port: int = option(8002, "--metrics-port", "Prometheus metrics port (GET /metrics)", int, minimum=0)
     grpc_transport: str = option(
         "auto", "--grpc-transport", "gRPC server: 'native' (pygrpc-native's front serves ModelInfer, HTTP/2 in "
         "Rust outside the GIL; the other RPCs go to a grpcio server behind it), 'grpcio' (needed for TLS), or "
         "'auto': native unless --tls-cert is given", str, choices=("auto", "native", "grpcio"))
     batch_size: int | None = option(None, "--batch-size", "batch size of every member (default: the plan or "
-                                    "config.pbtxt)", int)
+                                    "config.pbtxt)", int, minimum=1)
     queue_delay_us: int | None = option(None, "--max-queue-delay-us", "longest a member waits to fill a batch "
-                                        "after its first request (default: the plan or config.pbtxt)", int)
+                                        "after its first request (default: the plan or config.pbtxt)", int, minimum=0)
     max_adaptive_wait_us: int = option(4000, "--max-adaptive-wait-us", "under concurrent load a member faster "
                                        "than the ensemble's slowest may hold requests up to this long to fill its "
-                                       "batch, without delaying answers (0: off)", int)
+                                       "batch, without delaying answers (0: off)", int, minimum=0)
     device: str | None = option(None, "--device", "place every member on this device: 'cpu' or 'gpu:<index>' "
                                 "(switches the allocator off)", str)
     cpu_cores: tuple[int, ...] | None = option(None, "--cpu-cores", "cores of the CPU device, e.g. '0-1' or "
                                                "'0,2' (default: every core this process may use)", parse_cores)
     threads_per_member: int | None = option(None, "--threads-per-member", "ONNX Runtime intra-op threads per "
-                                            "member (default: cores / members sharing them)", int)
-    arena_mib: int = option(64, "--shm-arena-mib", "shared input ring size per input signature", int)
+                                            "member (default: cores / members sharing them)", int, minimum=1)
+    arena_mib: int = option(64, "--shm-arena-mib", "shared input ring size per input signature", int, minimum=1)
     max_inflight: int = option(1024, "--max-inflight", "requests in flight per model before new ones get "
-                               "RESOURCE_EXHAUSTED / HTTP 503", int)
+                               "RESOURCE_EXHAUSTED / HTTP 503", int, minimum=1)
     request_timeout_s: float = option(60.0, "--request-timeout", "server-side bound in seconds on every request "
-                                      "(a client deadline may be shorter)", float)
+                                      "(a client deadline may be shorter)", float, above=0)
     allow_client_shm: bool = option(False, "--allow-client-shm", "accept system shared-memory registrations and "
                                     "tensors in them (Triton's extension)", switch=True)
     max_request_bytes: int = option(256 << 20, "--max-request-bytes", "largest gRPC message / HTTP body accepted "
-                                    "(RESOURCE_EXHAUSTED / HTTP 413 beyond)", int)
+                                    "(RESOURCE_EXHAUSTED / HTTP 413 beyond)", int, minimum=1)
     tls_cert: Path | None = option(None, "--tls-cert", "PEM certificate: gRPC, HTTP and metrics speak TLS", Path)
     tls_key: Path | None = option(None, "--tls-key", "PEM private key of --tls-cert", Path)
     auth_token: str | None = option(None, "--auth-token-file", "file holding a bearer token every call but health "
@@ -85,11 +87,11 @@ class ServeOptions:
                                          "member to serve from the start; repeat it, or '*' for everything "
                                          "(in ENSERVE_LOAD_MODEL: comma-separated)", str, repeat=True)
     repository_poll_secs: float = option(15.0, "--repository-poll-secs", "poll mode: seconds between re-reads of "
-                                         "the repository", float)
+                                         "the repository", float, above=0)
     startup_timeout_s: float = option(180.0, "--startup-timeout", "seconds the workers of a model may take to "
-                                      "load", float)
+                                      "load", float, above=0)
     drain_timeout_s: float = option(30.0, "--drain-timeout", "seconds SIGTERM/SIGINT waits for requests in "
-                                    "flight before stopping", float)
+                                    "flight before stopping", float, minimum=0)
     # the allocator at start-up (paper §2.4); manual placement flags above switch it off
     optimize: bool = option(True, "--no-optimize", "skip the allocator: placement from config.pbtxt (also "
                             "implied by --device, --cpu-cores, --batch-size)", switch=True)
@@ -98,14 +100,27 @@ class ServeOptions:
     cpu_devices: str | None = option(None, "--cpu-devices", "CPU devices as core sets, e.g. '0;1' (two devices "
                                      "of one core) or '0-1' (default: all cores but core 0 on machines with 4 or "
                                      "more, else all)", str)
-    max_combi: int = option(12, "--max-combi", "most allocations the search scores", int)
-    optimize_time_s: float = option(120.0, "--optimize-time", "time budget of the search in seconds", float)
+    max_combi: int = option(12, "--max-combi", "most allocations the search scores", int, minimum=1)
+    optimize_time_s: float = option(120.0, "--optimize-time", "time budget of the search in seconds", float, above=0)
     optimize_metric: str = option("throughput", "--optimize-metric", "what the search maximises: images/s, or "
                                   "minus the p99 latency under the bench load", str,
                                   choices=("throughput", "latency"))
     bench_concurrency: int = option(16, "--bench-concurrency", "the real bench's load: requests kept in flight",
-                                    int)
-    bench_images: int = option(8, "--bench-images", "the real bench's load: images per request", int)
+                                    int, minimum=1)
+    bench_images: int = option(8, "--bench-images", "the real bench's load: images per request", int, minimum=1)
+
+    def validate(self) -> None:
+        """Every number within its bounds; raises ValueError naming the flag, the value and the rule."""
+        for f in fields(self):
+            value, m = getattr(self, f.name), f.metadata
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if m.get("minimum") is not None and value < m["minimum"]:
+                raise ValueError(f"{m['flag']} is {value}, but must be >= {m['minimum']}")
+            if m.get("above") is not None and value <= m["above"]:
+                raise ValueError(f"{m['flag']} is {value}, but must be > {m['above']}")
+        if self.cpu_cores is not None and not self.cpu_cores:
+            raise ValueError("--cpu-cores names no core")
 
     @property
     def manual_placement(self) -> bool:

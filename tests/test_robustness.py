@@ -135,7 +135,7 @@ def test_cancelled_calls_and_streams_leave_nothing_behind(daemon, reference):
     deadline = time.monotonic() + 10
     while metric(daemon, "nv_inference_pending_request_count") > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert metric(daemon, "nv_inference_pending_request_count") == 0
+    assert metric(daemon, "nv_inference_pending_request_count") == 0, daemon.output()
     client = grpcclient.InferenceServerClient(daemon.grpc_url)
     x = images(3, seed=77)
     inp = grpcclient.InferInput("input", [3, 3, 32, 32], "FP32")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,3 +149,30 @@ def parse_duration(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"duration '{text}' is invalid: expected e.g. 90s, 10m, 1h") from None
+
+
+def select_and_export(library: Path, repository: Path, ensemble: str, *, budget: float | None = None,
+                      method: str = "smobf", prune: float = 0.2, n_models: int = 5,
+                      progress: Callable[[str], None] = print) -> tuple[Chosen, float]:
+    """The selection stage and the export: the Pareto table (SMOBF against forward greedy) and its
+    plot, then the ensemble chosen under ``budget`` (default 3 x the best single model's cost)
+    written into ``repository``. Returns it and the budget used."""
+    from enserve.tuning.export import export_members
+
+    c = candidates(library)
+    single = best_single(c)
+    budget = budget if budget is not None else 3 * single["cost"]
+    rows = pareto_rows(c, default_budgets(c) + [budget], prune=prune)
+    progress(f"\nlibrary: {len(c.numbers)} models; best single model: trial {single['number']}, "
+             f"test error {single['test_error']:.4f}, cost {single['cost']:.4f} s")
+    progress(f"{'budget s':>9} {'members':>7} {'cost s':>8} {'val loss':>8} {'val err':>7} {'test err':>8}")
+    for r in sorted(rows, key=lambda r: r["budget"]):
+        progress(f"{r['budget']:>9.4f} {r['members']:>7} {r['cost']:>8.4f} {r['val_loss']:>8.4f} "
+                 f"{r['val_error']:>7.4f} {r['test_error']:>8.4f}")
+    baseline = pareto_rows(c, default_budgets(c) + [budget], prune=prune, method="greedy", n_models=n_models)
+    png = plot(c, {"SMOBF": rows, f"forward greedy ({n_models} models)": baseline},
+               Path(library) / "pareto.png", f"{len(c.numbers)} models: SMOBF vs forward greedy")
+    progress(f"plot: {png}")
+    chosen = choose(c, budget, method=method, prune=prune, n_models=n_models)
+    export_members(library, chosen.numbers, repository, ensemble, progress=progress)
+    return chosen, budget

@@ -56,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
     """Build (search, then select) or select only."""
     from enserve.server.errors import EnserveError
     from enserve.tuning import build
-    from enserve.tuning.export import export_members
-    from enserve.tuning.library import candidates, write_index
+    from enserve.tuning.library import write_index
 
     library = args.library
     if args.command == "build":
@@ -78,27 +77,9 @@ def run(args: argparse.Namespace) -> int:
             return fail("build", exc, USAGE)
         write_index(library, args.dataset)
     try:
-        c = candidates(library)
-    except (ValueError, OSError) as exc:
-        return fail(args.command, exc)
-    single = build.best_single(c)
-    budget = args.budget if args.budget is not None else 3 * single["cost"]
-    rows = build.pareto_rows(c, build.default_budgets(c) + [budget], prune=args.prune)
-    print(f"\nlibrary: {len(c.numbers)} models; best single model: trial {single['number']}, "
-          f"test error {single['test_error']:.4f}, cost {single['cost']:.4f} s")
-    print(f"{'budget s':>9} {'members':>7} {'cost s':>8} {'val loss':>8} {'val err':>7} {'test err':>8}")
-    for r in sorted(rows, key=lambda r: r["budget"]):
-        print(f"{r['budget']:>9.4f} {r['members']:>7} {r['cost']:>8.4f} {r['val_loss']:>8.4f} "
-              f"{r['val_error']:>7.4f} {r['test_error']:>8.4f}")
-    baseline = build.pareto_rows(c, build.default_budgets(c) + [budget], prune=args.prune, method="greedy",
-                                 n_models=args.n_models)
-    png = build.plot(c, {"SMOBF": rows, f"forward greedy ({args.n_models} models)": baseline},
-                     Path(library) / "pareto.png", f"{len(c.numbers)} models: SMOBF vs forward greedy")
-    print(f"plot: {png}")
-    try:
-        chosen = build.choose(c, budget, method=args.method, prune=args.prune, n_models=args.n_models)
-        export_members(library, chosen.numbers, args.model_repository, args.ensemble)
-    except (ValueError, RuntimeError, EnserveError) as exc:
+        chosen, budget = build.select_and_export(library, args.model_repository, args.ensemble, budget=args.budget,
+                                                 method=args.method, prune=args.prune, n_models=args.n_models)
+    except (ValueError, OSError, RuntimeError, EnserveError) as exc:
         return fail(args.command, exc)
     print(f"ensemble '{args.ensemble}' of {len(chosen.numbers)} models (cost {chosen.cost:.4f} s <= budget "
           f"{budget:.4f} s, test error {chosen.test_error:.4f}) written to {args.model_repository}")

@@ -75,6 +75,7 @@ def options_from(args: argparse.Namespace, environ: dict[str, str] | None = None
     environ = os.environ if environ is None else environ
     values = {f.name: _value(f, getattr(args, f.name), environ) for f in fields(ServeOptions)}
     options = ServeOptions(**values)
+    options.validate()
     transport_for(options.grpc_transport, options.tls_cert is not None)
     read_pair(options.tls_cert, options.tls_key)
     if options.load_model and options.model_control_mode != "explicit":
@@ -88,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         options = options_from(args)
     except ValueError as exc:
-        args.parser.print_usage(sys.stderr)
-        print(f"enserve serve: error: {exc}", file=sys.stderr)
+        print(f"enserve serve: error: {exc} (see enserve serve --help)", file=sys.stderr)
         return USAGE
     return serve(options)
