@@ -199,7 +199,11 @@ class Orchestrator:
             if not ok:
                 self._part_failed(request, Internal(f"member '{w.spec.label}' failed on this request: {frame.message}"))
                 continue
-            request.part_done(w.slots.sums, w.slots.squares, start, count)
+            try:
+                request.part_done(w.slots.sums, w.slots.squares, start, count)
+            except Exception as exc:  # one bad part must not strand the frame's other tasks (it was counted)
+                request.error = request.error or Internal(f"adding the outputs of '{w.spec.label}' failed: "
+                                                          f"{type(exc).__name__}: {exc}")
             if request.complete:
                 self._finish(request)
         members = [m for k, m in enumerate(rt.spec.members) if ran >> k & 1]
