@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,6 +114,10 @@ class RealBench:
         return len(latencies) * self.images / self.seconds
 
 
+class AllocationStopped(Exception):
+    """The allocator was asked to stop (the server is shutting down during start-up)."""
+
+
 @dataclass
 class Allocated:
     plan: plans.Plan
@@ -136,8 +141,21 @@ def allocate(
     bench_seconds: float = 1.5,
     bench_load: tuple[int, int] = (16, 8),
     progress: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> Allocated:
-    """Profile, place with worst-fit decreasing, refine with Algorithm 1; the plan is not saved."""
+    """Profile, place with worst-fit decreasing, refine with Algorithm 1; the plan is not saved.
+    Setting ``stop`` (the server was told to stop) ends it with ``AllocationStopped`` before the
+    next profile or measurement; the one running finishes and cleans up first."""
+
+    def check(what: str) -> None:
+        if stop is not None and stop.is_set():
+            raise AllocationStopped(f"the allocator stopped before {what}: the server is stopping")
+
+    def progress_or_stop(message: str) -> None:
+        check("the next profile")
+        if progress:
+            progress(message)
+
     if metric not in ("throughput", "latency"):
         raise RepositoryError(f"metric '{metric}' is not one of ('throughput', 'latency')")
     ensemble, names = ensemble_members(repo, ensemble)
@@ -145,7 +163,7 @@ def allocate(
     if profiles is None:
         cache = Path(repo.path) / ".enserve" / "profiles.json"
         profiles = profile_members(member_sources(repo, names), devices, hardware, cache_path=cache,
-                                   batch_sizes=batch_sizes, progress=progress)
+                                   batch_sizes=batch_sizes, progress=progress_or_stop)
     else:
         by_name = {p.name: p for p in profiles}
         missing = [n for n in names if n not in by_name]
@@ -155,9 +173,12 @@ def allocate(
     start = proportional_start(worst_fit_decreasing(profiles, devices, start_batch), profiles, devices)
     cost = CostModelBench(profiles, devices)
     if bench == "real":
-        score: Callable[[Allocation], float] = RealBench(
-            repo, ensemble, names, devices, metric, concurrency=bench_load[0], images=bench_load[1],
-            seconds=bench_seconds)
+        real = RealBench(repo, ensemble, names, devices, metric, concurrency=bench_load[0], images=bench_load[1],
+                         seconds=bench_seconds)
+
+        def score(alloc: Allocation) -> float:
+            check("the next measurement")
+            return real(alloc)
     elif bench == "cost":
         if metric != "throughput":
             raise RepositoryError("the cost-model bench predicts throughput only; use --metric throughput")

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -53,7 +54,7 @@ async def _site(app: web.Application, host: str, port: int, what: str, ssl_conte
     return runner
 
 
-def choose_placement(repo: Repository, options: ServeOptions) -> Placement:
+def choose_placement(repo: Repository, options: ServeOptions, stop: threading.Event | None = None) -> Placement:
     """Placement of one unit (an ensemble and its members, or members alone): a forced plan for its
     ensemble, a saved plan for this ensemble and hardware, a new one, or the configs; then the
     manual flags on top. Units share the machine's cores; a plan is made for the machine."""
@@ -93,7 +94,7 @@ def choose_placement(repo: Repository, options: ServeOptions) -> Placement:
         plan = allocate(repo, devices, ensemble=ensemble, metric=options.optimize_metric,
                         max_combi=options.max_combi, time_budget_s=options.optimize_time_s,
                         bench_load=(options.bench_concurrency, options.bench_images),
-                        progress=lambda msg: log.info("allocator: %s", msg)).plan
+                        progress=lambda msg: log.info("allocator: %s", msg), stop=stop).plan
         try:
             plans.save(plan, path)
         except OSError as exc:
@@ -103,12 +104,31 @@ def choose_placement(repo: Repository, options: ServeOptions) -> Placement:
 
 
 async def serve(options: ServeOptions) -> None:
-    registry = Registry(options, lambda repo: choose_placement(repo, options))
+    # signals first: a SIGTERM at any moment of start-up (the allocator included) stops cleanly
+    stop, stopping = asyncio.Event(), threading.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        stop.set()
+        stopping.set()  # seen by an allocator running in a thread
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    registry = Registry(options, lambda repo: choose_placement(repo, options, stopping))
     runners: list[web.AppRunner] = []
     grpc_server = None
     poller = None
     try:
-        await registry.start(options.load_model)
+        starting = asyncio.ensure_future(registry.start(options.load_model))
+        signalled = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            log.info("stopping during start-up")
+            starting.cancel()  # an allocator thread ends at its next measurement, cleaning up after itself
+            await asyncio.gather(starting, return_exceptions=True)
+            return
+        signalled.cancel()
+        starting.result()  # start-up errors go to run()
         service = Service(registry, options)
         grpc_address = f"{options.host}:{options.grpc_port}"
         try:
@@ -122,10 +142,6 @@ async def serve(options: ServeOptions) -> None:
                                    options.host, options.metrics_port, "metrics", tls))
         if options.model_control_mode == "poll":
             poller = asyncio.create_task(registry.poll_forever(options.repository_poll_secs))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         models = ", ".join(sorted(registry.models))
         log.info("serving models [%s] (model control: %s): HTTP %s:%d, gRPC %s, metrics %s:%d (workers %s)",
                  models, options.model_control_mode, options.host, options.http_port, grpc_address, options.host,

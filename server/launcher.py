@@ -109,10 +109,12 @@ def workers(daemon_pid: int) -> dict[str, list[int]]:
     """Worker group ('a+b' for members sharing processes) -> pids of its replicas, from the
     daemon's children's command lines."""
     out: dict[str, list[int]] = {}
-    try:
-        children = Path(f"/proc/{daemon_pid}/task/{daemon_pid}/children").read_text().split()
-    except FileNotFoundError:
-        return out
+    children: list[str] = []
+    for task in Path(f"/proc/{daemon_pid}/task").glob("*"):  # children of every thread
+        try:
+            children += (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
     for pid in map(int, children):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

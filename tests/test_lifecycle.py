@@ -1,4 +1,5 @@
-"""Faults and lifecycle against real daemons: worker SIGKILL, SIGTERM drain, leftovers, load failures."""
+"""Faults and lifecycle against real daemons: worker SIGKILL, SIGTERM drain and SIGTERM during the
+allocator, leftovers, load failures."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import posix_ipc
@@ -135,3 +137,40 @@ def test_members_are_pinned_to_their_cpu_cores(demo_repo, tmp_path):
         assert cfg.dynamic_batching.preferred_batch_size == [4]
     finally:
         assert daemon.stop() == 0
+
+
+def descendants(pid: int) -> set[int]:
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        children = []
+        for task in Path(f"/proc/{p}/task").glob("*"):  # every thread's children (the allocator's run in one)
+            try:
+                children += [int(c) for c in (task / "children").read_text().split()]
+            except FileNotFoundError:
+                continue
+        out.update(children)
+        todo.extend(children)
+    return out
+
+
+def test_sigterm_during_the_allocator_stops_cleanly(demo_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(demo_repo, repo, ignore=shutil.ignore_patterns(".enserve"))  # no plan: the allocator runs
+    daemon = start_daemon(repo, tmp_path, "--optimize-time", "120", wait=False, optimize=True)
+    deadline = time.monotonic() + 120
+    while "allocator: [1/" not in daemon.output() and time.monotonic() < deadline:
+        assert daemon.proc.poll() is None, daemon.output()
+        time.sleep(0.1)
+    assert "allocator: [1/" in daemon.output(), "the allocator never measured"
+    while not (children := descendants(daemon.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the next measurement's workers
+    assert children, "no worker of the allocator's measurement is running"
+    t0 = time.monotonic()
+    assert daemon.stop(30) == 0, daemon.output()
+    assert time.monotonic() - t0 < 20
+    assert "stopping during start-up" in daemon.output()
+    alive = [p for p in children if Path(f"/proc/{p}").exists()]
+    assert alive == [], alive
+    assert shm_objects(daemon.pid) == []
+    assert list((repo / ".enserve" / "plans").glob("*.json")) == []  # no half-made plan was saved
