@@ -166,11 +166,18 @@ BASELINES = {
 }
 
 
-def print_table(cells: list[Cell], ceiling_rate: float, single_ms: float) -> None:
+def print_table(cells: list[Cell], ceiling_rate: float, single_ms: float,
+                rounds: dict[tuple[int, int], tuple[float, float]] | None = None) -> None:
+    """``x ceil`` divides by the ceiling of the cell's own round when ``rounds`` has it (measured
+    right after the servers' runs of that cell: the same moment of a drifting machine), else by
+    ``ceiling_rate``; ``x best`` always by ``ceiling_rate``, the best of all measurements."""
+    rounds = rounds or {}
     for name, what in BASELINES.items():
         print(f"{name}: {what}")
     print(f"\nbare ONNX Runtime ceiling: {ceiling_rate:.0f} images/s at its best batch size; "
-          f"single-image latency {single_ms:.2f} ms")
+          f"single-image latency {single_ms:.2f} ms (the better of the measurements before and after)")
+    for (images, conc), (rate, single) in sorted(rounds.items()):
+        print(f"  ceiling in the round of c{conc} x {images}: {rate:.0f} images/s, single-image {single:.2f} ms")
     by = {(c.server, c.concurrency, c.images): c for c in cells}
 
     def ratio(c: Cell, base: str) -> str:
@@ -178,7 +185,7 @@ def print_table(cells: list[Cell], ceiling_rate: float, single_ms: float) -> Non
         return f"{c.images_per_s / b.images_per_s:.2f}" if b and b is not c and b.images_per_s else "-"
 
     head = (f"{'server':<8} {'conc':>4} {'img/req':>7} {'req/s':>7} {'img/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
-            f"{'x ceil':>6} {'x repl':>6} {'x nv-t':>6} {'front ms/req':>12} {'cores':>5} {'err':>4}")
+            f"{'x ceil':>6} {'x best':>6} {'x repl':>6} {'x nv-t':>6} {'front ms/req':>12} {'cores':>5} {'err':>4}")
     print(head)
     print("-" * len(head))
     servers = list(dict.fromkeys(c.server for c in cells))
@@ -186,6 +193,7 @@ def print_table(cells: list[Cell], ceiling_rate: float, single_ms: float) -> Non
         front = c.front_cpu_s / c.requests * 1e3 if c.requests else float("nan")
         print(f"{c.server:<8} {c.concurrency:>4} {c.images:>7} {c.requests / c.seconds:>7.0f} "
               f"{c.images_per_s:>7.0f} {c.pct(50):>7.2f} {c.pct(99):>7.2f} "
+              f"{c.images_per_s / rounds.get((c.images, c.concurrency), (ceiling_rate,))[0]:>6.2f} "
               f"{c.images_per_s / ceiling_rate:>6.2f} {ratio(c, 'repl'):>6} {ratio(c, 'naive-t'):>6} "
               f"{front:>12.3f} {c.total_cpu_s / c.seconds:>5.2f} {c.errors:>4}")
 
@@ -210,6 +218,7 @@ def run_bench(args) -> int:
     # every server up at once (idle ones use no CPU), then each cell measured on each server in
     # turn: the machine's drift over the run then hits every server alike, not one of them
     running: list[tuple[str, str, int | None]] = []
+    rounds: dict[tuple[int, int], tuple[float, float]] = {}  # (images, concurrency) -> ceiling img/s, single ms
     started = []
     cells: list[Cell] = []
     try:
@@ -222,10 +231,15 @@ def run_bench(args) -> int:
             started.append(server)
             running.append((label, server.grpc_url, server.pid))
         dims, row_bytes = signature(running[0][1], args.model)  # enserve's ModelMetadata
+        best_batch = max(rates, key=rates.get)
         for k, (images, conc) in enumerate((i, c) for i in image_counts for c in concurrencies):
             order = running[k % len(running) :] + running[: k % len(running)]  # who goes first rotates
             for label, url, pid in order:
                 cells.append(measure(label, url, args.model, conc, images, args.seconds, dims, row_bytes, pid=pid))
+            # the ceiling of this round, measured right after its cells (the servers idle meanwhile)
+            round_rates, round_single = ceiling(args.model_repository, args.model, tuple(sorted({1, best_batch})),
+                                                seconds=1.0)
+            rounds[(images, conc)] = (round_rates[best_batch], round_single)
     finally:
         for server in started:
             server.stop()
@@ -234,5 +248,5 @@ def run_bench(args) -> int:
     print("ceiling images/s by batch size (after):  " + ", ".join(f"{b}: {r:.0f}" for b, r in after.items()))
     best = max(list(rates.items()) + list(after.items()), key=lambda kv: kv[1])
     print(f"(ceiling: best batch size {best[0]}, the better of the two measurements)")
-    print_table(cells, best[1], min(single_ms, single_after))
+    print_table(cells, best[1], min(single_ms, single_after), rounds)
     return 0
