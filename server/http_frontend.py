@@ -24,6 +24,14 @@ def _error(e: EnserveError) -> web.Response:
     return _json({"error": e.message}, e.http_status)
 
 
+def load_json(raw: bytes, what: str):
+    """Parsed JSON, or INVALID_ARGUMENT naming ``what``: bad syntax, bad UTF-8 or nesting too deep."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
+
+
 def _check_dict(value, what: str) -> dict:
     if not isinstance(value, dict):
         raise InvalidArgument(f"{what} must be a JSON object, got {type(value).__name__}")
@@ -47,11 +55,7 @@ def parse_infer_body(body: bytes, header_length: str | None) -> tuple[dict, list
             raise InvalidArgument(f"{HEADER_LENGTH} {json_size} is outside the body of {len(body)} bytes")
     else:
         json_size = len(body)
-    try:
-        header = json.loads(body[:json_size])
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
-    header = _check_dict(header, "the request")
+    header = _check_dict(load_json(body[:json_size], "request body"), "the request")
     params = _check_dict(header.get("parameters", {}), "'parameters'")
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list):
@@ -191,11 +195,8 @@ class HttpFrontend:
 
     async def _control_body(self, request, what: str) -> dict:
         raw = await request.read()
-        try:
-            body = json.loads(raw) if raw.strip() else {}
-        except ValueError:
-            raise InvalidArgument(f"the {what} request body is not valid JSON") from None
-        body = _check_dict(body, f"the {what} request body")
+        body = _check_dict(load_json(raw, f"the {what} request body") if raw.strip() else {},
+                           f"the {what} request body")
         params = {k: v for k, v in _check_dict(body.get("parameters") or {}, f"the {what} parameters").items()
                   if k != "unload_dependents"}  # a unit's members always go with it
         if what != "repository index" and params:
@@ -259,11 +260,7 @@ class HttpFrontend:
         return _json([{"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size} for r in regions])
 
     async def shm_register(self, request):
-        try:
-            body = json.loads(await request.read() or b"{}")
-        except ValueError as exc:
-            raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
-        body = _check_dict(body, "the request")
+        body = _check_dict(load_json(await request.read() or b"{}", "request body"), "the request")
         key = body.get("key")
         if not isinstance(key, str):
             raise InvalidArgument("shared memory registration needs 'key' (string)")

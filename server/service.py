@@ -204,7 +204,7 @@ def parse_timeout(value) -> float | None:
         return None
     try:
         us = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 or Infinity in JSON
         raise InvalidArgument(f"timeout '{value}' is not an integer number of microseconds") from None
     if us < 0:
         raise InvalidArgument(f"timeout is {us} us, but must be >= 0")

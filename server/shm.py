@@ -127,6 +127,8 @@ class ClientRegions:
             raise NotFound(f"unable to open shared memory region '{name}': key '{key}' does not exist") from exc
         except (posix_ipc.PermissionsError, ValueError) as exc:
             raise InvalidArgument(f"unable to open shared memory key '{key}': {exc}") from exc
+        except OSError as exc:  # a symlink (ELOOP), too many open files (EMFILE), ...
+            raise InvalidArgument(f"unable to open shared memory key '{key}': {exc.strerror or exc}") from exc
         try:
             total = shm.size
             if offset + byte_size > total:

@@ -13,6 +13,7 @@ from collections import deque
 
 import numpy as np
 
+from enserve.server.errors import InvalidArgument
 from enserve.server.repository import TensorSpec
 from enserve.server.shm import Arena, arena_name
 
@@ -72,7 +73,12 @@ class InputRing:
         self.rows = RowRing(capacity)
 
     def put(self, arrays: list[np.ndarray], count: int) -> int | None:
-        """Copy a request's inputs into free rows; their first row, or None when the ring is full."""
+        """Copy a request's inputs into free rows; their first row, or None when the ring is full.
+        A request larger than the whole ring is INVALID_ARGUMENT (it could never fit)."""
+        if count > self.capacity:
+            raise InvalidArgument(f"a request of {count} rows is larger than the shared input ring of "
+                                  f"{self.capacity} rows; send at most {self.capacity} per request (or start the "
+                                  "server with a larger --shm-arena-mib)")
         start = self.rows.alloc(count)
         if start is not None:
             for view, arr in zip(self.views, arrays):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 
@@ -124,6 +125,16 @@ BAD_HTTP = {
     "binary size beyond body": ("/v2/models/ensemble/infer", _BINARY_HEAD + b"\0" * 10,
                                 {"Inference-Header-Content-Length": str(len(_BINARY_HEAD))}, 400,
                                 "binary_data_size 12288 at offset 0 exceeds the 10 bytes"),
+    "timeout 1e400": ("/v2/models/ensemble/infer", b'{"parameters": {"timeout": 1e400}, "inputs": []}', {}, 400,
+                      "timeout 'inf' is not an integer number of microseconds"),
+    "timeout Infinity": ("/v2/models/ensemble/infer", b'{"parameters": {"timeout": Infinity}, "inputs": []}', {},
+                         400, "timeout 'inf' is not an integer number of microseconds"),
+    "deeply nested infer": ("/v2/models/ensemble/infer", b"[" * 100000 + b"]" * 100000, {}, 400,
+                            "request body is not valid JSON: maximum recursion depth"),
+    "deeply nested register": ("/v2/systemsharedmemory/region/r/register", b"[" * 100000 + b"]" * 100000, {},
+                               400, "request body is not valid JSON: maximum recursion depth"),
+    "deeply nested load": ("/v2/repository/models/ensemble/load", b"[" * 100000 + b"]" * 100000, {}, 400,
+                           "the load request body is not valid JSON"),
 }
 
 
@@ -145,6 +156,10 @@ def test_shared_memory_errors(daemon, reference):
             client.register_system_shared_memory("x", "/no_such_key", 16)
         with pytest.raises(InferenceServerException, match="exceeds the size 1024"):
             client.register_system_shared_memory("big", "/enserve_test_bad", 2048)
+        os.symlink("/dev/shm/enserve_test_bad", "/dev/shm/enserve_test_link")
+        with pytest.raises(InferenceServerException, match="key '/enserve_test_link': Too many levels of symbolic") as e:
+            client.register_system_shared_memory("link", "/enserve_test_link", 16)
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
         client.register_system_shared_memory("r", "/enserve_test_bad", 1024)
         with pytest.raises(InferenceServerException, match="'r' is already registered"):
             client.register_system_shared_memory("r", "/enserve_test_bad", 1024)
@@ -167,6 +182,8 @@ def test_shared_memory_errors(daemon, reference):
     finally:
         client.unregister_system_shared_memory()
         shm.destroy_shared_memory_region(handle)
+        if os.path.lexists("/dev/shm/enserve_test_link"):
+            os.unlink("/dev/shm/enserve_test_link")
     assert_still_serving(daemon, reference)
     with pytest.raises(InferenceServerException, match="server's|belongs to the server"):
         client.register_system_shared_memory("mine", f"/enserve.{daemon.pid}.in0.0", 16)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from enserve.models.synthetic import write_tiny_cnns
-from enserve.server.errors import RepositoryError
+from enserve.server.errors import InvalidArgument, RepositoryError
 from enserve.server.protocol import DONE, STATUS_OK, DoneReader, TaskReader, pack_done, pack_tasks
-from enserve.server.repository import import_onnx, load_repository, parse_cores
-from enserve.server.slots import RowRing
+from enserve.server.repository import TensorSpec, import_onnx, load_repository, parse_cores
+from enserve.server.slots import InputRing, RowRing
 from enserve.server.worker import collect
 
 
@@ -39,6 +39,16 @@ def test_row_ring_contiguous_wrap_and_out_of_order_free():
         ring.free(9)
     with pytest.raises(ValueError, match=r"row count is 11, but must be in \[1, 10\]"):
         ring.alloc(11)
+
+
+def test_a_request_larger_than_the_ring_is_a_clear_invalid_argument():
+    ring = InputRing(os.getpid(), f"test{time.monotonic_ns()}", [TensorSpec("x", "FP32", (3,))], capacity=8)
+    try:
+        with pytest.raises(InvalidArgument, match="a request of 9 rows is larger than the shared input ring of 8"):
+            ring.put([np.zeros((9, 3), np.float32)], 9)
+        assert ring.put([np.ones((8, 3), np.float32)], 8) == 0  # the ring itself is unharmed
+    finally:
+        ring.close()
 
 
 def test_descriptor_framing_survives_arbitrary_chunks():
