@@ -34,10 +34,30 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+BASELINE: dict[int, int] = {}  # daemon pid -> its RSS before any fuzzing
+
+
 @pytest.fixture(scope="module")
 def channel(daemon):
+    BASELINE.setdefault(daemon.pid, rss_kib(daemon.pid))  # the first fuzz test asks for it: before any case
     with grpc.insecure_channel(daemon.grpc_url) as ch:
         yield ch
+
+
+def check_alive(daemon, every: int = 50) -> None:
+    """Every ``every`` cases: the daemon still runs and answers a good request right (a dead or
+    wedged server would otherwise pass on UNAVAILABLE and DEADLINE_EXCEEDED)."""
+    if sum(COUNTS.values()) % every:
+        return
+    assert daemon.proc.poll() is None, daemon.output()
+    x = images(1, seed=sum(COUNTS.values()))
+    r = pb.ModelInferRequest(model_name="cnn_w12")
+    r.inputs.add(name="input", datatype="FP32", shape=[1, 3, 32, 32])
+    r.raw_input_contents.append(x.tobytes())
+    with grpc.insecure_channel(daemon.grpc_url) as ch:
+        reply = pb.ModelInferResponse.FromString(ch.unary_unary(METHOD)(r.SerializeToString(), timeout=20))
+    probs = np.frombuffer(reply.raw_output_contents[0], np.float32)
+    assert probs.shape == (10,) and abs(float(probs.sum()) - 1.0) < 1e-4
 
 
 def call_raw(channel, payload: bytes):
@@ -51,8 +71,9 @@ def call_raw(channel, payload: bytes):
 
 @FUZZ
 @given(payload=st.binary(max_size=4096))
-def test_grpc_malformed_protobuf(channel, payload):
+def test_grpc_malformed_protobuf(daemon, channel, payload):
     COUNTS["grpc bytes"] = COUNTS.get("grpc bytes", 0) + 1
+    check_alive(daemon)
     code, details = call_raw(channel, payload)
     assert code in EXPECTED_GRPC, (code, details)
     if code == "INVALID_ARGUMENT" and "malformed" in details:
@@ -95,8 +116,9 @@ def infer_requests(draw):
 
 @FUZZ
 @given(request=infer_requests())
-def test_grpc_random_requests(channel, request):
+def test_grpc_random_requests(daemon, channel, request):
     COUNTS["grpc requests"] = COUNTS.get("grpc requests", 0) + 1
+    check_alive(daemon)
     code, details = call_raw(channel, request.SerializeToString())
     assert code in EXPECTED_GRPC | {"OK"}, (code, details)
     if code != "OK":
@@ -139,8 +161,9 @@ def http_bodies(draw):
 
 @FUZZ
 @given(case=http_bodies(), model=st.sampled_from(["ensemble", "nope", "cnn_w20"]))
-def test_http_hostile_bodies(daemon, case, model):
+def test_http_hostile_bodies(daemon, channel, case, model):
     COUNTS["http infer"] = COUNTS.get("http infer", 0) + 1
+    check_alive(daemon)
     body, headers = case
     headers = {k: v for k, v in headers.items() if v.isascii() and v.isprintable()}
     req = urllib.request.Request(f"http://{daemon.http_url}/v2/models/{model}/infer", data=body,
@@ -156,7 +179,7 @@ def test_http_hostile_bodies(daemon, case, model):
 
 
 def test_server_still_serves_with_bounded_memory_after_fuzzing(daemon, reference, channel):
-    before = rss_kib(daemon.pid)
+    before = BASELINE[daemon.pid]  # taken before the first fuzz case
     for payload in (b"\xff" * 100, pb.ModelInferRequest(model_name="ensemble").SerializeToString()) * 200:
         call_raw(channel, payload)
     x = images(2, seed=99)

@@ -64,6 +64,9 @@ def secured(demo_repo, tmp_path_factory):
             pass
         assert d.proc.poll() is None, d.log.read_text()
         time.sleep(0.1)
+    else:
+        d.stop()
+        raise AssertionError(f"the TLS daemon was not ready after 30 s:\n{d.output()}")
     d.cert = cert
     yield d
     assert d.stop() == 0
