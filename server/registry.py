@@ -175,7 +175,11 @@ class Registry:
         async with self.lock:
             unit = self.units.pop(name, None)
             if unit is None:
-                if self.repo is not None and name not in unit_names(self.repo):
+                owners = sorted(u.name for u in self.units.values() if name in u.orchestrator.models)
+                if owners:
+                    raise InvalidArgument(f"model '{name}' is served as a member of {owners}: unload that "
+                                          "ensemble (a member goes with its ensemble)")
+                if self.repo is not None and name not in unit_names(self.repo) and name not in self.repo.members:
                     raise NotFound(f"unknown model '{name}': the repository has {unit_names(self.repo)}")
                 return  # known but not loaded: nothing to do (as Triton)
             for model, owner in list(self.models.items()):

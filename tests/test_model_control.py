@@ -120,6 +120,14 @@ def test_load_refuses_what_is_not_a_model_name(explicit_daemon, name, status, me
     assert g.is_model_ready("ensemble")  # still serving
 
 
+def test_a_member_goes_with_its_ensemble(explicit_daemon):
+    g = grpcclient.InferenceServerClient(explicit_daemon.grpc_url)
+    with pytest.raises(InferenceServerException, match=r"'cnn_w12' is served as a member of \['ensemble'\]") as e:
+        g.unload_model("cnn_w12")
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert g.is_model_ready("cnn_w12") and g.is_model_ready("ensemble")
+
+
 def test_http_load_of_a_dotted_name_is_a_400(explicit_daemon):
     req = urllib.request.Request(f"http://{explicit_daemon.http_url}/v2/repository/models/..%2F..%2Fetc/load",
                                  data=b"", method="POST")
