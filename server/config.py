@@ -90,8 +90,11 @@ class ServeOptions:
                                          "the repository", float, above=0)
     startup_timeout_s: float = option(180.0, "--startup-timeout", "seconds the workers of a model may take to "
                                       "load", float, above=0)
+    shutdown_timeout_s: float = option(25.0, "--shutdown-timeout", "the whole stop after SIGTERM/SIGINT (the drain "
+                                       "included) fits in this many seconds, inside Kubernetes' 30 s grace; "
+                                       "workers still running then are killed", float, above=0)
     drain_timeout_s: float = option(30.0, "--drain-timeout", "seconds SIGTERM/SIGINT waits for requests in "
-                                    "flight before stopping", float, minimum=0)
+                                    "flight before stopping (within --shutdown-timeout)", float, minimum=0)
     # the allocator at start-up (paper §2.4); manual placement flags above switch it off
     optimize: bool = option(True, "--no-optimize", "skip the allocator: placement from config.pbtxt (also "
                             "implied by --device, --cpu-cores, --batch-size)", switch=True)

@@ -17,6 +17,7 @@ from enserve.server.config import ServeOptions
 from enserve.server.errors import EnserveError, RepositoryError
 from enserve.server.grpc_frontend import make_server
 from enserve.server.http_frontend import HttpFrontend
+from enserve.server.orchestrator import WORKER_STOP_S
 from enserve.server.placement import Placement
 from enserve.server.registry import Registry
 from enserve.server.repository import Repository, load_repository
@@ -118,6 +119,7 @@ async def serve(options: ServeOptions) -> None:
     runners: list[web.AppRunner] = []
     grpc_server = None
     poller = None
+    deadline: float | None = None  # of the whole stop, once signalled
     try:
         starting = asyncio.ensure_future(registry.start(options.load_model))
         signalled = asyncio.ensure_future(stop.wait())
@@ -147,9 +149,12 @@ async def serve(options: ServeOptions) -> None:
                  models, options.model_control_mode, options.host, options.http_port, grpc_address, options.host,
                  options.metrics_port, registry.worker_pids())
         await stop.wait()
-        log.info("stopping: draining %d requests in flight", sum(len(o.pending) for o in registry.orchestrators()))
+        deadline = loop.time() + options.shutdown_timeout_s
+        log.info("stopping: draining %d requests in flight (at most %g s in all)",
+                 sum(len(o.pending) for o in registry.orchestrators()), options.shutdown_timeout_s)
         service.accepting = False
-        await grpc_server.stop(grace=options.drain_timeout_s)
+        # the calls' grace leaves the workers' stop (and the HTTP close) their share of the budget
+        await grpc_server.stop(grace=max(0.0, min(options.drain_timeout_s, deadline - loop.time() - WORKER_STOP_S - 1)))
         grpc_server = None
         service.regions.close()
     finally:
@@ -158,9 +163,8 @@ async def serve(options: ServeOptions) -> None:
             await asyncio.gather(poller, return_exceptions=True)
         if grpc_server is not None:
             await grpc_server.stop(grace=None)
-        for runner in runners:
-            await runner.cleanup()
-        await registry.close()
+        await asyncio.gather(*(runner.cleanup() for runner in runners), return_exceptions=True)
+        await registry.close(None if deadline is None else max(1.0, deadline - loop.time()))
         log.info("stopped")
 
 

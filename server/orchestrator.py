@@ -39,6 +39,7 @@ from enserve.server.supervisor import Supervisor, WorkerProcess, WorkerState
 from enserve.server.table import ServedModel, build_table
 
 log = logging.getLogger("enserve")
+WORKER_STOP_S = 5.0  # how long workers get to finish their batch and exit once their pipes close
 
 
 class Orchestrator:
@@ -253,18 +254,21 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ shut-down
 
-    async def close(self) -> None:
-        """Finish what is in flight (bounded), stop the workers, unlink shared memory."""
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Finish what is in flight, stop the workers, unlink shared memory: all within ``timeout_s``
+        (default: the drain timeout plus the workers' stop); workers still running then are killed."""
         self.closing = True
+        stop_s = WORKER_STOP_S if timeout_s is None else min(WORKER_STOP_S, timeout_s / 2)
+        drain_s = self.options.drain_timeout_s if timeout_s is None else min(self.options.drain_timeout_s,
+                                                                            timeout_s - stop_s)
         if self.pending:
             self.drained = asyncio.Event()
             try:
-                await asyncio.wait_for(self.drained.wait(), self.options.drain_timeout_s)
+                await asyncio.wait_for(self.drained.wait(), max(0.0, drain_s))
             except asyncio.TimeoutError:
-                log.warning("%d requests still in flight after %g s; stopping anyway",
-                            len(self.pending), self.options.drain_timeout_s)
+                log.warning("%d requests still in flight after %.3g s; stopping anyway", len(self.pending), drain_s)
         if self.loop is not None and self.done_r >= 0:
-            await self.supervisor.stop(self.workers)
+            await self.supervisor.stop(self.workers, stop_s)
             self.loop.remove_reader(self.done_r)
             os.close(self.done_r)
             os.close(self.done_w)

@@ -221,9 +221,9 @@ class Registry:
             except Exception as exc:  # a broken repository edit must not stop the server
                 log.error("repository poll failed: %s", getattr(exc, "message", None) or exc)
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Stop every unit, side by side, within ``timeout_s`` (see ``Orchestrator.close``)."""
         self.models.clear()
-        for name in list(self.units):
-            await self.units.pop(name).orchestrator.close()
-        if self.retiring:
-            await asyncio.gather(*self.retiring, return_exceptions=True)
+        units, self.units = list(self.units.values()), {}
+        await asyncio.gather(*(u.orchestrator.close(timeout_s) for u in units), *self.retiring,
+                             return_exceptions=True)

@@ -205,3 +205,39 @@ def test_sigterm_during_the_allocator_stops_cleanly(demo_repo, tmp_path):
     assert alive == [], alive
     assert shm_objects(daemon.pid) == []
     assert list((repo / ".enserve" / "plans").glob("*.json")) == []  # no half-made plan was saved
+
+
+def test_shutdown_fits_its_timeout_even_with_a_hung_worker(demo_repo, tmp_path):
+    """A SIGSTOPped worker holds a request; SIGTERM still ends everything within --shutdown-timeout:
+    the caller gets an error instead of hanging, the worker is killed, shared memory is removed."""
+    daemon = start_daemon(demo_repo, tmp_path, "--shutdown-timeout", "4", "--drain-timeout", "30")
+    stopped = daemon.worker_pids()["cnn_w56"][0]
+    outcome: list[str] = []
+    try:
+        os.kill(stopped, signal.SIGSTOP)
+
+        def hung_call() -> None:
+            client = grpcclient.InferenceServerClient(daemon.grpc_url)
+            inp = grpcclient.InferInput("input", [1, 3, 32, 32], "FP32")
+            inp.set_data_from_numpy(images(1))
+            try:
+                client.infer("ensemble", [inp], client_timeout=60)
+                outcome.append("answered")
+            except InferenceServerException as e:
+                outcome.append(f"{e.status()}: {e.message()}")
+
+        caller = threading.Thread(target=hung_call)
+        caller.start()
+        time.sleep(0.5)
+        assert caller.is_alive()  # it waits on the stopped worker
+        t0 = time.monotonic()
+        assert daemon.stop(30) == 0, daemon.output()
+        took = time.monotonic() - t0
+        caller.join(10)
+    finally:
+        if Path(f"/proc/{stopped}").exists():
+            os.kill(stopped, signal.SIGKILL)
+    assert took < 4 + 2, f"the stop took {took:.1f} s"
+    assert not caller.is_alive() and outcome and outcome[0] != "answered", outcome
+    assert not Path(f"/proc/{stopped}").exists() or "Z" in Path(f"/proc/{stopped}/stat").read_text().split()[2]
+    assert shm_objects(daemon.pid) == []
