@@ -90,6 +90,9 @@ class ServeOptions:
                                          "the repository", float, above=0)
     startup_timeout_s: float = option(180.0, "--startup-timeout", "seconds the workers of a model may take to "
                                       "load", float, above=0)
+    worker_timeout_s: float = option(30.0, "--worker-timeout", "a worker whose oldest task has waited this long "
+                                     "(or 50 batch times, if longer) is taken as hung: killed, restarted, and its "
+                                     "tasks computed again", float, above=0)
     shutdown_timeout_s: float = option(25.0, "--shutdown-timeout", "the whole stop after SIGTERM/SIGINT (the drain "
                                        "included) fits in this many seconds, inside Kubernetes' 30 s grace; "
                                        "workers still running then are killed", float, above=0)

@@ -60,6 +60,12 @@ def shares(start: int, count: int, idle: int, costs: Sequence[float], mask: int,
     return [(start, count, mask)]
 
 
+def hung_for(sent_at: dict[int, float], now: float, limit_s: float) -> float | None:
+    """How long the oldest task has waited, when that is beyond ``limit_s``; else None."""
+    oldest = min(sent_at.values(), default=None)
+    return None if oldest is None or now - oldest <= limit_s else now - oldest
+
+
 def least_loaded(workers: Iterable[WorkerProcess]) -> WorkerProcess | None:
     """The ready replica with the fewest rows in flight (the first of equals), or None."""
     best = None
@@ -85,6 +91,7 @@ class Dispatch:
         tid = self.next_task
         self.next_task = (tid + 1) & 0xFFFFFFFF
         w.tasks[tid] = (rid, start, count, mask)
+        w.sent_at[tid] = self.loop.time()
         w.rows += count
         self.outbox.setdefault(w, []).append(TASK.pack(tid, start, count, wait_us, mask))
         if not self.flush_scheduled:
@@ -106,6 +113,7 @@ class Dispatch:
     def finished(w: WorkerProcess, tid: int) -> tuple[int, int, int, int] | None:
         """Task ``tid`` of ``w`` is over: (request id, start, count, mask), or None if not ``w``'s."""
         task = w.tasks.pop(tid, None)
+        w.sent_at.pop(tid, None)
         if task is not None:
             w.rows -= task[2]
         return task

@@ -12,15 +12,17 @@ running sums into its own output slots. When every part has answered, the reques
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import time
 
 import numpy as np
 
 from enserve.server.config import ServeOptions
-from enserve.server.dispatch import Dispatch, least_loaded, shares, wait_budget
+from enserve.server.dispatch import Dispatch, hung_for, least_loaded, shares, wait_budget
 from enserve.server.errors import (
     EnserveError,
     Internal,
@@ -60,6 +62,7 @@ class Orchestrator:
         self.drained: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.done_r = self.done_w = -1
+        self.watchdog: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -72,6 +75,7 @@ class Orchestrator:
         self.loop.add_reader(self.done_r, self._on_done)
         for w in self.workers:
             self.supervisor.spawn(w)
+        self.watchdog = self.loop.call_later(self._watch_period(), self._watch)
         await asyncio.wait([w.ready for w in self.workers], timeout=self.options.startup_timeout_s)
         failed = [w for w in self.workers if w.state is not WorkerState.READY]
         if failed:
@@ -228,6 +232,7 @@ class Orchestrator:
         rt = self.groups[w.group]
         tasks = list(w.tasks.values())
         w.tasks.clear()
+        w.sent_at.clear()
         w.rows = 0
         self.supervisor.restart(w, code, self.closing)
         for rid, start, count, mask in tasks:
@@ -252,12 +257,33 @@ class Orchestrator:
         if request.complete:
             self._finish(request)
 
+    def _watch_period(self) -> float:
+        return min(1.0, self.options.worker_timeout_s / 4)
+
+    def _watch(self) -> None:
+        """Kill a worker that sits on a task far longer than its batches take (stopped, deadlocked):
+        its exit then restarts it and hands its tasks on, as for a crash."""
+        now = self.loop.time()
+        for rt in self.groups:
+            limit = max(self.options.worker_timeout_s, 50 * rt.batch_ns / 1e9)
+            for w in rt.workers:
+                age = hung_for(w.sent_at, now, limit) if w.state is WorkerState.READY else None
+                if age is not None and w.proc is not None and w.proc.poll() is None:
+                    log.error("%s has not answered a task for %.1f s (limit %.1f s): killing it", w.label, age, limit)
+                    w.sent_at.clear()  # once: its exit takes it from here
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(w.proc.pid, signal.SIGKILL)
+        if not self.closing:
+            self.watchdog = self.loop.call_later(self._watch_period(), self._watch)
+
     # ------------------------------------------------------------------ shut-down
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Finish what is in flight, stop the workers, unlink shared memory: all within ``timeout_s``
         (default: the drain timeout plus the workers' stop); workers still running then are killed."""
         self.closing = True
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         stop_s = WORKER_STOP_S if timeout_s is None else min(WORKER_STOP_S, timeout_s / 2)
         drain_s = self.options.drain_timeout_s if timeout_s is None else min(self.options.drain_timeout_s,
                                                                             timeout_s - stop_s)

@@ -44,6 +44,7 @@ class WorkerProcess:
     ready: asyncio.Future | None = None
     tasks: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)  # task id -> (rid, start, count, mask)
     rows: int = 0  # rows of its tasks not yet answered: the load that replica choice balances
+    sent_at: dict[int, float] = field(default_factory=dict)  # task id -> when it was handed over (loop clock)
     slots: OutputSlots | None = None  # where it writes its members' running sums (its own: replicas
     # of a group may run different members of one request's rows at once)
 

@@ -14,7 +14,7 @@ import pytest
 
 from enserve.server import combiner
 from enserve.server.config import ServeOptions
-from enserve.server.dispatch import least_loaded, shares, split_members
+from enserve.server.dispatch import hung_for, least_loaded, shares, split_members
 from enserve.server.errors import DeadlineExceeded, Internal, RepositoryError, Unavailable
 from enserve.server.placement import Placement, Replica, WorkerGroup, check, from_config, with_flags
 from enserve.server.protocol import BURST
@@ -155,6 +155,13 @@ def test_one_timer_expires_requests_in_deadline_order():
         deadlines.close()
 
     asyncio.run(scenario())
+
+
+def test_hung_for_reports_only_an_oldest_task_beyond_the_limit():
+    assert hung_for({}, 100.0, 5.0) is None  # nothing in flight
+    assert hung_for({1: 98.0, 2: 99.0}, 100.0, 5.0) is None
+    assert hung_for({1: 90.0, 2: 99.0}, 100.0, 5.0) == 10.0  # the oldest decides
+    assert hung_for({1: 95.0}, 100.0, 5.0) is None  # exactly at the limit is not beyond it
 
 
 def test_least_loaded_ready_replica():

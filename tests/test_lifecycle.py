@@ -241,3 +241,26 @@ def test_shutdown_fits_its_timeout_even_with_a_hung_worker(demo_repo, tmp_path):
     assert not caller.is_alive() and outcome and outcome[0] != "answered", outcome
     assert not Path(f"/proc/{stopped}").exists() or "Z" in Path(f"/proc/{stopped}/stat").read_text().split()[2]
     assert shm_objects(daemon.pid) == []
+
+
+def test_a_hung_worker_is_killed_restarted_and_its_request_answered(demo_repo, reference, tmp_path):
+    daemon = start_daemon(demo_repo, tmp_path, "--worker-timeout", "1")
+    try:
+        stopped = daemon.worker_pids()["cnn_w56"][0]
+        os.kill(stopped, signal.SIGSTOP)  # hangs without exiting: only a watchdog can notice
+        client = grpcclient.InferenceServerClient(daemon.grpc_url)
+        x = images(3, seed=55)
+        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        t0 = time.monotonic()
+        got = client.infer("ensemble", [inp], client_timeout=30).as_numpy("probs")
+        took = time.monotonic() - t0
+        np.testing.assert_allclose(got, reference(x), atol=1e-5)  # computed again by the restarted worker
+        assert 1.0 <= took < 15, took
+        assert "has not answered a task for" in daemon.output()
+        assert not Path(f"/proc/{stopped}").exists() or "Z" in Path(f"/proc/{stopped}/stat").read_text().split()[2]
+        assert daemon.worker_pids()["cnn_w56"] != [stopped]
+        assert client.is_model_ready("ensemble")
+    finally:
+        assert daemon.stop() == 0
+    assert shm_objects(daemon.pid) == []
