@@ -91,6 +91,17 @@ class Orchestrator:
                 return "; ".join(w.reason for w in workers if w.reason) or "its workers are down"
         return None
 
+    def not_ready(self, model: ServedModel) -> str | None:
+        """Why ``model`` is not ready: unavailable, or a group with no replica ready (restarting,
+        whose requests wait for it); None when ready. What readiness probes answer."""
+        reason = self.unavailable(model)
+        if reason is not None:
+            return reason
+        for g, _ in model.parts:
+            if not any(w.state is WorkerState.READY for w in self.groups[g].workers):
+                return f"{self.groups[g].workers[0].spec.label} is restarting"
+        return None
+
     def queue_depth(self) -> dict[str, int]:
         return dict(self.inflight)
 

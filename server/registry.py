@@ -123,7 +123,7 @@ class Registry:
             if unit is None:
                 out.append({"name": name, "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"})
                 continue
-            reason = unit.orchestrator.unavailable(unit.orchestrator.models[name])
+            reason = unit.orchestrator.not_ready(unit.orchestrator.models[name])
             out.append({"name": name, "version": "1", "state": "READY" if reason is None else "UNAVAILABLE",
                         "reason": reason or ""})
         return out

@@ -73,7 +73,7 @@ class Service:
     # ------------------------------------------------------------------ health and metadata
 
     def ready(self) -> bool:
-        return self.accepting and all(o.unavailable(m) is None
+        return self.accepting and all(o.not_ready(m) is None
                                       for o in self.registry.orchestrators() for m in o.models.values())
 
     def target(self, name: str, version: str = "") -> ServedModel:
@@ -91,7 +91,7 @@ class Service:
             orchestrator, model = self._lookup(name, version)
         except NotFound:
             return False
-        return self.accepting and orchestrator.unavailable(model) is None
+        return self.accepting and orchestrator.not_ready(model) is None
 
     def server_metadata(self) -> dict:
         return {"name": "enserve", "version": __version__, "extensions": EXTENSIONS}

@@ -264,3 +264,28 @@ def test_a_hung_worker_is_killed_restarted_and_its_request_answered(demo_repo, r
     finally:
         assert daemon.stop() == 0
     assert shm_objects(daemon.pid) == []
+
+
+def test_readiness_says_so_while_a_member_restarts(demo_repo, tmp_path):
+    daemon = start_daemon(demo_repo, tmp_path)
+    try:
+        client = grpcclient.InferenceServerClient(daemon.grpc_url)
+        assert client.is_server_ready() and client.is_model_ready("ensemble")
+        os.kill(daemon.worker_pids()["cnn_w56"][0], signal.SIGKILL)
+        seen: set[tuple[bool, bool, bool]] = set()
+        reasons: set[str] = set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = (client.is_server_ready(), client.is_model_ready("ensemble"), client.is_model_ready("cnn_w12"))
+            seen.add(state)
+            if not state[1]:
+                reasons |= {m.reason for m in client.get_model_repository_index().models if m.name == "ensemble"}
+            if state == (True, True, True) and len(seen) > 1:
+                break
+            time.sleep(0.01)
+        assert (False, False, True) in seen, seen  # the ensemble (and so the server) waits; cnn_w12 does not
+        assert any("cnn_w56 is restarting" in r for r in reasons), reasons
+        assert state == (True, True, True), "not ready again after the restart"
+    finally:
+        assert daemon.stop() == 0
+    assert shm_objects(daemon.pid) == []
