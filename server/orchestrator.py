@@ -6,23 +6,22 @@ idle, shares of it to each); a replica runs the group's members on those rows an
 running sums into its own output slots. When every part has answered, the request divides once
 (``request``, ``combiner``). The jobs have owners: ``table`` (what is served), ``runtime`` and
 ``slots`` (shared memory and the worker table), ``supervisor`` (processes), ``dispatch``
-(descriptors and completions), ``request`` (resolution and deadlines), ``stats``.
+(descriptors and completions), ``recovery`` (workers that die or hang), ``request`` (resolution
+and deadlines), ``stats``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import signal
 import time
 
 import numpy as np
 
 from enserve.server.config import ServeOptions
-from enserve.server.dispatch import Dispatch, hung_for, least_loaded, shares, wait_budget
+from enserve.server.dispatch import Dispatch, least_loaded, shares, wait_budget
 from enserve.server.errors import (
     EnserveError,
     Internal,
@@ -32,6 +31,7 @@ from enserve.server.errors import (
 )
 from enserve.server.placement import Placement
 from enserve.server.protocol import BURST, STATUS_LOAD_FAILED, STATUS_OK, STATUS_READY, Done
+from enserve.server.recovery import WorkerRecovery
 from enserve.server.repository import Repository
 from enserve.server.request import Deadlines, InflightRequest
 from enserve.server.runtime import GroupRuntime, build_runtime, release_memory
@@ -44,7 +44,7 @@ log = logging.getLogger("enserve")
 WORKER_STOP_S = 5.0  # how long workers get to finish their batch and exit once their pipes close
 
 
-class Orchestrator:
+class Orchestrator(WorkerRecovery):
     def __init__(self, repo: Repository, placement: Placement, options: ServeOptions) -> None:
         self.repo = repo
         self.placement = placement
@@ -237,55 +237,10 @@ class Orchestrator:
         if self.closing and not self.pending and self.drained is not None:
             self.drained.set()
 
-    def _worker_exited(self, w: WorkerProcess, code: int | None) -> None:
-        """A replica is gone: restart it (unless it never loaded or we are stopping) and hand its
-        tasks to a live replica of its group; a task whose worker died before is failed instead."""
-        rt = self.groups[w.group]
-        tasks = list(w.tasks.values())
-        w.tasks.clear()
-        w.sent_at.clear()
-        w.rows = 0
-        self.supervisor.restart(w, code, self.closing)
-        for rid, start, count, mask in tasks:
-            request = self.pending.get(rid)
-            if request is None:
-                continue
-            if self.closing or w.group in request.retried:
-                why = "the server is shutting down" if self.closing else "its worker died twice"
-                self._part_failed(request, Unavailable(f"member '{w.spec.label}' did not answer: {why}"))
-            else:
-                request.retried.add(w.group)
-                self._send(rt, rid, start, count, mask)
-        if all(x.state is WorkerState.DOWN for x in rt.workers):
-            held, rt.held = rt.held, []
-            for rid, *_ in held:
-                request = self.pending.get(rid)
-                if request is not None:
-                    self._part_failed(request, Unavailable(f"member '{w.spec.label}' is unavailable: {w.reason}"))
-
     def _part_failed(self, request: InflightRequest, error: EnserveError) -> None:
         request.part_failed(error)
         if request.complete:
             self._finish(request)
-
-    def _watch_period(self) -> float:
-        return min(1.0, self.options.worker_timeout_s / 4)
-
-    def _watch(self) -> None:
-        """Kill a worker that sits on a task far longer than its batches take (stopped, deadlocked):
-        its exit then restarts it and hands its tasks on, as for a crash."""
-        now = self.loop.time()
-        for rt in self.groups:
-            limit = max(self.options.worker_timeout_s, 50 * rt.batch_ns / 1e9)
-            for w in rt.workers:
-                age = hung_for(w.sent_at, now, limit) if w.state is WorkerState.READY else None
-                if age is not None and w.proc is not None and w.proc.poll() is None:
-                    log.error("%s has not answered a task for %.1f s (limit %.1f s): killing it", w.label, age, limit)
-                    w.sent_at.clear()  # once: its exit takes it from here
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(w.proc.pid, signal.SIGKILL)
-        if not self.closing:
-            self.watchdog = self.loop.call_later(self._watch_period(), self._watch)
 
     # ------------------------------------------------------------------ shut-down
 

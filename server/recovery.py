@@ -1,0 +1,64 @@
+"""What the orchestrator does when a worker fails: it exits (restart it, hand its tasks to a live
+replica once, fail them after a second death) or hangs (a watchdog kills it, and then the same)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+
+from enserve.server.dispatch import hung_for
+from enserve.server.errors import Unavailable
+from enserve.server.supervisor import WorkerProcess, WorkerState
+
+log = logging.getLogger("enserve")
+
+
+class WorkerRecovery:
+    """Mixed into ``Orchestrator``: uses its groups, pending requests, supervisor and sending."""
+
+    def _worker_exited(self, w: WorkerProcess, code: int | None) -> None:
+        """A replica is gone: restart it (unless it never loaded or we are stopping) and hand its
+        tasks to a live replica of its group; a task whose worker died before is failed instead."""
+        rt = self.groups[w.group]
+        tasks = list(w.tasks.values())
+        w.tasks.clear()
+        w.sent_at.clear()
+        w.rows = 0
+        self.supervisor.restart(w, code, self.closing)
+        for rid, start, count, mask in tasks:
+            request = self.pending.get(rid)
+            if request is None:
+                continue
+            if self.closing or w.group in request.retried:
+                why = "the server is shutting down" if self.closing else "its worker died twice"
+                self._part_failed(request, Unavailable(f"member '{w.spec.label}' did not answer: {why}"))
+            else:
+                request.retried.add(w.group)
+                self._send(rt, rid, start, count, mask)
+        if all(x.state is WorkerState.DOWN for x in rt.workers):
+            held, rt.held = rt.held, []
+            for rid, *_ in held:
+                request = self.pending.get(rid)
+                if request is not None:
+                    self._part_failed(request, Unavailable(f"member '{w.spec.label}' is unavailable: {w.reason}"))
+
+    def _watch_period(self) -> float:
+        return min(1.0, self.options.worker_timeout_s / 4)
+
+    def _watch(self) -> None:
+        """Kill a worker that sits on a task far longer than its batches take (stopped, deadlocked):
+        its exit then restarts it and hands its tasks on, as for a crash."""
+        now = self.loop.time()
+        for rt in self.groups:
+            limit = max(self.options.worker_timeout_s, 50 * rt.batch_ns / 1e9)
+            for w in rt.workers:
+                age = hung_for(w.sent_at, now, limit) if w.state is WorkerState.READY else None
+                if age is not None and w.proc is not None and w.proc.poll() is None:
+                    log.error("%s has not answered a task for %.1f s (limit %.1f s): killing it", w.label, age, limit)
+                    w.sent_at.clear()  # once: its exit takes it from here
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(w.proc.pid, signal.SIGKILL)
+        if not self.closing:
+            self.watchdog = self.loop.call_later(self._watch_period(), self._watch)
