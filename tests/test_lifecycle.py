@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import posix_ipc
+import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
@@ -286,6 +287,31 @@ def test_readiness_says_so_while_a_member_restarts(demo_repo, tmp_path):
         assert (False, False, True) in seen, seen  # the ensemble (and so the server) waits; cnn_w12 does not
         assert any("cnn_w56 is restarting" in r for r in reasons), reasons
         assert state == (True, True, True), "not ready again after the restart"
+    finally:
+        assert daemon.stop() == 0
+    assert shm_objects(daemon.pid) == []
+
+
+def test_a_restart_that_fails_marks_the_member_down_with_the_reason(demo_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(demo_repo, repo, ignore=shutil.ignore_patterns(".enserve"))
+    daemon = start_daemon(repo, tmp_path)
+    try:
+        client = grpcclient.InferenceServerClient(daemon.grpc_url)
+        (repo / "cnn_w56" / "1" / "model.onnx").unlink()  # its next start cannot load it
+        os.kill(daemon.worker_pids()["cnn_w56"][0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while client.is_model_ready("cnn_w56") or "cnn_w56" in daemon.worker_pids():
+            assert time.monotonic() < deadline, daemon.output()
+            time.sleep(0.05)
+        x = images(1)
+        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        with pytest.raises(InferenceServerException, match="cnn_w56.*model.onnx") as down:
+            client.infer("ensemble", [inp], client_timeout=30)
+        assert down.value.status() == "StatusCode.UNAVAILABLE"
+        assert not client.is_model_ready("ensemble") and not client.is_server_ready()
+        assert client.infer("cnn_w12", [inp]).as_numpy("probs").shape == (1, 10)  # the others still serve
     finally:
         assert daemon.stop() == 0
     assert shm_objects(daemon.pid) == []
