@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from enserve.optimizer.devices import parse_core_list
+
 
 def read_token(path: str) -> str:
     """A bearer token from a file (not the command line, which every user of the machine can read)."""
@@ -18,12 +20,6 @@ def check_token(token: str, where: str) -> str:
     if len(token) < 8 or any(c.isspace() for c in token):
         raise ValueError(f"the token from {where} must be at least 8 characters without spaces")
     return token
-
-
-def parse_cores(text: str) -> tuple[int, ...]:
-    from enserve.optimizer.devices import parse_core_list
-
-    return parse_core_list(text)
 
 
 def option(default, flag: str, help: str, parse: Callable[[str], object] | None = None,
@@ -59,7 +55,7 @@ class ServeOptions:
     device: str | None = option(None, "--device", "place every member on this device: 'cpu' or 'gpu:<index>' "
                                 "(switches the allocator off)", str)
     cpu_cores: tuple[int, ...] | None = option(None, "--cpu-cores", "cores of the CPU device, e.g. '0-1' or "
-                                               "'0,2' (default: every core this process may use)", parse_cores)
+                                               "'0,2' (default: every core this process may use)", parse_core_list)
     threads_per_member: int | None = option(None, "--threads-per-member", "ONNX Runtime intra-op threads per "
                                             "member (default: cores / members sharing them)", int, minimum=1)
     arena_mib: int = option(64, "--shm-arena-mib", "shared input ring size per input signature", int, minimum=1)

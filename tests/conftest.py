@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -27,6 +28,13 @@ def start_daemon(repo: Path, tmp: Path, *extra: str, wait: bool = True, timeout:
     log = tmp / f"daemon-{time.monotonic_ns()}.log"
     return launcher.start_daemon(repo, *([] if optimize else ["--no-optimize"]), *extra, log=log, wait=wait,
                                  timeout=timeout, cwd=ROOT)
+
+
+def copy_repo(repo: Path, tmp: Path) -> Path:
+    """A copy of ``repo`` to change, without its saved plans and profiles."""
+    copy = tmp / "repo"
+    shutil.copytree(repo, copy, ignore=shutil.ignore_patterns(".enserve"))
+    return copy
 
 
 def wait_ready(daemon: Daemon, timeout: float = 90) -> None:

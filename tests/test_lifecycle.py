@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import images, shm_objects, start_daemon
+from tests.conftest import copy_repo, images, shm_objects, start_daemon
 
 
 def load(daemon, reference, seconds: float, results: dict, n_threads: int = 8,
@@ -187,8 +187,7 @@ def descendants(pid: int) -> set[int]:
 
 
 def test_sigterm_during_the_allocator_stops_cleanly(demo_repo, tmp_path):
-    repo = tmp_path / "repo"
-    shutil.copytree(demo_repo, repo, ignore=shutil.ignore_patterns(".enserve"))  # no plan: the allocator runs
+    repo = copy_repo(demo_repo, tmp_path)  # no plan: the allocator runs
     daemon = start_daemon(repo, tmp_path, "--optimize-time", "120", wait=False, optimize=True)
     deadline = time.monotonic() + 120
     while "allocator: [1/" not in daemon.output() and time.monotonic() < deadline:
@@ -293,8 +292,7 @@ def test_readiness_says_so_while_a_member_restarts(demo_repo, tmp_path):
 
 
 def test_a_restart_that_fails_marks_the_member_down_with_the_reason(demo_repo, tmp_path):
-    repo = tmp_path / "repo"
-    shutil.copytree(demo_repo, repo, ignore=shutil.ignore_patterns(".enserve"))
+    repo = copy_repo(demo_repo, tmp_path)
     daemon = start_daemon(repo, tmp_path)
     try:
         client = grpcclient.InferenceServerClient(daemon.grpc_url)

@@ -16,7 +16,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from enserve.server.repository import EnsembleSpec, ensemble_config, load_repository, write_config
-from tests.conftest import images, shm_objects, start_daemon
+from tests.conftest import copy_repo, images, shm_objects, start_daemon
 from tests.test_lifecycle import load
 
 PAIR = ["cnn_w12", "cnn_w32"]
@@ -31,8 +31,7 @@ def add_ensemble(repo, name: str, members: list[str]) -> None:
 
 
 def test_load_and_unload_a_second_ensemble_under_load(demo_repo, reference, member_sessions, tmp_path):
-    repo = tmp_path / "repo"
-    shutil.copytree(demo_repo, repo, ignore=shutil.ignore_patterns(".enserve"))
+    repo = copy_repo(demo_repo, tmp_path)
     add_ensemble(repo, "pair", PAIR)
     expected = {"ensemble": reference,
                 "pair": lambda x: np.mean([member_sessions[m].run(None, {"input": x})[0] for m in PAIR], axis=0)}
@@ -79,8 +78,7 @@ def test_load_and_unload_a_second_ensemble_under_load(demo_repo, reference, memb
 
 
 def test_poll_mode_follows_the_repository(demo_repo, tmp_path):
-    repo = tmp_path / "repo"
-    shutil.copytree(demo_repo, repo, ignore=shutil.ignore_patterns(".enserve"))
+    repo = copy_repo(demo_repo, tmp_path)
     daemon = start_daemon(repo, tmp_path, "--model-control-mode", "poll", "--repository-poll-secs", "0.5")
     try:
         g = grpcclient.InferenceServerClient(daemon.grpc_url)
