@@ -22,6 +22,22 @@ def check_token(token: str, where: str) -> str:
     return token
 
 
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '67108864', '64M', '64MiB', '1.5G' (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in SIZE_UNITS else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        raise ValueError(f"'{text}' is not a size: give bytes, or a number with K, M or G (e.g. 48M)") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"size '{text}' must be a finite number >= 0")
+    return int(value * SIZE_UNITS[unit])
+
+
 def option(default, flag: str, help: str, parse: Callable[[str], object] | None = None,
            choices: tuple[str, ...] | None = None, switch: bool = False, repeat: bool = False,
            minimum: float | None = None, above: float | None = None):
@@ -58,7 +74,11 @@ class ServeOptions:
                                                "'0,2' (default: every core this process may use)", parse_core_list)
     threads_per_member: int | None = option(None, "--threads-per-member", "ONNX Runtime intra-op threads per "
                                             "member (default: cores / members sharing them)", int, minimum=1)
-    arena_mib: int = option(64, "--shm-arena-mib", "shared input ring size per input signature", int, minimum=1)
+    arena_mib: int = option(64, "--shm-arena-mib", "shared input ring size per input signature, before "
+                            "--shm-budget scales it down", int, minimum=1)
+    shm_budget: int | None = option(None, "--shm-budget", "most bytes of /dev/shm the daemon reserves for its "
+                                    "rings and slots, e.g. 48M (default: 80%% of what is free at start-up); "
+                                    "never less than one max batch per ring and slot", parse_size, minimum=1)
     max_inflight: int = option(1024, "--max-inflight", "requests in flight per model before new ones get "
                                "RESOURCE_EXHAUSTED / HTTP 503", int, minimum=1)
     request_timeout_s: float = option(60.0, "--request-timeout", "server-side bound in seconds on every request "

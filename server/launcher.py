@@ -96,10 +96,10 @@ def start_server(command: list[str], grpc_port: int, *, http_port: int | None = 
 
 
 def start_daemon(repository: Path, *flags: str, log: Path | None = None, wait: bool = True,
-                 timeout: float = 120, cwd: Path | None = None) -> Server:
-    """``enserve serve`` on free ports with ``flags``."""
+                 timeout: float = 120, cwd: Path | None = None, wrap: list[str] | None = None) -> Server:
+    """``enserve serve`` on free ports with ``flags``; ``wrap`` prefixes the command (``unshare ...``)."""
     http, grpc_port, metrics = free_ports(3)
-    command = [sys.executable, "-m", "enserve", "serve", "--model-repository", str(repository),
+    command = [*(wrap or []), sys.executable, "-m", "enserve", "serve", "--model-repository", str(repository),
                "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics), *flags]
     return start_server(command, grpc_port, http_port=http, metrics_port=metrics, log=log, wait=wait,
                         timeout=timeout, cwd=cwd)

@@ -1,38 +1,135 @@
-"""POSIX shared memory: our own arenas (named after the daemon's pid) and client-registered regions."""
+"""POSIX shared memory: our own arenas and client-registered regions.
+
+Every object the daemon creates is named ``/enserve.<pid>.<run id>.<purpose>``. The run id is new
+for every claim, and a claim is an ``flock``ed lock object, ``/enserve.<pid>.<run id>.lock``, held
+while the process has objects: a restarted container's PID 1 never meets its predecessor's names,
+and cleanup removes only objects whose lock nobody holds (so never a live daemon's, whatever pid
+namespace it runs in). Objects are reserved with ``posix_fallocate`` when created: a full /dev/shm
+is an error at start-up, never a SIGBUS later.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import posix_ipc
 
-from enserve.server.errors import AlreadyExists, InvalidArgument, NotFound
+from enserve.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 
 PREFIX = "enserve."
 SHM_DIR = Path("/dev/shm")
+LOCK = "lock"
 
 
-def arena_name(owner_pid: int, purpose: str) -> str:
-    return f"/{PREFIX}{owner_pid}.{purpose}"
+class SharedMemoryError(ResourceExhausted):
+    """Shared memory that cannot be created as asked (no room in /dev/shm, no permission)."""
+
+
+class OwnerLock:
+    """This process's claim: a run id and its flocked lock object, taken with the first arena and
+    given back (lock unlinked) when the last one closes."""
+
+    def __init__(self) -> None:
+        self.run: str | None = None
+        self.fd = -1
+        self.arenas = 0
+        self.bytes = 0  # reserved by this process's live arenas
+
+    def prefix(self) -> str:
+        if self.run is None:
+            self._claim()
+        return f"{PREFIX}{os.getpid()}.{self.run}."
+
+    def _claim(self) -> None:
+        while True:
+            run = secrets.token_hex(6)
+            name = f"/{PREFIX}{os.getpid()}.{run}.{LOCK}"
+            shm = _open(name, posix_ipc.O_CREX, 0, "the owner lock")
+            fcntl.flock(shm.fd, fcntl.LOCK_EX)
+            if os.fstat(shm.fd).st_nlink > 0:  # a cleaner may have unlinked it before our flock
+                self.run, self.fd = run, shm.fd
+                return
+            shm.close_fd()
+
+    def acquire(self, size: int) -> None:
+        self.arenas += 1
+        self.bytes += size
+
+    def release(self, size: int) -> None:
+        self.arenas -= 1
+        self.bytes -= size
+        if self.arenas == 0 and self.run is not None:
+            unlink_quietly(f"/{PREFIX}{os.getpid()}.{self.run}.{LOCK}")
+            os.close(self.fd)
+            self.run, self.fd = None, -1
+
+
+OWNER = OwnerLock()
+
+
+def _open(name: str, flags: int, size: int, what: str) -> posix_ipc.SharedMemory:
+    try:
+        return posix_ipc.SharedMemory(name, flags, size=size)
+    except posix_ipc.ExistentialError as exc:
+        raise SharedMemoryError(f"shared memory {what} '{name}': {exc}") from exc
+    except (posix_ipc.PermissionsError, OSError) as exc:
+        raise SharedMemoryError(f"cannot open shared memory {what} '{name}': {exc}; is /dev/shm mounted and "
+                                "writable?") from exc
+
+
+def shm_free_bytes() -> int:
+    """Bytes free in /dev/shm (0 where there is none)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 class Arena:
-    """A named shared-memory block mapped into this process; the creator unlinks it."""
+    """A named shared-memory block mapped into this process; the creator reserves and unlinks it."""
 
     def __init__(self, name: str, size: int, *, create: bool) -> None:
-        flags = posix_ipc.O_CREX if create else 0
-        shm = posix_ipc.SharedMemory(name, flags, size=size if create else 0)
+        shm = _open(name, posix_ipc.O_CREX if create else 0, 0, "object")
         try:
-            self.size = shm.size
+            if create:
+                try:
+                    os.posix_fallocate(shm.fd, 0, size)
+                except OSError as exc:
+                    shm.close_fd()
+                    unlink_quietly(name)
+                    if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                        raise SharedMemoryError(
+                            f"/dev/shm has no room for {size / 2**20:.1f} MiB more ({shm_free_bytes() / 2**20:.1f} "
+                            f"MiB free); lower --shm-budget, or give the container a larger /dev/shm (docker "
+                            f"--shm-size, a Kubernetes emptyDir with medium: Memory)") from exc
+                    raise SharedMemoryError(f"cannot reserve {size} bytes of shared memory for '{name}': "
+                                            f"{exc.strerror or exc}") from exc
+            self.size = os.fstat(shm.fd).st_size
             self.map = mmap.mmap(shm.fd, self.size)
         finally:
-            shm.close_fd()
+            if shm.fd >= 0:
+                shm.close_fd()
         self.name = name
         self.owner = create
+
+    @classmethod
+    def create(cls, purpose: str, size: int) -> Arena:
+        """A new object of ``size`` bytes (reserved) named for this process's run."""
+        name = "/" + OWNER.prefix() + purpose
+        OWNER.acquire(size)
+        try:
+            return cls(name, size, create=True)
+        except BaseException:
+            OWNER.release(size)
+            raise
 
     def array(self, dtype: np.dtype, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
         return np.ndarray(shape, dtype=dtype, buffer=self.map, offset=offset)
@@ -43,7 +140,9 @@ class Arena:
         except BufferError:
             pass  # a numpy view is still alive; the mapping goes with the process
         if self.owner:
+            self.owner = False
             unlink_quietly(self.name)
+            OWNER.release(self.size)
 
 
 def unlink_quietly(name: str) -> None:
@@ -51,16 +150,6 @@ def unlink_quietly(name: str) -> None:
         posix_ipc.unlink_shared_memory(name)
     except posix_ipc.ExistentialError:
         pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def ours(owner_pid: int | None = None) -> list[str]:
@@ -73,34 +162,84 @@ def ours(owner_pid: int | None = None) -> list[str]:
     return names
 
 
+def _owner_gone(run: str) -> bool:
+    """Whether nobody holds the lock of ``run`` (``<pid>.<run id>``); a missing lock counts as gone."""
+    try:
+        shm = posix_ipc.SharedMemory(f"/{PREFIX}{run}.{LOCK}")
+    except posix_ipc.ExistentialError:
+        return True
+    try:
+        fcntl.flock(shm.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        shm.close_fd()  # closing drops the lock we may have taken
+    return True
+
+
 def clean_leftovers() -> list[str]:
-    """Unlink objects left by enserve daemons that are no longer running; return their names."""
-    removed = []
+    """Unlink objects of enserve runs whose owner lock is free (their process is gone, in any pid
+    namespace); return their names. Objects of live daemons are never touched."""
+    runs: dict[str, list[str]] = {}
     for name in ours():
-        pid = name.split(".")[1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            unlink_quietly("/" + name)
-            removed.append(name)
+        parts = name.split(".")
+        runs.setdefault(".".join(parts[1:3]), []).append(name)
+    removed = []
+    for run, names in runs.items():
+        if OWNER.run is not None and run == f"{os.getpid()}.{OWNER.run}":
+            continue
+        if _owner_gone(run):
+            lock = f"{PREFIX}{run}.{LOCK}"
+            for name in sorted(names, key=lambda n: n == lock):  # the lock last
+                unlink_quietly("/" + name)
+                removed.append(name)
     return removed
 
 
 @dataclass
 class ClientRegion:
+    """A client's registered window, read and written through its descriptor (``preadv`` /
+    ``pwrite``), never mapped: a client that shrinks its object gets an error, not the daemon a SIGBUS."""
+
     name: str
     key: str
     offset: int
     byte_size: int
-    map: mmap.mmap
+    fd: int
 
-    def view(self, offset: int, byte_size: int, what: str) -> memoryview:
-        """Bytes [offset, offset+byte_size) of the registered window; a precise error if out of it."""
+    def _window(self, offset: int, byte_size: int, what: str) -> int:
         if offset < 0 or byte_size < 0 or offset + byte_size > self.byte_size:
             raise InvalidArgument(
                 f"{what}: shared memory offset {offset} + byte size {byte_size} exceeds region "
                 f"'{self.name}' of {self.byte_size} bytes"
             )
-        start = self.offset + offset
-        return memoryview(self.map)[start : start + byte_size]
+        return self.offset + offset
+
+    def _shrunk(self, what: str, position: int, byte_size: int, size: int) -> InvalidArgument:
+        return InvalidArgument(f"{what}: shared memory region '{self.name}' (key '{self.key}') is now {size} bytes, "
+                               f"too small for {byte_size} bytes at {position}: the client has shrunk it")
+
+    def read(self, offset: int, byte_size: int, what: str) -> bytearray:
+        """A copy of bytes [offset, offset+byte_size) of the window."""
+        position = self._window(offset, byte_size, what)
+        out = bytearray(byte_size)
+        got = os.preadv(self.fd, [out], position) if byte_size else 0
+        if got != byte_size:
+            raise self._shrunk(what, position, byte_size, os.fstat(self.fd).st_size)
+        return out
+
+    def check(self, offset: int, byte_size: int, what: str) -> None:
+        """Whether the window can take ``byte_size`` bytes at ``offset`` (and the object still holds them)."""
+        position = self._window(offset, byte_size, what)
+        size = os.fstat(self.fd).st_size
+        if position + byte_size > size:
+            raise self._shrunk(what, position, byte_size, size)
+
+    def write(self, offset: int, data: memoryview, what: str) -> None:
+        self.check(offset, data.nbytes, what)
+        position, done = self.offset + offset, 0
+        while done < data.nbytes:
+            done += os.pwrite(self.fd, data[done:], position + done)
 
 
 class ClientRegions:
@@ -129,17 +268,14 @@ class ClientRegions:
             raise InvalidArgument(f"unable to open shared memory key '{key}': {exc}") from exc
         except OSError as exc:  # a symlink (ELOOP), too many open files (EMFILE), ...
             raise InvalidArgument(f"unable to open shared memory key '{key}': {exc.strerror or exc}") from exc
-        try:
-            total = shm.size
-            if offset + byte_size > total:
-                raise InvalidArgument(
-                    f"shared memory region '{name}': offset {offset} + byte_size {byte_size} exceeds "
-                    f"the size {total} of key '{key}'"
-                )
-            region_map = mmap.mmap(shm.fd, total)
-        finally:
+        total = os.fstat(shm.fd).st_size
+        if offset + byte_size > total:
             shm.close_fd()
-        self.regions[name] = ClientRegion(name, key, offset, byte_size, region_map)
+            raise InvalidArgument(
+                f"shared memory region '{name}': offset {offset} + byte_size {byte_size} exceeds "
+                f"the size {total} of key '{key}'"
+            )
+        self.regions[name] = ClientRegion(name, key, offset, byte_size, shm.fd)
 
     def get(self, name: str) -> ClientRegion:
         try:
@@ -153,10 +289,7 @@ class ClientRegions:
         for n in names:
             region = self.regions.pop(n, None)
             if region is not None:
-                try:
-                    region.map.close()
-                except BufferError:
-                    pass  # an in-flight request still reads it; freed when that view dies
+                os.close(region.fd)
 
     def status(self, name: str | None = None) -> list[ClientRegion]:
         if name:

@@ -15,7 +15,45 @@ import numpy as np
 
 from enserve.server.errors import InvalidArgument
 from enserve.server.repository import TensorSpec
-from enserve.server.shm import Arena, arena_name
+from enserve.server.shm import Arena
+
+
+def ring_rows(wanted: list[int], minimum: list[int], row_bytes: list[int], budget: int) -> list[int] | None:
+    """Rows per ring within ``budget`` bytes, where a row of ring i costs ``row_bytes[i]`` (its inputs
+    and every output slot indexed by it): each ring gets its ``minimum`` (one max batch), then the
+    rest of the budget in proportion to what it wanted beyond that; never more than ``wanted``.
+    None when even the minimums do not fit."""
+    need = sum(m * b for m, b in zip(minimum, row_bytes))
+    if need > budget:
+        return None
+    extra = sum((w - m) * b for w, m, b in zip(wanted, minimum, row_bytes))
+    share = 1.0 if extra <= budget - need else (budget - need) / extra
+    return [m + int((w - m) * share) for w, m in zip(wanted, minimum)]
+
+
+def create_arenas(tag: str, sizes: list[int]) -> list[Arena]:
+    """One reserved object per size, named ``<tag>.<k>``; all or none (a shortage unlinks the others)."""
+    arenas: list[Arena] = []
+    try:
+        for k, size in enumerate(sizes):
+            arenas.append(Arena.create(f"{tag}.{k}", size))
+    except BaseException:
+        for a in arenas:
+            a.close()
+        raise
+    return arenas
+
+
+def square_spec(outputs: list[TensorSpec]) -> TensorSpec:
+    """The slot of the first output's sum of squares (for the member variance)."""
+    first = outputs[0]
+    square_dtype = first.np_dtype if first.np_dtype.kind == "f" else np.dtype(np.float32)
+    return TensorSpec(f"{first.name}.squares", "FP64" if square_dtype.itemsize == 8 else "FP32", first.dims)
+
+
+def slot_row_bytes(outputs: list[TensorSpec]) -> int:
+    """Bytes of one row of a replica's output slots (the outputs and the squares)."""
+    return sum(t.row_bytes for t in outputs) + square_spec(outputs).row_bytes
 
 
 class RowRing:
@@ -63,12 +101,11 @@ class RowRing:
 class InputRing:
     """The shared input rows of one input signature; every worker that reads it maps it."""
 
-    def __init__(self, owner: int, tag: str, inputs: list[TensorSpec], capacity: int) -> None:
-        """``tag`` makes its shared-memory names unique within the owner process."""
+    def __init__(self, tag: str, inputs: list[TensorSpec], capacity: int) -> None:
+        """``tag`` makes its shared-memory names unique within the process's run."""
         self.inputs = inputs
         self.capacity = capacity
-        self.arenas = [Arena(arena_name(owner, f"{tag}.{k}"), capacity * t.row_bytes, create=True)
-                       for k, t in enumerate(inputs)]
+        self.arenas = create_arenas(tag, [capacity * t.row_bytes for t in inputs])
         self.views = [a.array(t.np_dtype, (capacity, *t.dims)) for a, t in zip(self.arenas, inputs)]
         self.rows = RowRing(capacity)
 
@@ -97,15 +134,11 @@ class OutputSlots:
     """One worker group's outputs: per output the sum over the members it ran for a row, and the
     sum of squares of the first output (for the member variance)."""
 
-    def __init__(self, owner: int, tag: str, outputs: list[TensorSpec], capacity: int) -> None:
+    def __init__(self, tag: str, outputs: list[TensorSpec], capacity: int) -> None:
         self.outputs = outputs
-        first = outputs[0]
-        square_dtype = first.np_dtype if first.np_dtype.kind == "f" else np.dtype(np.float32)
-        self.square = TensorSpec(f"{first.name}.squares", "FP64" if square_dtype.itemsize == 8 else "FP32",
-                                 first.dims)
+        self.square = square_spec(outputs)
         specs = [*outputs, self.square]
-        self.arenas = [Arena(arena_name(owner, f"{tag}.{k}"), capacity * t.row_bytes, create=True)
-                       for k, t in enumerate(specs)]
+        self.arenas = create_arenas(tag, [capacity * t.row_bytes for t in specs])
         views = [a.array(t.np_dtype, (capacity, *t.dims)) for a, t in zip(self.arenas, specs)]
         self.sums, self.squares = views[:-1], views[-1]
 

@@ -14,7 +14,7 @@ import numpy as np
 from tritonclient.utils import triton_to_np_dtype
 
 from enserve.server.errors import InvalidArgument
-from enserve.server.shm import ClientRegions
+from enserve.server.shm import ClientRegion, ClientRegions
 
 MAX_REQUEST_ELEMENTS = 1 << 31
 
@@ -100,7 +100,7 @@ def _to_array(spec, shape: list[int], inp: RequestInput, regions: ClientRegions 
                 f"{what}: shared memory byte size {size} does not match shape {_fmt(shape)} "
                 f"{spec.datatype}, which needs {n_bytes} bytes"
             )
-        buf = regions.get(inp.shm_region).view(inp.shm_offset, size, what)
+        buf = regions.get(inp.shm_region).read(inp.shm_offset, size, what)
         return np.frombuffer(buf, dtype=dtype).reshape(shape)
     data = inp.data
     if data is None:
@@ -140,8 +140,8 @@ def select_outputs(target, requested: list[RequestOutput]) -> list[RequestOutput
     return requested
 
 
-def shm_output_window(out: RequestOutput, nbytes: int, regions: ClientRegions | None) -> memoryview:
-    """The client's shared-memory bytes for ``nbytes`` of output ``out``; a precise error if they do not fit."""
+def shm_output_window(out: RequestOutput, nbytes: int, regions: ClientRegions | None) -> ClientRegion:
+    """The client's region for ``nbytes`` of output ``out``; a precise error if they do not fit."""
     what = f"output '{out.name}'"
     if regions is None:
         raise InvalidArgument(f"{what}: shared memory outputs are disabled on this server (--allow-client-shm)")
@@ -152,11 +152,13 @@ def shm_output_window(out: RequestOutput, nbytes: int, regions: ClientRegions | 
             f"{what} needs {nbytes} bytes, but shared memory region '{out.shm_region}' "
             f"gives {size} bytes from offset {out.shm_offset}"
         )
-    return region.view(out.shm_offset, nbytes, what)
+    region.check(out.shm_offset, nbytes, what)
+    return region
 
 
 def write_shm_output(out: RequestOutput, value: np.ndarray, regions: ClientRegions | None) -> None:
-    np.frombuffer(shm_output_window(out, value.nbytes, regions), dtype=value.dtype)[:] = value.reshape(-1)
+    region = shm_output_window(out, value.nbytes, regions)
+    region.write(out.shm_offset, memoryview(np.ascontiguousarray(value)).cast("B"), f"output '{out.name}'")
 
 
 def check_shm_outputs(outputs: list[RequestOutput], target, batch: int, regions: ClientRegions | None) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from enserve.server import launcher
 
@@ -23,11 +26,11 @@ Daemon = launcher.Server
 
 
 def start_daemon(repo: Path, tmp: Path, *extra: str, wait: bool = True, timeout: float = 90,
-                 optimize: bool = False) -> Daemon:
+                 optimize: bool = False, wrap: list[str] | None = None) -> Daemon:
     """A daemon on free ports, its output in ``tmp``; the allocator off unless ``optimize``."""
     log = tmp / f"daemon-{time.monotonic_ns()}.log"
     return launcher.start_daemon(repo, *([] if optimize else ["--no-optimize"]), *extra, log=log, wait=wait,
-                                 timeout=timeout, cwd=ROOT)
+                                 timeout=timeout, cwd=ROOT, wrap=wrap)
 
 
 def copy_repo(repo: Path, tmp: Path) -> Path:
@@ -78,3 +81,31 @@ def daemon(request, demo_repo, tmp_path_factory):
 
 def images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, 3, 32, 32), dtype=np.float32)
+
+
+def load(daemon, reference, seconds: float, results: dict, n_threads: int = 8,
+         model: str = "ensemble", n_images: int | None = None) -> list[threading.Thread]:
+    """Client threads sending distinct requests to ``model`` (1-4 images, or ``n_images``; answers
+    checked against ``reference``); each outcome is recorded as ok / error text / wrong."""
+    lock = threading.Lock()
+
+    def run(i: int) -> None:
+        client = grpcclient.InferenceServerClient(daemon.grpc_url)
+        x = images(n_images or 1 + i % 4, seed=300 + i)
+        expected = reference(x)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            try:
+                got = client.infer(model, [inp], client_timeout=30).as_numpy("probs")
+                key = "ok" if np.allclose(got, expected, atol=1e-5) else "wrong"
+            except InferenceServerException as e:
+                key = f"{e.status()}: {e.message()}"
+            with lock:
+                results[key] = results.get(key, 0) + 1
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    return threads

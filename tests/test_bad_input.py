@@ -187,3 +187,47 @@ def test_shared_memory_errors(daemon, reference):
     assert_still_serving(daemon, reference)
     with pytest.raises(InferenceServerException, match="server's|belongs to the server"):
         client.register_system_shared_memory("mine", f"/enserve.{daemon.pid}.in0.0", 16)
+
+
+def test_a_region_the_client_truncated_is_invalid_argument_and_the_daemon_lives(daemon, reference):
+    """A client shrinks its registered object (ftruncate to 0) and infers from it, and into it: the
+    daemon reads and writes through the descriptor, so it answers INVALID_ARGUMENT / 400 instead of
+    dying of SIGBUS, and every other request is served."""
+    import tritonclient.http as httpclient
+
+    x = images(4, seed=3)
+    grpc_client = grpcclient.InferenceServerClient(daemon.grpc_url)
+    http_client = httpclient.InferenceServerClient(daemon.http_url)
+    handle = shm.create_shared_memory_region("t", "/enserve_test_trunc", x.nbytes + 160)
+    try:
+        shm.set_shared_memory_region(handle, [x])
+        grpc_client.register_system_shared_memory("t", "/enserve_test_trunc", x.nbytes + 160)
+        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_shared_memory("t", x.nbytes)
+        out = grpcclient.InferRequestedOutput("probs")
+        out.set_shared_memory("t", 160, offset=x.nbytes)
+        grpc_client.infer("ensemble", [inp], outputs=[out])  # intact: served from and into the region
+        got = shm.get_contents_as_numpy(handle, np.float32, [4, 10], offset=x.nbytes)
+        np.testing.assert_allclose(got, reference(x), atol=1e-5)
+        fd = os.open("/dev/shm/enserve_test_trunc", os.O_RDWR)
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+        with pytest.raises(InferenceServerException, match="region 't' .* is now 0 bytes.*shrunk") as e:
+            grpc_client.infer("ensemble", [inp], outputs=[out])
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+        plain = grpcclient.InferInput("input", list(x.shape), "FP32")
+        plain.set_data_from_numpy(x)
+        with pytest.raises(InferenceServerException, match="output 'probs'.*is now 0 bytes") as e:
+            grpc_client.infer("ensemble", [plain], outputs=[out])  # the answer cannot go into it either
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+        hin = httpclient.InferInput("input", list(x.shape), "FP32")
+        hin.set_shared_memory("t", x.nbytes)
+        with pytest.raises(InferenceServerException, match="is now 0 bytes") as e:
+            http_client.infer("ensemble", [hin])
+        assert e.value.status() == "400"
+    finally:
+        grpc_client.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(handle)
+    assert_still_serving(daemon, reference)

@@ -16,35 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import copy_repo, images, shm_objects, start_daemon
-
-
-def load(daemon, reference, seconds: float, results: dict, n_threads: int = 8,
-         model: str = "ensemble") -> list[threading.Thread]:
-    """Client threads sending distinct requests to ``model`` (answers checked against ``reference``);
-    each outcome is recorded as ok / error text / wrong."""
-    lock = threading.Lock()
-
-    def run(i: int) -> None:
-        client = grpcclient.InferenceServerClient(daemon.grpc_url)
-        x = images(1 + i % 4, seed=300 + i)
-        expected = reference(x)
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            inp = grpcclient.InferInput("input", list(x.shape), "FP32")
-            inp.set_data_from_numpy(x)
-            try:
-                got = client.infer(model, [inp], client_timeout=30).as_numpy("probs")
-                key = "ok" if np.allclose(got, expected, atol=1e-5) else "wrong"
-            except InferenceServerException as e:
-                key = f"{e.status()}: {e.message()}"
-            with lock:
-                results[key] = results.get(key, 0) + 1
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_threads)]
-    for t in threads:
-        t.start()
-    return threads
+from tests.conftest import copy_repo, images, load, shm_objects, start_daemon
 
 
 def test_worker_sigkill_under_load(demo_repo, reference, tmp_path):

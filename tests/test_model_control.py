@@ -16,8 +16,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from enserve.server.repository import EnsembleSpec, ensemble_config, load_repository, write_config
-from tests.conftest import copy_repo, images, shm_objects, start_daemon
-from tests.test_lifecycle import load
+from tests.conftest import copy_repo, images, load, shm_objects, start_daemon
 
 PAIR = ["cnn_w12", "cnn_w32"]
 

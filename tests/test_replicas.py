@@ -12,8 +12,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from enserve.optimizer import plan as plans
-from tests.conftest import images, shm_objects, start_daemon
-from tests.test_lifecycle import load
+from tests.conftest import images, load, shm_objects, start_daemon
 
 MEMBERS = ["cnn_w12", "cnn_w20", "cnn_w32", "cnn_w56"]
 

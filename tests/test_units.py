@@ -42,7 +42,7 @@ def test_row_ring_contiguous_wrap_and_out_of_order_free():
 
 
 def test_a_request_larger_than_the_ring_is_a_clear_invalid_argument():
-    ring = InputRing(os.getpid(), f"test{time.monotonic_ns()}", [TensorSpec("x", "FP32", (3,))], capacity=8)
+    ring = InputRing(f"test{time.monotonic_ns()}", [TensorSpec("x", "FP32", (3,))], capacity=8)
     try:
         with pytest.raises(InvalidArgument, match="a request of 9 rows is larger than the shared input ring of 8"):
             ring.put([np.zeros((9, 3), np.float32)], 9)

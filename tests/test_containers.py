@@ -1,0 +1,171 @@
+"""Container conditions made for real (CI runs as root on Debian): a small tmpfs as /dev/shm in a
+private mount namespace (``unshare -m``), and the daemon as PID 1 of its own pid namespace
+(``unshare -p -f --mount-proc``), SIGKILLed and started again on the same /dev/shm, as a pod restart
+does. The tmpfs is mounted outside the namespaces so that it outlives each daemon, as a pod's
+``emptyDir`` does, and the test can look into it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import load, start_daemon
+
+pytestmark = pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``make(mib)``: a fresh tmpfs of that size standing in for a container's /dev/shm."""
+    mounts: list[Path] = []
+
+    def make(mib: int) -> Path:
+        path = tmp_path / f"shm{len(mounts)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs (needs root, as CI has): {done.stderr.strip()}")
+        mounts.append(path)
+        return path
+
+    yield make
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def container(shm: Path, pid_namespace: bool = False) -> list[str]:
+    """The command prefix: ``shm`` bound on /dev/shm in a private mount namespace (and a pid
+    namespace whose PID 1 is the daemon)."""
+    ns = ["-p", "-f", "--mount-proc"] if pid_namespace else []
+    return ["unshare", "-m", "--propagation", "private", *ns,
+            "sh", "-c", 'mount --bind "$0" /dev/shm && exec "$@"', str(shm)]
+
+
+def pid1(daemon) -> int:
+    """The host pid of the daemon that is PID 1 of its namespace (``unshare -f``'s child)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text().split()
+        if children:
+            inner = int(children[0])
+            ns_pids = [line.split()[1:] for line in Path(f"/proc/{inner}/status").read_text().splitlines()
+                       if line.startswith("NSpid:")]
+            assert ns_pids and ns_pids[0][-1] == "1", ns_pids  # PID 1 in its own namespace
+            return inner
+        time.sleep(0.05)
+    raise AssertionError("unshare did not start the daemon")
+
+
+def objects(shm: Path) -> list[str]:
+    return sorted(p.name for p in shm.iterdir())
+
+
+def used_mib(shm: Path) -> float:
+    st = os.statvfs(shm)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize / 2**20
+
+
+def stop_by_pid(daemon, pid: int, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    os.kill(pid, sig)
+    try:
+        return daemon.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        daemon.proc.kill()
+        daemon.proc.wait()
+        raise
+
+
+def serve_ok(daemon, reference, seconds: float, n_threads: int, n_images: int) -> dict[str, int]:
+    results: dict[str, int] = {}
+    for t in load(daemon, reference, seconds, results, n_threads=n_threads, n_images=n_images):
+        t.join()
+    return results
+
+
+def test_a_small_dev_shm_serves_under_load_within_its_budget(demo_repo, reference, tmpfs, tmp_path):
+    """A 4 MiB /dev/shm (the rings would want 64 MiB): the default budget (80 % of what is free)
+    sizes the ring to fit and reserves it, and 16 clients x 8 images are all answered correctly."""
+    shm = tmpfs(4)
+    daemon = start_daemon(demo_repo, tmp_path, wrap=container(shm))
+    try:
+        assert objects(shm), "the daemon's objects live in the container's /dev/shm"
+        reserved = used_mib(shm)
+        assert 0.8 <= reserved <= 0.8 * 4 + 0.05, reserved  # reserved up front (fallocate), within budget
+        results = serve_ok(daemon, reference, 4.0, n_threads=16, n_images=8)
+        assert set(results) == {"ok"} and results["ok"] > 16, results
+        assert used_mib(shm) == pytest.approx(reserved, abs=0.01)  # nothing grows under load
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.output()
+    assert objects(shm) == []
+
+
+@pytest.mark.parametrize("mib,budget,message", [
+    (4, "64K", r"the models need at least 0\.8 MiB \(one max batch per input ring and output slot\), but "
+               r"/dev/shm has 4\.0 MiB free and --shm-budget is 0\.1 MiB; raise --shm-budget, or give the "
+               r"container a larger /dev/shm"),
+    (4, "48M", r"/dev/shm has no room for .* MiB more \(.* MiB free\); lower --shm-budget, or give the "
+               r"container a larger /dev/shm \(docker --shm-size"),
+])
+def test_a_budget_that_cannot_fit_is_a_clear_start_up_error(demo_repo, tmpfs, tmp_path, mib, budget, message):
+    import re
+
+    shm = tmpfs(mib)
+    daemon = start_daemon(demo_repo, tmp_path, "--shm-budget", budget, wrap=container(shm), wait=False)
+    try:
+        code = daemon.proc.wait(30)
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.stop()
+    assert code == 1, daemon.output()
+    assert re.search(message, daemon.output()), daemon.output()
+    assert "Traceback" not in daemon.output()
+    assert objects(shm) == []  # nothing left, the owner lock included
+
+
+def test_pid1_sigkilled_restarts_and_never_touches_a_live_neighbour(demo_repo, reference, tmpfs, tmp_path):
+    """Two daemons, each PID 1 of its own pid namespace, share one /dev/shm. One is SIGKILLed (an OOM
+    kill) and started again, as a pod restart does: the new one starts, removes only the dead one's
+    objects, and the live neighbour (same pid, other namespace) keeps its objects and serves."""
+    shm = tmpfs(16)
+    first = start_daemon(demo_repo, tmp_path, wrap=container(shm, pid_namespace=True))
+    neighbour = None
+    try:
+        first_pid = pid1(first)
+        first_objects = objects(shm)
+        assert first_objects and all(n.startswith("enserve.1.") for n in first_objects), first_objects
+        neighbour = start_daemon(demo_repo, tmp_path, wrap=container(shm, pid_namespace=True))
+        neighbour_pid = pid1(neighbour)
+        neighbour_objects = sorted(set(objects(shm)) - set(first_objects))
+        assert neighbour_objects and all(n.startswith("enserve.1.") for n in neighbour_objects)
+        stop_by_pid(first, first_pid, signal.SIGKILL)
+        assert set(first_objects) <= set(objects(shm)), "a SIGKILL leaves the objects behind"
+        restarted = start_daemon(demo_repo, tmp_path, wrap=container(shm, pid_namespace=True))
+        try:
+            restarted_pid = pid1(restarted)
+            assert "removed shared memory left by a crashed daemon" in restarted.output()
+            now = objects(shm)
+            assert not set(first_objects) & set(now), "the dead run's objects are gone"
+            assert set(neighbour_objects) <= set(now), "the live neighbour's objects are untouched"
+            for d in (restarted, neighbour):
+                results = serve_ok(d, reference, 1.5, n_threads=4, n_images=8)
+                assert set(results) == {"ok"}, results
+        finally:
+            code = stop_by_pid(restarted, restarted_pid)
+        assert code == 0, restarted.output()
+        assert set(objects(shm)) == set(neighbour_objects)
+    finally:
+        if first.proc.poll() is None:
+            first.proc.kill()
+            first.proc.wait()
+        if neighbour is not None:
+            code = stop_by_pid(neighbour, neighbour_pid)
+            assert code == 0, neighbour.output()
+    assert objects(shm) == []
