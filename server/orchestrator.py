@@ -71,7 +71,7 @@ class Orchestrator(WorkerRecovery):
         os.set_blocking(self.done_r, False)
         self.dispatch = Dispatch(self.loop, self.done_r)
         self.supervisor = Supervisor(self.loop, self.done_w, self._worker_exited)
-        self.deadlines = Deadlines(self.loop)
+        self.deadlines = Deadlines(self.loop, self._expire)
         self.loop.add_reader(self.done_r, self._on_done)
         for w in self.workers:
             self.supervisor.spawn(w)
@@ -138,7 +138,8 @@ class Orchestrator(WorkerRecovery):
                 f"the shared input ring of model '{model.name}' is full ({ring.capacity} rows); retry later")
         rid = self.next_id
         self.next_id = (rid + 1) & 0xFFFFFFFF
-        timeout = timeout_s if timeout_s is not None else self.options.request_timeout_s
+        bound = self.options.request_timeout_s  # the server's bound; a client's deadline may be shorter
+        timeout = bound if timeout_s is None else min(timeout_s, bound)
         request = InflightRequest(rid, model.shape, start, count, len(model.parts), self.loop.create_future(),
                                   self.loop.time(), timeout, uncertainty)
         self.pending[rid] = request
@@ -194,7 +195,8 @@ class Orchestrator(WorkerRecovery):
             rt.member_ns = tuple(json.loads(costs))
         held, rt.held = rt.held, []
         for rid, start, count, mask in held:
-            self._send(rt, rid, start, count, mask)
+            if rid in self.pending:  # not expired meanwhile
+                self._send(rt, rid, start, count, mask)
 
     def _batch_done(self, w: WorkerProcess, frame: Done) -> None:
         rt = self.groups[w.group]
@@ -227,13 +229,21 @@ class Orchestrator(WorkerRecovery):
             record_batch(self.stats[m], frame, len(frame.ids), len(members))
 
     def _finish(self, request: InflightRequest) -> None:
+        self._forget(request)
+        request.answer()
+        if request.shape.kind == "ensemble":
+            record_request(self.stats[request.shape.model], request)
+
+    def _expire(self, request: InflightRequest) -> None:
+        """Its deadline passed: DEADLINE_EXCEEDED now, its rows and in-flight slot free now."""
+        self._forget(request)
+        request.expire()
+
+    def _forget(self, request: InflightRequest) -> None:
         del self.pending[request.rid]
         model = self.models[request.shape.model]
         self.rings[model.ring].release(request.start)
         self.inflight[model.name] -= 1
-        request.answer()
-        if model.kind == "ensemble":
-            record_request(self.stats[model.name], request)
         if self.closing and not self.pending and self.drained is not None:
             self.drained.set()
 

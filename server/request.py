@@ -2,8 +2,9 @@
 and the one path that resolves its future. Plus one deadline timer for all requests.
 
 Errors travel as exceptions: ``answer`` sets the result or the exception, once. A request whose
-caller was already answered (deadline passed) stays in flight until every part is back, because
-its rows in shared memory belong to the workers until then.
+deadline passes is answered and forgotten at once (its rows and in-flight slot freed): a worker
+still computing it only reads rows, and writes its own slots in task order, so a later request on
+the same rows is unharmed; the late completion finds no request and is dropped.
 """
 
 from __future__ import annotations
@@ -130,10 +131,12 @@ class InflightRequest:
 
 
 class Deadlines:
-    """One timer for every request: a heap of deadlines, armed at the earliest."""
+    """One timer for every request: a heap of deadlines, armed at the earliest; ``on_expire`` gets
+    each request whose deadline passed unanswered."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_expire: Callable[[InflightRequest], None]) -> None:
         self.loop = loop
+        self.on_expire = on_expire
         self.heap: list[tuple[float, int, InflightRequest]] = []
         self.order = itertools.count()
         self.timer: asyncio.TimerHandle | None = None
@@ -158,7 +161,8 @@ class Deadlines:
         now = self.loop.time()
         while self.heap and self.heap[0][0] <= now:
             _, _, request = heapq.heappop(self.heap)
-            request.expire()
+            if not request.answered:
+                self.on_expire(request)
         while self.heap and self.heap[0][2].answered:  # drop the answered ones off the top
             heapq.heappop(self.heap)
         if self.heap:

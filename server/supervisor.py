@@ -20,6 +20,7 @@ from enserve.server.worker import WorkerSpec
 
 log = logging.getLogger("enserve")
 F_SETPIPE_SZ = 1031
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # back-off of a replica whose restart fails: 1, 2, 4 ... 30 s
 
 
 class WorkerState(enum.Enum):
@@ -42,6 +43,9 @@ class WorkerProcess:
     state: WorkerState = WorkerState.STARTING
     reason: str = ""
     ready: asyncio.Future | None = None
+    served: bool = False  # was ready once: a failed start after that is retried, not final
+    failures: int = 0  # restarts that failed in a row (the back-off)
+    retry: asyncio.TimerHandle | None = None
     tasks: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)  # task id -> (rid, start, count, mask)
     rows: int = 0  # rows of its tasks not yet answered: the load that replica choice balances
     sent_at: dict[int, float] = field(default_factory=dict)  # task id -> when it was handed over (loop clock)
@@ -59,6 +63,7 @@ class Supervisor:
         self.loop = loop
         self.done_w = done_w
         self.on_exit = on_exit
+        self.stopping = False
 
     def spawn(self, w: WorkerProcess) -> None:
         task_r, task_w = os.pipe()
@@ -103,24 +108,41 @@ class Supervisor:
         self.on_exit(w, code)
 
     def restart(self, w: WorkerProcess, code: int | None, closing: bool) -> None:
-        """After ``w`` exited: start it again, unless the server is stopping or it never finished
-        loading (then it is down, with the reason)."""
-        if closing:
+        """After ``w`` exited: start it again, unless the server is stopping or its first start
+        failed (then it is down, with the reason). A restart that fails (it cannot spawn, or exits
+        while loading) leaves it down with the reason, and is tried again with back-off."""
+        if closing or self.stopping:
             self.mark_down(w, "the server is shutting down")
-        elif w.state is WorkerState.STARTING:
+        elif w.state is WorkerState.STARTING and not w.served:
             self.mark_down(w, w.reason or f"{w.label} exited with code {code} while loading")
             log.error("%s", w.reason)
+        elif w.state is WorkerState.STARTING:
+            self._failed(w, w.reason or f"{w.label} exited with code {code} while loading")
         else:
             log.warning("%s exited with code %s; restarting it", w.label, code)
-            try:
-                self.spawn(w)
-            except OSError as exc:
-                self.mark_down(w, f"{w.label} could not be restarted: {exc}")
-                log.error("%s", w.reason)
+            self._respawn(w)
+
+    def _respawn(self, w: WorkerProcess) -> None:
+        w.retry = None
+        if self.stopping:
+            return
+        w.reason = ""
+        try:
+            self.spawn(w)
+        except OSError as exc:
+            self._failed(w, f"{w.label} could not be restarted: {exc}")
+
+    def _failed(self, w: WorkerProcess, reason: str) -> None:
+        delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** w.failures)
+        w.failures += 1
+        w.state, w.reason = WorkerState.DOWN, f"{reason}; retrying in {delay:g} s"
+        log.error("%s", w.reason)
+        w.retry = self.loop.call_later(delay, self._respawn, w)
 
     @staticmethod
     def mark_ready(w: WorkerProcess) -> None:
         w.state = WorkerState.READY
+        w.served, w.failures = True, 0
         if w.ready is not None and not w.ready.done():
             w.ready.set_result(True)
 
@@ -133,7 +155,11 @@ class Supervisor:
 
     async def stop(self, workers: list[WorkerProcess], timeout_s: float = 5.0) -> None:
         """Close every task pipe (EOF: a worker finishes its batch and exits), then wait, then kill."""
+        self.stopping = True
         for w in workers:
+            if w.retry is not None:
+                w.retry.cancel()
+                w.retry = None
             w.state = WorkerState.DOWN
             if w.task_w >= 0:
                 os.close(w.task_w)

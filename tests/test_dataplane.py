@@ -140,7 +140,13 @@ def test_request_failure_and_expiry_resolve_with_exceptions():
 def test_one_timer_expires_requests_in_deadline_order():
     async def scenario():
         loop = asyncio.get_running_loop()
-        deadlines = Deadlines(loop)
+        expired: list = []
+
+        def on_expire(request):
+            expired.append(request)
+            request.expire()
+
+        deadlines = Deadlines(loop, on_expire)
         slow, fast, done = (_request(loop, parts=1, timeout=t) for t in (0.3, 0.05, 0.1))
         for r in (slow, fast, done):
             deadlines.add(r)
@@ -151,6 +157,7 @@ def test_one_timer_expires_requests_in_deadline_order():
         assert isinstance(done.error, Unavailable) and not slow.answered
         await asyncio.sleep(0.25)
         assert isinstance(slow.error, DeadlineExceeded)
+        assert expired == [fast, slow]  # in deadline order; the answered one is never handed over
         assert deadlines.heap == [] and deadlines.timer is None
         deadlines.close()
 

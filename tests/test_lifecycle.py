@@ -238,6 +238,38 @@ def test_a_hung_worker_is_killed_restarted_and_its_request_answered(demo_repo, r
     assert shm_objects(daemon.pid) == []
 
 
+def test_expired_requests_free_their_rows_and_slots_at_once(demo_repo, reference, tmp_path):
+    """A stopped worker (the watchdog far away) holds every request: each expires, and frees its
+    in-flight slot and rows at once, so the next is not refused; once the worker runs again, its
+    late completions are dropped and the rows it reads were reused without harm."""
+    daemon = start_daemon(demo_repo, tmp_path, "--worker-timeout", "120", "--request-timeout", "0.4",
+                          "--max-inflight", "2")
+    try:
+        client = grpcclient.InferenceServerClient(daemon.grpc_url)
+        stopped = daemon.worker_pids()["cnn_w56"][0]
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            for i in range(6):  # three times the in-flight limit
+                x = images(8, seed=70 + i)
+                inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                with pytest.raises(InferenceServerException, match="did not finish within 0.4 s") as e:
+                    client.infer("ensemble", [inp], client_timeout=30)
+                assert e.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        for i in range(4):  # the worker first computes the six stale tasks on reused rows
+            x = images(8, seed=90 + i)
+            inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            np.testing.assert_allclose(client.infer("ensemble", [inp], client_timeout=30).as_numpy("probs"),
+                                       reference(x), atol=1e-5)
+        assert daemon.worker_pids()["cnn_w56"] == [stopped]  # not restarted: it only waited
+    finally:
+        assert daemon.stop() == 0
+    assert shm_objects(daemon.pid) == []
+
+
 def test_readiness_says_so_while_a_member_restarts(demo_repo, tmp_path):
     daemon = start_daemon(demo_repo, tmp_path)
     try:
@@ -263,7 +295,7 @@ def test_readiness_says_so_while_a_member_restarts(demo_repo, tmp_path):
     assert shm_objects(daemon.pid) == []
 
 
-def test_a_restart_that_fails_marks_the_member_down_with_the_reason(demo_repo, tmp_path):
+def test_a_restart_that_fails_marks_the_member_down_and_retries_with_back_off(demo_repo, reference, tmp_path):
     repo = copy_repo(demo_repo, tmp_path)
     daemon = start_daemon(repo, tmp_path)
     try:
@@ -282,6 +314,13 @@ def test_a_restart_that_fails_marks_the_member_down_with_the_reason(demo_repo, t
         assert down.value.status() == "StatusCode.UNAVAILABLE"
         assert not client.is_model_ready("ensemble") and not client.is_server_ready()
         assert client.infer("cnn_w12", [inp]).as_numpy("probs").shape == (1, 10)  # the others still serve
+        assert "retrying in" in down.value.message()
+        shutil.copy(demo_repo / "cnn_w56" / "1" / "model.onnx", repo / "cnn_w56" / "1" / "model.onnx")
+        while not client.is_model_ready("ensemble"):  # the back-off's next try loads it again
+            assert time.monotonic() < deadline + 30, daemon.output()
+            time.sleep(0.1)
+        np.testing.assert_allclose(client.infer("ensemble", [inp], client_timeout=30).as_numpy("probs"),
+                                   reference(x), atol=1e-5)
     finally:
         assert daemon.stop() == 0
     assert shm_objects(daemon.pid) == []
