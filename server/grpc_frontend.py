@@ -35,6 +35,14 @@ _TYPED = {
 }
 
 
+STREAM_INFLIGHT = 64  # requests of one ModelStreamInfer stream in flight or waiting to be sent
+
+
+def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(
+        error_message=message, infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name))
+
+
 def _param(params, key: str, kind: str):
     if key not in params:
         return None
@@ -141,35 +149,44 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(e.grpc_code, e.message)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        queue: asyncio.Queue = asyncio.Queue()
+        """Requests of one stream run concurrently, at most ``STREAM_INFLIGHT`` of them in flight or
+        waiting to be sent (the reader stops pulling beyond that, so HTTP/2 flow control holds the
+        client back); every request gets a response, an error one if anything fails; the stream
+        always ends, whatever ends its reading."""
+        slots = asyncio.Semaphore(STREAM_INFLIGHT)  # held from read until its response is sent
+        queue: asyncio.Queue = asyncio.Queue()  # never above STREAM_INFLIGHT + 1: the slots bound it
         tasks: set[asyncio.Task] = set()
+        end = object()
 
-        async def one(request):
+        async def one(request) -> None:
             try:
-                resp = await self._infer(request, None)
-                await queue.put(pb.ModelStreamInferResponse(infer_response=resp))
+                response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
             except EnserveError as e:
-                await queue.put(pb.ModelStreamInferResponse(
-                    error_message=e.message,
-                    infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name),
-                ))
+                response = _stream_error(request, e.message)
+            except Exception as e:  # noqa: BLE001 - the caller gets it, the stream goes on
+                log.exception("stream request to '%s' failed", request.model_name)
+                response = _stream_error(request, f"internal error: {type(e).__name__}: {e}")
+            queue.put_nowait(response)
 
-        async def read_all():
-            async for request in request_iterator:
-                task = asyncio.ensure_future(one(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*list(tasks))
-            await queue.put(None)
+        async def read_all() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.ensure_future(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            except Exception as e:  # noqa: BLE001 - a broken stream still ends
+                log.warning("stream ended while reading: %s: %s", type(e).__name__, e)
+            finally:
+                queue.put_nowait(end)
 
         reader = asyncio.ensure_future(read_all())
         try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    break
+            while (item := await queue.get()) is not end:
                 yield item
+                slots.release()
         finally:
             reader.cancel()
             for task in list(tasks):

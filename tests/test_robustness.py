@@ -196,3 +196,53 @@ def test_nan_and_inf_pass_through(daemon, member_sessions):
     expected = np.mean([s.run(None, {"input": x})[0] for s in member_sessions.values()], axis=0)
     np.testing.assert_allclose(got, expected, atol=1e-5, equal_nan=True)
     assert np.isnan(got[0]).all()  # NaN went through the network, not an error
+
+
+def test_a_stream_is_bounded_and_always_ends(demo_repo, reference, tmp_path):
+    """A client pours 400 requests into one stream without pause: the server reads at most
+    STREAM_INFLIGHT (64) ahead of what it has sent back, so none meets the model's in-flight limit
+    (80) and every answer is right. A stream whose next message cannot be parsed ends, after the
+    answers to what came before it, instead of hanging."""
+    from enserve.server.grpc_frontend import STREAM_INFLIGHT
+
+    assert STREAM_INFLIGHT < 80
+    daemon = start_daemon(demo_repo, tmp_path, "--max-inflight", "80")
+    try:
+        xs = [images(1, seed=500 + i) for i in range(400)]
+        with grpc.insecure_channel(daemon.grpc_url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+            def requests():
+                for i, x in enumerate(xs):
+                    r = request(x)
+                    r.id = str(i)
+                    yield r
+
+            answers = {}
+            for response in stub.ModelStreamInfer(requests(), timeout=120):
+                assert response.error_message == "", response.error_message
+                got = np.frombuffer(response.infer_response.raw_output_contents[0], np.float32).reshape(1, 10)
+                answers[response.infer_response.id] = got
+            assert len(answers) == 400
+            for i in (0, 199, 399):
+                np.testing.assert_allclose(answers[str(i)], reference(xs[i]), atol=1e-5)
+            raw = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                        request_serializer=lambda b: b,
+                                        response_deserializer=pb.ModelStreamInferResponse.FromString)
+            broken = [request(xs[0]).SerializeToString(), b"\xff\xff\xff not a protobuf"]
+            t0 = time.monotonic()
+            got = []
+            try:
+                for response in raw(iter(broken), timeout=20):
+                    got.append(response)
+            except grpc.RpcError as e:
+                assert e.code() != grpc.StatusCode.DEADLINE_EXCEEDED, "the broken stream hung"
+            assert time.monotonic() - t0 < 10
+            assert len(got) <= 1 and all(r.error_message == "" for r in got)
+        assert "Traceback" not in daemon.output()
+        client = grpcclient.InferenceServerClient(daemon.grpc_url)
+        inp = grpcclient.InferInput("input", [1, 3, 32, 32], "FP32")
+        inp.set_data_from_numpy(xs[5])
+        np.testing.assert_allclose(client.infer("ensemble", [inp]).as_numpy("probs"), reference(xs[5]), atol=1e-5)
+    finally:
+        assert daemon.stop() == 0
