@@ -85,8 +85,13 @@ class ServeOptions:
                                       "(a client deadline may be shorter)", float, above=0)
     allow_client_shm: bool = option(False, "--allow-client-shm", "accept system shared-memory registrations and "
                                     "tensors in them (Triton's extension)", switch=True)
-    max_request_bytes: int = option(256 << 20, "--max-request-bytes", "largest gRPC message / HTTP body accepted "
-                                    "(RESOURCE_EXHAUSTED / HTTP 413 beyond)", int, minimum=1)
+    max_request_bytes: int | None = option(
+        None, "--max-request-bytes", "largest gRPC message / HTTP body accepted, e.g. 8M (RESOURCE_EXHAUSTED / "
+        "HTTP 413 beyond; default: from the repository at start-up, its largest request (max batch x input "
+        "bytes) x2 for gRPC and x8 for JSON, plus 1 MiB)", parse_size, minimum=1)
+    max_inflight_bytes: int = option(512 << 20, "--max-inflight-bytes", "request bytes all requests in flight "
+                                     "may hold together, e.g. 512M (RESOURCE_EXHAUSTED / HTTP 503 beyond; never "
+                                     "below the largest request)", parse_size, minimum=1)
     tls_cert: Path | None = option(None, "--tls-cert", "PEM certificate: gRPC, HTTP and metrics speak TLS", Path)
     tls_key: Path | None = option(None, "--tls-key", "PEM private key of --tls-cert", Path)
     auth_token: str | None = option(None, "--auth-token-file", "file holding a bearer token every call but health "

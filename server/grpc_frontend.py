@@ -71,7 +71,7 @@ def decode_request(request: pb.ModelInferRequest) -> tuple[list[RequestInput], l
         else:
             field = _TYPED.get(t.datatype)
             if field is not None and t.HasField("contents"):
-                inp.data = list(getattr(t.contents, field))
+                inp.data = getattr(t.contents, field)  # counted before it is converted (``tensors``)
         inputs.append(inp)
     if raw and raw_index != len(raw):
         raise InvalidArgument(f"{len(raw)} raw_input_contents for {raw_index} inputs without shared memory")
@@ -139,8 +139,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.service = service
 
     async def _infer(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
-        pending = begin_infer(self.service, request, deadline_s)
-        return encode_response(request, pending.finish(await pending.future))
+        limits = self.service.limits
+        held = limits.reserve(request.ByteSize())  # until the answer is encoded
+        try:
+            pending = begin_infer(self.service, request, deadline_s)
+            return encode_response(request, pending.finish(await pending.future))
+        finally:
+            limits.release(held)
 
     async def ModelInfer(self, request, context):
         try:
@@ -343,7 +348,7 @@ def build_server(service: Service, address: str, pair: tuple[bytes, bytes] | Non
         interceptors=[AuthInterceptor(tokens)] if tokens.enabled else None,
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE),
-            ("grpc.max_receive_message_length", service.options.max_request_bytes),
+            ("grpc.max_receive_message_length", service.limits.grpc_bytes),
             ("grpc.so_reuseport", 0),
         ],
     )

@@ -124,7 +124,7 @@ class HttpFrontend:
         options = self.service.options
         self.tokens = Tokens(options.auth_token, options.admin_token)
         middlewares = [self._auth, self._errors] if self.tokens.enabled else [self._errors]
-        app = web.Application(client_max_size=options.max_request_bytes, middlewares=middlewares)
+        app = web.Application(client_max_size=self.service.limits.http_bytes, middlewares=middlewares)
         r = app.router
         r.add_get("/v2/health/live", self.live)
         r.add_get("/v2/health/ready", self.ready)
@@ -164,7 +164,7 @@ class HttpFrontend:
         except EnserveError as e:
             return _error(e)
         except web.HTTPRequestEntityTooLarge:
-            limit = self.service.options.max_request_bytes
+            limit = self.service.limits.http_bytes
             return _error(PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes"))
 
     async def live(self, request):
@@ -224,11 +224,17 @@ class HttpFrontend:
 
     async def infer(self, request: web.Request) -> web.Response:
         model, version = self._model(request)
-        body = await request.read()  # aiohttp inflates gzip/deflate bodies, bounded by client_max_size
-        header, inputs, outputs = parse_infer_body(body, request.headers.get(HEADER_LENGTH))
-        params = header.get("parameters", {})
-        timeout = parse_timeout(params.get("timeout"))
-        values = await self.service.infer(model, version, inputs, outputs, timeout)
+        limits = self.service.limits
+        # held from before the body is read (its declared length, or the most it may be) to the answer
+        held = limits.reserve(min(request.content_length or limits.http_bytes, limits.http_bytes))
+        try:
+            body = await request.read()  # aiohttp inflates gzip/deflate bodies, bounded by client_max_size
+            header, inputs, outputs = parse_infer_body(body, request.headers.get(HEADER_LENGTH))
+            params = header.get("parameters", {})
+            timeout = parse_timeout(params.get("timeout"))
+            values = await self.service.infer(model, version, inputs, outputs, timeout)
+        finally:
+            limits.release(held)
         default_binary = bool(params.get("binary_data_output", False))
         result = {"model_name": model, "model_version": "1", "outputs": []}
         if "id" in header:

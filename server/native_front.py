@@ -48,7 +48,6 @@ class NativeFront:
     def __init__(self, service: Service, address: str) -> None:
         options = service.options
         self.service = service
-        self.max_bytes = options.max_request_bytes
         tokens = self.tokens = Tokens(options.auth_token, options.admin_token)
         self.socket_dir = tempfile.mkdtemp(prefix="enserve-grpc-")
         self.fallback = build_server(service, f"unix:{os.path.join(self.socket_dir, 'fallback.sock')}", None, tokens)
@@ -59,6 +58,7 @@ class NativeFront:
             raise OSError(f"cannot listen for gRPC on {address}: {exc}") from exc
         self.loop: asyncio.AbstractEventLoop | None = None
         self.calls: dict[int, object] = {}  # call id -> its pending request, until answered
+        self.held: dict[int, int] = {}  # call id -> the request bytes it holds (``RequestLimits``)
         self.stopping = False
         self.idle: asyncio.Event | None = None  # set once stopping and no call is left
         self.thread: threading.Thread | None = None
@@ -101,18 +101,27 @@ class NativeFront:
                 raise Unauthenticated(reason)
         if self.stopping:
             raise Unavailable("the server is shutting down and accepts no new requests")
-        if len(payload) > self.max_bytes:
-            raise PayloadTooLarge(f"received message larger than max ({len(payload)} vs. {self.max_bytes})")
+        limits = self.service.limits
+        if len(payload) > limits.grpc_bytes:
+            raise PayloadTooLarge(f"received message larger than max ({len(payload)} vs. {limits.grpc_bytes})")
+        held = limits.reserve(len(payload))  # until answered or cancelled (``_forget``)
         try:
             request = pb.ModelInferRequest.FromString(payload)
         except Exception as exc:
+            limits.release(held)
             raise InvalidArgument(f"malformed inference.ModelInferRequest protobuf: {exc}") from None
-        pending = begin_infer(self.service, request, time_remaining)
+        try:
+            pending = begin_infer(self.service, request, time_remaining)
+        except BaseException:
+            limits.release(held)
+            raise
         self.calls[call_id] = pending
+        self.held[call_id] = held
         pending.request.on_answer = lambda f: self._answer(call_id, request, pending, f)
 
     def _forget(self, call_id: int) -> object | None:
         pending = self.calls.pop(call_id, None)
+        self.service.limits.release(self.held.pop(call_id, 0))
         if self.idle is not None and not self.calls:
             self.idle.set()
         return pending

@@ -10,11 +10,13 @@ import numpy as np
 from enserve.server import __version__
 from enserve.server.config import ServeOptions
 from enserve.server.errors import InvalidArgument, NotFound, Unavailable
+from enserve.server.limits import RequestLimits
 from enserve.server.orchestrator import Orchestrator
 from enserve.server.registry import Registry
 from enserve.server.repository import (
     ENTROPY_OUTPUT,
     VARIANCE_OUTPUT,
+    Repository,
     ensemble_config,
     member_config,
 )
@@ -69,6 +71,7 @@ class Service:
         self.options = options
         self.regions = ClientRegions()
         self.accepting = True
+        self.limits = RequestLimits.for_repository(registry.repo or Repository(options.model_repository), options)
 
     # ------------------------------------------------------------------ health and metadata
 

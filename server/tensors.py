@@ -112,6 +112,13 @@ def _to_array(spec, shape: list[int], inp: RequestInput, regions: ClientRegions 
                 f"needs {n_bytes} bytes"
             )
         return np.frombuffer(data, dtype=dtype).reshape(shape)
+    if not isinstance(data, list):  # typed gRPC contents, flat: counted before any conversion
+        if len(data) != n_elements:
+            raise InvalidArgument(f"{what}: {len(data)} values given, but shape {_fmt(shape)} needs {n_elements}")
+        try:
+            return np.fromiter(data, dtype=dtype, count=n_elements).reshape(shape)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidArgument(f"{what}: data cannot be read as {spec.datatype}: {exc}") from None
     try:
         arr = np.asarray(data, dtype=dtype)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import service_pb2 as pb
@@ -244,5 +249,109 @@ def test_a_stream_is_bounded_and_always_ends(demo_repo, reference, tmp_path):
         inp = grpcclient.InferInput("input", [1, 3, 32, 32], "FP32")
         inp.set_data_from_numpy(xs[5])
         np.testing.assert_allclose(client.infer("ensemble", [inp]).as_numpy("probs"), reference(xs[5]), atol=1e-5)
+    finally:
+        assert daemon.stop() == 0
+
+
+def _async_infer(client, x, results, key):
+    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    client.async_infer("ensemble", [inp], lambda result, error: results.__setitem__(key, (result, error)),
+                       client_timeout=60)
+
+
+def test_request_bytes_in_flight_are_bounded(demo_repo, reference, tmp_path):
+    """Two 32-image requests (384 KiB each) wait on a stopped worker; a third would pass the 1 MiB
+    of --max-inflight-bytes: RESOURCE_EXHAUSTED over gRPC, 503 over HTTP, at once. The two finish
+    right once the worker runs again, and the bytes they held are free again."""
+    daemon = start_daemon(demo_repo, tmp_path, "--max-inflight-bytes", "1M", "--max-request-bytes", "600K")
+    stopped = daemon.worker_pids()["cnn_w56"][0]
+    try:
+        client = grpcclient.InferenceServerClient(daemon.grpc_url)
+        xs = [images(32, seed=610 + i) for i in range(3)]
+        results: dict[int, tuple] = {}
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            for i in range(2):
+                _async_infer(client, xs[i], results, i)
+            deadline = time.monotonic() + 10
+            while metric(daemon, "nv_inference_pending_request_count") < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            inp = grpcclient.InferInput("input", list(xs[2].shape), "FP32")
+            inp.set_data_from_numpy(xs[2])
+            with pytest.raises(InferenceServerException, match=r"requests in flight hold 0\.8 MiB.*"
+                               r"--max-inflight-bytes \(1\.0 MiB\); retry later") as e:
+                client.infer("ensemble", [inp], client_timeout=10)
+            assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+            body = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                           "data": [0.5] * 3072}]}).encode() + b" " * 300_000
+            req = urllib.request.Request(f"http://{daemon.http_url}/v2/models/ensemble/infer", body,
+                                         {"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as http_error:
+                urllib.request.urlopen(req, timeout=10)
+            assert http_error.value.code == 503
+            assert "--max-inflight-bytes" in json.loads(http_error.value.read())["error"]
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while len(results) < 2:
+            assert time.monotonic() < deadline, results
+            time.sleep(0.05)
+        for i in range(2):
+            result, error = results[i]
+            assert error is None, error
+            np.testing.assert_allclose(result.as_numpy("probs"), reference(xs[i]), atol=1e-5)
+        inp = grpcclient.InferInput("input", list(xs[2].shape), "FP32")
+        inp.set_data_from_numpy(xs[2])
+        np.testing.assert_allclose(client.infer("ensemble", [inp]).as_numpy("probs"), reference(xs[2]), atol=1e-5)
+        assert urllib.request.urlopen(req, timeout=10).status == 200
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_default_request_limits_follow_the_repository(daemon, reference):
+    """The demo's largest request is 64 images (768 KiB): gRPC takes 2x that + 1 MiB, HTTP 8x + 1 MiB.
+    A 256-image message is refused before it is parsed; 64 images are served."""
+    client = grpcclient.InferenceServerClient(daemon.grpc_url)
+    big = images(256)
+    inp = grpcclient.InferInput("input", list(big.shape), "FP32")
+    inp.set_data_from_numpy(big)
+    with pytest.raises(InferenceServerException, match="larger than max") as e:
+        client.infer("ensemble", [inp])
+    assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    body = b"{" + b" " * (8 * 786432 + (1 << 20)) + b"}"
+    req = urllib.request.Request(f"http://{daemon.http_url}/v2/models/ensemble/infer", body,
+                                 {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as http_error:
+        urllib.request.urlopen(req, timeout=30)
+    assert http_error.value.code == 413
+    assert f"larger than the limit of {8 * 786432 + (1 << 20)} bytes" in json.loads(http_error.value.read())["error"]
+    x = images(64, seed=9)
+    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_allclose(client.infer("ensemble", [inp]).as_numpy("probs"), reference(x), atol=1e-5)
+
+
+def test_typed_contents_are_counted_before_they_are_converted(demo_repo, tmp_path):
+    """A 64 MiB message of fp32_contents (16 M values) for a 1-image shape: refused by its count,
+    without the 16 M Python floats (about 0.5 GiB) that converting it first would make."""
+    daemon = start_daemon(demo_repo, tmp_path, "--max-request-bytes", "100M", "--grpc-transport", "grpcio")
+    try:
+        status = Path(f"/proc/{daemon.pid}/status")
+        peak = lambda: int(next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM")).split()[1])  # noqa: E731
+        before = peak()
+        r = pb.ModelInferRequest(model_name="ensemble")
+        t = r.inputs.add(name="input", datatype="FP32", shape=[1, 3, 32, 32])
+        t.contents.fp32_contents.extend(np.zeros(16 << 20, np.float32))
+        with grpc.insecure_channel(daemon.grpc_url, options=[("grpc.max_send_message_length", -1)]) as channel:
+            with pytest.raises(grpc.RpcError) as e:
+                service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(r, timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "16777216 values given, but shape [1,3,32,32] needs 3072" in e.value.details()
+        grown_mib = (peak() - before) / 1024
+        # grpcio's receive path alone holds several copies of the message (about 440 MiB measured);
+        # converting first added about 430 MiB more (870 measured before the count came first)
+        assert grown_mib < 650, grown_mib
     finally:
         assert daemon.stop() == 0
