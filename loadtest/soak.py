@@ -1,8 +1,12 @@
-"""Soak: Locust against a real daemon for a given time, with a fault injector killing a worker
-every N seconds. Reports requests, failures by kind, p50/p99, the RSS of every process at start
-and end, and the daemon's /dev/shm objects before and after.
+"""Soak: Locust against a real daemon, run as a container runs it, with a fault every N seconds.
 
-    python -m enserve.loadtest.soak --minutes 10 --users 32 --kill-every 30
+The daemon is PID 1 of its own pid namespace with a small tmpfs as /dev/shm (root only, as in CI:
+``unshare -m -p -f``). Every ``--fault-every`` seconds one fault, the three kinds in turn (shuffled
+each round): SIGKILL a worker; SIGSTOP a worker for ``--stop-for`` seconds; SIGKILL the whole
+daemon and start it again on the same ports and /dev/shm, as a supervisor does. Reports requests,
+failures by kind, p50/p99, RSS per process at start and end, and /dev/shm before, during, after.
+
+    python -m enserve.loadtest.soak --minutes 10 --users 32 --shm-mib 64 --fault-every 30
 """
 
 from __future__ import annotations
@@ -20,9 +24,18 @@ import threading
 import time
 from pathlib import Path
 
-from enserve.server.launcher import shm_objects, start_daemon, workers
+from enserve.server.launcher import (
+    Server,
+    container_command,
+    free_ports,
+    mount_tmpfs,
+    namespace_pid1,
+    start_daemon,
+    workers,
+)
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+FAULTS = ("kill worker", "stop worker", "kill daemon")
 
 
 def rss_mib(pid: int) -> float | None:
@@ -35,17 +48,74 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
+def shm_state(shm: Path) -> tuple[int, float]:
+    """(enserve objects, MiB used) of the container's /dev/shm."""
+    st = os.statvfs(shm)
+    return len([p for p in shm.iterdir() if p.name.startswith("enserve.")]), \
+        (st.f_blocks - st.f_bfree) * st.f_frsize / 2**20
+
+
+class Supervised:
+    """The daemon as PID 1 of a container, restarted on the same ports after a SIGKILL."""
+
+    def __init__(self, repo: Path, shm: Path, log_dir: Path, flags: list[str]) -> None:
+        self.repo, self.shm, self.log_dir, self.flags = repo, shm, log_dir, flags
+        self.ports = tuple(free_ports(3))
+        self.starts = 0
+        self.server: Server | None = None
+        self.pid = -1
+        self.start()
+
+    def start(self) -> float:
+        t0 = time.monotonic()
+        self.starts += 1
+        self.server = start_daemon(self.repo, *self.flags, ports=self.ports, wrap=container_command(self.shm, True),
+                                   log=self.log_dir / f"daemon{self.starts}.log")
+        self.pid = namespace_pid1(self.server.pid)
+        return time.monotonic() - t0
+
+    def processes(self) -> dict[str, int]:
+        return {"daemon": self.pid} | {f"{m}#{k}": p for m, pids in workers(self.pid).items()
+                                       for k, p in enumerate(pids)}
+
+    def kill_and_restart(self) -> float:
+        os.kill(self.pid, signal.SIGKILL)
+        self.server.proc.wait(30)
+        return self.start()
+
+    def stop(self, timeout: float = 60) -> tuple[int, float]:
+        t0 = time.monotonic()
+        os.kill(self.pid, signal.SIGTERM)
+        code = self.server.proc.wait(timeout)
+        return code, time.monotonic() - t0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--users", type=int, default=32)
-    parser.add_argument("--kill-every", type=float, default=30.0, help="seconds between worker SIGKILLs (0: none)")
+    parser.add_argument("--images", type=int, default=8, help="most images per request")
+    parser.add_argument("--fault-every", type=float, default=30.0, help="seconds between faults (0: none)")
+    parser.add_argument("--stop-for", type=float, default=20.0, help="seconds a SIGSTOPped worker stays stopped")
+    parser.add_argument("--shm-mib", type=int, default=64, help="the container's /dev/shm")
     parser.add_argument("--model-repository", type=Path, default=None, help="default: the demo ensemble")
     parser.add_argument("--out", type=Path, default=Path("soak_results"), help="Locust CSV/HTML go here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("serve_flags", nargs="*", help="after --: flags for enserve serve "
+                        "(default: --no-optimize --worker-timeout 5)")
     args = parser.parse_args()
-    random.seed(args.seed)
+    rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="enserve-soak-"))
+    shm = tmp / "shm"
+    mount_tmpfs(shm, args.shm_mib)
+    try:
+        return run(args, rng, tmp, shm)
+    finally:
+        subprocess.run(["umount", "-l", str(shm)], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, rng: random.Random, tmp: Path, shm: Path) -> int:
     repo = args.model_repository
     if repo is None:
         from enserve.models.demo import write_demo_repository
@@ -53,10 +123,10 @@ def main() -> int:
         repo = tmp / "repo"
         write_demo_repository(repo)
     args.out.mkdir(parents=True, exist_ok=True)
-    shm_before = shm_objects()
-    daemon = start_daemon(repo, "--no-optimize")
-    http, grpc_port = daemon.http_port, daemon.grpc_port
-    env = dict(os.environ, ENSERVE_GRPC_URL=f"127.0.0.1:{grpc_port}")
+    shm_before = shm_state(shm)
+    daemon = Supervised(repo, shm, args.out, args.serve_flags or ["--no-optimize", "--worker-timeout", "5"])
+    http, grpc_port, _ = daemon.ports
+    env = dict(os.environ, ENSERVE_GRPC_URL=f"127.0.0.1:{grpc_port}", ENSERVE_MAX_IMAGES=str(args.images))
     seconds = int(args.minutes * 60)
     locust = subprocess.Popen(
         [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
@@ -66,18 +136,33 @@ def main() -> int:
         env=env, stdout=subprocess.DEVNULL, stderr=open(args.out / "locust.log", "w"),
     )
     time.sleep(5)  # warm-up before the first reading
-    rss_start = {"orchestrator": rss_mib(daemon.pid)} | {f"{m}#{k}": rss_mib(p) for m, pids in workers(daemon.pid).items() for k, p in enumerate(pids)}
-    kills: list[tuple[float, str]] = []
+    rss_start = {name: rss_mib(pid) for name, pid in daemon.processes().items()}
+    faults: list[tuple[float, str, str]] = []
+    shm_peak = shm_state(shm)
     stop = threading.Event()
 
     def injector() -> None:
-        t0 = time.monotonic()
-        while args.kill_every > 0 and not stop.wait(args.kill_every):
+        nonlocal shm_peak
+        t0, kinds = time.monotonic(), []
+        while args.fault_every > 0 and not stop.wait(args.fault_every):
+            if not kinds:
+                kinds = rng.sample(FAULTS, len(FAULTS))
+            kind = kinds.pop()
+            state = shm_state(shm)
+            shm_peak = max(shm_peak, state, key=lambda s: s[1])
             live = sorted((m, p) for m, pids in workers(daemon.pid).items() for p in pids)
-            if live:
-                member, pid = random.choice(live)
-                os.kill(pid, signal.SIGKILL)
-                kills.append((time.monotonic() - t0, member))
+            detail = ""
+            if kind == "kill daemon":
+                detail = f"back in {daemon.kill_and_restart():.1f} s"
+            elif live:
+                member, pid = rng.choice(live)
+                detail = member
+                if kind == "kill worker":
+                    os.kill(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGSTOP)
+                    threading.Timer(args.stop_for, _resume, (pid,)).start()
+            faults.append((time.monotonic() - t0, kind, detail))
 
     thread = threading.Thread(target=injector, daemon=True)
     thread.start()
@@ -88,41 +173,49 @@ def main() -> int:
         print("locust did not stop in time: killed", file=sys.stderr)
     stop.set()
     thread.join()
-    time.sleep(2)
-    rss_end = {"orchestrator": rss_mib(daemon.pid)} | {f"{m}#{k}": rss_mib(p) for m, pids in workers(daemon.pid).items() for k, p in enumerate(pids)}
-    shm_during = shm_objects(daemon.pid)
-    t_stop = time.monotonic()
-    code = daemon.stop(60)
-    stop_s = time.monotonic() - t_stop
-    shm_after = shm_objects()
-    report(args, kills, rss_start, rss_end, shm_before, shm_during, shm_after, code, stop_s)
-    shutil.rmtree(tmp, ignore_errors=True)
+    time.sleep(args.stop_for if faults and faults[-1][1] == "stop worker" else 2)
+    rss_end = {name: rss_mib(pid) for name, pid in daemon.processes().items()}
+    shm_during = shm_state(shm)
+    code, stop_s = daemon.stop()
+    shm_after = shm_state(shm)
+    report(args, faults, rss_start, rss_end, (shm_before, shm_peak, shm_during, shm_after), code, stop_s)
     return 0
 
 
-def report(args, kills, rss_start, rss_end, shm_before, shm_during, shm_after, code, stop_s) -> None:
+def _resume(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass  # the watchdog (or a daemon kill) ended it meanwhile
+
+
+def report(args, faults, rss_start, rss_end, shm_states, code, stop_s) -> None:
     rows = list(csv.DictReader(open(args.out / "soak_stats.csv")))
     failures = list(csv.DictReader(open(args.out / "soak_failures.csv")))
-    print(f"\nsoak: {args.minutes:g} min, {args.users} users (gRPC, HTTP JSON, HTTP binary), "
-          f"a worker SIGKILLed every {args.kill_every:g} s ({len(kills)} kills)")
-    print(f"{'endpoint':<22} {'requests':>9} {'failures':>9} {'p50 ms':>7} {'p99 ms':>7} {'req/s':>7}")
+    counts = {k: sum(1 for f in faults if f[1] == k) for k in FAULTS}
+    print(f"\nsoak: {args.minutes:g} min, {args.users} users (gRPC, HTTP JSON, HTTP binary; 1-{args.images} "
+          f"images), daemon as PID 1 with a {args.shm_mib} MiB /dev/shm; a fault every {args.fault_every:g} s: "
+          + ", ".join(f"{k} x{n}" for k, n in counts.items()))
+    for t, kind, detail in faults:
+        print(f"  {t:6.0f} s  {kind:<12} {detail}")
+    print(f"{'endpoint':<22} {'requests':>9} {'failures':>9} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>8} {'req/s':>7}")
     for r in rows:
         name = f"{r['Type']} {r['Name']}".strip()
         print(f"{name:<22} {r['Request Count']:>9} {r['Failure Count']:>9} {r['50%']:>7} {r['99%']:>7} "
-              f"{float(r['Requests/s']):>7.1f}")
+              f"{float(r['Max Response Time']):>8.0f} {float(r['Requests/s']):>7.1f}")
     print("failures by kind:" + ("" if failures else " none"))
     for f in failures:
         print(f"  {f['Occurrences']:>6} x {f['Method']} {f['Name']}: {f['Error'][:160]}")
     wrong = sum(int(f["Occurrences"]) for f in failures if "wrong answer" in f["Error"])
-    print(f"wrong answers: {wrong}; hung requests: none can hang past the 30 s client timeout, "
-          f"counted as failures above if any")
-    print(f"{'process':<14} {'RSS start MiB':>13} {'RSS end MiB':>11} {'growth':>8}")
-    for name in rss_start:
+    hung = sum(int(f["Occurrences"]) for f in failures if "imeout" in f["Error"] or "DEADLINE" in f["Error"])
+    print(f"wrong answers: {wrong}; timed out at the client (30 s): {hung}")
+    print(f"{'process':<14} {'RSS start MiB':>13} {'RSS end MiB':>11}")
+    for name in sorted(set(rss_start) | set(rss_end)):
         a, b = rss_start.get(name), rss_end.get(name)
-        growth = f"{b - a:+.1f}" if a is not None and b is not None else "-"
-        print(f"{name:<14} {a or 0:>13.1f} {b or 0:>11.1f} {growth:>8}")
-    print("(a member's RSS at the end is its latest restarted worker's)")
-    print(f"/dev/shm enserve objects: before {shm_before}, while serving {len(shm_during)}, after {shm_after}")
+        print(f"{name:<14} {a or 0:>13.1f} {b or 0:>11.1f}")
+    print("(after a daemon or worker restart, the end figure is the new process's)")
+    labels = ("before", "peak at a fault", "at the end", "after stop")
+    print("/dev/shm: " + "; ".join(f"{label} {n} objects, {mib:.1f} MiB" for label, (n, mib) in zip(labels, shm_states)))
     print(f"daemon exit code {code}, stopped {stop_s:.1f} s after SIGTERM; Locust report: {args.out}/soak.html")
 
 

@@ -96,13 +96,49 @@ def start_server(command: list[str], grpc_port: int, *, http_port: int | None = 
 
 
 def start_daemon(repository: Path, *flags: str, log: Path | None = None, wait: bool = True,
-                 timeout: float = 120, cwd: Path | None = None, wrap: list[str] | None = None) -> Server:
-    """``enserve serve`` on free ports with ``flags``; ``wrap`` prefixes the command (``unshare ...``)."""
-    http, grpc_port, metrics = free_ports(3)
+                 timeout: float = 120, cwd: Path | None = None, wrap: list[str] | None = None,
+                 ports: tuple[int, int, int] | None = None) -> Server:
+    """``enserve serve`` with ``flags`` on ``ports`` (HTTP, gRPC, metrics; default: free ones);
+    ``wrap`` prefixes the command (``container_command``)."""
+    http, grpc_port, metrics = ports or free_ports(3)
     command = [*(wrap or []), sys.executable, "-m", "enserve", "serve", "--model-repository", str(repository),
                "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics), *flags]
     return start_server(command, grpc_port, http_port=http, metrics_port=metrics, log=log, wait=wait,
                         timeout=timeout, cwd=cwd)
+
+
+def mount_tmpfs(path: Path, mib: int) -> None:
+    """A tmpfs of ``mib`` MiB on ``path`` (root only): a container's /dev/shm that outlives its daemon,
+    as a pod's memory-medium emptyDir does. ``umount -l`` it when done."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise PermissionError(f"cannot mount a tmpfs on {path} (root only): {done.stderr.strip()}")
+
+
+def container_command(shm: Path, pid_namespace: bool = False) -> list[str]:
+    """A command prefix running as in a container: ``shm`` bound on /dev/shm in a private mount
+    namespace, and with ``pid_namespace`` as PID 1 of a new pid namespace (``unshare -f``)."""
+    ns = ["-p", "-f", "--mount-proc"] if pid_namespace else []
+    return ["unshare", "-m", "--propagation", "private", *ns,
+            "sh", "-c", 'mount --bind "$0" /dev/shm && exec "$@"', str(shm)]
+
+
+def namespace_pid1(unshare_pid: int, timeout: float = 10) -> int:
+    """The host pid of the process that ``unshare -f`` (pid ``unshare_pid``) started as PID 1."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{unshare_pid}/task/{unshare_pid}/children").read_text().split()
+        if children:
+            inner = int(children[0])
+            ns_pids = [line.split()[1:] for line in Path(f"/proc/{inner}/status").read_text().splitlines()
+                       if line.startswith("NSpid:")]
+            if not ns_pids or ns_pids[0][-1] != "1":
+                raise RuntimeError(f"process {inner} is not PID 1 of its namespace: NSpid {ns_pids}")
+            return inner
+        time.sleep(0.05)
+    raise RuntimeError(f"unshare (pid {unshare_pid}) started no process in {timeout} s")
 
 
 def workers(daemon_pid: int) -> dict[str, list[int]]:

@@ -10,11 +10,11 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from enserve.server.launcher import container_command, mount_tmpfs, namespace_pid1
 from tests.conftest import load, start_daemon
 
 pytestmark = pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare")
@@ -27,40 +27,16 @@ def tmpfs(tmp_path):
 
     def make(mib: int) -> Path:
         path = tmp_path / f"shm{len(mounts)}"
-        path.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(path)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs (needs root, as CI has): {done.stderr.strip()}")
+        try:
+            mount_tmpfs(path, mib)
+        except PermissionError as exc:
+            pytest.skip(f"{exc} (CI runs as root)")
         mounts.append(path)
         return path
 
     yield make
     for path in mounts:
         subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def container(shm: Path, pid_namespace: bool = False) -> list[str]:
-    """The command prefix: ``shm`` bound on /dev/shm in a private mount namespace (and a pid
-    namespace whose PID 1 is the daemon)."""
-    ns = ["-p", "-f", "--mount-proc"] if pid_namespace else []
-    return ["unshare", "-m", "--propagation", "private", *ns,
-            "sh", "-c", 'mount --bind "$0" /dev/shm && exec "$@"', str(shm)]
-
-
-def pid1(daemon) -> int:
-    """The host pid of the daemon that is PID 1 of its namespace (``unshare -f``'s child)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        children = Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text().split()
-        if children:
-            inner = int(children[0])
-            ns_pids = [line.split()[1:] for line in Path(f"/proc/{inner}/status").read_text().splitlines()
-                       if line.startswith("NSpid:")]
-            assert ns_pids and ns_pids[0][-1] == "1", ns_pids  # PID 1 in its own namespace
-            return inner
-        time.sleep(0.05)
-    raise AssertionError("unshare did not start the daemon")
 
 
 def objects(shm: Path) -> list[str]:
@@ -93,7 +69,7 @@ def test_a_small_dev_shm_serves_under_load_within_its_budget(demo_repo, referenc
     """A 4 MiB /dev/shm (the rings would want 64 MiB): the default budget (80 % of what is free)
     sizes the ring to fit and reserves it, and 16 clients x 8 images are all answered correctly."""
     shm = tmpfs(4)
-    daemon = start_daemon(demo_repo, tmp_path, wrap=container(shm))
+    daemon = start_daemon(demo_repo, tmp_path, wrap=container_command(shm))
     try:
         assert objects(shm), "the daemon's objects live in the container's /dev/shm"
         reserved = used_mib(shm)
@@ -118,7 +94,7 @@ def test_a_budget_that_cannot_fit_is_a_clear_start_up_error(demo_repo, tmpfs, tm
     import re
 
     shm = tmpfs(mib)
-    daemon = start_daemon(demo_repo, tmp_path, "--shm-budget", budget, wrap=container(shm), wait=False)
+    daemon = start_daemon(demo_repo, tmp_path, "--shm-budget", budget, wrap=container_command(shm), wait=False)
     try:
         code = daemon.proc.wait(30)
     finally:
@@ -135,21 +111,21 @@ def test_pid1_sigkilled_restarts_and_never_touches_a_live_neighbour(demo_repo, r
     kill) and started again, as a pod restart does: the new one starts, removes only the dead one's
     objects, and the live neighbour (same pid, other namespace) keeps its objects and serves."""
     shm = tmpfs(16)
-    first = start_daemon(demo_repo, tmp_path, wrap=container(shm, pid_namespace=True))
+    first = start_daemon(demo_repo, tmp_path, wrap=container_command(shm, pid_namespace=True))
     neighbour = None
     try:
-        first_pid = pid1(first)
+        first_pid = namespace_pid1(first.pid)
         first_objects = objects(shm)
         assert first_objects and all(n.startswith("enserve.1.") for n in first_objects), first_objects
-        neighbour = start_daemon(demo_repo, tmp_path, wrap=container(shm, pid_namespace=True))
-        neighbour_pid = pid1(neighbour)
+        neighbour = start_daemon(demo_repo, tmp_path, wrap=container_command(shm, pid_namespace=True))
+        neighbour_pid = namespace_pid1(neighbour.pid)
         neighbour_objects = sorted(set(objects(shm)) - set(first_objects))
         assert neighbour_objects and all(n.startswith("enserve.1.") for n in neighbour_objects)
         stop_by_pid(first, first_pid, signal.SIGKILL)
         assert set(first_objects) <= set(objects(shm)), "a SIGKILL leaves the objects behind"
-        restarted = start_daemon(demo_repo, tmp_path, wrap=container(shm, pid_namespace=True))
+        restarted = start_daemon(demo_repo, tmp_path, wrap=container_command(shm, pid_namespace=True))
         try:
-            restarted_pid = pid1(restarted)
+            restarted_pid = namespace_pid1(restarted.pid)
             assert "removed shared memory left by a crashed daemon" in restarted.output()
             now = objects(shm)
             assert not set(first_objects) & set(now), "the dead run's objects are gone"
