@@ -85,10 +85,11 @@ class Server:
 
 def start_server(command: list[str], grpc_port: int, *, http_port: int | None = None,
                  metrics_port: int | None = None, log: Path | None = None, wait: bool = True,
-                 timeout: float = 120, cwd: Path | None = None) -> Server:
-    """Run ``command`` (any KServe v2 gRPC server listening on ``grpc_port``); output to ``log``."""
+                 timeout: float = 120, cwd: Path | None = None, session: bool = False) -> Server:
+    """Run ``command`` (any KServe v2 gRPC server listening on ``grpc_port``); output to ``log``;
+    ``session``: in a session (and process group) of its own, as a terminal's job is."""
     out = log.open("w") if log is not None else subprocess.DEVNULL
-    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=session)
     server = Server(proc, grpc_port, http_port, metrics_port, log)
     if wait:
         server.wait_ready(timeout)
@@ -97,14 +98,14 @@ def start_server(command: list[str], grpc_port: int, *, http_port: int | None = 
 
 def start_daemon(repository: Path, *flags: str, log: Path | None = None, wait: bool = True,
                  timeout: float = 120, cwd: Path | None = None, wrap: list[str] | None = None,
-                 ports: tuple[int, int, int] | None = None) -> Server:
+                 ports: tuple[int, int, int] | None = None, session: bool = False) -> Server:
     """``enserve serve`` with ``flags`` on ``ports`` (HTTP, gRPC, metrics; default: free ones);
     ``wrap`` prefixes the command (``container_command``)."""
     http, grpc_port, metrics = ports or free_ports(3)
     command = [*(wrap or []), sys.executable, "-m", "enserve", "serve", "--model-repository", str(repository),
                "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics), *flags]
     return start_server(command, grpc_port, http_port=http, metrics_port=metrics, log=log, wait=wait,
-                        timeout=timeout, cwd=cwd)
+                        timeout=timeout, cwd=cwd, session=session)
 
 
 def mount_tmpfs(path: Path, mib: int) -> None:

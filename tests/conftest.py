@@ -26,11 +26,11 @@ Daemon = launcher.Server
 
 
 def start_daemon(repo: Path, tmp: Path, *extra: str, wait: bool = True, timeout: float = 90,
-                 optimize: bool = False, wrap: list[str] | None = None) -> Daemon:
+                 optimize: bool = False, wrap: list[str] | None = None, session: bool = False) -> Daemon:
     """A daemon on free ports, its output in ``tmp``; the allocator off unless ``optimize``."""
     log = tmp / f"daemon-{time.monotonic_ns()}.log"
     return launcher.start_daemon(repo, *([] if optimize else ["--no-optimize"]), *extra, log=log, wait=wait,
-                                 timeout=timeout, cwd=ROOT, wrap=wrap)
+                                 timeout=timeout, cwd=ROOT, wrap=wrap, session=session)
 
 
 def copy_repo(repo: Path, tmp: Path) -> Path:

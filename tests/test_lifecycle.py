@@ -270,6 +270,27 @@ def test_expired_requests_free_their_rows_and_slots_at_once(demo_repo, reference
     assert shm_objects(daemon.pid) == []
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_process_group_drains_without_restarting_workers(demo_repo, reference, tmp_path, sig):
+    """Ctrl-C in a terminal signals the daemon and its workers at once: the workers leave their
+    stop to the daemon, so requests in flight finish and nothing is restarted."""
+    daemon = start_daemon(demo_repo, tmp_path, session=True)
+    results: dict[str, int] = {}
+    threads = load(daemon, reference, 2.0, results, n_threads=4)
+    time.sleep(1.0)
+    workers_before = daemon.worker_pids()
+    os.killpg(os.getpgid(daemon.pid), sig)
+    assert daemon.proc.wait(30) == 0, daemon.output()
+    for t in threads:
+        t.join()
+    assert results.get("ok", 0) > 0 and results.get("wrong", 0) == 0, results
+    failed = {k: v for k, v in results.items() if k not in ("ok", "wrong")}
+    assert all("UNAVAILABLE" in k for k in failed), failed  # only those sent after the stop began
+    assert "restarting it" not in daemon.output() and "exited with code" not in daemon.output()
+    assert all(not Path(f"/proc/{p}").exists() for pids in workers_before.values() for p in pids)
+    assert shm_objects(daemon.pid) == []
+
+
 def test_readiness_says_so_while_a_member_restarts(demo_repo, tmp_path):
     daemon = start_daemon(demo_repo, tmp_path)
     try:
