@@ -54,6 +54,40 @@ def test_two_workers_build_a_library_and_a_rerun_continues(library):
     assert study_trials(storage) > before  # the same study, continued
 
 
+def test_a_library_and_its_study_belong_to_one_data_set(library, tmp_path):
+    import json
+    import shutil
+
+    lib, storage = library
+    fp = json.loads((lib / "dataset.json").read_text())
+    assert fp["name"] == "digits" and fp["split_seed"] == 0 and fp["classes"] == 10
+    assert fp["shapes"]["x_val"] == [360, 1, 8, 8] and len(fp["train_sha256"]) == 64
+    assert {r.data_sha256 for r in read_records(lib)} == {fp["train_sha256"]}
+    rng = np.random.default_rng(0)
+    other = tmp_path / "signals.npz"
+    np.savez(other, x_train=rng.random((300, 40), dtype=np.float32), y_train=rng.integers(0, 3, 300))
+    before = len(read_records(lib))
+    with pytest.raises(ValueError, match=r"the library .*library belongs to data set 'digits': \d+ training samples "
+                       r"of shape \(1, 8, 8\), 10 classes, .*; this build is on 'signals': 180 training samples of "
+                       r"shape \(40,\), 3 classes.* build into another one \(--library DIR"):
+        build_library(str(other), lib, workers=1, time_budget_s=5, max_epochs=1)
+    with pytest.raises(ValueError, match=r"belongs to data set 'digits'.*split seed 0.*this build is on 'digits'.*"
+                       r"split seed 1"):
+        build_library("digits", lib, workers=1, time_budget_s=5, max_epochs=1, seed=1)
+    assert len(read_records(lib)) == before  # refused before any training
+    with pytest.raises(ValueError, match=r"the study 'enserve' in .* was run on data set 'digits'.*this build is on "
+                       r"'signals'.*cannot be compared"):
+        build_library(str(other), tmp_path / "fresh", storage=storage, workers=1, time_budget_s=5, max_epochs=1)
+    copy = tmp_path / "copy"
+    shutil.copytree(lib, copy)
+    record = next(f for f in sorted(copy.glob("trial_*/record.json")) if json.loads(f.read_text())["state"] != "failed")
+    stranger = json.loads(record.read_text()) | {"data_sha256": "0" * 64}
+    record.write_text(json.dumps(stranger))
+    with pytest.raises(ValueError, match=rf"trials \[{stranger['number']}\] were trained on other data than the "
+                       r"library's data set 'digits'"):
+        candidates(copy)
+
+
 def test_select_exports_a_servable_ensemble(library, tmp_path):
     import onnxruntime as ort
 

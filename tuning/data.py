@@ -11,6 +11,7 @@ Images are float32 (N, C, H, W) in [0, 1]; tabular rows are float32 (N, F).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import pickle
 import tarfile
@@ -37,6 +38,34 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+
+SPLITS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+
+
+def fingerprint(data: Dataset, seed: int) -> dict:
+    """What a library records of its data set: name, kind, classes, every split's shape and dtype,
+    a hash of the training arrays (after the split) and the split seed."""
+    digest = hashlib.sha256()
+    for a in (data.x_train, data.y_train):
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return {"name": data.name, "kind": data.kind, "classes": data.classes,
+            "shapes": {k: list(getattr(data, k).shape) for k in SPLITS},
+            "dtypes": {k: getattr(data, k).dtype.str for k in SPLITS},
+            "train_sha256": digest.hexdigest(), "split_seed": seed}
+
+
+def same_data(a: dict, b: dict) -> bool:
+    """Whether two fingerprints are of the same data, split the same way (the name may differ)."""
+    keys = ("classes", "shapes", "dtypes", "train_sha256", "split_seed")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def describe(fp: dict) -> str:
+    shape = fp["shapes"]["x_train"]
+    return (f"'{fp['name']}': {shape[0]} training samples of shape {tuple(shape[1:])}, {fp['classes']} classes, "
+            f"split seed {fp['split_seed']}, training hash {fp['train_sha256'][:12]}")
 
 
 def carve(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:

@@ -34,6 +34,43 @@ class TrialRecord:
     flops: int
     directory: str
     message: str = ""
+    data_sha256: str = ""  # the training data's hash (``data.fingerprint``); empty in older libraries
+
+
+DATASET_FILE = "dataset.json"
+
+
+def library_dataset(library: Path) -> dict | None:
+    """The fingerprint of the data set ``library`` belongs to, or None if it records none."""
+    path = Path(library) / DATASET_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def claim_library(library: Path, fp: dict, y_val: np.ndarray, y_test: np.ndarray) -> None:
+    """Record that ``library`` holds models of the data set ``fp``, or refuse another one. A
+    library from before fingerprints is adopted only if its labels are this data set's."""
+    from enserve.tuning.data import describe, same_data
+
+    library = Path(library)
+    have = library_dataset(library)
+    way_out = (f"A library holds the models of one data set: build into another one (--library DIR, with a "
+               f"new --storage if you share one), or remove {library} to start over.")
+    if have is not None:
+        if not same_data(have, fp):
+            raise ValueError(f"the library {library} belongs to data set {describe(have)}; this build is on "
+                             f"{describe(fp)}. {way_out}")
+        return
+    labels = library / "labels.npz"
+    if labels.is_file():
+        old = np.load(labels, allow_pickle=False)
+        if old["y_val"].shape != y_val.shape or old["y_test"].shape != y_test.shape or \
+                (old["y_val"] != y_val).any() or (old["y_test"] != y_test).any():
+            raise ValueError(f"the library {library} was built on other data (its labels differ) than "
+                             f"{describe(fp)}. {way_out}")
+    library.mkdir(parents=True, exist_ok=True)
+    tmp = library / (DATASET_FILE + ".tmp")
+    tmp.write_text(json.dumps(fp, indent=1))
+    os.replace(tmp, library / DATASET_FILE)
 
 
 def trial_dir(library: Path, number: int) -> Path:
@@ -97,9 +134,19 @@ def candidates(library: Path) -> Candidates:
     records = [r for r in read_records(library) if r.state in ("complete", "pruned")]
     if not records:
         raise ValueError(f"{library}: no trained trial to select from")
+    fp = library_dataset(library)
+    strangers = [r.number for r in records if fp is not None and r.data_sha256 not in ("", fp["train_sha256"])]
+    if strangers:
+        raise ValueError(f"{library}: trials {strangers} were trained on other data than the library's data set "
+                         f"'{fp['name']}'; remove their trial_* directories, or select from their own library")
     val = [np.load(trial_dir(library, r.number) / "val_pred.npy", allow_pickle=False) for r in records]
     test = [np.load(trial_dir(library, r.number) / "test_pred.npy", allow_pickle=False) for r in records]
     labels = np.load(Path(library) / "labels.npz", allow_pickle=False)
+    odd = {r.number: v.shape[0] for r, v in zip(records, val) if v.shape[0] != len(labels["y_val"])}
+    if odd:
+        raise ValueError(f"{library}: trials {sorted(odd)} predict {sorted(set(odd.values()))} validation samples, but "
+                         f"the library's data set has {len(labels['y_val'])}: they belong to another data set; remove "
+                         "their trial_* directories")
     return Candidates([r.number for r in records], np.stack(val), np.stack(test),
                       np.array([r.cost_s for r in records]), np.array([r.val_loss for r in records]),
                       labels["y_val"], labels["y_test"])

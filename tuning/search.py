@@ -126,7 +126,7 @@ class TrialFailed(Exception):
     the search goes on."""
 
 
-def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler) -> float:
+def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler, data_sha256: str = "") -> float:
     import optuna
     import torch
 
@@ -158,11 +158,11 @@ def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler) 
         cost = measure_cost(onnx_path, data, profiler)
     except (TrialDiverged, RuntimeError) as exc:  # diverged, or its export / cost measurement failed
         write_record(library, TrialRecord(trial.number, "failed", params, 0, [], float("nan"), 1.0, 1.0,
-                                          float("nan"), parameter_count(model), 0, d.name, str(exc)))
+                                          float("nan"), parameter_count(model), 0, d.name, str(exc), data_sha256))
         raise TrialFailed(str(exc)) from exc
     record = TrialRecord(trial.number, "pruned" if result.pruned else "complete", params, result.epochs,
                          result.curve, val_loss, val_error, test_error, cost,
-                         parameter_count(model), flop_count(model, data.input_shape), d.name)
+                         parameter_count(model), flop_count(model, data.input_shape), d.name, "", data_sha256)
     write_record(library, record)
     if result.pruned:
         raise optuna.TrialPruned(f"stopped at epoch {result.epochs}")
@@ -181,11 +181,12 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # the exporter's notes, once per trial
     warnings.filterwarnings("ignore", category=FutureWarning)
 
-    from enserve.tuning.data import load_dataset
+    from enserve.tuning.data import fingerprint, load_dataset
 
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = load_dataset(dataset, seed=seed)
+    data_sha256 = fingerprint(data, seed)["train_sha256"]
     attrs = optuna.load_study(study_name=study_name, storage=make_storage(storage)).user_attrs
     study = optuna.load_study(study_name=study_name, storage=make_storage(storage),
                               sampler=make_sampler(attrs.get("sampler", "random"), seed + os.getpid()),
@@ -199,7 +200,7 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
     from enserve.optimizer.profiles import Profiler
 
     with Profiler() as profiler:
-        study.optimize(lambda t: objective(t, data, Path(library), max_epochs, seed, profiler), timeout=remaining,
+        study.optimize(lambda t: objective(t, data, Path(library), max_epochs, seed, profiler, data_sha256), timeout=remaining,
                        catch=(TrialFailed,), callbacks=callbacks, gc_after_trial=True)
 
 
@@ -220,8 +221,8 @@ def build_library(dataset: str, library: Path, *, storage: str | None = None, st
     """Create (or continue) the study and run ``workers`` processes on it until the time budget."""
     import optuna
 
-    from enserve.tuning.data import load_dataset
-    from enserve.tuning.library import write_labels
+    from enserve.tuning.data import describe, fingerprint, load_dataset, same_data
+    from enserve.tuning.library import claim_library, write_labels
 
     if max_epochs < 1:
         raise ValueError(f"max_epochs is {max_epochs}, but must be >= 1")
@@ -230,11 +231,19 @@ def build_library(dataset: str, library: Path, *, storage: str | None = None, st
     library = Path(library)
     library.mkdir(parents=True, exist_ok=True)
     data = load_dataset(dataset, seed=seed)
-    write_labels(library, data.y_val, data.y_test)
+    fp = fingerprint(data, seed)
+    claim_library(library, fp, data.y_val, data.y_test)  # refuses another data set's library
     storage = storage or str(library / "study.journal")
     study = optuna.create_study(study_name=study_name, storage=make_storage(storage), direction="minimize",
                                 sampler=make_sampler(sampler, seed), pruner=make_pruner(pruner, max_epochs),
                                 load_if_exists=True)
+    ran_on = study.user_attrs.get("dataset")
+    if ran_on is not None and not same_data(ran_on, fp):
+        raise ValueError(f"the study '{study_name}' in {storage} was run on data set {describe(ran_on)}; this build "
+                         f"is on {describe(fp)}: its trials cannot be compared. Use another study (--storage, or "
+                         f"another library with its own journal).")
+    study.set_user_attr("dataset", fp)
+    write_labels(library, data.y_val, data.y_test)
     study.set_user_attr("sampler", sampler)
     study.set_user_attr("pruner", pruner)
     threads = max(1, (os.cpu_count() or 1) // workers)
