@@ -11,13 +11,15 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def flop_count(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one sample through the Conv2d and Linear layers (what dominates these networks)."""
+    """FLOPs of one sample through the Conv1d, Conv2d and Linear layers (what dominates these networks)."""
     total = 0
 
-    def conv_hook(module: nn.Conv2d, _inputs, output: torch.Tensor) -> None:
+    def conv_hook(module: nn.Conv1d | nn.Conv2d, _inputs, output: torch.Tensor) -> None:
         nonlocal total
-        kh, kw = module.kernel_size
-        total += 2 * output[0].numel() * (module.in_channels // module.groups) * kh * kw
+        window = 1
+        for k in module.kernel_size:
+            window *= k
+        total += 2 * output[0].numel() * (module.in_channels // module.groups) * window
 
     def linear_hook(module: nn.Linear, _inputs, output: torch.Tensor) -> None:
         nonlocal total
@@ -25,7 +27,7 @@ def flop_count(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
     hooks = []
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
             hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(linear_hook))

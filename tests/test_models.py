@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch", reason="the 'tune' extra (torch) is not ins
 from enserve.models.counting import flop_count, parameter_count  # noqa: E402
 from enserve.models.mlp import MLP, MLPConfig  # noqa: E402
 from enserve.models.resnet import ResNet, ResNetConfig  # noqa: E402
+from enserve.models.resnet1d import ResNet1d, ResNet1dConfig  # noqa: E402
 
 
 @pytest.mark.parametrize("block", ["v1", "v2", "next"])
@@ -51,3 +52,19 @@ def test_conv_flops_are_exact():
     # 8x8 outputs: 2 * 64 * 4 * (3*3*3) + 2 * 64 * 4 * (2*3*3)
     assert flop_count(conv, (3, 8, 8)) == 2 * 64 * 4 * 27 + 2 * 64 * 4 * 18
     assert parameter_count(conv) == 4 * 3 * 9 + 4 * 2 * 9
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+def test_resnet1d_shapes_and_exact_first_conv_flops(kernel):
+    cfg = ResNet1dConfig(in_channels=2, classes=4, filters=8, filter_step=4, blocks=(1, 2, 1), kernel=kernel)
+    net = ResNet1d(cfg)
+    assert net(torch.zeros(5, 2, 40)).shape == (5, 4)
+    stem = ResNet1d(ResNet1dConfig(in_channels=2, classes=4, filters=8, filter_step=0, blocks=(1, 1, 1), kernel=kernel))
+    # the stem alone: 8 outputs x 40 positions x 2 inputs x kernel, 2 FLOPs per multiply-add
+    only_stem = torch.nn.Sequential(stem.features[0])
+    assert flop_count(only_stem, (2, 40)) == 2 * 8 * 40 * 2 * kernel
+    assert flop_count(net, (2, 40)) > flop_count(stem, (2, 40))
+    with pytest.raises(ValueError, match="kernel is 4, but must be one of"):
+        ResNet1dConfig(in_channels=1, classes=2, kernel=4)
+    with pytest.raises(ValueError, match="must be 3 stages of >= 1 block"):
+        ResNet1dConfig(in_channels=1, classes=2, blocks=(1, 1))

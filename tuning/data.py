@@ -5,7 +5,8 @@ an ``.npz`` with ``x_train``/``y_train`` and optionally ``x_val``/``y_val``, ``x
 (absent splits are carved from the training arrays), a folder with one sub-folder of images per
 class, CIFAR-10/100 in their published python-pickle format (the ``.tar.gz`` or its extracted
 folder), and CSV for tabular data (label in the ``label`` column, else the last one).
-Images are float32 (N, C, H, W) in [0, 1]; tabular rows are float32 (N, F).
+Images are float32 (N, C, H, W) in [0, 1]; signals (N, C, L), or (N, L) read with input kind
+'signal', become (N, C, L); other rows are tabular, float32 (N, F).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 @dataclass
 class Dataset:
     name: str
-    kind: str  # "image" | "tabular"
+    kind: str  # "image" | "signal" | "tabular"
     classes: int
     x_train: np.ndarray
     y_train: np.ndarray
@@ -102,14 +103,34 @@ def load_digits(seed: int = 0) -> Dataset:
     return make_dataset("digits", "image", (d.images / 16.0)[:, None, :, :], d.target, seed=seed)
 
 
-def load_npz(path: Path, seed: int = 0) -> Dataset:
+INPUT_KINDS = ("auto", "image", "signal", "tabular")
+
+
+def input_kind_of(x: np.ndarray, requested: str, where: str) -> tuple[str, np.ndarray]:
+    """(kind, x): 4-D arrays are images, 3-D signals, 2-D tabular rows unless 'signal' is asked for
+    (then one channel)."""
+    if requested not in INPUT_KINDS:
+        raise ValueError(f"input kind '{requested}' is not one of {INPUT_KINDS}")
+    found = {4: "image", 3: "signal", 2: "tabular"}.get(x.ndim)
+    if found is None:
+        raise ValueError(f"{where}: inputs of shape {x.shape} are not (N, C, H, W), (N, C, L) or (N, F)")
+    if requested in ("auto", found):
+        return found, x
+    if requested == "signal" and found == "tabular":
+        return "signal", x[:, None, :]
+    raise ValueError(f"{where}: inputs of shape {x.shape} cannot be read as '{requested}' (they look {found})")
+
+
+def load_npz(path: Path, seed: int = 0, input_kind: str = "auto") -> Dataset:
     data = np.load(path)
     for key in ("x_train", "y_train"):
         if key not in data:
             raise ValueError(f"{path}: needs arrays 'x_train' and 'y_train' (has {sorted(data.files)})")
-    x = data["x_train"]
-    kind = "image" if x.ndim == 4 else "tabular"
+    kind, x = input_kind_of(data["x_train"], input_kind, str(path))
     extra = {k: data[k] for k in ("x_val", "y_val", "x_test", "y_test") if k in data}
+    for k in ("x_val", "x_test"):
+        if k in extra:
+            extra[k] = input_kind_of(extra[k], kind, f"{path} {k}")[1]
     return make_dataset(path.stem, kind, x, data["y_train"], seed=seed, **extra)
 
 
@@ -177,7 +198,7 @@ def load_csv(path: Path, label: str = "label", seed: int = 0) -> Dataset:
     return make_dataset(path.stem, "tabular", x, y, seed=seed)
 
 
-def load_dataset(spec: str, seed: int = 0, image_size: int = 32) -> Dataset:
+def load_dataset(spec: str, seed: int = 0, image_size: int = 32, input_kind: str = "auto") -> Dataset:
     """``digits``, or a path: ``.npz``, ``.csv``, a CIFAR archive or folder, a folder of class folders."""
     if spec == "digits":
         return load_digits(seed)
@@ -185,7 +206,7 @@ def load_dataset(spec: str, seed: int = 0, image_size: int = 32) -> Dataset:
     if not path.exists():
         raise ValueError(f"data set '{spec}' is neither 'digits' nor an existing path")
     if path.suffix == ".npz":
-        return load_npz(path, seed)
+        return load_npz(path, seed, input_kind)
     if path.suffix == ".csv":
         return load_csv(path, seed=seed)
     if path.name.endswith((".tar.gz", ".tgz")) or (path.is_dir() and any(

@@ -93,6 +93,16 @@ def suggest(trial, data):
                         activation=trial.suggest_categorical("activation", ["tanh", "relu", "elu"]),
                         dropout=trial.suggest_float("dropout", 0.0, 0.5))
         return TrialConfig(net, lr, batch, l2)
+    if data.kind == "signal":
+        from enserve.models.resnet1d import KERNELS, ResNet1dConfig
+
+        net = ResNet1dConfig(
+            in_channels=data.input_shape[0], classes=data.classes,
+            filters=trial.suggest_int("filters", 8, 32), filter_step=trial.suggest_int("filter_step", 0, 32),
+            blocks=tuple(trial.suggest_int(f"blocks_{k}", 1, 2) for k in range(3)),
+            kernel=trial.suggest_categorical("kernel", list(KERNELS)),
+            activation=trial.suggest_categorical("activation", ["tanh", "relu", "elu"]))
+        return TrialConfig(net, lr, batch, l2)
     net = ResNetConfig(
         block=trial.suggest_categorical("block", ["v1", "v2", "next"]),
         activation=trial.suggest_categorical("activation", ["tanh", "relu", "elu"]),
@@ -170,7 +180,7 @@ def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler, 
 
 
 def worker(storage: str, study_name: str, dataset: str, library: str, deadline: float, max_epochs: int,
-           threads: int, seed: int, max_trials: int | None) -> None:
+           threads: int, seed: int, max_trials: int | None, input_kind: str = "auto") -> None:
     """One worker process: pull trials from the shared study until the deadline."""
     import logging
     import warnings
@@ -185,7 +195,7 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
 
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    data = load_dataset(dataset, seed=seed)
+    data = load_dataset(dataset, seed=seed, input_kind=input_kind)
     data_sha256 = fingerprint(data, seed)["train_sha256"]
     attrs = optuna.load_study(study_name=study_name, storage=make_storage(storage)).user_attrs
     study = optuna.load_study(study_name=study_name, storage=make_storage(storage),
@@ -217,7 +227,7 @@ def running_trials(storage: str, study_name: str = "enserve") -> int | None:
 def build_library(dataset: str, library: Path, *, storage: str | None = None, study_name: str = "enserve",
                   sampler: str = "random", pruner: str = "asha", workers: int = 1, time_budget_s: float = 600,
                   max_epochs: int = 9, seed: int = 0, max_trials: int | None = None,
-                  progress=None, progress_every_s: float = 10.0) -> str:
+                  progress=None, progress_every_s: float = 10.0, input_kind: str = "auto") -> str:
     """Create (or continue) the study and run ``workers`` processes on it until the time budget."""
     import optuna
 
@@ -230,7 +240,7 @@ def build_library(dataset: str, library: Path, *, storage: str | None = None, st
         raise ValueError(f"workers is {workers}, but must be >= 1")
     library = Path(library)
     library.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(dataset, seed=seed)
+    data = load_dataset(dataset, seed=seed, input_kind=input_kind)
     fp = fingerprint(data, seed)
     claim_library(library, fp, data.y_val, data.y_test)  # refuses another data set's library
     storage = storage or str(library / "study.journal")
@@ -250,7 +260,7 @@ def build_library(dataset: str, library: Path, *, storage: str | None = None, st
     deadline = time.time() + time_budget_s
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=worker, args=(storage, study_name, dataset, str(library), deadline, max_epochs,
-                                              threads, seed, max_trials)) for i in range(workers)]
+                                              threads, seed, max_trials, input_kind)) for i in range(workers)]
     for p in procs:
         p.start()
     while any(p.is_alive() for p in procs):

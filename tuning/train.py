@@ -39,6 +39,10 @@ class TrainResult:
 
 
 def build_model(network: ResNetConfig | MLPConfig) -> nn.Module:
+    from enserve.models.resnet1d import ResNet1d, ResNet1dConfig
+
+    if isinstance(network, ResNet1dConfig):
+        return ResNet1d(network)
     return ResNet(network) if isinstance(network, ResNetConfig) else MLP(network)
 
 

@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-epochs", type=int, default=9,
                    help="epochs of a trial that is never stopped (ASHA rungs at 1, 3, 9, ... epochs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input-kind", choices=("auto", "image", "signal", "tabular"), default="auto",
+                   help="how inputs are read: 4-D arrays are images, 3-D (N, C, L) signals, 2-D rows tabular "
+                        "unless 'signal' (one channel); signals search a 1-D residual CNN family")
     _selection_flags(p)
     p.set_defaults(run=run, parser=p)
     p = sub.add_parser("select", help="select another ensemble from a library (no training) and export it")
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             build_library(args.dataset, library, storage=storage, sampler=args.sampler, pruner=args.pruner,
                           workers=args.workers, time_budget_s=args.time_budget, max_epochs=args.max_epochs,
-                          seed=args.seed, progress=progress)
+                          seed=args.seed, progress=progress, input_kind=args.input_kind)
         except ValueError as exc:  # a dataset that cannot be read, or a bad setting: the message names it
             return fail("build", exc, USAGE)
         write_index(library, args.dataset)
