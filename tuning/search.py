@@ -4,6 +4,7 @@ one machine, an RDB URL across machines). Every trial, pruned or not, goes into 
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import time
@@ -39,13 +40,13 @@ def make_sampler(name: str, seed: int | None):
     return samplers[name](seed=seed)
 
 
-def make_pruner(name: str, max_epochs: int):
+def make_pruner(name: str, max_epochs: int, min_epochs: int = 1):
     import optuna
 
     if name == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_epochs, reduction_factor=3)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=min_epochs, max_resource=max_epochs, reduction_factor=3)
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ValueError(f"pruner '{name}' is not one of {PRUNERS}")
@@ -75,16 +76,17 @@ def augmentation_bounds(input_shape: tuple[int, ...]) -> AugmentationBounds:
     return TABLE5_AUGMENTATION if min(input_shape[-2:]) >= SMALL_IMAGE_PX else SMALL_IMAGE_AUGMENTATION
 
 
-def suggest(trial, data):
+def suggest(trial, data, batch_sizes: tuple[int, int] = (8, 48)):
     """Table 5's space, scaled to what a CPU trains in minutes (filters [8, 32], 1-2 blocks a stage,
-    L2 <= 1e-3) and, for small images, narrower augmentations (``augmentation_bounds``)."""
+    L2 <= 1e-3) and, for small images, narrower augmentations (``augmentation_bounds``); batch sizes
+    from ``batch_sizes`` (the schedule's, which follows the data set's size)."""
     from enserve.models.mlp import MLPConfig
     from enserve.models.resnet import ResNetConfig
     from enserve.tuning.augment import Augmentation
     from enserve.tuning.train import TrialConfig
 
     lr = trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)
-    batch = trial.suggest_int("batch_size", 8, 48)
+    batch = trial.suggest_int("batch_size", *batch_sizes)
     l2 = trial.suggest_float("l2", 0.0, 1e-3)
     if data.kind == "tabular":
         width = trial.suggest_int("width", 16, 256, log=True)
@@ -121,6 +123,50 @@ def suggest(trial, data):
     return TrialConfig(net, lr, batch, l2, aug)
 
 
+def middle_config(data):
+    """A middle-sized network of the data set's family: what the schedule times one epoch of."""
+    from enserve.models.mlp import MLPConfig
+    from enserve.models.resnet import ResNetConfig
+    from enserve.models.resnet1d import ResNet1dConfig
+    from enserve.tuning.train import TrialConfig
+
+    if data.kind == "tabular":
+        net = MLPConfig(features=int(np.prod(data.input_shape)), classes=data.classes, hidden=(64, 64))
+    elif data.kind == "signal":
+        net = ResNet1dConfig(in_channels=data.input_shape[0], classes=data.classes, filters=20, filter_step=16)
+    else:
+        net = ResNetConfig(filters=20, filter_step=20, in_channels=data.input_shape[0], classes=data.classes,
+                           small_input=data.input_shape[-1] <= 64)
+    return TrialConfig(net, 3e-3, 28, 0.0)
+
+
+def epoch_seconds(data, threads: int, batches: int = 20) -> float:
+    """Seconds one training epoch of ``middle_config`` takes here (timed over at most ``batches``
+    batches, after one to warm up, and scaled to the whole epoch)."""
+    import torch
+    import torch.nn.functional as F
+
+    from enserve.tuning.train import build_model
+
+    torch.set_num_threads(threads)
+    config = middle_config(data)
+    model = build_model(config.network)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    steps = math.ceil(len(x) / config.batch_size)
+    timed = min(batches, steps)
+    t0 = 0.0
+    for k in range(timed + 1):
+        if k == 1:
+            t0 = time.perf_counter()
+        lo = (k % steps) * config.batch_size
+        loss = F.cross_entropy(model(x[lo : lo + config.batch_size]), y[lo : lo + config.batch_size])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - t0) / timed * steps
+
+
 def measure_cost(onnx_path: Path, data, profiler) -> float:
     """Seconds to predict COST_SAMPLES samples with one core, measured by ``profiler`` (an
     ``optimizer.profiles.Profiler``: a child process, so training does not disturb it)."""
@@ -136,7 +182,8 @@ class TrialFailed(Exception):
     the search goes on."""
 
 
-def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler, data_sha256: str = "") -> float:
+def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler, data_sha256: str = "",
+              batch_sizes: tuple[int, int] = (8, 48)) -> float:
     import optuna
     import torch
 
@@ -145,7 +192,7 @@ def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler, 
     from enserve.tuning.selection import cross_entropy, error_rate
     from enserve.tuning.train import TrialDiverged, build_model, predict, train
 
-    config = suggest(trial, data)
+    config = suggest(trial, data, batch_sizes)
     torch.manual_seed(seed + trial.number)
     model = build_model(config.network)
 
@@ -198,9 +245,12 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
     data = load_dataset(dataset, seed=seed, input_kind=input_kind)
     data_sha256 = fingerprint(data, seed)["train_sha256"]
     attrs = optuna.load_study(study_name=study_name, storage=make_storage(storage)).user_attrs
+    schedule = attrs.get("schedule", {})
+    max_epochs = schedule.get("max_epochs", max_epochs)
+    batch_sizes = (schedule.get("batch_low", 8), schedule.get("batch_high", 48))
     study = optuna.load_study(study_name=study_name, storage=make_storage(storage),
                               sampler=make_sampler(attrs.get("sampler", "random"), seed + os.getpid()),
-                              pruner=make_pruner(attrs.get("pruner", "asha"), max_epochs))
+                              pruner=make_pruner(attrs.get("pruner", "asha"), max_epochs, schedule.get("min_epochs", 1)))
     remaining = deadline - time.time()
     if remaining <= 0:
         return
@@ -210,7 +260,7 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
     from enserve.optimizer.profiles import Profiler
 
     with Profiler() as profiler:
-        study.optimize(lambda t: objective(t, data, Path(library), max_epochs, seed, profiler, data_sha256), timeout=remaining,
+        study.optimize(lambda t: objective(t, data, Path(library), max_epochs, seed, profiler, data_sha256, batch_sizes), timeout=remaining,
                        catch=(TrialFailed,), callbacks=callbacks, gc_after_trial=True)
 
 
@@ -226,15 +276,20 @@ def running_trials(storage: str, study_name: str = "enserve") -> int | None:
 
 def build_library(dataset: str, library: Path, *, storage: str | None = None, study_name: str = "enserve",
                   sampler: str = "random", pruner: str = "asha", workers: int = 1, time_budget_s: float = 600,
-                  max_epochs: int = 9, seed: int = 0, max_trials: int | None = None,
-                  progress=None, progress_every_s: float = 10.0, input_kind: str = "auto") -> str:
-    """Create (or continue) the study and run ``workers`` processes on it until the time budget."""
+                  max_epochs: int | None = None, seed: int = 0, max_trials: int | None = None,
+                  progress=None, progress_every_s: float = 10.0, input_kind: str = "auto",
+                  on_schedule=None) -> str:
+    """Create (or continue) the study and run ``workers`` processes on it until the time budget.
+    The epoch budget, ASHA's rungs and the batch sizes follow the data and the time budget
+    (``schedule``) unless ``max_epochs`` forces the budget; a continued study keeps its schedule.
+    ``on_schedule(Schedule)`` hears what was chosen."""
     import optuna
 
     from enserve.tuning.data import describe, fingerprint, load_dataset, same_data
     from enserve.tuning.library import claim_library, write_labels
+    from enserve.tuning.schedule import Schedule, choose_schedule
 
-    if max_epochs < 1:
+    if max_epochs is not None and max_epochs < 1:
         raise ValueError(f"max_epochs is {max_epochs}, but must be >= 1")
     if workers < 1:
         raise ValueError(f"workers is {workers}, but must be >= 1")
@@ -245,8 +300,7 @@ def build_library(dataset: str, library: Path, *, storage: str | None = None, st
     claim_library(library, fp, data.y_val, data.y_test)  # refuses another data set's library
     storage = storage or str(library / "study.journal")
     study = optuna.create_study(study_name=study_name, storage=make_storage(storage), direction="minimize",
-                                sampler=make_sampler(sampler, seed), pruner=make_pruner(pruner, max_epochs),
-                                load_if_exists=True)
+                                sampler=make_sampler(sampler, seed), load_if_exists=True)
     ran_on = study.user_attrs.get("dataset")
     if ran_on is not None and not same_data(ran_on, fp):
         raise ValueError(f"the study '{study_name}' in {storage} was run on data set {describe(ran_on)}; this build "
@@ -257,6 +311,16 @@ def build_library(dataset: str, library: Path, *, storage: str | None = None, st
     study.set_user_attr("sampler", sampler)
     study.set_user_attr("pruner", pruner)
     threads = max(1, (os.cpu_count() or 1) // workers)
+    kept = study.user_attrs.get("schedule")
+    if kept is not None and max_epochs is None:
+        schedule = Schedule(**kept)  # a continued study keeps its rungs
+    else:
+        epoch_s = epoch_seconds(data, threads) if max_epochs is None else 0.0
+        schedule = choose_schedule(len(data.x_train), time_budget_s, workers, epoch_s, max_epochs)
+        study.set_user_attr("schedule", asdict(schedule))
+    if on_schedule is not None:
+        on_schedule(schedule)
+    max_epochs = schedule.max_epochs
     deadline = time.time() + time_budget_s
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=worker, args=(storage, study_name, dataset, str(library), deadline, max_epochs,

@@ -40,8 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--sampler", choices=("random", "tpe", "gp", "nsga2"), default="random")
     p.add_argument("--pruner", choices=("asha", "hyperband", "none"), default="asha",
                    help="asynchronous successive halving over epochs, Hyperband, or none")
-    p.add_argument("--max-epochs", type=int, default=9,
-                   help="epochs of a trial that is never stopped (ASHA rungs at 1, 3, 9, ... epochs)")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="epochs of a trial that is never stopped (default: from the data set's size and the "
+                        "time budget, printed at the start; ASHA's rungs at 1/27, 1/9, 1/3 of it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--input-kind", choices=("auto", "image", "signal", "tabular"), default="auto",
                    help="how inputs are read: 4-D arrays are images, 3-D (N, C, L) signals, 2-D rows tabular "
@@ -69,13 +70,22 @@ def run(args: argparse.Namespace) -> int:
               f"({args.sampler} sampler, {args.pruner} pruner); interrupt and rerun to continue", flush=True)
         storage = args.storage or str(library / "study.journal")
 
+        chosen_schedule = []
+
         def progress() -> None:
-            print(build.progress_line(library, running=running_trials(storage), budget=args.budget), flush=True)
+            line = build.progress_line(library, running=running_trials(storage), budget=args.budget)
+            if chosen_schedule:
+                line += f"; schedule: {chosen_schedule[0].max_epochs} epochs, rungs {chosen_schedule[0].rungs()}"
+            print(line, flush=True)
+
+        def on_schedule(schedule) -> None:
+            chosen_schedule[:] = [schedule]
+            print(f"schedule: {schedule.describe()}", flush=True)
 
         try:
             build_library(args.dataset, library, storage=storage, sampler=args.sampler, pruner=args.pruner,
                           workers=args.workers, time_budget_s=args.time_budget, max_epochs=args.max_epochs,
-                          seed=args.seed, progress=progress, input_kind=args.input_kind)
+                          seed=args.seed, progress=progress, input_kind=args.input_kind, on_schedule=on_schedule)
         except ValueError as exc:  # a dataset that cannot be read, or a bad setting: the message names it
             return fail("build", exc, USAGE)
         write_index(library, args.dataset)
