@@ -159,9 +159,10 @@ def test_build_refuses_bad_settings_with_the_value_and_the_rule(tmp_path):
 
 
 def test_signals_search_a_1d_residual_cnn_family(tmp_path):
-    """An (N, 40) signal data set read with input kind 'signal' trains 1-D residual CNNs: the library
-    records a signal data set, the trials are ResNet1d, their ONNX models answer what the library
-    predicted, and they learn (three wave frequencies; chance is 67 % error)."""
+    """An (N, 40) signal data set read with input kind 'signal' trains 1-D residual CNNs on a schedule
+    chosen from the data: the library records a signal data set, the trials are ResNet1d, their
+    ONNX models answer what the library predicted, and they learn (three wave frequencies; chance
+    is 67 % error)."""
     import json
 
     import onnxruntime as ort
@@ -172,11 +173,16 @@ def test_signals_search_a_1d_residual_cnn_family(tmp_path):
     x = np.sin(2 * np.pi * (y[:, None] + 1) * t / 20 + rng.random((600, 1)) * 6.28) + 0.3 * rng.standard_normal((600, 40))
     np.savez(tmp_path / "waves.npz", x_train=x.astype(np.float32), y_train=y)
     lib = tmp_path / "lib"
-    build_library(str(tmp_path / "waves.npz"), lib, workers=1, time_budget_s=40, max_epochs=3, max_trials=3,
-                  pruner="none", input_kind="signal")
+    schedules = []
+    build_library(str(tmp_path / "waves.npz"), lib, workers=1, time_budget_s=25, max_trials=3,
+                  input_kind="signal", on_schedule=schedules.append)
     fp = json.loads((lib / "dataset.json").read_text())
     assert fp["kind"] == "signal" and fp["shapes"]["x_train"][1:] == [1, 40]
-    records = [r for r in read_records(lib) if r.state == "complete"]
+    (schedule,) = schedules  # from the data: 360 samples, batches 8-48, 13 steps an epoch
+    assert (schedule.batch_low, schedule.batch_high) == (8, 48) and "360 training samples (13 steps" in schedule.why
+    assert 3 <= schedule.max_epochs <= 77  # 1000 steps, unless the 25 s budget caps it
+    records = [r for r in read_records(lib) if r.state != "failed"]
+    assert all(r.epochs <= schedule.max_epochs for r in records)
     assert records and all(r.config["network_kind"] == "ResNet1dConfig" for r in records)
     from enserve.tuning.data import load_dataset
 
@@ -186,3 +192,31 @@ def test_signals_search_a_1d_residual_cnn_family(tmp_path):
         got = session.run(None, {session.get_inputs()[0].name: data.x_val})[0]
         np.testing.assert_allclose(got, np.load(lib / r.directory / "val_pred.npy"), atol=1e-4)
     assert min(r.val_error for r in records) < 0.4, [r.val_error for r in records]
+
+
+def test_error_and_cost_objective_is_what_asha_and_the_study_see(tmp_path):
+    """With --objective error-and-cost every rung and the study's value are the validation loss plus
+    the weighted cost over the study's reference cost, exactly; the records keep the plain loss for
+    the selection; a study keeps its objective."""
+    import optuna
+
+    from enserve.tuning.search import make_storage
+
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "rows.npz", x_train=rng.random((200, 12), dtype=np.float32), y_train=rng.integers(0, 2, 200))
+    lib = tmp_path / "lib"
+    storage = build_library(str(tmp_path / "rows.npz"), lib, workers=1, time_budget_s=15, max_epochs=2,
+                            max_trials=2, pruner="none", objective="error-and-cost", cost_weight=0.5)
+    study = optuna.load_study(study_name="enserve", storage=make_storage(storage))
+    goal = study.user_attrs["objective"]
+    assert goal["kind"] == "error-and-cost" and goal["cost_weight"] == 0.5 and goal["cost_ref"] > 0
+    records = {r.number: r for r in read_records(lib)}
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert done
+    for t in done:
+        r = records[t.number]
+        penalty = 0.5 * r.cost_s / goal["cost_ref"]
+        assert t.value == pytest.approx(r.val_loss + penalty, rel=1e-9)
+        assert t.intermediate_values[r.epochs] == pytest.approx(r.curve[-1]["val_loss"] + penalty, rel=1e-9)
+    with pytest.raises(ValueError, match="minimises 'error-and-cost', not 'error'"):
+        build_library(str(tmp_path / "rows.npz"), lib, workers=1, time_budget_s=5, max_epochs=2)

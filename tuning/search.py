@@ -15,6 +15,7 @@ import numpy as np
 
 from enserve.tuning.library import TrialRecord, trial_dir, write_record
 
+OBJECTIVES = ("error", "error-and-cost")
 COST_SAMPLES = 2000  # the paper's C: seconds to predict this many samples on one core
 SAMPLERS = ("random", "tpe", "gp", "nsga2")
 PRUNERS = ("asha", "hyperband", "none")
@@ -167,6 +168,19 @@ def epoch_seconds(data, threads: int, batches: int = 20) -> float:
     return (time.perf_counter() - t0) / timed * steps
 
 
+def middle_cost(data) -> float:
+    """The inference cost of ``middle_config``: the reference that --objective error-and-cost divides by."""
+    import tempfile
+
+    from enserve.optimizer.profiles import Profiler
+    from enserve.tuning.export import export_onnx
+    from enserve.tuning.train import build_model
+
+    with tempfile.TemporaryDirectory(prefix="enserve-cost-") as tmp, Profiler() as profiler:
+        path = export_onnx(build_model(middle_config(data).network), data.input_shape, Path(tmp) / "model.onnx")
+        return measure_cost(path, data, profiler)
+
+
 def measure_cost(onnx_path: Path, data, profiler) -> float:
     """Seconds to predict COST_SAMPLES samples with one core, measured by ``profiler`` (an
     ``optimizer.profiles.Profiler``: a child process, so training does not disturb it)."""
@@ -177,13 +191,28 @@ def measure_cost(onnx_path: Path, data, profiler) -> float:
     return latency / 64 * COST_SAMPLES
 
 
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of a worker shares. With ``cost_weight`` > 0 (``--objective error-and-cost``)
+    a trial's inference cost is measured before it trains (it depends on the architecture only),
+    and what ASHA compares at every rung, and the study minimises, is
+    ``val_loss + cost_weight * cost / cost_ref``: successive halving and the second objective live
+    together as one scalar, so the pruner still works (Optuna's pruners take one objective)."""
+
+    max_epochs: int
+    seed: int
+    batch_sizes: tuple[int, int] = (8, 48)
+    data_sha256: str = ""
+    cost_weight: float = 0.0
+    cost_ref: float = 1.0  # seconds: the cost of ``middle_config``, measured once per study
+
+
 class TrialFailed(Exception):
     """A trial that diverged or whose model could not be exported or measured: recorded as failed;
     the search goes on."""
 
 
-def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler, data_sha256: str = "",
-              batch_sizes: tuple[int, int] = (8, 48)) -> float:
+def objective(trial, data, library: Path, settings: TrialSettings, profiler) -> float:
     import optuna
     import torch
 
@@ -192,19 +221,24 @@ def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler, 
     from enserve.tuning.selection import cross_entropy, error_rate
     from enserve.tuning.train import TrialDiverged, build_model, predict, train
 
-    config = suggest(trial, data, batch_sizes)
+    seed, data_sha256 = settings.seed, settings.data_sha256
+    config = suggest(trial, data, settings.batch_sizes)
     torch.manual_seed(seed + trial.number)
     model = build_model(config.network)
+    penalty = 0.0
 
     def report(epoch: int, val_loss: float) -> bool:
-        trial.report(val_loss, epoch)
+        trial.report(val_loss + penalty, epoch)
         return trial.should_prune()
 
     d = trial_dir(library, trial.number)
     d.mkdir(parents=True, exist_ok=True)
     params = {"trial_params": trial.params, "network": asdict(config.network), "network_kind": type(config.network).__name__}
     try:
-        result = train(model, data, config, epochs=max_epochs, report=report, seed=seed + trial.number)
+        if settings.cost_weight > 0:  # the cost is the architecture's: known before training, seen at every rung
+            cost = measure_cost(export_onnx(model, data.input_shape, d / "model.onnx"), data, profiler)
+            penalty = settings.cost_weight * cost / settings.cost_ref
+        result = train(model, data, config, epochs=settings.max_epochs, report=report, seed=seed + trial.number)
         val_pred, test_pred = predict(model, data.x_val), predict(model, data.x_test)
         val_loss, val_error = cross_entropy(val_pred, data.y_val), error_rate(val_pred, data.y_val)
         test_error = error_rate(test_pred, data.y_test)
@@ -212,7 +246,8 @@ def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler, 
         np.save(d / "test_pred.npy", test_pred, allow_pickle=False)
         np.savez(d / "weights.npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()})
         onnx_path = export_onnx(model, data.input_shape, d / "model.onnx", check=data.x_test[:32])
-        cost = measure_cost(onnx_path, data, profiler)
+        if settings.cost_weight <= 0:
+            cost = measure_cost(onnx_path, data, profiler)
     except (TrialDiverged, RuntimeError) as exc:  # diverged, or its export / cost measurement failed
         write_record(library, TrialRecord(trial.number, "failed", params, 0, [], float("nan"), 1.0, 1.0,
                                           float("nan"), parameter_count(model), 0, d.name, str(exc), data_sha256))
@@ -223,7 +258,7 @@ def objective(trial, data, library: Path, max_epochs: int, seed: int, profiler, 
     write_record(library, record)
     if result.pruned:
         raise optuna.TrialPruned(f"stopped at epoch {result.epochs}")
-    return val_loss
+    return val_loss + penalty
 
 
 def worker(storage: str, study_name: str, dataset: str, library: str, deadline: float, max_epochs: int,
@@ -243,11 +278,13 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = load_dataset(dataset, seed=seed, input_kind=input_kind)
-    data_sha256 = fingerprint(data, seed)["train_sha256"]
     attrs = optuna.load_study(study_name=study_name, storage=make_storage(storage)).user_attrs
     schedule = attrs.get("schedule", {})
     max_epochs = schedule.get("max_epochs", max_epochs)
-    batch_sizes = (schedule.get("batch_low", 8), schedule.get("batch_high", 48))
+    goal = attrs.get("objective", {})
+    settings = TrialSettings(max_epochs, seed, (schedule.get("batch_low", 8), schedule.get("batch_high", 48)),
+                             fingerprint(data, seed)["train_sha256"], goal.get("cost_weight", 0.0),
+                             goal.get("cost_ref", 1.0))
     study = optuna.load_study(study_name=study_name, storage=make_storage(storage),
                               sampler=make_sampler(attrs.get("sampler", "random"), seed + os.getpid()),
                               pruner=make_pruner(attrs.get("pruner", "asha"), max_epochs, schedule.get("min_epochs", 1)))
@@ -260,7 +297,7 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
     from enserve.optimizer.profiles import Profiler
 
     with Profiler() as profiler:
-        study.optimize(lambda t: objective(t, data, Path(library), max_epochs, seed, profiler, data_sha256, batch_sizes), timeout=remaining,
+        study.optimize(lambda t: objective(t, data, Path(library), settings, profiler), timeout=remaining,
                        catch=(TrialFailed,), callbacks=callbacks, gc_after_trial=True)
 
 
@@ -278,17 +315,22 @@ def build_library(dataset: str, library: Path, *, storage: str | None = None, st
                   sampler: str = "random", pruner: str = "asha", workers: int = 1, time_budget_s: float = 600,
                   max_epochs: int | None = None, seed: int = 0, max_trials: int | None = None,
                   progress=None, progress_every_s: float = 10.0, input_kind: str = "auto",
-                  on_schedule=None) -> str:
+                  on_schedule=None, objective: str = "error", cost_weight: float = 0.1) -> str:
     """Create (or continue) the study and run ``workers`` processes on it until the time budget.
     The epoch budget, ASHA's rungs and the batch sizes follow the data and the time budget
     (``schedule``) unless ``max_epochs`` forces the budget; a continued study keeps its schedule.
-    ``on_schedule(Schedule)`` hears what was chosen."""
+    ``on_schedule(Schedule)`` hears what was chosen. ``objective`` 'error-and-cost' adds the
+    inference cost to what the search minimises (``TrialSettings``); a study keeps its objective."""
     import optuna
 
     from enserve.tuning.data import describe, fingerprint, load_dataset, same_data
     from enserve.tuning.library import claim_library, write_labels
     from enserve.tuning.schedule import Schedule, choose_schedule
 
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective '{objective}' is not one of {OBJECTIVES}")
+    if not cost_weight > 0:
+        raise ValueError(f"cost_weight is {cost_weight}, but must be > 0")
     if max_epochs is not None and max_epochs < 1:
         raise ValueError(f"max_epochs is {max_epochs}, but must be >= 1")
     if workers < 1:
@@ -320,6 +362,15 @@ def build_library(dataset: str, library: Path, *, storage: str | None = None, st
         study.set_user_attr("schedule", asdict(schedule))
     if on_schedule is not None:
         on_schedule(schedule)
+    goal = study.user_attrs.get("objective")
+    if goal is None:
+        goal = {"kind": objective, "cost_weight": 0.0, "cost_ref": 1.0}
+        if objective == "error-and-cost":
+            goal |= {"cost_weight": cost_weight, "cost_ref": middle_cost(data)}
+        study.set_user_attr("objective", goal)
+    elif goal["kind"] != objective:
+        raise ValueError(f"the study '{study_name}' in {storage} minimises '{goal['kind']}', not '{objective}': "
+                         "a study keeps its objective; use another library (or --storage) for the other one")
     max_epochs = schedule.max_epochs
     deadline = time.time() + time_budget_s
     ctx = mp.get_context("spawn")

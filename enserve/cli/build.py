@@ -44,6 +44,10 @@ def add_parser(sub) -> None:
                    help="epochs of a trial that is never stopped (default: from the data set's size and the "
                         "time budget, printed at the start; ASHA's rungs at 1/27, 1/9, 1/3 of it)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objective", choices=("error", "error-and-cost"), default="error",
+                   help="what the search minimises: the validation loss, or the loss plus --cost-weight x the "
+                        "trial's inference cost over a middle-sized network's (ASHA compares that sum at every rung)")
+    p.add_argument("--cost-weight", type=float, default=0.1, help="weight of the cost for --objective error-and-cost")
     p.add_argument("--input-kind", choices=("auto", "image", "signal", "tabular"), default="auto",
                    help="how inputs are read: 4-D arrays are images, 3-D (N, C, L) signals, 2-D rows tabular "
                         "unless 'signal' (one channel); signals search a 1-D residual CNN family")
@@ -85,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             build_library(args.dataset, library, storage=storage, sampler=args.sampler, pruner=args.pruner,
                           workers=args.workers, time_budget_s=args.time_budget, max_epochs=args.max_epochs,
-                          seed=args.seed, progress=progress, input_kind=args.input_kind, on_schedule=on_schedule)
+                          seed=args.seed, progress=progress, input_kind=args.input_kind, on_schedule=on_schedule,
+                          objective=args.objective, cost_weight=args.cost_weight)
         except ValueError as exc:  # a dataset that cannot be read, or a bad setting: the message names it
             return fail("build", exc, USAGE)
         write_index(library, args.dataset)
