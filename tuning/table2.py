@@ -93,24 +93,24 @@ def main() -> int:
               f"{args.max_epochs or 'scheduled'} epochs at most; B in seconds per 2000 samples on one core (B/ref: multiples of the "
               f"costliest best single model, {reference:.4f} s)")
         cols = [(label, m) for label in runs for m in (*METHODS, "single<=B")]
-        print(f"{'B':>7} {'B/ref':>5}" + "".join(f" {label + ' ' + m:>20}" for label, m in cols))
-        loss_rows = []
-        for k, b in zip(BUDGET_MULTIPLES, budgets):
-            row, loss_row = f"{b:>7.4f} {k:>5.1f}", f"{b:>7.4f} {k:>5.1f}"
+        head = f"{'search':<14} {'choice':<10}" + "".join(f" {f'{k:g}xref':>11}" for k in BUDGET_MULTIPLES)
+        print(f"budgets B: {', '.join(f'{b:.4f}' for b in budgets)} s")
+        for what, index in (("test error (%) [members]", 0), ("test cross-entropy (less noisy on a small test set)", 1)):
+            print(f"\n{what}\n{head}")
             for label, m in cols:
-                cs = runs[label]
-                got = [cell(c, b, m) for c in cs]
-                errs = mean([g and g[0] for g in got])
-                members = mean([g and g[2] for g in got])
-                text = "-" if np.isnan(errs) else f"{100 * errs:.2f}" + ("" if np.isnan(members) else f" [{members:g}]")
-                row += f" {text:>20}"
-                losses = mean([g and g[1] for g in got])
-                loss_row += f" {'-' if np.isnan(losses) else f'{losses:.4f}':>20}"
-            print(row)
-            loss_rows.append(loss_row)
-        print("\nthe same cells, mean test cross-entropy (less noisy than the error on a small test set)")
-        print(f"{'B':>7} {'B/ref':>5}" + "".join(f" {label + ' ' + m:>20}" for label, m in cols))
-        print("\n".join(loss_rows))
+                row = f"{label:<14} {m:<10}"
+                for b in budgets:
+                    got = [cell(c, b, m) for c in runs[label]]
+                    value = mean([g and g[index] for g in got])
+                    members = mean([g and g[2] for g in got])
+                    if np.isnan(value):
+                        text = "-"
+                    elif index == 0:
+                        text = f"{100 * value:.2f}" + ("" if np.isnan(members) else f" [{members:.1f}]")
+                    else:
+                        text = f"{value:.4f}"
+                    row += f" {text:>11}"
+                print(row)
         print()
         for label, cs in runs.items():
             singles = [best_single(c) for c in cs]
