@@ -8,7 +8,7 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 
-from enserve.server.protocol import BURST, TASK, Done, DoneReader
+from enserve.server.protocol import BURST, FLAGS, TASK, WEIGHTED, Done, DoneReader
 from enserve.server.supervisor import WorkerProcess, WorkerState
 
 log = logging.getLogger("enserve")
@@ -55,8 +55,8 @@ def shares(start: int, count: int, idle: int, costs: Sequence[float], mask: int,
             lo += rows
         return out
     if idle >= 2 and costs and alone:
-        masks = split_members(costs, mask & ~BURST, idle)
-        return [(start, count, m | (mask & BURST if k == 0 else 0)) for k, m in enumerate(masks)]
+        masks = split_members(costs, mask & ~FLAGS, idle)
+        return [(start, count, m | (mask & WEIGHTED) | (mask & BURST if k == 0 else 0)) for k, m in enumerate(masks)]
     return [(start, count, mask)]
 
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass, replace
 from enserve.optimizer import plan as plans
 from enserve.server.config import ServeOptions
 from enserve.server.errors import RepositoryError
+from enserve.server.protocol import MAX_GROUP_MEMBERS
 from enserve.server.repository import MemberSpec, Repository
-
-MAX_GROUP_MEMBERS = 31  # a task names the members to run in a 32-bit mask whose top bit is a flag
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Orchestrator -> worker: ``TASK`` = (task id, first row, row count, wait budget i
 mask): rows of the shared input ring, how long the worker may hold them to fill a batch without
 delaying the ensemble's answer (see ``dispatch.wait_budget``), and which of the worker's members
 to run on them (bit k: its k-th member; bit 31, ``BURST``: the task is alone on its worker's cores,
-run it on the worker's burst sessions, which have an intra-op thread per core).
+run it on the worker's burst sessions, which have an intra-op thread per core; bit 30,
+``WEIGHTED``: scale each member's output by its ensemble weight).
 Worker -> orchestrator: a ``DONE`` header (with the worker's index), then ``n_ids`` uint32
 task ids, then ``msg_len`` bytes of UTF-8 message (errors, or the load failure). All workers
 share one completion pipe: a frame is at most ``PIPE_BUF`` bytes and is written on its own, so
@@ -19,6 +20,9 @@ from dataclasses import dataclass
 
 TASK = struct.Struct("<IIIII")
 BURST = 1 << 31  # in a task's mask: run on every core of the worker (nothing else is in flight)
+WEIGHTED = 1 << 30  # in a task's mask: scale each member's output by its ensemble weight (weighted mean)
+FLAGS = BURST | WEIGHTED
+MAX_GROUP_MEMBERS = 30  # a task names its members in a 32-bit mask whose top two bits are flags
 DONE = struct.Struct("<IIIIIQQQQ")  # worker, status, n_ids, msg_len, rows, queue_ns, input_ns, infer_ns, output_ns
 PIPE_BUF = 4096
 MAX_MESSAGE = 1024

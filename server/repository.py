@@ -23,7 +23,7 @@ from enserve.server.errors import RepositoryError
 
 ONNX_PLATFORM = "onnxruntime_onnx"
 ENSEMBLE_PLATFORM = "ensemble"
-COMBINERS = ("mean",)
+COMBINERS = ("mean", "weighted_mean")
 ENTROPY_OUTPUT = "entropy"
 VARIANCE_OUTPUT = "member_variance"
 UNCERTAINTY_OUTPUTS = (ENTROPY_OUTPUT, VARIANCE_OUTPUT)
@@ -79,6 +79,12 @@ class EnsembleSpec:
     outputs: list[TensorSpec]
     max_batch_size: int
     combiner: str = "mean"
+    weights: tuple[float, ...] | None = None  # "weighted_mean": one per member, summing to 1
+
+    def weight_of(self) -> dict[str, float]:
+        """Each member's weight (1/n each for the plain mean)."""
+        w = self.weights or tuple(1.0 / len(self.members) for _ in self.members)
+        return dict(zip(self.members, w))
 
 
 @dataclass
@@ -198,7 +204,24 @@ def ensemble_config(spec: EnsembleSpec, members: dict[str, MemberSpec]) -> mc.Mo
         for t in members[name].outputs:
             step.output_map[t.name] = f"{name}.{t.name}"
     cfg.parameters["enserve.combiner"].string_value = spec.combiner
+    if spec.weights is not None:
+        cfg.parameters["enserve.weights"].string_value = ",".join(f"{w:.17g}" for w in spec.weights)
     return cfg
+
+
+def parse_weights(text: str, members: list[str], where: str) -> tuple[float, ...]:
+    """'0.5,0.25,0.25' as one weight per member, normalised to sum to 1; errors name the rule."""
+    try:
+        weights = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise RepositoryError(f"{where}: enserve.weights '{text}' is not a comma-separated list of numbers") from None
+    if len(weights) != len(members):
+        raise RepositoryError(f"{where}: enserve.weights has {len(weights)} values for {len(members)} members "
+                              f"{members}; give one per member, in step order")
+    if any(not (w >= 0 and w < float("inf")) for w in weights) or sum(weights) <= 0:
+        raise RepositoryError(f"{where}: enserve.weights {weights} must be finite, >= 0 and not all 0")
+    total = sum(weights)
+    return tuple(w / total for w in weights)
 
 
 def write_config(directory: Path, cfg: mc.ModelConfig) -> None:
@@ -306,6 +329,12 @@ def load_repository(path: Path) -> Repository:
         combiner = cfg.parameters["enserve.combiner"].string_value if "enserve.combiner" in cfg.parameters else "mean"
         if combiner not in COMBINERS:
             raise RepositoryError(f"ensemble '{cfg.name}': combiner '{combiner}' is not one of {COMBINERS}")
+        weights = None
+        if combiner == "weighted_mean":
+            if "enserve.weights" not in cfg.parameters:
+                raise RepositoryError(f"ensemble '{cfg.name}': combiner 'weighted_mean' needs parameter "
+                                      "enserve.weights (one weight per member, in step order)")
+            weights = parse_weights(cfg.parameters["enserve.weights"].string_value, names, f"ensemble '{cfg.name}'")
         members = [repo.members[n] for n in names]
         check_compatible(members)
         repo.ensembles[cfg.name] = EnsembleSpec(
@@ -315,6 +344,7 @@ def load_repository(path: Path) -> Repository:
             outputs=ensemble_outputs(members[0].outputs),
             max_batch_size=min([cfg.max_batch_size or DEFAULT_MAX_BATCH_SIZE] + [m.max_batch_size for m in members]),
             combiner=combiner,
+            weights=weights,
         )
     if not repo.members:
         raise RepositoryError(f"model repository '{path}' holds no model (no */config.pbtxt)")
@@ -361,8 +391,10 @@ def import_onnx(
     batch_size: int = 32,
     queue_delay_us: int = 0,
     names: list[str] | None = None,
+    weights: list[float] | None = None,
 ) -> Repository:
-    """Build (or add to) a repository from ONNX files and define ``ensemble`` over them."""
+    """Build (or add to) a repository from ONNX files and define ``ensemble`` over them (their
+    weighted mean when ``weights``, one per file, are given; else their mean)."""
     if not files:
         raise RepositoryError("no ONNX file given")
     if max_batch_size < 1:
@@ -392,6 +424,9 @@ def import_onnx(
         (repository / m.name / "1").mkdir(exist_ok=True)
         shutil.copyfile(m.path, repository / m.name / "1" / "model.onnx")
     ens = EnsembleSpec(ensemble, names, members[0].inputs, ensemble_outputs(members[0].outputs), max_batch_size)
+    if weights is not None:
+        ens.combiner = "weighted_mean"
+        ens.weights = parse_weights(",".join(f"{w:.17g}" for w in weights), names, f"ensemble '{ensemble}'")
     write_config(repository / ensemble, ensemble_config(ens, {m.name: m for m in members}))
     (repository / ensemble / "1").mkdir(exist_ok=True)
     return load_repository(repository)

@@ -30,7 +30,7 @@ class Shape:
     model: str
     kind: str  # "ensemble" | "member"
     outputs: tuple[TensorSpec, ...]  # the members' outputs (the ensemble adds its uncertainty after)
-    members: int
+    members: float  # what the members' (weighted) sums are divided by: their count, or 1 when weighted
 
 
 class InflightRequest:

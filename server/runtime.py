@@ -86,10 +86,20 @@ def build_runtime(repo: Repository, placement: Placement, table: Table,
     return rings, groups, workers
 
 
+def member_weights(repo: Repository) -> dict[str, float]:
+    """Each member's weight in the weighted-mean ensemble it serves (members of none: 1)."""
+    weights: dict[str, float] = {}
+    for ens in repo.ensembles.values():
+        if ens.weights is not None:
+            weights |= ens.weight_of()
+    return weights
+
+
 def _group(repo: Repository, g: int, spec: WorkerGroup, ring: InputRing, serial: int,
            workers: list[WorkerProcess]) -> GroupRuntime:
     rt = GroupRuntime(spec, ring)
     outputs = repo.members[spec.members[0]].outputs
+    weights = member_weights(repo)
     for replica in spec.replicas:
         index = len(workers)
         slots = OutputSlots(f"u{serial}.out{index}", outputs, ring.capacity)
@@ -99,7 +109,8 @@ def _group(repo: Repository, g: int, spec: WorkerGroup, ring: InputRing, serial:
             batch_size=spec.batch_size, queue_delay_us=spec.queue_delay_us, capacity=ring.capacity,
             inputs=[(t.name, t.np_dtype.str, list(t.dims), a.name) for t, a in zip(ring.inputs, ring.arenas)],
             outputs=slots.layout(), task_fd=-1, done_fd=-1, lifeline_fd=-1, index=index,
-            burst_threads=len(replica.cores) if len(replica.cores) > replica.threads else 0)
+            burst_threads=len(replica.cores) if len(replica.cores) > replica.threads else 0,
+            weights=[weights.get(m, 1.0) for m in spec.members] if weights else None)
         w = WorkerProcess(index, g, replica, worker, slots=slots)
         rt.workers.append(w)
         workers.append(w)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from enserve.server.errors import RepositoryError
 from enserve.server.placement import Placement
+from enserve.server.protocol import WEIGHTED
 from enserve.server.repository import Repository, TensorSpec
 from enserve.server.request import Shape
 
@@ -32,11 +33,11 @@ class Table:
     group_rings: tuple[int, ...]  # the ring each worker group reads
 
 
-def _parts(members: tuple[str, ...], placement: Placement) -> tuple[tuple[int, int], ...]:
+def _parts(members: tuple[str, ...], placement: Placement, flags: int = 0) -> tuple[tuple[int, int], ...]:
     masks: dict[int, int] = {}
     for m in members:
         g = placement.group_of(m)
-        masks[g] = masks.get(g, 0) | 1 << placement.groups[g].members.index(m)
+        masks[g] = masks.get(g, 0) | 1 << placement.groups[g].members.index(m) | flags
     return tuple(sorted(masks.items()))
 
 
@@ -71,8 +72,9 @@ def build_table(repo: Repository, placement: Placement) -> Table:
     for ens in repo.ensembles.values():
         first = repo.members[ens.members[0]]
         members = tuple(ens.members)
+        weighted = ens.weights is not None  # workers scale each member's output by its weight (sum 1)
         models[ens.name] = ServedModel(
             ens.name, "ensemble", tuple(ens.inputs), tuple(ens.outputs), ens.max_batch_size, members,
-            ring_of(ens.inputs), _parts(members, placement),
-            Shape(ens.name, "ensemble", tuple(first.outputs), len(members)))
+            ring_of(ens.inputs), _parts(members, placement, WEIGHTED if weighted else 0),
+            Shape(ens.name, "ensemble", tuple(first.outputs), 1.0 if weighted else len(members)))
     return Table(models, tuple(rings), tuple(group_rings))

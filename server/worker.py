@@ -25,10 +25,12 @@ import numpy as np
 from enserve.optimizer.sessions import session_for
 from enserve.server.protocol import (
     BURST,
+    FLAGS,
     STATUS_ERROR,
     STATUS_LOAD_FAILED,
     STATUS_OK,
     STATUS_READY,
+    WEIGHTED,
     TaskReader,
     pack_done,
     write_done,
@@ -56,6 +58,7 @@ class WorkerSpec:
     lifeline_fd: int  # held open, never written: its EOF tells the orchestrator we are gone
     index: int  # this worker's index in the orchestrator's table
     burst_threads: int = 0  # >threads: also sessions with this many threads, for tasks flagged BURST
+    weights: list[float] | None = None  # per member: its ensemble weight, for tasks flagged WEIGHTED
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -144,7 +147,8 @@ class Runner:
         input_ns = infer_ns = output_ns = 0
         for flagged, tasks in by_mask.items():
             sessions = self.burst if flagged & BURST and len(batch) == 1 else self.sessions
-            mask = flagged & ~BURST
+            mask = flagged & ~FLAGS
+            weights = self.spec.weights if flagged & WEIGHTED else None
             t1 = time.perf_counter_ns()
             first, total = tasks[0][1], sum(t[2] for t in tasks)
             contiguous = all(tasks[i][1] == tasks[i - 1][1] + tasks[i - 1][2] for i in range(1, len(tasks)))
@@ -161,7 +165,8 @@ class Runner:
                 t2 = time.perf_counter_ns()
                 values = self._infer(session, feeds, total)
                 t3 = time.perf_counter_ns()
-                self._store(values, tasks, first, total, contiguous, add=written)
+                self._store(values, tasks, first, total, contiguous, add=written,
+                            scale=None if weights is None else weights[k])
                 written = True
                 t4 = time.perf_counter_ns()
                 infer_ns += t3 - t2
@@ -181,9 +186,14 @@ class Runner:
         return values
 
     def _store(self, values: list[np.ndarray], tasks: list, first: int, total: int, contiguous: bool,
-               add: bool) -> None:
-        """Write (first member) or add (the others) each output and the first one's square."""
-        pairs = [*zip(self.sums, values), (self.squares, np.square(values[0]))]
+               add: bool, scale: float | None = None) -> None:
+        """Write (first member) or add (the others) each output and the first one's square; with
+        ``scale`` (a weighted mean's member weight w): w y and w y^2."""
+        square = np.square(values[0])
+        if scale is not None:
+            values = [v * v.dtype.type(scale) if v.dtype.kind == "f" else v * scale for v in values]
+            square = square * square.dtype.type(scale)
+        pairs = [*zip(self.sums, values), (self.squares, square)]
         for slot, v in pairs:
             if contiguous:
                 rows = slot[first : first + total]

@@ -17,7 +17,7 @@ from enserve.server.config import ServeOptions
 from enserve.server.dispatch import hung_for, least_loaded, shares, split_members
 from enserve.server.errors import DeadlineExceeded, Internal, RepositoryError, Unavailable
 from enserve.server.placement import Placement, Replica, WorkerGroup, check, from_config, with_flags
-from enserve.server.protocol import BURST
+from enserve.server.protocol import BURST, WEIGHTED
 from enserve.server.repository import MemberSpec, Repository, TensorSpec
 from enserve.server.request import Deadlines, InflightRequest, Shape
 from enserve.server.supervisor import WorkerState
@@ -199,6 +199,9 @@ def test_shares_split_rows_or_one_rows_members_over_idle_replicas():
     assert shares(10, 1, 2, costs, 0b1111, True) == [(10, 1, 0b1000), (10, 1, 0b0111)]  # alone, other groups too
     assert shares(10, 1, 2, (), 0b1111 | BURST, True) == [(10, 1, 0b1111 | BURST)]  # costs not measured yet: whole
     assert shares(10, 1, 2, costs, 0b1111, False) == [(10, 1, 0b1111)]  # not alone in the server: whole
+    W = WEIGHTED  # a weighted ensemble's flag stays on every share
+    assert shares(10, 1, 2, costs, 0b1111 | W | BURST, True) == [(10, 1, 0b1000 | W | BURST), (10, 1, 0b0111 | W)]
+    assert shares(10, 5, 2, costs, 0b1111 | W | BURST, True) == [(10, 2, 0b1111 | W), (12, 3, 0b1111 | W)]
 
 
 def _repo(*specs: MemberSpec) -> Repository:

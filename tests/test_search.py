@@ -220,3 +220,15 @@ def test_error_and_cost_objective_is_what_asha_and_the_study_see(tmp_path):
         assert t.intermediate_values[r.epochs] == pytest.approx(r.curve[-1]["val_loss"] + penalty, rel=1e-9)
     with pytest.raises(ValueError, match="minimises 'error-and-cost', not 'error'"):
         build_library(str(tmp_path / "rows.npz"), lib, workers=1, time_budget_s=5, max_epochs=2)
+
+
+def test_the_same_seed_with_one_worker_gives_the_same_library(tmp_path):
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "rows.npz", x_train=rng.random((160, 8), dtype=np.float32), y_train=rng.integers(0, 2, 160))
+    libraries = []
+    for k in range(2):
+        lib = tmp_path / f"lib{k}"
+        build_library(str(tmp_path / "rows.npz"), lib, workers=1, time_budget_s=30, max_epochs=2, max_trials=3,
+                      pruner="none", seed=5)
+        libraries.append({r.number: (r.config["trial_params"], r.val_loss) for r in read_records(lib)})
+    assert len(libraries[0]) == 3 and libraries[0] == libraries[1]

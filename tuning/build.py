@@ -12,6 +12,7 @@ import numpy as np
 from enserve.tuning.library import Candidates, candidates, read_records
 from enserve.tuning.selection import (
     Selection,
+    caruana,
     cross_entropy,
     error_rate,
     forward_greedy,
@@ -19,7 +20,8 @@ from enserve.tuning.selection import (
     smobf_best,
 )
 
-METHODS = ("smobf", "greedy")
+METHODS = ("smobf", "greedy", "caruana")
+CARUANA_ITERATIONS = 50
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Chosen:
     test_error: float
     test_loss: float
     cost: float
+    weights: list[float] | None = None  # per member (Caruana's repeats): served as a weighted mean
 
 
 def choose(c: Candidates, budget: float, *, method: str = "smobf", prune: float = 0.2,
@@ -45,17 +48,20 @@ def choose(c: Candidates, budget: float, *, method: str = "smobf", prune: float 
     labels = c.labels
     if method == "smobf":
         sel = smobf_best(preds, labels, costs, budget)
-    elif method == "greedy":
-        sel = forward_greedy(preds, labels, n_models, costs, budget)
+    elif method in ("greedy", "caruana"):
+        sel = (forward_greedy(preds, labels, n_models, costs, budget) if method == "greedy"
+               else caruana(preds, labels, CARUANA_ITERATIONS, costs, budget))
         if not sel.members:
             raise ValueError(f"no model fits the budget {budget:g}")
     else:
         raise ValueError(f"selection method '{method}' is not one of {METHODS}")
-    members = [int(keep[m]) for m in sel.members]
-    val = c.val_preds[members].mean(axis=0)
-    test = c.test_preds[members].mean(axis=0)
+    picks = [int(keep[m]) for m in sel.members]  # a repeated pick weighs more (Caruana)
+    val = c.val_preds[picks].mean(axis=0)
+    test = c.test_preds[picks].mean(axis=0)
+    members = list(dict.fromkeys(picks))
+    weights = [picks.count(m) / len(picks) for m in members] if len(members) < len(picks) else None
     return Chosen(sel, [c.numbers[m] for m in members], error_rate(val, labels), error_rate(test, c.test_labels),
-                  cross_entropy(test, c.test_labels), float(c.costs[members].sum()))
+                  cross_entropy(test, c.test_labels), float(c.costs[members].sum()), weights)
 
 
 def pareto_rows(c: Candidates, budgets: list[float], **kw) -> list[dict]:
@@ -68,6 +74,21 @@ def pareto_rows(c: Candidates, budgets: list[float], **kw) -> list[dict]:
         rows.append({"budget": b, "members": len(ch.numbers), "cost": ch.cost,
                      "val_loss": ch.selection.loss, "val_error": ch.val_error, "test_error": ch.test_error})
     return rows
+
+
+def compare_methods(c: Candidates, budgets: list[float], **kw) -> str:
+    """One table: test error [members] of SMOBF, forward greedy and Caruana at each budget."""
+    lines = [f"{'budget s':>9} {'SMOBF':>13} {'greedy':>13} {'Caruana':>13}  (test error [members])"]
+    for b in budgets:
+        cells = []
+        for method in METHODS:
+            try:
+                ch = choose(c, b, method=method, **kw)
+                cells.append(f"{ch.test_error:.4f} [{len(ch.numbers)}]")
+            except ValueError:
+                cells.append("-")
+        lines.append(f"{b:>9.4f} " + " ".join(f"{x:>13}" for x in cells))
+    return "\n".join(lines)
 
 
 def best_single(c: Candidates, budget: float = math.inf) -> dict | None:
@@ -118,6 +139,10 @@ def plot(c: Candidates, curves: dict[str, list[dict]], path: Path, title: str) -
     return path
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def progress_line(library: Path, *, running: int | None = None, budget: float | None = None) -> str:
     """Trials running, finished and stopped; the best single model and best ensemble so far."""
     records = read_records(library)
@@ -131,7 +156,7 @@ def progress_line(library: Path, *, running: int | None = None, budget: float | 
         if math.isfinite(best.cost_s):
             try:
                 chosen = choose(candidates(library), budget if budget is not None else 3 * best.cost_s)
-                line += f"; best ensemble: {len(chosen.numbers)} models, val error {chosen.val_error:.3f}"
+                line += f"; best ensemble: {plural(len(chosen.numbers), 'model')}, val error {chosen.val_error:.3f}"
             except (ValueError, OSError):
                 pass  # nothing fits the budget yet, or a trial is being written
     return line
@@ -163,16 +188,17 @@ def select_and_export(library: Path, repository: Path, ensemble: str, *, budget:
     single = best_single(c)
     budget = budget if budget is not None else 3 * single["cost"]
     rows = pareto_rows(c, default_budgets(c) + [budget], prune=prune)
-    progress(f"\nlibrary: {len(c.numbers)} models; best single model: trial {single['number']}, "
+    progress(f"\nlibrary: {plural(len(c.numbers), 'model')}; best single model: trial {single['number']}, "
              f"test error {single['test_error']:.4f}, cost {single['cost']:.4f} s")
     progress(f"{'budget s':>9} {'members':>7} {'cost s':>8} {'val loss':>8} {'val err':>7} {'test err':>8}")
     for r in sorted(rows, key=lambda r: r["budget"]):
         progress(f"{r['budget']:>9.4f} {r['members']:>7} {r['cost']:>8.4f} {r['val_loss']:>8.4f} "
                  f"{r['val_error']:>7.4f} {r['test_error']:>8.4f}")
     baseline = pareto_rows(c, default_budgets(c) + [budget], prune=prune, method="greedy", n_models=n_models)
+    progress(compare_methods(c, sorted(default_budgets(c) + [budget]), prune=prune, n_models=n_models))
     png = plot(c, {"SMOBF": rows, f"forward greedy ({n_models} models)": baseline},
                Path(library) / "pareto.png", f"{len(c.numbers)} models: SMOBF vs forward greedy")
     progress(f"plot: {png}")
     chosen = choose(c, budget, method=method, prune=prune, n_models=n_models)
-    export_members(library, chosen.numbers, repository, ensemble, progress=progress)
+    export_members(library, chosen.numbers, repository, ensemble, progress=progress, weights=chosen.weights)
     return chosen, budget

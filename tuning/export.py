@@ -117,7 +117,7 @@ def build_tensorrt_engine(onnx_path: Path, plan_path: Path, input_shape: tuple[i
 
 
 def export_members(library: Path, numbers: list[int], repository: Path, ensemble: str,
-                   progress=print) -> None:
+                   progress=print, weights: list[float] | None = None) -> None:
     """The export stage: optimise the chosen trials' ONNX files offline, write them into a model
     repository as members of ``ensemble``, and add TensorRT engines (``<member>/1/model.plan``)
     where TensorRT and a GPU are present."""
@@ -132,7 +132,7 @@ def export_members(library: Path, numbers: list[int], repository: Path, ensemble
     with tempfile.TemporaryDirectory() as tmp:
         files = [optimise_offline(trial_dir(library, n) / "model.onnx", Path(tmp) / f"{name}.onnx", for_gpu=for_gpu)
                  for n, name in zip(numbers, names)]
-        repo = import_onnx(files, repository, ensemble=ensemble, names=names)
+        repo = import_onnx(files, repository, ensemble=ensemble, names=names, weights=weights)
     progress(f"members optimised offline by ONNX Runtime ({'basic level: a GPU is present' if for_gpu else 'extended level'})")
     ok, why = tensorrt_available()
     if not ok:

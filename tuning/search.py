@@ -262,8 +262,10 @@ def objective(trial, data, library: Path, settings: TrialSettings, profiler) -> 
 
 
 def worker(storage: str, study_name: str, dataset: str, library: str, deadline: float, max_epochs: int,
-           threads: int, seed: int, max_trials: int | None, input_kind: str = "auto") -> None:
-    """One worker process: pull trials from the shared study until the deadline."""
+           threads: int, seed: int, max_trials: int | None, input_kind: str = "auto", index: int = 0) -> None:
+    """One worker process: pull trials from the shared study until the deadline. Its sampler's seed
+    is derived from ``seed`` and its ``index`` (never a process id): with one worker, the same seed
+    gives the same trials."""
     import logging
     import warnings
 
@@ -286,7 +288,7 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
                              fingerprint(data, seed)["train_sha256"], goal.get("cost_weight", 0.0),
                              goal.get("cost_ref", 1.0))
     study = optuna.load_study(study_name=study_name, storage=make_storage(storage),
-                              sampler=make_sampler(attrs.get("sampler", "random"), seed + os.getpid()),
+                              sampler=make_sampler(attrs.get("sampler", "random"), seed * 1000 + index),
                               pruner=make_pruner(attrs.get("pruner", "asha"), max_epochs, schedule.get("min_epochs", 1)))
     remaining = deadline - time.time()
     if remaining <= 0:
@@ -375,7 +377,7 @@ def build_library(dataset: str, library: Path, *, storage: str | None = None, st
     deadline = time.time() + time_budget_s
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=worker, args=(storage, study_name, dataset, str(library), deadline, max_epochs,
-                                              threads, seed, max_trials, input_kind)) for i in range(workers)]
+                                              threads, seed, max_trials, input_kind, i)) for i in range(workers)]
     for p in procs:
         p.start()
     while any(p.is_alive() for p in procs):

@@ -31,7 +31,7 @@ SEARCHES = {  # label: (sampler, pruner, objective)
     "ASHA+cost": ("random", "asha", "error-and-cost"), "TPE+ASHA+cost": ("tpe", "asha", "error-and-cost"),
 }
 BUDGET_MULTIPLES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-METHODS = {"SMOBF": "smobf", "greedy-5": "greedy"}
+METHODS = {"SMOBF": "smobf", "greedy-5": "greedy", "Caruana": "caruana"}
 
 
 def cell(c: Candidates, budget: float, column: str) -> tuple[float, float, int | None] | None:

@@ -14,8 +14,9 @@ def _selection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=None,
                    help="largest total inference cost of the ensemble, in seconds per 2000 samples on one core "
                         "(default: 3 x the best single model's)")
-    p.add_argument("--method", choices=("smobf", "greedy"), default="smobf",
-                   help="SMOBF greedy (w in 0.1, 0.01, 0.001) or forward greedy with --n-models")
+    p.add_argument("--method", choices=("smobf", "greedy", "caruana"), default="smobf",
+                   help="SMOBF greedy (w in 0.1, 0.01, 0.001), forward greedy with --n-models, or Caruana's selection "
+                        "with replacement (served as a weighted mean)")
     p.add_argument("--n-models", type=int, default=5, help="models of the forward-greedy baseline")
     p.add_argument("--prune", type=float, default=0.2, help="select among the top fraction of the library")
     p.add_argument("--ensemble", default="ensemble", help="name of the ensemble model in the repository")
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                                                  method=args.method, prune=args.prune, n_models=args.n_models)
     except (ValueError, OSError, RuntimeError, EnserveError) as exc:
         return fail(args.command, exc)
-    print(f"ensemble '{args.ensemble}' of {len(chosen.numbers)} models (cost {chosen.cost:.4f} s <= budget "
+    print(f"ensemble '{args.ensemble}' of {build.plural(len(chosen.numbers), 'model')} (cost {chosen.cost:.4f} s <= budget "
           f"{budget:.4f} s, test error {chosen.test_error:.4f}) written to {args.model_repository}")
     sys.stdout.flush()
     return 0
