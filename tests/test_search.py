@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,73 @@ def test_the_same_seed_with_one_worker_gives_the_same_library(tmp_path):
                       pruner="none", seed=5)
         libraries.append({r.number: (r.config["trial_params"], r.val_loss) for r in read_records(lib)})
     assert len(libraries[0]) == 3 and libraries[0] == libraries[1]
+
+
+def test_on_a_terminal_a_build_shows_a_bar_over_its_time_budget(tmp_path):
+    import fcntl
+    import os
+    import pty
+    import re
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))  # a 200-column terminal
+    proc = subprocess.Popen([sys.executable, "-m", "enserve", "build", "--time-budget", "6s", "--max-epochs", "1",
+                             "--workers", "1", "--library", str(tmp_path / "lib"), "--model-repository",
+                             str(tmp_path / "repo")], stdout=follower, stderr=follower, cwd=ROOT,
+                            env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")})
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(120) == 0
+    os.close(leader)
+    out = b"".join(chunks).decode(errors="replace")
+    assert "schedule: up to 1 epochs a trial" in out
+    assert re.search(r"\r\[#*\.*\] \d/6 s, \d s left; ", out), out[-2000:]  # redrawn in place
+    assert re.search(r"\] \d/6 s, \d s left; trials: (\d+ running, )?\d+ finished, \d+ stopped early, \d+ failed",
+                     out), repr(out[:1500])  # the whole line fits the terminal's 200 columns
+    assert "ensemble 'ensemble' of " in out
+
+
+def test_the_library_study_opens_in_optuna_dashboard(library):
+    import json
+    import time
+    import urllib.request
+
+    from enserve.server.launcher import free_ports
+
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is in the 'tune' extra")
+    lib, storage = library
+    (port,) = free_ports(1)
+    command = str(Path(sys.executable).parent / "optuna-dashboard")  # the console script the README shows
+    proc = subprocess.Popen([command, storage, "--port", str(port), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                studies = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5))
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "optuna-dashboard did not start"
+                time.sleep(0.2)
+        (study,) = [s for s in studies["study_summaries"] if s["study_name"] == "enserve"]
+        detail = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}",
+                                                  timeout=10))
+        record = next(r for r in read_records(lib) if r.state == "complete")
+        trial = next(t for t in detail["trials"] if t["number"] == record.number)
+        params = {p["name"]: json.loads(p["param_external_value"]) if isinstance(p["param_external_value"], str)
+                  and p["param_external_value"][:1] in "[{" else p["param_external_value"] for p in trial["params"]}
+        assert set(params) == set(record.config["trial_params"])
+        assert trial["values"] == [pytest.approx(record.val_loss)]
+    finally:
+        proc.terminate()
+        proc.wait(10)

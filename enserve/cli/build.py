@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import time
 from pathlib import Path
 
 from enserve.cli.common import USAGE, fail
@@ -61,6 +63,57 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run, parser=p)
 
 
+class BuildProgress:
+    """A build's progress: on a terminal, one line redrawn every second (a bar over the time budget,
+    elapsed and remaining time, then the trials and the best so far, refreshed every
+    ``LINE_EVERY_S``); plain lines otherwise."""
+
+    LINE_EVERY_S = 10.0
+
+    def __init__(self, line, budget_s: float, stream=None) -> None:
+        self.line, self.budget_s = line, budget_s
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.every_s = 1.0 if self.tty else self.LINE_EVERY_S
+        self.schedule = None
+        self.started = time.monotonic()
+        self.last_line, self.summary = 0.0, ""
+        self.drawn = False
+
+    def on_schedule(self, schedule) -> None:
+        self.schedule = schedule
+        self.started = time.monotonic()
+        print(f"schedule: {schedule.describe()}", file=self.stream, flush=True)
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if not self.tty:
+            line = self.line()
+            if self.schedule is not None:
+                line += f"; schedule: {self.schedule.max_epochs} epochs, rungs {self.schedule.rungs()}"
+            print(line, file=self.stream, flush=True)
+            return
+        if now - self.last_line >= self.LINE_EVERY_S:
+            self.last_line, self.summary = now, self.line()
+        elapsed = min(self.budget_s, now - self.started)
+        width = shutil.get_terminal_size((100, 20)).columns
+        text = f"{bar(elapsed / self.budget_s, 20)} {elapsed:.0f}/{self.budget_s:.0f} s, {self.budget_s - elapsed:.0f} s left; "
+        text += self.summary
+        self.stream.write("\r" + text[: width - 1].ljust(width - 1))
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def bar(fraction: float, width: int) -> str:
+    done = round(max(0.0, min(1.0, fraction)) * width)
+    return "[" + "#" * done + "." * (width - done) + "]"
+
+
 def run(args: argparse.Namespace) -> int:
     """Build (search, then select) or select only."""
     from enserve.server.errors import EnserveError
@@ -75,25 +128,18 @@ def run(args: argparse.Namespace) -> int:
               f"({args.sampler} sampler, {args.pruner} pruner); interrupt and rerun to continue", flush=True)
         storage = args.storage or str(library / "study.journal")
 
-        chosen_schedule = []
-
-        def progress() -> None:
-            line = build.progress_line(library, running=running_trials(storage), budget=args.budget)
-            if chosen_schedule:
-                line += f"; schedule: {chosen_schedule[0].max_epochs} epochs, rungs {chosen_schedule[0].rungs()}"
-            print(line, flush=True)
-
-        def on_schedule(schedule) -> None:
-            chosen_schedule[:] = [schedule]
-            print(f"schedule: {schedule.describe()}", flush=True)
-
+        progress = BuildProgress(lambda: build.progress_line(library, running=running_trials(storage),
+                                                             budget=args.budget), args.time_budget)
         try:
             build_library(args.dataset, library, storage=storage, sampler=args.sampler, pruner=args.pruner,
                           workers=args.workers, time_budget_s=args.time_budget, max_epochs=args.max_epochs,
-                          seed=args.seed, progress=progress, input_kind=args.input_kind, on_schedule=on_schedule,
+                          seed=args.seed, progress=progress, progress_every_s=progress.every_s,
+                          input_kind=args.input_kind, on_schedule=progress.on_schedule,
                           objective=args.objective, cost_weight=args.cost_weight)
         except ValueError as exc:  # a dataset that cannot be read, or a bad setting: the message names it
             return fail("build", exc, USAGE)
+        finally:
+            progress.close()
         write_index(library, args.dataset)
     try:
         chosen, budget = build.select_and_export(library, args.model_repository, args.ensemble, budget=args.budget,
