@@ -76,6 +76,10 @@ def test_a_library_and_its_study_belong_to_one_data_set(library, tmp_path):
                        r"split seed 1"):
         build_library("digits", lib, workers=1, time_budget_s=5, max_epochs=1, seed=1)
     assert len(read_records(lib)) == before  # refused before any training
+    cli = subprocess.run([sys.executable, "-m", "enserve", "build", "--dataset", str(other), "--library", str(lib),
+                          "--model-repository", str(tmp_path / "repo"), "--time-budget", "5s"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert cli.returncode == 2 and "belongs to data set 'digits'" in cli.stderr and "Traceback" not in cli.stderr
     with pytest.raises(ValueError, match=r"the study 'enserve' in .* was run on data set 'digits'.*this build is on "
                        r"'signals'.*cannot be compared"):
         build_library(str(other), tmp_path / "fresh", storage=storage, workers=1, time_budget_s=5, max_epochs=1)
