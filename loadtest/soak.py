@@ -79,14 +79,12 @@ class Supervised:
                                        for k, p in enumerate(pids)}
 
     def kill_and_restart(self) -> float:
-        os.kill(self.pid, signal.SIGKILL)
-        self.server.proc.wait(30)
+        self.server.stop(pid=self.pid, sig=signal.SIGKILL)
         return self.start()
 
     def stop(self, timeout: float = 60) -> tuple[int, float]:
         t0 = time.monotonic()
-        os.kill(self.pid, signal.SIGTERM)
-        code = self.server.proc.wait(timeout)
+        code = self.server.stop(timeout, pid=self.pid)
         return code, time.monotonic() - t0
 
 

@@ -68,10 +68,11 @@ class Server:
         self.stop()
         raise RuntimeError(f"server at {self.grpc_url} not ready after {timeout} s:\n{self.output()}")
 
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM by pid, as a container runtime does; SIGKILL after ``timeout`` (then raises)."""
+    def stop(self, timeout: float = 30, *, pid: int | None = None, sig: int = signal.SIGTERM) -> int:
+        """SIGTERM (or ``sig``) by pid, as a container runtime does: to our child, or to ``pid`` (the
+        daemon as PID 1 inside ``unshare -f``); SIGKILL after ``timeout`` (then raises)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            os.kill(pid or self.proc.pid, sig)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -48,16 +48,6 @@ def used_mib(shm: Path) -> float:
     return (st.f_blocks - st.f_bfree) * st.f_frsize / 2**20
 
 
-def stop_by_pid(daemon, pid: int, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-    os.kill(pid, sig)
-    try:
-        return daemon.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        daemon.proc.kill()
-        daemon.proc.wait()
-        raise
-
-
 def serve_ok(daemon, reference, seconds: float, n_threads: int, n_images: int) -> dict[str, int]:
     results: dict[str, int] = {}
     for t in load(daemon, reference, seconds, results, n_threads=n_threads, n_images=n_images):
@@ -121,7 +111,7 @@ def test_pid1_sigkilled_restarts_and_never_touches_a_live_neighbour(demo_repo, r
         neighbour_pid = namespace_pid1(neighbour.pid)
         neighbour_objects = sorted(set(objects(shm)) - set(first_objects))
         assert neighbour_objects and all(n.startswith("enserve.1.") for n in neighbour_objects)
-        stop_by_pid(first, first_pid, signal.SIGKILL)
+        first.stop(pid=first_pid, sig=signal.SIGKILL)
         assert set(first_objects) <= set(objects(shm)), "a SIGKILL leaves the objects behind"
         restarted = start_daemon(demo_repo, tmp_path, wrap=container_command(shm, pid_namespace=True))
         try:
@@ -134,7 +124,7 @@ def test_pid1_sigkilled_restarts_and_never_touches_a_live_neighbour(demo_repo, r
                 results = serve_ok(d, reference, 1.5, n_threads=4, n_images=8)
                 assert set(results) == {"ok"}, results
         finally:
-            code = stop_by_pid(restarted, restarted_pid)
+            code = restarted.stop(pid=restarted_pid)
         assert code == 0, restarted.output()
         assert set(objects(shm)) == set(neighbour_objects)
     finally:
@@ -142,6 +132,6 @@ def test_pid1_sigkilled_restarts_and_never_touches_a_live_neighbour(demo_repo, r
             first.proc.kill()
             first.proc.wait()
         if neighbour is not None:
-            code = stop_by_pid(neighbour, neighbour_pid)
+            code = neighbour.stop(pid=neighbour_pid)
             assert code == 0, neighbour.output()
     assert objects(shm) == []
