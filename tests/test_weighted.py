@@ -84,8 +84,9 @@ def test_a_weighted_ensemble_is_served_as_the_weighted_mean(demo_repo, member_se
 
 def test_caruana_choice_keeps_its_repeats_as_weights():
     """Model 0 is right with confidence on the first samples, model 1 on the last: Caruana's
-    selection with replacement settles on 46 picks of 0 and 4 of 1 (a validation loss of 0.2665,
-    below either alone: 0.2675 and 0.3993); the choice keeps them as weights, costs each model once."""
+    selection with replacement settles on 46 picks of 0 and 4 of 1, the mixture a grid search over
+    the weight finds best (a validation loss of 0.2665, below either alone: 0.2675 and 0.3993); the
+    choice keeps them as weights and costs each model once."""
     from enserve.tuning.build import choose
     from enserve.tuning.library import Candidates
 
@@ -96,7 +97,13 @@ def test_caruana_choice_keeps_its_repeats_as_weights():
     preds = np.stack([a, b, flat])
     c = Candidates([10, 11, 12], preds, preds, np.array([1.0, 1.0, 1.0]), np.array([0.27, 0.40, 0.69]), y, y)
     chosen = choose(c, 10.0, method="caruana", prune=1.0)
-    assert chosen.numbers == [10, 11] and chosen.weights == pytest.approx([0.92, 0.08])
+    # the independent reference: the best mixture of models 0 and 1 on a grid of 1001 weights
+    from enserve.tuning.selection import cross_entropy
+
+    grid = np.linspace(0, 1, 1001)
+    best = grid[np.argmin([cross_entropy(w * a + (1 - w) * b, y) for w in grid])]
+    assert chosen.numbers == [10, 11] and chosen.weights == pytest.approx([best, 1 - best], abs=1 / 50)
+    assert chosen.weights == pytest.approx([0.92, 0.08])
     assert chosen.cost == 2.0 and chosen.selection.loss == pytest.approx(0.26652249716, rel=1e-9)
     assert choose(c, 10.0, method="smobf", prune=1.0).weights is None  # no repeats: a plain mean
 

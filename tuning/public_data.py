@@ -18,7 +18,11 @@ import numpy as np
 
 
 def load(name: str) -> dict[str, np.ndarray]:
-    from aeon.datasets import load_classification
+    try:
+        from aeon.datasets import load_classification
+    except ImportError:
+        raise SystemExit("this script reads the data sets that ship inside aeon: pip install aeon "
+                         "(in a separate venv if you like: it pins its own numpy)") from None
 
     x_train, y_train = load_classification(name, split="train")
     x_test, y_test = load_classification(name, split="test")
