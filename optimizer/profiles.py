@@ -208,8 +208,14 @@ def profile_members(
                 entry = measure(src, kind=kind, threads=threads, cores=cores, batch_sizes=batch_sizes)
                 cache["entries"][entry_key] = entry
                 if cache_path:
-                    cache_path.parent.mkdir(parents=True, exist_ok=True)
-                    cache_path.write_text(json.dumps(cache, indent=1))
+                    try:
+                        cache_path.parent.mkdir(parents=True, exist_ok=True)
+                        cache_path.write_text(json.dumps(cache, indent=1))
+                    except OSError as exc:  # a read-only repository (a container's volume)
+                        if progress:
+                            progress(f"cannot keep the profiles in {cache_path} ({exc.strerror}): "
+                                     "they are measured again at the next start")
+                        cache_path = None
             latency[key] = {int(b): float(s) for b, s in entry["latency_s"].items()}
             memory = max(memory, int(entry["memory_bytes"]))
         profiles.append(MemberProfile(src.name, memory, latency))

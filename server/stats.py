@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from enserve.server.protocol import STATUS_OK
 
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+# Upper bounds (seconds) of the request-latency histogram: buckets add up across daemons, so
+# Prometheus can give one p99 for many replicas (Triton's cumulative counters cannot).
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+                     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BUCKET_NS = [round(b * 1e9) for b in LATENCY_BUCKETS_S]
 
 
 @dataclass
@@ -32,6 +39,9 @@ class ModelStats:
     last_inference_ms: int = 0
     rejected: int = 0
     durations: dict[str, Duration] = field(default_factory=lambda: {k: Duration() for k in DURATIONS})
+    # successful requests by latency bucket (the last one: above every bound)
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    latency_sum_ns: int = 0
 
     def touch(self) -> None:
         self.last_inference_ms = int(time.time() * 1000)
@@ -61,6 +71,8 @@ def record_request(stats: ModelStats, request) -> None:
         stats.inference_count += request.count
         stats.execution_count += 1
         d["success"].add(t_end - request.t0)
+        stats.latency_counts[bisect.bisect_left(_BUCKET_NS, t_end - request.t0)] += 1
+        stats.latency_sum_ns += t_end - request.t0
         d["queue"].add(0)
         d["compute_input"].add(request.t_submit - request.t0)
         d["compute_infer"].add(t_end - request.t_submit)
@@ -108,6 +120,15 @@ class MetricsCollector:
                      lambda s: s.durations["compute_output"].ns / 1000)
         yield family("nv_inference_request_rejected", "Requests refused at once because the server was full",
                      lambda s: s.rejected)
+        histogram = HistogramMetricFamily(
+            "enserve_request_duration_seconds", "Successful requests by latency, arrival to answer "
+            "(its buckets add up across daemons)", labels=labels)
+        for s in stats.values():
+            if any(s.latency_counts):  # models asked directly (members only run batches)
+                cumulative = list(itertools.accumulate(s.latency_counts))
+                bounds = [*map(str, LATENCY_BUCKETS_S), "+Inf"]
+                histogram.add_metric([s.name, s.version], list(zip(bounds, cumulative)), s.latency_sum_ns / 1e9)
+        yield histogram
         if self.queue_depth is not None:
             gauge = GaugeMetricFamily("nv_inference_pending_request_count", "Requests in flight", labels=labels)
             for name, depth in self.queue_depth().items():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -83,6 +85,19 @@ def images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, 3, 32, 32), dtype=np.float32)
 
 
+def timed_infer(client, x: np.ndarray, expected: np.ndarray, model: str = "ensemble") -> tuple[float, float, str]:
+    """One gRPC request: (sent, answered) on the monotonic clock, and 'ok', 'wrong' or the error."""
+    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    t0 = time.monotonic()
+    try:
+        got = client.infer(model, [inp], client_timeout=30).as_numpy("probs")
+        outcome = "ok" if np.allclose(got, expected, atol=1e-5) else "wrong"
+    except InferenceServerException as e:
+        outcome = f"{e.status()}: {e.message()}"
+    return t0, time.monotonic(), outcome
+
+
 def load(daemon, reference, seconds: float, results: dict, n_threads: int = 8,
          model: str = "ensemble", n_images: int | None = None) -> list[threading.Thread]:
     """Client threads sending distinct requests to ``model`` (1-4 images, or ``n_images``; answers
@@ -109,3 +124,18 @@ def load(daemon, reference, seconds: float, results: dict, n_threads: int = 8,
     for t in threads:
         t.start()
     return threads
+
+
+def apt_install(package: str, binary: str) -> str | None:
+    """``binary`` on PATH, installing Debian's ``package`` first when it is missing (as .ci/run does)."""
+    found = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
+    if found or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "install", "-y", "--no-install-recommends", package], ["apt-get", "update"],
+                    ["apt-get", "install", "-y", "--no-install-recommends", package]):
+        subprocess.run(command, capture_output=True, timeout=600, env=env)
+        found = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
+        if found:
+            return found
+    return None

@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import copy_repo, images, load, shm_objects, start_daemon
+from tests.conftest import copy_repo, images, load, shm_objects, start_daemon, timed_infer
 
 
 def test_worker_sigkill_under_load(demo_repo, reference, tmp_path):
@@ -61,16 +61,9 @@ def test_sigterm_drains_in_flight_and_cleans_shm(demo_repo, reference, tmp_path)
         expected = reference(x)
         end = time.monotonic() + 3.0
         while time.monotonic() < end:
-            inp = grpcclient.InferInput("input", list(x.shape), "FP32")
-            inp.set_data_from_numpy(x)
-            t0 = time.monotonic()
-            try:
-                got = client.infer("ensemble", [inp], client_timeout=30).as_numpy("probs")
-                outcome = "ok" if np.allclose(got, expected, atol=1e-5) else "wrong"
-            except InferenceServerException as e:
-                outcome = f"{e.status()}: {e.message()}"
+            outcome = timed_infer(client, x, expected)
             with lock:
-                outcomes.append((t0, time.monotonic(), outcome))
+                outcomes.append(outcome)
 
     threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(6)]
     for t in threads:

@@ -7,6 +7,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -69,3 +70,40 @@ def test_workers_share_a_study_in_postgresql(postgres_url, tmp_path):
     assert len(study.trials) == len(records) >= 2
     assert study.user_attrs["pruner"] == "hyperband" and study.user_attrs["sampler"] == "tpe"
     assert {t.number for t in study.trials} == {r.number for r in records}
+
+
+def test_two_builders_share_only_the_database_and_the_library(postgres_url, tmp_path):
+    """The README's recipe for several machines: each runs ``enserve build`` with the same
+    ``--storage`` URL and ``--library`` directory (here two separate processes); then one
+    ``enserve select`` chooses the ensemble from every machine's trials."""
+    import optuna
+    import psycopg2
+
+    from enserve.tuning.library import read_records
+
+    conn = psycopg2.connect(postgres_url.replace("postgresql+psycopg2", "postgresql"))
+    conn.autocommit = True
+    conn.cursor().execute("CREATE DATABASE machines")  # a study of its own
+    conn.close()
+    postgres_url = postgres_url.rsplit("/", 1)[0] + "/machines"
+    lib = tmp_path / "library"
+    builders = [subprocess.Popen(
+        [sys.executable, "-m", "enserve", "build", "--dataset", "digits", "--storage", postgres_url,
+         "--library", str(lib), "--model-repository", str(tmp_path / f"repo{i}"), "--workers", "1",
+         "--time-budget", "15s", "--max-epochs", "2", "--seed", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [b.communicate(timeout=240)[0] for b in builders]
+    assert [b.returncode for b in builders] == [0, 0], outputs
+    study = optuna.load_study(study_name="enserve", storage=postgres_url)
+    workers = {t.user_attrs.get("worker") for t in study.trials}
+    assert len({w.rsplit(":", 1)[1] for w in workers if w}) == 2, workers  # both processes trained trials
+    drawn = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(drawn)) == len(drawn), drawn  # same --seed, yet no configuration drawn twice
+    records = read_records(lib)
+    assert {t.number for t in study.trials if t.state.is_finished()} == {r.number for r in records}
+    final = tmp_path / "final"
+    done = subprocess.run([sys.executable, "-m", "enserve", "select", "--library", str(lib),
+                           "--model-repository", str(final)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    members = [p.parent.parent.name for p in final.glob("*/1/model.onnx")]
+    assert members and (final / "ensemble" / "config.pbtxt").is_file(), members

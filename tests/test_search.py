@@ -239,6 +239,17 @@ def test_the_same_seed_with_one_worker_gives_the_same_library(tmp_path):
     assert len(libraries[0]) == 3 and libraries[0] == libraries[1]
 
 
+def test_sampler_seeds_repeat_on_one_machine_and_differ_between_builders_of_a_shared_study():
+    from enserve.tuning.search import sampler_seed
+
+    assert [sampler_seed(5, i, "/lib/study.journal") for i in range(3)] == [5000, 5001, 5002]
+    shared = "postgresql://db/enserve"
+    assert sampler_seed(5, 0, shared) == sampler_seed(5, 0, shared)  # this process
+    child = subprocess.run([sys.executable, "-c", "from enserve.tuning.search import sampler_seed; "
+                            f"print(sampler_seed(5, 0, '{shared}'))"], capture_output=True, text=True, check=True)
+    assert int(child.stdout) != sampler_seed(5, 0, shared)  # another builder, same --seed
+
+
 def test_on_a_terminal_a_build_shows_a_bar_over_its_time_budget(tmp_path):
     import fcntl
     import os

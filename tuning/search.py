@@ -4,9 +4,11 @@ one machine, an RDB URL across machines). Every trial, pruned or not, goes into 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import multiprocessing as mp
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -223,6 +225,7 @@ def objective(trial, data, library: Path, settings: TrialSettings, profiler) -> 
 
     seed, data_sha256 = settings.seed, settings.data_sha256
     config = suggest(trial, data, settings.batch_sizes)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine trained it
     torch.manual_seed(seed + trial.number)
     model = build_model(config.network)
     penalty = 0.0
@@ -261,11 +264,21 @@ def objective(trial, data, library: Path, settings: TrialSettings, profiler) -> 
     return val_loss + penalty
 
 
+def sampler_seed(seed: int, index: int, storage: str) -> int:
+    """The sampler's seed of worker ``index``: from ``seed`` and ``index`` alone when the study is
+    this machine's (with one worker, the same seed gives the same trials); with an RDB shared by
+    several machines also from the host and process, so that no two builders draw the same
+    configurations (every machine runs with the same ``--seed``, which fixes the data split)."""
+    if "://" not in storage:
+        return seed * 1000 + index
+    key = f"{seed}:{index}:{socket.gethostname()}:{os.getpid()}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
+
+
 def worker(storage: str, study_name: str, dataset: str, library: str, deadline: float, max_epochs: int,
            threads: int, seed: int, max_trials: int | None, input_kind: str = "auto", index: int = 0) -> None:
-    """One worker process: pull trials from the shared study until the deadline. Its sampler's seed
-    is derived from ``seed`` and its ``index`` (never a process id): with one worker, the same seed
-    gives the same trials."""
+    """One worker process: pull trials from the shared study until the deadline, with the sampler
+    seeded by ``sampler_seed``."""
     import logging
     import warnings
 
@@ -288,7 +301,7 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
                              fingerprint(data, seed)["train_sha256"], goal.get("cost_weight", 0.0),
                              goal.get("cost_ref", 1.0))
     study = optuna.load_study(study_name=study_name, storage=make_storage(storage),
-                              sampler=make_sampler(attrs.get("sampler", "random"), seed * 1000 + index),
+                              sampler=make_sampler(attrs.get("sampler", "random"), sampler_seed(seed, index, storage)),
                               pruner=make_pruner(attrs.get("pruner", "asha"), max_epochs, schedule.get("min_epochs", 1)))
     remaining = deadline - time.time()
     if remaining <= 0:

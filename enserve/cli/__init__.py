@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from enserve.cli import allocate, bench, build, demo, importing, serve
+from enserve.cli import allocate, bench, build, demo, deploy, importing, serve
 from enserve.server import __version__
 
-SUBCOMMANDS = (serve, importing, demo, bench, allocate, build)
+SUBCOMMANDS = (serve, importing, demo, bench, allocate, build, deploy)
 
 
 def parser() -> argparse.ArgumentParser:
