@@ -62,6 +62,11 @@ def record_batch(stats: ModelStats, frame, requests: int, members: int) -> None:
     d["success" if frame.status == STATUS_OK else "fail"].add(frame.queue_ns + own * requests, requests)
 
 
+def latency_bucket(ns: int) -> int:
+    """Index of the histogram bucket of a latency: the first bound >= it (Prometheus' ``le``)."""
+    return bisect.bisect_left(_BUCKET_NS, ns)
+
+
 def record_request(stats: ModelStats, request) -> None:
     """One ensemble request, from its arrival to its answer."""
     t_end = time.perf_counter_ns()
@@ -71,7 +76,7 @@ def record_request(stats: ModelStats, request) -> None:
         stats.inference_count += request.count
         stats.execution_count += 1
         d["success"].add(t_end - request.t0)
-        stats.latency_counts[bisect.bisect_left(_BUCKET_NS, t_end - request.t0)] += 1
+        stats.latency_counts[latency_bucket(t_end - request.t0)] += 1
         stats.latency_sum_ns += t_end - request.t0
         d["queue"].add(0)
         d["compute_input"].add(request.t_submit - request.t0)

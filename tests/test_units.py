@@ -186,3 +186,25 @@ def test_wait_budget_is_the_gap_to_the_slowest_group_capped():
     assert wait_budget(3000, slowest_ns=9_000_000.0, own_ns=0.0) == 3000  # capped
     assert wait_budget(3000, slowest_ns=100.0, own_ns=900.0) == 0  # never negative
     assert wait_budget(0, slowest_ns=9_000_000.0, own_ns=0.0) == 0  # off
+
+
+def test_the_latency_histogram_buckets_and_exports_cumulative_counts():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from enserve.server.stats import LATENCY_BUCKETS_S, MetricsCollector, ModelStats, latency_bucket
+
+    assert [latency_bucket(ns) for ns in (0, 500_000, 500_001, 1_000_000, 2_500_000, 10**10, 10**10 + 1)] == \
+        [0, 0, 1, 1, 3, len(LATENCY_BUCKETS_S) - 1, len(LATENCY_BUCKETS_S)]
+    stats = ModelStats("ensemble")
+    for ns in (400_000, 900_000, 1_500_000, 20 * 10**9):
+        stats.latency_counts[latency_bucket(ns)] += 1
+        stats.latency_sum_ns += ns
+    registry = CollectorRegistry()
+    registry.register(MetricsCollector(lambda: {"ensemble": stats, "member": ModelStats("member")}))
+    text = generate_latest(registry).decode()
+    bucket = 'enserve_request_duration_seconds_bucket{le="%s",model="ensemble",version="1"} %s'
+    for le, n in (("0.0005", "1.0"), ("0.001", "2.0"), ("0.002", "3.0"), ("10.0", "3.0"), ("+Inf", "4.0")):
+        assert bucket % (le, n) in text, (le, n)
+    assert 'enserve_request_duration_seconds_count{model="ensemble",version="1"} 4.0' in text
+    assert 'enserve_request_duration_seconds_sum{model="ensemble",version="1"} 20.0028' in text
+    assert 'enserve_request_duration_seconds_count{model="member"' not in text  # no requests of its own
