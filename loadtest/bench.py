@@ -166,6 +166,11 @@ BASELINES = {
 }
 
 
+def median_cell(cells: list[Cell]) -> Cell:
+    """The round with the median images/s (the lower middle one of an even count)."""
+    return sorted(cells, key=lambda c: c.images_per_s)[(len(cells) - 1) // 2]
+
+
 def print_table(cells: list[Cell], ceiling_rate: float, single_ms: float,
                 rounds: dict[tuple[int, int], tuple[float, float]] | None = None) -> None:
     """``x ceil`` divides by the ceiling of the cell's own round when ``rounds`` has it (measured
@@ -232,10 +237,15 @@ def run_bench(args) -> int:
             running.append((label, server.grpc_url, server.pid))
         dims, row_bytes = signature(running[0][1], args.model)  # enserve's ModelMetadata
         best_batch = max(rates, key=rates.get)
+        repeat = max(1, getattr(args, "repeat", 1))
         for k, (images, conc) in enumerate((i, c) for i in image_counts for c in concurrencies):
-            order = running[k % len(running) :] + running[: k % len(running)]  # who goes first rotates
-            for label, url, pid in order:
-                cells.append(measure(label, url, args.model, conc, images, args.seconds, dims, row_bytes, pid=pid))
+            measured: dict[str, list[Cell]] = {}
+            for r in range(repeat):
+                turn = (k + r) % len(running)
+                for label, url, pid in running[turn:] + running[:turn]:  # who goes first rotates
+                    measured.setdefault(label, []).append(
+                        measure(label, url, args.model, conc, images, args.seconds, dims, row_bytes, pid=pid))
+            cells += [median_cell(measured[label]) for label, *_ in running]
             # the ceiling of this round, measured right after its cells (the servers idle meanwhile)
             round_rates, round_single = ceiling(args.model_repository, args.model, tuple(sorted({1, best_batch})),
                                                 seconds=1.0)

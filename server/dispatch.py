@@ -23,6 +23,17 @@ def wait_budget(max_wait_us: int, slowest_ns: float, own_ns: float) -> int:
     return int(max(0.0, min(float(max_wait_us), (slowest_ns - own_ns) / 1000)))
 
 
+QUIET_LOAD = 1.5  # below this many requests in flight on average, a lone request may use every core
+
+
+def recent_load(previous: float, in_flight: int, weight: float = 0.1) -> float:
+    """The requests in flight that recent arrivals found, counting themselves (an exponential
+    average over about ten arrivals). One client in a closed loop keeps it at 1; four keep it
+    near 2-4 even when one of their requests finds the server empty between answers, where
+    giving it every core (``BURST``) would take them from the requests about to follow."""
+    return previous + weight * (in_flight - previous)
+
+
 def split_members(costs: Sequence[float], mask: int, shares: int) -> list[int]:
     """The members in ``mask`` dealt into at most ``shares`` masks of near-equal cost (longest first,
     each to the lightest share; ties to the earlier share), for one request that idle replicas

@@ -6,37 +6,45 @@ idle, shares of it to each); a replica runs the group's members on those rows an
 running sums into its own output slots. When every part has answered, the request divides once
 (``request``, ``combiner``). The jobs have owners: ``table`` (what is served), ``runtime`` and
 ``slots`` (shared memory and the worker table), ``supervisor`` (processes), ``dispatch``
-(descriptors and completions), ``recovery`` (workers that die or hang), ``request`` (resolution
-and deadlines), ``stats``.
+(descriptors and the completion pipe), ``completions`` (what a worker's frames do), ``recovery``
+(workers that die or hang), ``health`` (readiness), ``request`` (resolution and deadlines),
+``stats``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
 
 import numpy as np
 
+from enserve.server import health
+from enserve.server.completions import Completions
 from enserve.server.config import ServeOptions
-from enserve.server.dispatch import Dispatch, least_loaded, shares, wait_budget
+from enserve.server.dispatch import (
+    QUIET_LOAD,
+    Dispatch,
+    least_loaded,
+    recent_load,
+    shares,
+    wait_budget,
+)
 from enserve.server.errors import (
     EnserveError,
-    Internal,
     RepositoryError,
     ResourceExhausted,
     Unavailable,
 )
 from enserve.server.placement import Placement
-from enserve.server.protocol import BURST, STATUS_LOAD_FAILED, STATUS_OK, STATUS_READY, Done
+from enserve.server.protocol import BURST
 from enserve.server.recovery import WorkerRecovery
 from enserve.server.repository import Repository
 from enserve.server.request import Deadlines, InflightRequest
 from enserve.server.runtime import GroupRuntime, build_runtime, release_memory
 from enserve.server.slots import InputRing
-from enserve.server.stats import ModelStats, record_batch, record_request
+from enserve.server.stats import ModelStats, record_request
 from enserve.server.supervisor import Supervisor, WorkerProcess, WorkerState
 from enserve.server.table import ServedModel, build_table
 
@@ -44,7 +52,7 @@ log = logging.getLogger("enserve")
 WORKER_STOP_S = 5.0  # how long workers get to finish their batch and exit once their pipes close
 
 
-class Orchestrator(WorkerRecovery):
+class Orchestrator(WorkerRecovery, Completions):
     def __init__(self, repo: Repository, placement: Placement, options: ServeOptions) -> None:
         self.repo = repo
         self.placement = placement
@@ -58,6 +66,7 @@ class Orchestrator(WorkerRecovery):
         self.workers: list[WorkerProcess] = []
         self.pending: dict[int, InflightRequest] = {}
         self.next_id = 0
+        self.load = 1.0  # requests in flight as recent arrivals found them (``recent_load``)
         self.closing = False
         self.drained: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -84,23 +93,10 @@ class Orchestrator(WorkerRecovery):
     # ------------------------------------------------------------------ health
 
     def unavailable(self, model: ServedModel) -> str | None:
-        """Why ``model`` cannot be served (a group with every replica down), or None."""
-        for g, _ in model.parts:
-            workers = self.groups[g].workers
-            if all(w.state is WorkerState.DOWN for w in workers):
-                return "; ".join(w.reason for w in workers if w.reason) or "its workers are down"
-        return None
+        return health.unavailable(model, self.groups)
 
     def not_ready(self, model: ServedModel) -> str | None:
-        """Why ``model`` is not ready: unavailable, or a group with no replica ready (restarting,
-        whose requests wait for it); None when ready. What readiness probes answer."""
-        reason = self.unavailable(model)
-        if reason is not None:
-            return reason
-        for g, _ in model.parts:
-            if not any(w.state is WorkerState.READY for w in self.groups[g].workers):
-                return f"{self.groups[g].workers[0].spec.label} is restarting"
-        return None
+        return health.not_ready(model, self.groups)
 
     def queue_depth(self) -> dict[str, int]:
         return dict(self.inflight)
@@ -147,9 +143,11 @@ class Orchestrator(WorkerRecovery):
         self.deadlines.add(request)
         wait = len(model.parts) > 1 and self.inflight[model.name] > 1 and self.options.max_adaptive_wait_us > 0
         slowest = max(self.groups[g].batch_ns for g, _ in model.parts) if wait else 0.0
-        # alone in the server and on one group: its worker may use every core it is pinned to
+        self.load = recent_load(self.load, len(self.pending))
+        # alone in the server, on one group, and not just between the answers of concurrent
+        # clients: its worker may use every core it is pinned to
         alone = len(self.pending) == 1
-        burst = BURST if alone and len(model.parts) == 1 else 0
+        burst = BURST if alone and len(model.parts) == 1 and self.load < QUIET_LOAD else 0
         for g, mask in model.parts:
             rt = self.groups[g]
             self._send_part(rt, request, mask | burst, alone,
@@ -175,58 +173,6 @@ class Orchestrator(WorkerRecovery):
             rt.held.append((rid, start, count, mask))
         else:
             self.dispatch.send(w, rid, start, count, wait_us, mask)
-
-    # ------------------------------------------------------------------ worker events
-
-    def _on_done(self) -> None:
-        for frame in self.dispatch.completions():
-            w = self.workers[frame.worker]
-            if frame.status == STATUS_READY:
-                self._worker_ready(w, frame.message)
-            elif frame.status == STATUS_LOAD_FAILED:
-                w.reason = frame.message
-            else:
-                self._batch_done(w, frame)
-
-    def _worker_ready(self, w: WorkerProcess, costs: str) -> None:
-        self.supervisor.mark_ready(w)
-        rt = self.groups[w.group]
-        if not rt.member_ns and costs:
-            rt.member_ns = tuple(json.loads(costs))
-        held, rt.held = rt.held, []
-        for rid, start, count, mask in held:
-            if rid in self.pending:  # not expired meanwhile
-                self._send(rt, rid, start, count, mask)
-
-    def _batch_done(self, w: WorkerProcess, frame: Done) -> None:
-        rt = self.groups[w.group]
-        ok = frame.status == STATUS_OK
-        if ok and frame.rows:
-            per_batch = frame.input_ns + frame.infer_ns + frame.output_ns
-            rt.batch_ns += 0.1 * (per_batch - rt.batch_ns)
-        ran = 0
-        for tid in frame.ids:
-            task = self.dispatch.finished(w, tid)
-            if task is None:
-                continue
-            rid, start, count, mask = task
-            ran |= mask
-            request = self.pending.get(rid)
-            if request is None:
-                continue
-            if not ok:
-                self._part_failed(request, Internal(f"member '{w.spec.label}' failed on this request: {frame.message}"))
-                continue
-            try:
-                request.part_done(w.slots.sums, w.slots.squares, start, count)
-            except Exception as exc:  # one bad part must not strand the frame's other tasks (it was counted)
-                request.error = request.error or Internal(f"adding the outputs of '{w.spec.label}' failed: "
-                                                          f"{type(exc).__name__}: {exc}")
-            if request.complete:
-                self._finish(request)
-        members = [m for k, m in enumerate(rt.spec.members) if ran >> k & 1]
-        for m in members:
-            record_batch(self.stats[m], frame, len(frame.ids), len(members))
 
     def _finish(self, request: InflightRequest) -> None:
         self._forget(request)

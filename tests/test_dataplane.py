@@ -237,3 +237,21 @@ def test_placement_from_config_replicas_groups_and_fair_threads(monkeypatch):
                          WorkerGroup(("a", "b"), (Replica("cpu", (0,), 1),), 8))))
     with pytest.raises(RepositoryError, match="has 0 threads, but must have >= 1"):
         check(Placement((WorkerGroup(("a",), (Replica("cpu", (0,), 0),), 8),)))
+
+
+def test_recent_load_lets_one_client_burst_but_not_a_lone_request_among_four():
+    from enserve.server.dispatch import QUIET_LOAD, recent_load
+
+    assert recent_load(1.0, 3) == pytest.approx(1.2) and recent_load(2.0, 2) == 2.0
+    load = 1.0
+    for _ in range(100):  # one client in a closed loop: every arrival finds only itself
+        load = recent_load(load, 1)
+    assert load == 1.0 < QUIET_LOAD
+    for in_flight in [4, 3, 4, 2, 4, 3] * 5:  # four clients: arrivals find 2-4 requests
+        load = recent_load(load, in_flight)
+    assert load > 2.5
+    load = recent_load(load, 1)  # one arrival finds the server empty between answers
+    assert load > QUIET_LOAD
+    for _ in range(20):  # back to one client: bursting again within about 20 requests
+        load = recent_load(load, 1)
+    assert load < QUIET_LOAD

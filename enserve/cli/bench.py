@@ -16,6 +16,9 @@ def add_parser(sub) -> None:
     p.add_argument("--concurrency", type=int_list, default=(1, 4, 16), help="comma-separated client concurrencies")
     p.add_argument("--images", type=int_list, default=(1, 8), help="comma-separated images per request")
     p.add_argument("--seconds", type=float, default=5.0, help="measuring time per cell")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure every cell this many times (servers in turn each time); the table shows "
+                        "each server's median round by images/s")
     p.add_argument("--no-naive", action="store_true", help="skip the baselines (replicated, naive-tuned, naive)")
     p.add_argument("serve_args", nargs="*", help="extra 'enserve serve' flags after '--' (e.g. -- --batch-size 16)")
     p.set_defaults(run=run, parser=p)
