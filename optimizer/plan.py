@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PLAN_VERSION = 2
+# The allocator's rules (starts, moves, margins): part of the key, so a plan saved by an older
+# allocator is made again once instead of being served forever. Bump it when the rules change.
+SEARCH_RULES = 3
 
 
 @dataclass
@@ -77,7 +80,8 @@ def _upgrade_v1(data: dict) -> dict:
 
 
 def plan_key(ensemble: str, member_hashes: list[str], hardware: str) -> str:
-    return hashlib.sha256(json.dumps([ensemble, member_hashes, hardware, PLAN_VERSION]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([ensemble, member_hashes, hardware, PLAN_VERSION, SEARCH_RULES])
+                          .encode()).hexdigest()[:16]
 
 
 def plan_path(repository: Path, ensemble: str, key: str) -> Path:
