@@ -26,7 +26,8 @@ from enserve.server import launcher
 
 
 def haproxy_binary() -> str | None:
-    return shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if Path(p).exists()), None)
+    """HAProxy on PATH, or where Debian puts it (/usr/sbin, not on a non-root PATH)."""
+    return shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
 
 
 @dataclass

@@ -9,8 +9,10 @@ trial writes only its own directory, so any number of workers can share a librar
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +70,15 @@ def claim_library(library: Path, fp: dict, y_val: np.ndarray, y_test: np.ndarray
             raise ValueError(f"the library {library} was built on other data (its labels differ) than "
                              f"{describe(fp)}. {way_out}")
     library.mkdir(parents=True, exist_ok=True)
-    tmp = library / (DATASET_FILE + ".tmp")
-    tmp.write_text(json.dumps(fp, indent=1))
-    os.replace(tmp, library / DATASET_FILE)
+    write_atomically(library / DATASET_FILE, json.dumps(fp, indent=1).encode())
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """``path`` holds ``data`` or its old content, never a part: builders on several machines
+    share the library, and each writes through a temporary file of its own."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def trial_dir(library: Path, number: int) -> Path:
@@ -80,9 +88,7 @@ def trial_dir(library: Path, number: int) -> Path:
 def write_record(library: Path, record: TrialRecord) -> None:
     d = trial_dir(library, record.number)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / "record.json.tmp"
-    tmp.write_text(json.dumps(record.__dict__, indent=1))
-    os.replace(tmp, d / "record.json")
+    write_atomically(d / "record.json", json.dumps(record.__dict__, indent=1).encode())
 
 
 def read_records(library: Path) -> list[TrialRecord]:
@@ -99,7 +105,7 @@ def write_index(library: Path, dataset: str) -> Path:
                                                       "test_error", "cost_s", "parameters", "flops", "directory")}
                         for r in records]}
     path = Path(library) / "index.json"
-    path.write_text(json.dumps(index, indent=1))
+    write_atomically(path, json.dumps(index, indent=1).encode())
     return path
 
 
@@ -127,7 +133,9 @@ class Candidates:
 
 
 def write_labels(library: Path, y_val: np.ndarray, y_test: np.ndarray) -> None:
-    np.savez(Path(library) / "labels.npz", y_val=y_val, y_test=y_test)
+    buffer = io.BytesIO()
+    np.savez(buffer, y_val=y_val, y_test=y_test)
+    write_atomically(Path(library) / "labels.npz", buffer.getvalue())
 
 
 def candidates(library: Path) -> Candidates:

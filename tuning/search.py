@@ -23,12 +23,22 @@ SAMPLERS = ("random", "tpe", "gp", "nsga2")
 PRUNERS = ("asha", "hyperband", "none")
 
 
-def make_storage(storage: str):
-    """An RDB URL (postgresql://..., sqlite:///...) as is; any other string is a journal file path."""
+def make_storage(storage: str, attempts: int = 6):
+    """An RDB URL (postgresql://..., sqlite:///...) opens an ``RDBStorage``; any other string is a
+    journal file path. Builders that start on a fresh database at the same moment race to create
+    its tables (optuna/optuna#1092: "duplicate key value violates unique constraint
+    pg_type_typname_nsp_index"); the loser tries again and then finds them made."""
     import optuna
+    import sqlalchemy.exc
 
     if "://" in storage:
-        return storage
+        for attempt in range(attempts):
+            try:
+                return optuna.storages.RDBStorage(storage)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * 2**attempt)
     Path(storage).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from enserve.cli.common import USAGE, fail
 from enserve.deploy import (
+    Backend,
     BalancerPorts,
     HealthCheck,
     haproxy_config,
@@ -17,7 +18,7 @@ from enserve.deploy import (
 )
 
 
-def _backend(text: str):
+def _backend(text: str) -> Backend:
     try:
         return parse_backend(text)
     except ValueError as exc:
