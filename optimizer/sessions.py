@@ -3,11 +3,16 @@ members through it, so that what the allocator measures is what is served.
 
 Every session gets ``threads`` intra-op threads, one inter-op thread, sequential execution, all
 graph optimisations and no spinning (with several sessions on few cores a spinning pool steals
-the cores its neighbours need). A GPU device asks for CUDA (and TensorRT when present) and says
-what is missing when it is not there.
+the cores its neighbours need). A GPU device asks for CUDA, and for TensorRT with the member's
+engine cache when both are present (``engines``); it says what is missing when CUDA is not there.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from enserve.optimizer import engines
 
 
 def session_options(threads: int):
@@ -24,8 +29,17 @@ def session_options(threads: int):
     return options
 
 
-def providers_for(device: str, what: str = "the model") -> list[str]:
-    """Execution providers for ``device`` ("cpu" or "gpu[:i]"); raises with what is missing."""
+def cuda_device_id(index: int) -> int:
+    """The CUDA ordinal of physical GPU ``index`` in this process: 0 in a worker whose environment
+    shows it that GPU alone (``CUDA_VISIBLE_DEVICES``), else the index itself."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return 0 if visible is not None and visible.split(",") == [str(index)] else index
+
+
+def providers_for(device: str, what: str = "the model", model_path: str | Path | None = None) -> list:
+    """Execution providers for ``device`` ("cpu" or "gpu[:i]"); raises with what is missing. On a GPU
+    with ONNX Runtime's TensorRT provider and TensorRT, the member's engine is served from (and on
+    first use built into) its cache ``engines.engine_dir``."""
     import onnxruntime as ort
 
     if not device.startswith("gpu"):
@@ -37,9 +51,13 @@ def providers_for(device: str, what: str = "the model") -> list[str]:
             "onnxruntime-gpu (pip install 'enserve[gpu]') on a machine with an NVIDIA driver, or place "
             "it on a CPU device"
         )
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if "TensorrtExecutionProvider" in available:
-        providers.insert(0, "TensorrtExecutionProvider")
+    index = int(device.partition(":")[2] or 0)
+    device_id = cuda_device_id(index)
+    providers: list = [("CUDAExecutionProvider", {"device_id": str(device_id)}), "CPUExecutionProvider"]
+    trt = engines.tensorrt_version()
+    if "TensorrtExecutionProvider" in available and trt is not None and model_path is not None:
+        cache = engines.writable_engine_dir(model_path, engines.gpu_model(index), trt)
+        providers.insert(0, ("TensorrtExecutionProvider", engines.tensorrt_options(cache, device_id)))
     return providers
 
 
@@ -48,4 +66,4 @@ def session_for(path: str, *, threads: int, device: str = "cpu", what: str | Non
     import onnxruntime as ort
 
     return ort.InferenceSession(str(path), session_options(threads),
-                                providers=providers_for(device, what or f"model {path}"))
+                                providers=providers_for(device, what or f"model {path}", path))

@@ -107,3 +107,4 @@ def test_two_builders_share_only_the_database_and_the_library(postgres_url, tmp_
     assert done.returncode == 0, done.stdout + done.stderr
     members = [p.parent.parent.name for p in final.glob("*/1/model.onnx")]
     assert members and (final / "ensemble" / "config.pbtxt").is_file(), members
+    assert not list(final.rglob("engines")) and not list(final.rglob("model.plan"))  # no GPU: nothing unused

@@ -78,11 +78,16 @@ def optimise_offline(path: Path, out: Path, *, for_gpu: bool = False) -> Path:
 
 
 def tensorrt_available() -> tuple[bool, str]:
-    """Whether TensorRT engines can be built here, and if not, what is missing."""
+    """Whether served TensorRT engines can be built here, and if not, what is missing."""
     try:
         import tensorrt  # noqa: F401
     except ImportError:
         return False, "TensorRT engines skipped: the 'tensorrt' package is not installed (pip install 'enserve[gpu]')"
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        return False, ("TensorRT engines skipped: this onnxruntime has no TensorRT provider "
+                       "(install onnxruntime-gpu: pip install 'enserve[gpu]')")
     from enserve.optimizer.devices import gpus
 
     if not gpus():
@@ -90,36 +95,25 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, ""
 
 
-def build_tensorrt_engine(onnx_path: Path, plan_path: Path, input_shape: tuple[int, ...], *,
-                          max_batch_size: int = 256, opt_batch_size: int = 32) -> Path:
-    """A serialized TensorRT engine (Triton's ``model.plan``) with one optimisation profile over the
-    batch axis: 1 .. ``max_batch_size``, tuned for ``opt_batch_size``."""
-    import tensorrt as trt
+def build_engine(onnx_path: Path, input_dims: tuple[int, ...], max_batch_size: int, device: str = "gpu:0") -> Path:
+    """The member's TensorRT engine, built now into the cache its workers load it from
+    (``optimizer.engines``): a session with the TensorRT provider run at batch 1 and at the
+    largest batch, so the engine's shape range covers every batch served."""
+    from enserve.optimizer import engines
+    from enserve.optimizer.sessions import session_for
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    shape = tuple(input_shape)
-    profile.set_shape(INPUT_NAME, (1, *shape), (min(opt_batch_size, max_batch_size), *shape), (max_batch_size, *shape))
-    config.add_optimization_profile(profile)
-    engine = builder.build_serialized_network(network, config)
-    if engine is None:
-        raise RuntimeError(f"TensorRT could not build an engine from {onnx_path} (see its log above)")
-    plan_path = Path(plan_path)
-    plan_path.write_bytes(bytes(engine))
-    return plan_path
+    session = session_for(str(onnx_path), threads=1, device=device, what=f"member {onnx_path.parent.parent.name}")
+    name = session.get_inputs()[0].name
+    for batch in sorted({1, max(1, max_batch_size)}):
+        session.run(None, {name: np.zeros((batch, *input_dims), np.float32)})
+    index = int(device.partition(":")[2] or 0)
+    return engines.engine_dir(onnx_path, engines.gpu_model(index), engines.tensorrt_version() or "unknown")
 
 
 def export_members(library: Path, numbers: list[int], repository: Path, ensemble: str,
                    progress=print, weights: list[float] | None = None) -> None:
     """The export stage: optimise the chosen trials' ONNX files offline, write them into a model
-    repository as members of ``ensemble``, and add TensorRT engines (``<member>/1/model.plan``)
+    repository as members of ``ensemble``, and build their TensorRT engines (``build_engine``)
     where TensorRT and a GPU are present."""
     import tempfile
 
@@ -139,6 +133,7 @@ def export_members(library: Path, numbers: list[int], repository: Path, ensemble
         progress(why)
         return
     for name in names:
-        version = Path(repository) / name / "1"
-        build_tensorrt_engine(version / "model.onnx", version / "model.plan", repo.members[name].inputs[0].dims)
-    progress(f"TensorRT engines written as <member>/1/model.plan for {len(names)} members")
+        spec = repo.members[name]
+        where = build_engine(Path(repository) / name / "1" / "model.onnx", spec.inputs[0].dims, spec.max_batch_size)
+    progress(f"TensorRT engines built for {len(names)} members into <member>/1/engines/{where.name}/ "
+             "(served by ONNX Runtime's TensorRT provider)")
