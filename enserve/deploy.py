@@ -61,7 +61,7 @@ def parse_backend(spec: str) -> Backend:
         host, ports = spec, ""
     if not _HOST.match(host):
         raise ValueError(f"backend '{spec}': '{host}' is not a host name or address (HOST or HOST:HTTP,GRPC[,METRICS])")
-    if not ports:
+    if not sep:
         return Backend(host)
     numbers = [_port(p, spec) for p in ports.split(",")]
     if len(numbers) not in (2, 3):

@@ -47,6 +47,7 @@ def test_backends_parse(spec, backend):
     ("h:0,1", "port '0' is not a number in 1-65535"),
     ("bad host:1,2", "'bad host' is not a host name or address"),
     (":1,2", "'' is not a host name or address"),
+    ("h:", "port '' is not a number in 1-65535"),
 ])
 def test_bad_backends_are_refused_with_the_rule(spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
