@@ -77,8 +77,10 @@ class Balancer:
                 raise RuntimeError(f"haproxy exited with {self.proc.returncode}: "
                                    f"{(self.config.parent / 'haproxy.log').read_text()[-2000:]}")
             try:
-                states = self.servers()
-                if all(v.startswith(status) for (_, s), v in states.items() if s == server):
+                states = [v for (_, s), v in self.servers().items() if s == server]
+                if not states:
+                    raise KeyError(f"haproxy has no server '{server}' (its servers: {sorted(self.servers())})")
+                if all(v.startswith(status) for v in states):
                     return time.monotonic() - t0
             except OSError:
                 pass

@@ -104,6 +104,10 @@ def test_enserve_deploy_refuses_bad_backends_without_a_traceback():
     done = subprocess.run([sys.executable, "-m", "enserve", "deploy", "haproxy", "--backend", "h", "--fall", "0"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--fall is 0, but must be at least 1" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "enserve", "deploy", "haproxy", "--backend", "h", "--output",
+                           "/proc/enserve/haproxy.cfg"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "enserve deploy: cannot write /proc/enserve/haproxy.cfg" in done.stderr, done.stderr
 
 
 def _hadolint(path: Path) -> subprocess.CompletedProcess:

@@ -96,7 +96,7 @@ def test_prometheus_sums_throughput_and_p99_over_the_daemons(cluster, tmp_path):
     stats = f"127.0.0.1:{cluster.balancer.ports.stats}"
     proc, url = _prometheus(prometheus_config(cluster.backends(), [stats], interval_s=1), tmp_path)
     try:
-        deadline = time.monotonic() + 30
+        deadline, targets = time.monotonic() + 30, []
         while time.monotonic() < deadline:  # every target scraped once
             try:
                 with urllib.request.urlopen(f"{url}/api/v1/targets", timeout=2) as r:

@@ -91,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output is None:
         print(text, end="")
     else:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(text)
+        except OSError as exc:
+            return fail("deploy", f"cannot write {args.output}: {exc.strerror}")
     return 0
