@@ -35,7 +35,7 @@ class Completions:
         held, rt.held = rt.held, []
         for rid, start, count, mask in held:
             if rid in self.pending:  # not expired meanwhile
-                self._send(rt, rid, start, count, mask)
+                self.dispatch.route(rt, rid, start, count, mask)
 
     def _batch_done(self, w: WorkerProcess, frame: Done) -> None:
         rt = self.groups[w.group]

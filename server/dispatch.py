@@ -9,6 +9,8 @@ import os
 from collections.abc import Iterable, Sequence
 
 from enserve.server.protocol import BURST, FLAGS, TASK, WEIGHTED, Done, DoneReader
+from enserve.server.request import InflightRequest
+from enserve.server.runtime import GroupRuntime
 from enserve.server.supervisor import WorkerProcess, WorkerState
 
 log = logging.getLogger("enserve")
@@ -108,6 +110,27 @@ class Dispatch:
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
+
+    def route(self, rt: GroupRuntime, rid: int, start: int, count: int, mask: int, wait_us: int = 0) -> None:
+        """A task to the least-loaded ready replica of ``rt``; with none ready yet, the first that
+        starts takes it."""
+        w = least_loaded(rt.workers)
+        if w is None:
+            rt.held.append((rid, start, count, mask))
+        else:
+            self.send(w, rid, start, count, wait_us, mask)
+
+    def send_part(self, rt: GroupRuntime, request: InflightRequest, mask: int, alone: bool, wait_us: int) -> int:
+        """A group's part of a request: shared out over the group's idle replicas (``shares``), or
+        whole to the least-loaded one. Returns how many tasks it became."""
+        idle = [w for w in rt.workers if w.state is WorkerState.READY and w.rows == 0]
+        parts = shares(request.start, request.count, len(idle), rt.member_ns, mask, alone)
+        if len(parts) == 1:
+            self.route(rt, request.rid, request.start, request.count, mask, wait_us)
+            return 1
+        for w, (start, count, share) in zip(idle, parts):
+            self.send(w, request.rid, start, count, wait_us, share)
+        return len(parts)
 
     def flush(self) -> None:
         self.flush_scheduled = False

@@ -6,7 +6,7 @@ idle, shares of it to each); a replica runs the group's members on those rows an
 running sums into its own output slots. When every part has answered, the request divides once
 (``request``, ``combiner``). The jobs have owners: ``table`` (what is served), ``runtime`` and
 ``slots`` (shared memory and the worker table), ``supervisor`` (processes), ``dispatch``
-(descriptors and the completion pipe), ``completions`` (what a worker's frames do), ``recovery``
+(which replica, descriptors and the completion pipe), ``completions`` (what a worker's frames do), ``recovery``
 (workers that die or hang), ``health`` (readiness), ``request`` (resolution and deadlines),
 ``stats``.
 """
@@ -23,14 +23,7 @@ import numpy as np
 from enserve.server import health
 from enserve.server.completions import Completions
 from enserve.server.config import ServeOptions
-from enserve.server.dispatch import (
-    QUIET_LOAD,
-    Dispatch,
-    least_loaded,
-    recent_load,
-    shares,
-    wait_budget,
-)
+from enserve.server.dispatch import QUIET_LOAD, Dispatch, recent_load, wait_budget
 from enserve.server.errors import (
     EnserveError,
     RepositoryError,
@@ -150,29 +143,11 @@ class Orchestrator(WorkerRecovery, Completions):
         burst = BURST if alone and len(model.parts) == 1 and self.load < QUIET_LOAD else 0
         for g, mask in model.parts:
             rt = self.groups[g]
-            self._send_part(rt, request, mask | burst, alone,
-                            wait_budget(self.options.max_adaptive_wait_us, slowest, rt.batch_ns) if wait else 0)
+            request.outstanding += self.dispatch.send_part(
+                rt, request, mask | burst, alone,
+                wait_budget(self.options.max_adaptive_wait_us, slowest, rt.batch_ns) if wait else 0) - 1
         request.t_submit = time.perf_counter_ns()
         return request
-
-    def _send_part(self, rt: GroupRuntime, request: InflightRequest, mask: int, alone: bool, wait_us: int) -> None:
-        """A group's part of a request: shared out over the group's idle replicas (``shares``), or
-        whole to the least-loaded one."""
-        idle = [w for w in rt.workers if w.state is WorkerState.READY and w.rows == 0]
-        parts = shares(request.start, request.count, len(idle), rt.member_ns, mask, alone)
-        if len(parts) == 1:
-            self._send(rt, request.rid, request.start, request.count, mask, wait_us)
-            return
-        request.outstanding += len(parts) - 1
-        for w, (start, count, share) in zip(idle, parts):
-            self.dispatch.send(w, request.rid, start, count, wait_us, share)
-
-    def _send(self, rt: GroupRuntime, rid: int, start: int, count: int, mask: int, wait_us: int = 0) -> None:
-        w = least_loaded(rt.workers)
-        if w is None:  # no replica ready yet: the first one that starts takes it
-            rt.held.append((rid, start, count, mask))
-        else:
-            self.dispatch.send(w, rid, start, count, wait_us, mask)
 
     def _finish(self, request: InflightRequest) -> None:
         self._forget(request)

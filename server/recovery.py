@@ -36,7 +36,7 @@ class WorkerRecovery:
                 self._part_failed(request, Unavailable(f"member '{w.spec.label}' did not answer: {why}"))
             else:
                 request.retried.add(w.group)
-                self._send(rt, rid, start, count, mask)
+                self.dispatch.route(rt, rid, start, count, mask)
         if all(x.state is WorkerState.DOWN for x in rt.workers):
             held, rt.held = rt.held, []
             for rid, *_ in held:
