@@ -24,6 +24,10 @@ from enserve.optimizer.allocation import (
 Bench = Callable[[Allocation], float]  # higher is better
 ALL_MOVES = frozenset({"batch", "device", "threads", "replicas", "groups"})
 PAPER_MOVES = frozenset({"batch", "device"})  # Algorithm 1 as published: one member's batch or device
+# default budgets (allocations scored): a real-bench score is seconds of the pipeline; a cost-model
+# score is microseconds, and a search with every move needs hundreds of them to converge
+REAL_MAX_COMBI = 12
+COST_MAX_COMBI = 2000
 
 
 @dataclass

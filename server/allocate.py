@@ -186,11 +186,11 @@ def allocate(
     else:
         raise RepositoryError(f"bench '{bench}' is not one of ('real', 'cost')")
 
-    def report(n: int, alloc: Allocation, s: float, best: float) -> None:
-        if progress:
-            progress(f"[{n}/{max_combi}] {describe(alloc, names)}: {s:.1f} (best {best:.1f})")
-
     noisy = bench == "real"
+
+    def report(n: int, alloc: Allocation, s: float, best: float) -> None:
+        if progress and (noisy or s >= best):  # the cost model scores hundreds: only its improvements
+            progress(f"[{n}/{max_combi}] {describe(alloc, names)}: {s:.1f} (best {best:.1f})")
     whole = replicated_whole(profiles, devices, start_batch)
     result = neighbourhood_search(start, profiles, devices, list(batch_sizes), score, max_combi=max_combi,
                                   time_budget_s=time_budget_s, min_gain=0.03 if noisy else 0.0, rank=cost,

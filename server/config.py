@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from enserve.optimizer.devices import parse_core_list
+from enserve.optimizer.search import REAL_MAX_COMBI
 
 
 def read_token(path: str) -> str:
@@ -127,7 +128,7 @@ class ServeOptions:
     cpu_devices: str | None = option(None, "--cpu-devices", "CPU devices as core sets, e.g. '0;1' (two devices "
                                      "of one core) or '0-1' (default: all cores but core 0 on machines with 4 or "
                                      "more, else all)", str)
-    max_combi: int = option(12, "--max-combi", "most allocations the search scores", int, minimum=1)
+    max_combi: int = option(REAL_MAX_COMBI, "--max-combi", "most allocations the search scores", int, minimum=1)
     optimize_time_s: float = option(120.0, "--optimize-time", "time budget of the search in seconds", float, above=0)
     optimize_metric: str = option("throughput", "--optimize-metric", "what the search maximises: images/s, or "
                                   "minus the p99 latency under the bench load", str,

@@ -26,7 +26,7 @@ from enserve.optimizer.allocation import Device, MemberProfile
 from enserve.optimizer.costmodel import CostModelBench, predicted_throughput
 from enserve.optimizer.devices import inventory
 from enserve.optimizer.placement import proportional_start, replicated_whole, worst_fit_decreasing
-from enserve.optimizer.search import PAPER_MOVES, neighbourhood_search
+from enserve.optimizer.search import COST_MAX_COMBI, PAPER_MOVES, neighbourhood_search
 from enserve.server import allocate as alloc_mod
 from enserve.server.launcher import start_daemon
 from enserve.server.repository import import_onnx, load_repository
@@ -129,7 +129,8 @@ def main() -> int:
     parser.add_argument("--max-combi", type=int, default=10, help="allocations the real search scores")
     parser.add_argument("--bench-seconds", type=float, default=1.5, help="measuring time of one real-bench score")
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time of the serving daemon")
-    parser.add_argument("--sim-combi", type=int, default=300, help="allocations the simulated search scores")
+    parser.add_argument("--sim-combi", type=int, default=COST_MAX_COMBI,
+                        help="allocations each simulated search scores (the cost model's are computed)")
     parser.add_argument("--simulated-only", action="store_true", help="only (b): the simulated GPUs, in seconds")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="enserve-alloc-"))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 
 from enserve.optimizer import plan as plans
@@ -130,3 +131,33 @@ def test_confirming_keeps_the_start_unless_the_refined_plan_wins_by_the_margin()
     result = SearchResult(start, 100.0, refined, 110.0, 10)
     confirm_against_start(result, {start: 98.0, refined: 108.0}.__getitem__, None, margin=0.03)
     assert (result.best, result.best_score, result.start_score) == (refined, 109.0, 99.0)
+
+
+def test_allocate_for_simulated_gpus_searches_with_the_cost_budget_and_prints_improvements(demo_repo, tmp_path):
+    import json
+
+    from enserve.optimizer.allocation import MemberProfile
+    from enserve.optimizer.profiles import profiles_to_json
+    from enserve.optimizer.search import COST_MAX_COMBI, REAL_MAX_COMBI
+
+    per_image = {"cnn_w12": 1e-4, "cnn_w20": 2e-4, "cnn_w32": 4e-4, "cnn_w56": 1e-3}  # one core, seconds
+    batches = (1, 8, 32, 64)
+    profiles = [MemberProfile(n, 2**20, {"cpu1": {b: s * b for b in batches},
+                                         "gpu": {b: 2e-4 + s * b / 30 for b in batches}})
+                for n, s in per_image.items()]
+    prof = tmp_path / "profiles.json"
+    prof.write_text(json.dumps(profiles_to_json(profiles)))
+    out = subprocess.run(
+        [sys.executable, "-m", "enserve", "allocate", "--model-repository", str(demo_repo), "--cpu-devices", "0",
+         "--profiles", str(prof), "--simulate-gpus", "2", "--output", str(tmp_path / "plan.json")],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr + out.stdout
+    plan = plans.load(tmp_path / "plan.json")
+    assert plan.evaluated > REAL_MAX_COMBI  # the cost model's budget, not the real bench's
+    assert any(r.device.startswith("gpu") for g in plan.groups for r in g.replicas)
+    progress = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    assert progress and all(f"/{COST_MAX_COMBI}]" in line for line in progress)
+    assert len(progress) < plan.evaluated  # only the improvements are printed
+    bests = [float(line.rsplit("(best ", 1)[1].rstrip(")")) for line in progress]
+    assert bests == sorted(bests) and bests[-1] == pytest.approx(plan.score, abs=0.05)

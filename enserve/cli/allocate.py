@@ -6,13 +6,16 @@ import argparse
 from pathlib import Path
 
 from enserve.cli.common import fail, int_list
+from enserve.optimizer.search import COST_MAX_COMBI, REAL_MAX_COMBI
 
 
 def add_allocator_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-devices", default=None,
                    help="CPU devices as core sets, e.g. '0;1' (two devices of one core) or '0-1' "
                         "(default: all cores but core 0 on machines with 4 or more, else all)")
-    p.add_argument("--max-combi", type=int, default=12, help="most allocations the search scores")
+    p.add_argument("--max-combi", type=int, default=None,
+                   help=f"most allocations the search scores (default: {REAL_MAX_COMBI} measured on the real "
+                        f"bench, {COST_MAX_COMBI} computed by the cost model)")
     p.add_argument("--optimize-time", type=float, default=120.0, help="time budget of the search in seconds")
     p.add_argument("--optimize-metric", choices=("throughput", "latency"), default="throughput",
                    help="what the search maximises: images/s, or minus the p99 latency under the bench load")
@@ -60,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
             devices = [Device(f"gpu:{i}", "gpu", gib, index=i) for i in range(args.simulate_gpus)] + devices
             bench = "cost"
         profiles = profiles_from_json(json.loads(args.profiles.read_text())) if args.profiles else None
+        max_combi = args.max_combi if args.max_combi is not None else (COST_MAX_COMBI if bench == "cost" else REAL_MAX_COMBI)
         done = allocate(repo, devices, ensemble=args.ensemble, metric=args.optimize_metric,
-                        batch_sizes=args.batch_sizes, max_combi=args.max_combi, time_budget_s=args.optimize_time,
+                        batch_sizes=args.batch_sizes, max_combi=max_combi, time_budget_s=args.optimize_time,
                         bench=bench, profiles=profiles, bench_load=(args.bench_concurrency, args.bench_images),
                         progress=print)
         print(plan_table(done.plan))
