@@ -237,10 +237,9 @@ def run_bench(args) -> int:
             running.append((label, server.grpc_url, server.pid))
         dims, row_bytes = signature(running[0][1], args.model)  # enserve's ModelMetadata
         best_batch = max(rates, key=rates.get)
-        repeat = max(1, getattr(args, "repeat", 1))
         for k, (images, conc) in enumerate((i, c) for i in image_counts for c in concurrencies):
             measured: dict[str, list[Cell]] = {}
-            for r in range(repeat):
+            for r in range(args.repeat):
                 turn = (k + r) % len(running)
                 for label, url, pid in running[turn:] + running[:turn]:  # who goes first rotates
                     measured.setdefault(label, []).append(

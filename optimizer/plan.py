@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from enserve.optimizer.files import write_atomically
 
 PLAN_VERSION = 2
 # The allocator's rules (starts, moves, margins): part of the key, so a plan saved by an older
@@ -91,9 +92,7 @@ def plan_path(repository: Path, ensemble: str, key: str) -> Path:
 
 def save(plan: Plan, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # daemons sharing a repository: one each
-    tmp.write_text(plan.to_json())
-    tmp.replace(path)
+    write_atomically(path, plan.to_json().encode())  # daemons may share a repository
 
 
 def load(path: Path) -> Plan:

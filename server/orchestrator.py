@@ -6,9 +6,9 @@ idle, shares of it to each); a replica runs the group's members on those rows an
 running sums into its own output slots. When every part has answered, the request divides once
 (``request``, ``combiner``). The jobs have owners: ``table`` (what is served), ``runtime`` and
 ``slots`` (shared memory and the worker table), ``supervisor`` (processes), ``dispatch``
-(which replica, descriptors and the completion pipe), ``completions`` (what a worker's frames do), ``recovery``
-(workers that die or hang), ``health`` (readiness), ``request`` (resolution and deadlines),
-``stats``.
+(which replica, descriptors and the completion pipe), ``completions`` (what a worker's frames
+do), ``recovery`` (workers that die or hang), ``health`` (readiness), ``request`` (resolution and
+deadlines), ``stats``.
 """
 
 from __future__ import annotations

@@ -75,9 +75,10 @@ def record_request(stats: ModelStats, request) -> None:
     if request.error is None:
         stats.inference_count += request.count
         stats.execution_count += 1
-        d["success"].add(t_end - request.t0)
-        stats.latency_counts[latency_bucket(t_end - request.t0)] += 1
-        stats.latency_sum_ns += t_end - request.t0
+        elapsed = t_end - request.t0
+        d["success"].add(elapsed)
+        stats.latency_counts[latency_bucket(elapsed)] += 1
+        stats.latency_sum_ns += elapsed
         d["queue"].add(0)
         d["compute_input"].add(request.t_submit - request.t0)
         d["compute_infer"].add(t_end - request.t_submit)
@@ -128,10 +129,10 @@ class MetricsCollector:
         histogram = HistogramMetricFamily(
             "enserve_request_duration_seconds", "Successful requests by latency, arrival to answer "
             "(its buckets add up across daemons)", labels=labels)
+        bounds = [*map(str, LATENCY_BUCKETS_S), "+Inf"]
         for s in stats.values():
             if any(s.latency_counts):  # models asked directly (members only run batches)
                 cumulative = list(itertools.accumulate(s.latency_counts))
-                bounds = [*map(str, LATENCY_BUCKETS_S), "+Inf"]
                 histogram.add_metric([s.name, s.version], list(zip(bounds, cumulative)), s.latency_sum_ns / 1e9)
         yield histogram
         if self.queue_depth is not None:

@@ -45,6 +45,8 @@ def test_an_unknown_flag_is_a_usage_error(command):
     (["allocate", "--batch-sizes", "x"], {}, "'x' is not a comma-separated list of integers"),
     (["build", "--model-repository", "r", "--time-budget", "5q"], {}, "duration '5q' is invalid"),
     (["bench", "--concurrency", "1,two"], {}, "'1,two' is not a comma-separated list"),
+    (["bench", "--repeat", "0"], {}, "--repeat: must be an integer >= 1, not '0'"),
+    (["allocate", "--max-combi", "many"], {}, "--max-combi: must be an integer >= 1, not 'many'"),
 ])
 def test_bad_values_are_usage_errors_that_name_the_flag(args, env, message):
     out = enserve(*args, env=env)

@@ -208,3 +208,13 @@ def test_the_latency_histogram_buckets_and_exports_cumulative_counts():
     assert 'enserve_request_duration_seconds_count{model="ensemble",version="1"} 4.0' in text
     assert 'enserve_request_duration_seconds_sum{model="ensemble",version="1"} 20.0028' in text
     assert 'enserve_request_duration_seconds_count{model="member"' not in text  # no requests of its own
+
+
+def test_write_atomically_replaces_the_whole_file_and_leaves_no_temporary_one(tmp_path):
+    from enserve.optimizer.files import write_atomically
+
+    target = tmp_path / "plan.json"
+    target.write_bytes(b"old content, longer than the new one")
+    write_atomically(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]

@@ -132,8 +132,7 @@ def export_members(library: Path, numbers: list[int], repository: Path, ensemble
     if not ok:
         progress(why)
         return
-    for name in names:
-        spec = repo.members[name]
-        where = build_engine(Path(repository) / name / "1" / "model.onnx", spec.inputs[0].dims, spec.max_batch_size)
-    progress(f"TensorRT engines built for {len(names)} members into <member>/1/engines/{where.name}/ "
+    built = [build_engine(Path(repository) / name / "1" / "model.onnx", repo.members[name].inputs[0].dims,
+                          repo.members[name].max_batch_size) for name in names]
+    progress(f"TensorRT engines built for {len(built)} members into <member>/1/engines/{built[0].name}/ "
              "(served by ONNX Runtime's TensorRT provider)")

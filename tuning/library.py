@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from enserve.optimizer.files import write_atomically
 
 LIBRARY_VERSION = 1
 
@@ -71,14 +71,6 @@ def claim_library(library: Path, fp: dict, y_val: np.ndarray, y_test: np.ndarray
                              f"{describe(fp)}. {way_out}")
     library.mkdir(parents=True, exist_ok=True)
     write_atomically(library / DATASET_FILE, json.dumps(fp, indent=1).encode())
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """``path`` holds ``data`` or its old content, never a part: builders on several machines
-    share the library, and each writes through a temporary file of its own."""
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def trial_dir(library: Path, number: int) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from enserve.cli.common import fail, int_list
+from enserve.cli.common import fail, int_list, positive_int
 from enserve.optimizer.search import COST_MAX_COMBI, REAL_MAX_COMBI
 
 
@@ -13,7 +13,7 @@ def add_allocator_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-devices", default=None,
                    help="CPU devices as core sets, e.g. '0;1' (two devices of one core) or '0-1' "
                         "(default: all cores but core 0 on machines with 4 or more, else all)")
-    p.add_argument("--max-combi", type=int, default=None,
+    p.add_argument("--max-combi", type=positive_int, default=None,
                    help=f"most allocations the search scores (default: {REAL_MAX_COMBI} measured on the real "
                         f"bench, {COST_MAX_COMBI} computed by the cost model)")
     p.add_argument("--optimize-time", type=float, default=120.0, help="time budget of the search in seconds")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from enserve.cli.common import int_list
+from enserve.cli.common import int_list, positive_int
 
 
 def add_parser(sub) -> None:
@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--concurrency", type=int_list, default=(1, 4, 16), help="comma-separated client concurrencies")
     p.add_argument("--images", type=int_list, default=(1, 8), help="comma-separated images per request")
     p.add_argument("--seconds", type=float, default=5.0, help="measuring time per cell")
-    p.add_argument("--repeat", type=int, default=1,
+    p.add_argument("--repeat", type=positive_int, default=1,
                    help="measure every cell this many times (servers in turn each time); the table shows "
                         "each server's median round by images/s")
     p.add_argument("--no-naive", action="store_true", help="skip the baselines (replicated, naive-tuned, naive)")

@@ -15,6 +15,17 @@ def fail(command: str, error: BaseException | str, code: int = FAILURE) -> int:
     return code
 
 
+def positive_int(text: str) -> int:
+    """'3' -> 3; an argparse type that refuses 0, negatives and non-integers."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not '{text}'")
+    return value
+
+
 def int_list(text: str) -> tuple[int, ...]:
     """'1,8,32' -> (1, 8, 32); an argparse type."""
     try:
