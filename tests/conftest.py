@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import sysconfig
 import threading
 import time
+import venv
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,29 @@ def copy_repo(repo: Path, tmp: Path) -> Path:
     copy = tmp / "repo"
     shutil.copytree(repo, copy, ignore=shutil.ignore_patterns(".enserve"))
     return copy
+
+
+def install_plainly(source: Path, tmp: Path) -> Path:
+    """``pip install .`` of ``source`` (a folder with pyproject.toml, README.md and src/) into a fresh
+    venv in ``tmp/venv``, not editable, as users install it; its interpreter. The dependencies come
+    from this test environment's site-packages (appended to the new venv's path: the installed
+    ``enserve`` comes first), so that nothing is downloaded."""
+    build = tmp / "build-source"  # a copy, so that the build leaves nothing in ``source``
+    build.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(source / name, build / name)
+    shutil.copytree(source / "src", build / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    wheels = tmp / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(wheels), str(build)], check=True, timeout=300, capture_output=True)
+    fresh = tmp / "venv"
+    venv.create(fresh, with_pip=False)
+    python = fresh / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+                    str(next(wheels.glob("enserve-*.whl")))], check=True, timeout=300, capture_output=True)
+    site = next((fresh / "lib").glob("python3*/site-packages"))
+    (site / "zz-test-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
 
 
 def wait_ready(daemon: Daemon, timeout: float = 90) -> None:

@@ -165,10 +165,10 @@ def test_one_timer_expires_requests_in_deadline_order():
 
 
 def test_hung_for_reports_only_an_oldest_task_beyond_the_limit():
-    assert hung_for({}, 100.0, 5.0) is None  # nothing in flight
-    assert hung_for({1: 98.0, 2: 99.0}, 100.0, 5.0) is None
-    assert hung_for({1: 90.0, 2: 99.0}, 100.0, 5.0) == 10.0  # the oldest decides
-    assert hung_for({1: 95.0}, 100.0, 5.0) is None  # exactly at the limit is not beyond it
+    assert hung_for([], 100.0, 5.0) is None  # nothing in flight
+    assert hung_for([98.0, 99.0], 100.0, 5.0) is None
+    assert hung_for([90.0, 99.0], 100.0, 5.0) == 10.0  # the oldest decides
+    assert hung_for([95.0], 100.0, 5.0) is None  # exactly at the limit is not beyond it
 
 
 def test_least_loaded_ready_replica():

@@ -23,7 +23,7 @@ import yaml
 
 from enserve.deploy import Backend, BalancerPorts, HealthCheck, haproxy_config, parse_backend
 from enserve.server import launcher
-from tests.conftest import ROOT, apt_install, images
+from tests.conftest import ROOT, apt_install, images, install_plainly
 
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
@@ -185,13 +185,16 @@ def _mib(size: str) -> float:
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare")
 def test_the_image_entrypoint_serves_as_pid1_with_the_pods_settings(demo_repo, reference, tmp_path):
-    """Outside a container (no image can be built here): the Dockerfile's ENTRYPOINT and ENV, the
-    Deployment's args and /dev/shm size, the repository where the volume would be; as PID 1 of its
-    own pid namespace. The pod's probes answer 200, the answers equal the members' mean, and
+    """Outside a container (no image can be built here): the image's filesystem (its WORKDIR with the
+    copied sources and ``pip install .`` of them, not the development install), the Dockerfile's
+    ENTRYPOINT run in that WORKDIR with its ENV, the Deployment's args and /dev/shm size, the
+    repository where the volume would be; as PID 1 of its own pid namespace. The pod's probes answer 200, the answers equal the members' mean, and
     SIGTERM stops it cleanly with its /dev/shm left empty."""
     spec = dockerfile(DEPLOY / "docker" / "Dockerfile")
     entrypoint = json.loads(spec["ENTRYPOINT"][-1])
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+    workdir = image_workdir(tmp_path)  # the image's own install (``pip install .`` there), run there
+    python = install_plainly(workdir, tmp_path)
+    env = dict(os.environ, PATH=f"{python.parent}:{os.environ['PATH']}")
     for line in spec["ENV"]:
         env.update(pair.split("=", 1) for pair in line.split())
     assert env["ENSERVE_HOST"] == "0.0.0.0" and env["ENSERVE_MODEL_REPOSITORY"] == spec["VOLUME"][0].strip('[]"')
@@ -209,7 +212,7 @@ def test_the_image_entrypoint_serves_as_pid1_with_the_pods_settings(demo_repo, r
     try:
         log = (tmp_path / "daemon.log").open("w")
         proc = subprocess.Popen([*launcher.container_command(shm, pid_namespace=True), *entrypoint,
-                                 *container["args"]], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                 *container["args"]], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
         server = launcher.Server(proc, grpc_port, http, metrics, tmp_path / "daemon.log")
         pid1 = launcher.namespace_pid1(proc.pid)
         try:
@@ -232,18 +235,25 @@ def test_the_image_entrypoint_serves_as_pid1_with_the_pods_settings(demo_repo, r
         subprocess.run(["umount", "-l", str(shm)], check=True)
 
 
-def test_what_the_dockerfile_copies_builds_the_serving_package(tmp_path):
-    """The image's ``pip install .`` from exactly the files its COPY lines take (minus .dockerignore)."""
-    context = tmp_path / "context"
-    for line in dockerfile(DEPLOY / "docker" / "Dockerfile")["COPY"]:
+def image_workdir(tmp: Path) -> Path:
+    """The image's WORKDIR as its Dockerfile lays it out: exactly the files its COPY lines take."""
+    spec = dockerfile(DEPLOY / "docker" / "Dockerfile")
+    workdir = tmp / "image" / spec["WORKDIR"][-1].lstrip("/")
+    for line in spec["COPY"]:
         *sources, dest = line.split()
-        for src in sources:  # WORKDIR is the build's root; "DEST/" takes the source's own name
-            target = context / dest / (Path(src).name if dest.endswith("/") else "")
+        for src in sources:  # relative to WORKDIR; "DEST/" takes the source's own name
+            target = workdir / dest / (Path(src).name if dest.endswith("/") else "")
             if (ROOT / src).is_dir():
                 shutil.copytree(ROOT / src, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(ROOT / src, target)
+    return workdir
+
+
+def test_what_the_dockerfile_copies_builds_the_serving_package(tmp_path):
+    """The image's ``pip install .`` from exactly the files its COPY lines take (minus .dockerignore)."""
+    context = image_workdir(tmp_path)
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                            "-w", str(tmp_path / "wheels"), str(context)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

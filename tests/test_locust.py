@@ -16,7 +16,7 @@ def test_locust_users_get_right_answers(demo_repo, tmp_path):
     try:
         env = dict(os.environ, ENSERVE_GRPC_URL=daemon.grpc_url)
         out = subprocess.run(
-            [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+            [sys.executable, "-m", "locust", "-f", str(ROOT / "src" / "enserve" / "loadtest" / "locustfile.py"), "--headless",
              "-u", "6", "-r", "6", "-t", "6s", "--host", f"http://{daemon.http_url}", "--csv", str(tmp_path / "l"),
              "--only-summary", "GrpcUser", "HttpJsonUser", "HttpBinaryUser"],
             env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)

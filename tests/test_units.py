@@ -22,23 +22,44 @@ def test_row_ring_contiguous_wrap_and_out_of_order_free():
     assert ring.alloc(4) == 0
     assert ring.alloc(4) == 4
     assert ring.alloc(3) is None  # 8 used, 2 left at the end, 3 do not fit anywhere
-    ring.free(4)  # out of order: tail cannot move past row 0 yet
+    assert ring.release(4)  # out of order: tail cannot move past row 0 yet
     assert ring.alloc(3) is None
-    ring.free(0)  # now everything before head is free
+    assert ring.release(0)  # now everything before head is free
     assert ring.used == 0
     assert ring.alloc(3) == 0  # an empty ring starts over at row 0 (warm rows), no wrap gap
     assert ring.used == 3 and ring.head == 3
     assert ring.alloc(5) == 3
-    ring.free(0)
+    ring.release(0)
     assert ring.alloc(3) == 0  # 2 rows at the end skipped, wrapped to row 0
     assert ring.used == 10 and ring.head == 3
     assert ring.alloc(1) is None
-    ring.free(3)  # the skipped gap leaves with the range before it
+    ring.release(3)  # the skipped gap leaves with the range before it
     assert ring.used == 3
     with pytest.raises(ValueError, match="not allocated"):
-        ring.free(9)
+        ring.release(9)
     with pytest.raises(ValueError, match=r"row count is 11, but must be in \[1, 10\]"):
         ring.alloc(11)
+
+
+def test_row_ring_frees_rows_only_when_their_last_holder_lets_go():
+    """A's request expires with its two tasks still at workers: its rows stay A's until both tasks
+    are done, so B gets other rows; once A's last task lets go, an empty ring starts over at 0."""
+    ring = RowRing(8)
+    a = ring.alloc(2)
+    ring.retain(a, 2)  # two tasks name A's rows (two worker groups)
+    assert (a, ring.count(a)) == (0, 2)
+    assert not ring.release(a)  # A expires: answered, but its tasks are still out
+    b = ring.alloc(2)
+    assert b == 2  # not A's rows
+    ring.retain(b, 1)
+    assert not ring.release(a)  # one of A's tasks skipped
+    assert ring.alloc(6) is None  # A's rows are still held: 4 rows used, 4 left, 6 do not fit
+    assert ring.release(a)  # A's last task is done: its rows are free
+    assert ring.used == 2  # only B's rows are in use now
+    assert not ring.release(b) and ring.release(b)  # B answered, then its task done
+    assert ring.used == 0 and ring.alloc(3) == 0
+    with pytest.raises(ValueError, match="row 2 is not allocated"):
+        ring.retain(2)
 
 
 def test_a_request_larger_than_the_ring_is_a_clear_invalid_argument():

@@ -31,7 +31,7 @@ log = logging.getLogger("enserve")
 
 def metrics_app(registry: Registry, tokens: Tokens) -> web.Application:
     prometheus = CollectorRegistry()
-    prometheus.register(MetricsCollector(registry.stats, registry.queue_depth))
+    prometheus.register(MetricsCollector(registry.stats, registry.queue_depth, registry.worker_tasks))
 
     async def metrics(request):
         reason = tokens.check(request.headers.get("Authorization"), admin=False)

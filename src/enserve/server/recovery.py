@@ -20,27 +20,31 @@ class WorkerRecovery:
 
     def _worker_exited(self, w: WorkerProcess, code: int | None) -> None:
         """A replica is gone: restart it (unless it never loaded or we are stopping) and hand its
-        tasks to a live replica of its group; a task whose worker died before is failed instead."""
+        tasks to a live replica of its group; a request whose task of this group was computed again
+        once already has it failed instead. A task handed on keeps holding its rows; one that is
+        not lets go of them."""
         rt = self.groups[w.group]
-        tasks = list(w.tasks.values())
-        w.tasks.clear()
-        w.sent_at.clear()
-        w.rows = 0
+        tasks = self.dispatch.dropped(w)
         self.supervisor.restart(w, code, self.closing)
-        for rid, start, count, mask in tasks:
-            request = self.pending.get(rid)
+        again: dict[int, bool] = {}  # request id -> may its tasks of this group be computed again
+        for task in tasks:
+            request = self.pending.get(task.rid)
             if request is None:
+                rt.ring.release(task.alloc)
                 continue
-            if self.closing or w.group in request.retried:
-                why = "the server is shutting down" if self.closing else "its worker died twice"
-                self._part_failed(request, Unavailable(f"member '{w.spec.label}' did not answer: {why}"))
-            else:
-                request.retried.add(w.group)
-                self.dispatch.route(rt, rid, start, count, mask)
+            if task.rid not in again:
+                again[task.rid] = not self.closing and request.retry(w.group)
+            if again[task.rid]:
+                self.dispatch.reroute(rt, task)
+                continue
+            rt.ring.release(task.alloc)
+            why = "the server is shutting down" if self.closing else "its worker died twice"
+            self._part_failed(request, Unavailable(f"member '{w.spec.label}' did not answer: {why}"))
         if all(x.state is WorkerState.DOWN for x in rt.workers):
             held, rt.held = rt.held, []
-            for rid, *_ in held:
-                request = self.pending.get(rid)
+            for task in held:
+                rt.ring.release(task.alloc)
+                request = self.pending.get(task.rid)
                 if request is not None:
                     self._part_failed(request, Unavailable(f"member '{w.spec.label}' is unavailable: {w.reason}"))
 
@@ -54,7 +58,11 @@ class WorkerRecovery:
         for rt in self.groups:
             limit = max(self.options.worker_timeout_s, 50 * rt.batch_ns / 1e9)
             for w in rt.workers:
-                age = hung_for(w.sent_at, now, limit) if w.state is WorkerState.READY else None
+                if w.state is not WorkerState.READY:
+                    continue
+                # only live work counts: a cancelled request's tasks wait to be skipped, not computed
+                live = (t for tid, t in w.sent_at.items() if w.tasks[tid].rid in self.pending)
+                age = hung_for(live, now, limit)
                 if age is not None and w.proc is not None and w.proc.poll() is None:
                     log.error("%s has not answered a task for %.1f s (limit %.1f s): killing it", w.label, age, limit)
                     w.sent_at.clear()  # once: its exit takes it from here

@@ -23,7 +23,7 @@ import numpy as np
 from enserve.server import health
 from enserve.server.completions import Completions
 from enserve.server.config import ServeOptions
-from enserve.server.dispatch import QUIET_LOAD, Dispatch, recent_load, wait_budget
+from enserve.server.dispatch import MAX_QUEUED_TASKS, QUIET_LOAD, Dispatch, recent_load, wait_budget
 from enserve.server.errors import (
     EnserveError,
     RepositoryError,
@@ -94,6 +94,11 @@ class Orchestrator(WorkerRecovery, Completions):
     def queue_depth(self) -> dict[str, int]:
         return dict(self.inflight)
 
+    def worker_tasks(self) -> dict[str, int]:
+        """Per worker group, the tasks its replicas hold, defer or wait for (live or cancelled)."""
+        return {"+".join(rt.spec.members): len(rt.held) + sum(len(w.tasks) + len(w.deferred) for w in rt.workers)
+                for rt in self.groups}
+
     def worker_pids(self) -> dict[str, list[int]]:
         return {"+".join(rt.spec.members): [w.proc.pid for w in rt.workers if w.proc is not None]
                 for rt in self.groups}
@@ -119,6 +124,12 @@ class Orchestrator(WorkerRecovery, Completions):
             raise ResourceExhausted(
                 f"model '{model.name}' has {self.inflight[model.name]} requests in flight, the limit is "
                 f"{self.options.max_inflight}; retry later")
+        for g, _ in model.parts:
+            if self.dispatch.saturated(self.groups[g]):
+                stats.rejected += 1
+                raise ResourceExhausted(
+                    f"the workers of '{self.groups[g].workers[0].spec.label}' have {MAX_QUEUED_TASKS} tasks queued "
+                    "each; retry later")
         ring = self.rings[model.ring]
         start = ring.put(arrays, count)
         if start is None:
@@ -143,27 +154,34 @@ class Orchestrator(WorkerRecovery, Completions):
         burst = BURST if alone and len(model.parts) == 1 and self.load < QUIET_LOAD else 0
         for g, mask in model.parts:
             rt = self.groups[g]
-            request.outstanding += self.dispatch.send_part(
+            tasks = self.dispatch.send_part(
                 rt, request, mask | burst, alone,
-                wait_budget(self.options.max_adaptive_wait_us, slowest, rt.batch_ns) if wait else 0) - 1
+                wait_budget(self.options.max_adaptive_wait_us, slowest, rt.batch_ns) if wait else 0)
+            request.add_parts(tasks - 1)
+            ring.retain(start, tasks)  # each task holds the rows until its worker is done with them
         request.t_submit = time.perf_counter_ns()
         return request
 
     def _finish(self, request: InflightRequest) -> None:
         self._forget(request)
         request.answer()
+        self.deadlines.answered()
         if request.shape.kind == "ensemble":
             record_request(self.stats[request.shape.model], request)
 
     def _expire(self, request: InflightRequest) -> None:
-        """Its deadline passed: DEADLINE_EXCEEDED now, its rows and in-flight slot free now."""
+        """Its deadline passed: DEADLINE_EXCEEDED and its in-flight slot free now; its rows come back
+        as its workers finish or skip its tasks."""
         self._forget(request)
         request.expire()
 
     def _forget(self, request: InflightRequest) -> None:
         del self.pending[request.rid]
         model = self.models[request.shape.model]
-        self.rings[model.ring].release(request.start)
+        ring = self.rings[model.ring]
+        if not request.complete:  # tasks still out: workers skip those they have not begun
+            ring.cancel(request.start)
+        ring.release(request.start)
         self.inflight[model.name] -= 1
         if self.closing and not self.pending and self.drained is not None:
             self.drained.set()

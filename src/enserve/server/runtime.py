@@ -27,7 +27,7 @@ class GroupRuntime:
     spec: WorkerGroup
     ring: InputRing
     workers: list[WorkerProcess] = field(default_factory=list)
-    held: list[tuple[int, int, int, int]] = field(default_factory=list)  # (rid, start, count, mask)
+    held: list = field(default_factory=list)  # dispatch's Tasks waiting for a replica to be ready
     batch_ns: float = 0.0  # moving average of one batch's compute time
     member_ns: tuple[float, ...] = ()  # one image's compute per member, as its first ready replica measured
 
@@ -46,10 +46,10 @@ def size_rings(repo: Repository, placement: Placement, table: Table, options: Se
     minimum = [1] * len(table.rings)
     for m in table.models.values():
         minimum[m.ring] = max(minimum[m.ring], m.max_batch_size)
-    row_bytes = [sum(t.row_bytes for t in inputs) for inputs in table.rings]
+    row_bytes = [sum(t.row_bytes for t in inputs) + 1 for inputs in table.rings]  # + the row's live flag
     wanted = [int(min(MAX_RING_ROWS, max(4 * low, (options.arena_mib << 20) // max(1, rb))))
               for low, rb in zip(minimum, row_bytes)]
-    arenas = sum(len(inputs) for inputs in table.rings)
+    arenas = sum(len(inputs) + 1 for inputs in table.rings)
     for g, spec in enumerate(placement.groups):
         outputs = repo.members[spec.members[0]].outputs
         row_bytes[table.group_rings[g]] += len(spec.replicas) * slot_row_bytes(outputs)
@@ -108,6 +108,7 @@ def _group(repo: Repository, g: int, spec: WorkerGroup, ring: InputRing, serial:
             device=replica.device, cpu_cores=list(replica.cores) or None, threads=replica.threads,
             batch_size=spec.batch_size, queue_delay_us=spec.queue_delay_us, capacity=ring.capacity,
             inputs=[(t.name, t.np_dtype.str, list(t.dims), a.name) for t, a in zip(ring.inputs, ring.arenas)],
+            live=ring.live_arena,
             outputs=slots.layout(), task_fd=-1, done_fd=-1, lifeline_fd=-1, index=index,
             burst_threads=len(replica.cores) if len(replica.cores) > replica.threads else 0,
             weights=[weights.get(m, 1.0) for m in spec.members] if weights else None)

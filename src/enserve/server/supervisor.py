@@ -46,9 +46,12 @@ class WorkerProcess:
     served: bool = False  # was ready once: a failed start after that is retried, not final
     failures: int = 0  # restarts that failed in a row (the back-off)
     retry: asyncio.TimerHandle | None = None
-    tasks: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)  # task id -> (rid, start, count, mask)
+    # its tasks, owned by ``dispatch``: task id -> Task, until the worker says it is done or skipped it
+    tasks: dict = field(default_factory=dict)
     rows: int = 0  # rows of its tasks not yet answered: the load that replica choice balances
     sent_at: dict[int, float] = field(default_factory=dict)  # task id -> when it was handed over (loop clock)
+    deferred: list = field(default_factory=list)  # tasks waiting for one of its tasks on the same rows
+    unsent: bytearray = field(default_factory=bytearray)  # descriptors its full pipe has no room for yet
     slots: OutputSlots | None = None  # where it writes its members' running sums (its own: replicas
     # of a group may run different members of one request's rows at once)
 
@@ -72,6 +75,7 @@ class Supervisor:
             fcntl.fcntl(task_w, F_SETPIPE_SZ, 1 << 20)
         except OSError:
             pass  # the default 64 KiB still holds thousands of descriptors
+        os.set_blocking(task_w, False)  # a worker busy with a full batch must never block the event loop
         env = dict(os.environ)
         device = w.replica.device
         if device.startswith("gpu"):  # the child sees its GPU as device 0
@@ -100,6 +104,8 @@ class Supervisor:
         except BlockingIOError:
             return
         self.loop.remove_reader(w.lifeline_r)
+        if w.task_w >= 0:
+            self.loop.remove_writer(w.task_w)  # descriptors waiting for room in its pipe
         for fd in (w.lifeline_r, w.task_w):
             if fd >= 0:
                 os.close(fd)
@@ -162,6 +168,7 @@ class Supervisor:
                 w.retry = None
             w.state = WorkerState.DOWN
             if w.task_w >= 0:
+                self.loop.remove_writer(w.task_w)
                 os.close(w.task_w)
                 w.task_w = -1
         procs = [w.proc for w in workers if w.proc is not None]

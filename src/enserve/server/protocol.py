@@ -7,7 +7,8 @@ to run on them (bit k: its k-th member; bit 31, ``BURST``: the task is alone on 
 run it on the worker's burst sessions, which have an intra-op thread per core; bit 30,
 ``WEIGHTED``: scale each member's output by its ensemble weight).
 Worker -> orchestrator: a ``DONE`` header (with the worker's index), then ``n_ids`` uint32
-task ids, then ``msg_len`` bytes of UTF-8 message (errors, or the load failure). All workers
+task ids, then ``msg_len`` bytes of UTF-8 message (errors, or the load failure). Tasks whose rows
+are no longer live (their request expired) are skipped unrun and reported as ``STATUS_CANCELLED``. All workers
 share one completion pipe: a frame is at most ``PIPE_BUF`` bytes and is written on its own, so
 each write is atomic and frames never interleave. No tensor ever crosses a pipe.
 """
@@ -32,6 +33,7 @@ STATUS_OK = 0
 STATUS_ERROR = 1
 STATUS_READY = 2
 STATUS_LOAD_FAILED = 3
+STATUS_CANCELLED = 4  # tasks skipped unrun: their request was cancelled (its rows read not live)
 
 
 @dataclass

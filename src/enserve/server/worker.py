@@ -26,6 +26,7 @@ from enserve.optimizer.sessions import session_for
 from enserve.server.protocol import (
     BURST,
     FLAGS,
+    STATUS_CANCELLED,
     STATUS_ERROR,
     STATUS_LOAD_FAILED,
     STATUS_OK,
@@ -52,6 +53,7 @@ class WorkerSpec:
     queue_delay_us: int
     capacity: int  # rows in the shared ring
     inputs: list[Slot]
+    live: str  # arena of the ring's live flags (uint8 per row): tasks on rows reading 0 are skipped
     outputs: list[Slot]  # the group's sums, one per output, then the first output's squares
     task_fd: int
     done_fd: int  # shared by all workers: frames are atomic writes
@@ -80,26 +82,39 @@ def collect(
     backlog: deque,
     batch_size: int,
     delay_s: float,
+    live: np.ndarray | None = None,
+    skipped: list[int] | None = None,
 ) -> list[tuple[int, int, int, int, int, int]]:
     """Block for the first task, then gather up to ``batch_size`` rows for at most ``delay_s``,
     or for the first task's wait budget when that is longer.
 
-    Tasks are (request id, first row, rows, wait budget us, member mask, arrival ns). Raises EOFError when
-    the orchestrator closed the pipe and nothing is left.
+    Tasks are (task id, first row, rows, wait budget us, member mask, arrival ns). A task whose first
+    row is not ``live`` (its request was cancelled) is not run: its id goes to ``skipped``, when it
+    is read and again when the batch is taken; an empty batch comes back when only such tasks came,
+    so that they are reported at once. Raises EOFError when the orchestrator closed the pipe and
+    nothing is left.
     """
+
+    def is_live(t) -> bool:
+        if live is None or live[t[1]]:
+            return True
+        skipped.append(t[0])
+        return False
 
     def read_some() -> bool:
         chunk = os.read(fd, 1 << 16)
         if not chunk:
             return False
         now = time.perf_counter_ns()
-        backlog.extend((*t, now) for t in reader.feed(chunk))
+        backlog.extend((*t, now) for t in reader.feed(chunk) if is_live(t))
         return True
 
     open_pipe = True
     while not backlog:
         if not read_some():
             raise EOFError
+        if skipped and not backlog:
+            return []
     deadline = time.monotonic() + max(delay_s, backlog[0][3] / 1e6)
     rows = sum(t[2] for t in backlog)
     while open_pipe and rows < batch_size:
@@ -109,11 +124,13 @@ def collect(
         before = len(backlog)
         open_pipe = read_some()
         rows += sum(backlog[i][2] for i in range(before, len(backlog)))
-    batch = [backlog.popleft()]
-    taken = batch[0][2]
-    while backlog and taken + backlog[0][2] <= batch_size:
-        taken += backlog[0][2]
-        batch.append(backlog.popleft())
+    batch = []
+    taken = 0
+    while backlog and (not batch or taken + backlog[0][2] <= batch_size):
+        task = backlog.popleft()
+        if is_live(task):  # cancelled while it waited
+            taken += task[2]
+            batch.append(task)
     return batch
 
 
@@ -126,6 +143,7 @@ class Runner:
         self.burst = burst or sessions  # for a task alone on the worker's cores: more threads
         self.arenas: list[Arena] = []
         self.inputs = [self._view(a) for a in spec.inputs]
+        self.live = self._view(("live", "|u1", [], spec.live))
         slots = [self._view(a) for a in spec.outputs]
         self.sums, self.squares = slots[:-1], slots[-1]
         self.input_names = [a[0] for a in spec.inputs]
@@ -224,12 +242,19 @@ def member_cost(session, output_names: list[str], feeds: dict, runs: int = 5) ->
 def serve(spec: WorkerSpec, runner: Runner) -> None:
     reader = TaskReader()
     backlog: deque = deque()
+    skipped: list[int] = []
     delay = spec.queue_delay_us / 1e6
     while True:
         try:
-            batch = collect(spec.task_fd, reader, backlog, spec.batch_size, delay)
+            batch = collect(spec.task_fd, reader, backlog, spec.batch_size, delay, runner.live, skipped)
         except EOFError:
             return
+        finally:
+            if skipped:  # their rows go back to the ring as soon as we say so
+                write_done(spec.done_fd, pack_done(spec.index, STATUS_CANCELLED, skipped))
+                skipped.clear()
+        if not batch:
+            continue
         ids = [t[0] for t in batch]
         rows = sum(t[2] for t in batch)
         try:

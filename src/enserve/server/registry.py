@@ -111,6 +111,13 @@ class Registry:
     def queue_depth(self) -> dict[str, int]:
         return {name: unit.orchestrator.inflight[name] for name, unit in self.models.items()}
 
+    def worker_tasks(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for o in self.orchestrators():
+            for group, count in o.worker_tasks().items():
+                out[group] = out.get(group, 0) + count
+        return out
+
     def worker_pids(self) -> dict[str, list[int]]:
         return {group: pids for o in self.orchestrators() for group, pids in o.worker_pids().items()}
 

@@ -1,10 +1,11 @@
-"""An in-flight request: its rows, the parts (worker groups) still to answer, their running sums,
-and the one path that resolves its future. Plus one deadline timer for all requests.
+"""An in-flight request: its rows, the parts (tasks on worker groups) still to answer, their running
+sums, and the one path that resolves its future. Plus one deadline timer for all requests.
 
-Errors travel as exceptions: ``answer`` sets the result or the exception, once. A request whose
-deadline passes is answered and forgotten at once (its rows and in-flight slot freed): a worker
-still computing it only reads rows, and writes its own slots in task order, so a later request on
-the same rows is unharmed; the late completion finds no request and is dropped.
+Its state is written only by its own methods. Errors travel as exceptions: ``answer`` sets the
+result or the exception, once. A request whose deadline passes is answered at once and gives back
+its in-flight slot; its rows stay held by its tasks until each is done or skipped (``slots``), so
+no later request can be given rows that a worker may still read for it, and the late completions
+find no request and are dropped.
 """
 
 from __future__ import annotations
@@ -64,6 +65,22 @@ class InflightRequest:
     def complete(self) -> bool:
         return self.outstanding == 0
 
+    def add_parts(self, n: int) -> None:
+        """``n`` more tasks will answer for it (a part shared out over idle replicas)."""
+        self.outstanding += n
+
+    def retry(self, group: int) -> bool:
+        """Whether a task of ``group`` whose worker died may be computed again: once per group."""
+        if group in self.retried:
+            return False
+        self.retried.add(group)
+        return True
+
+    def fail(self, error: EnserveError) -> None:
+        """It will be answered with ``error`` (the first one wins) once its parts are in."""
+        if self.error is None:
+            self.error = error
+
     def part_done(self, sums: list[np.ndarray], squares: np.ndarray, start: int, count: int) -> None:
         """Add one part's sums (views into a group's shared slots) over its rows [start, start+count),
         all of this request's rows or a share of them that one replica ran."""
@@ -83,10 +100,9 @@ class InflightRequest:
         self.squares[lo : lo + count] += squares[start : start + count]
 
     def part_failed(self, error: EnserveError) -> None:
-        """One group will not answer this request; the first error is the one the caller gets."""
+        """One task will not answer this request; the first error is the one the caller gets."""
         self.outstanding -= 1
-        if self.error is None:
-            self.error = error
+        self.fail(error)
 
     def answer(self) -> None:
         """Resolve the future with the combined outputs or the error (at most once)."""
@@ -107,14 +123,15 @@ class InflightRequest:
 
     def _answered(self) -> None:
         self.totals = self.squares = None
-        if self.on_answer is not None:
-            self.on_answer(self.future)
+        on_answer, self.on_answer = self.on_answer, None  # nothing it holds (a call's raw request) outlives it
+        if on_answer is not None:
+            on_answer(self.future)
 
     def expire(self) -> None:
         """The deadline passed: the caller gets DEADLINE_EXCEEDED now; the parts may still come back."""
         if not self.answered:
-            self.error = self.error or DeadlineExceeded(
-                f"request to model '{self.shape.model}' did not finish within {self.timeout_s:g} s")
+            self.fail(DeadlineExceeded(
+                f"request to model '{self.shape.model}' did not finish within {self.timeout_s:g} s"))
             self.answer()
 
     def _combine(self) -> dict[str, np.ndarray]:
@@ -132,7 +149,11 @@ class InflightRequest:
 
 class Deadlines:
     """One timer for every request: a heap of deadlines, armed at the earliest; ``on_expire`` gets
-    each request whose deadline passed unanswered."""
+    each request whose deadline passed unanswered. Answered requests leave lazily: ``answered``
+    counts them, and the heap is rebuilt without them once they are half of it, so an answered
+    request (and what it holds) is not kept until its own deadline."""
+
+    COMPACT_AT = 64  # answered entries tolerated before a rebuild is considered
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_expire: Callable[[InflightRequest], None]) -> None:
         self.loop = loop
@@ -141,14 +162,28 @@ class Deadlines:
         self.order = itertools.count()
         self.timer: asyncio.TimerHandle | None = None
         self.armed_at = float("inf")
+        self.stale = 0  # answered requests still in the heap
 
     def add(self, request: InflightRequest) -> None:
-        heap = self.heap
-        while heap and heap[0][2].answered:  # answered ones leave from the top as they come up
-            heapq.heappop(heap)
-        heapq.heappush(heap, (request.deadline, next(self.order), request))
+        self._trim()
+        heapq.heappush(self.heap, (request.deadline, next(self.order), request))
         if request.deadline < self.armed_at:
             self._arm(request.deadline)
+
+    def answered(self) -> None:
+        """A request in the heap was answered before its deadline."""
+        self.stale += 1
+        if self.stale > self.COMPACT_AT and 2 * self.stale > len(self.heap):
+            self.heap = [e for e in self.heap if not e[2].answered]
+            heapq.heapify(self.heap)
+            self.stale = 0
+
+    def _trim(self) -> None:
+        """Drop answered requests off the top."""
+        heap = self.heap
+        while heap and heap[0][2].answered:
+            heapq.heappop(heap)
+            self.stale = max(0, self.stale - 1)
 
     def _arm(self, when: float) -> None:
         if self.timer is not None:
@@ -161,10 +196,11 @@ class Deadlines:
         now = self.loop.time()
         while self.heap and self.heap[0][0] <= now:
             _, _, request = heapq.heappop(self.heap)
-            if not request.answered:
+            if request.answered:
+                self.stale = max(0, self.stale - 1)
+            else:
                 self.on_expire(request)
-        while self.heap and self.heap[0][2].answered:  # drop the answered ones off the top
-            heapq.heappop(self.heap)
+        self._trim()
         if self.heap:
             self._arm(self.heap[0][0])
 
@@ -172,3 +208,4 @@ class Deadlines:
         if self.timer is not None:
             self.timer.cancel()
         self.heap.clear()
+        self.stale = 0

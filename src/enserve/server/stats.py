@@ -91,9 +91,11 @@ class MetricsCollector:
     """Prometheus collector with Triton's metric names, read from the stats at scrape time."""
 
     def __init__(self, stats: Callable[[], dict[str, ModelStats]],
-                 queue_depth: Callable[[], dict[str, int]] | None = None) -> None:
+                 queue_depth: Callable[[], dict[str, int]] | None = None,
+                 worker_tasks: Callable[[], dict[str, int]] | None = None) -> None:
         self.stats = stats  # read at each scrape: the models loaded then
         self.queue_depth = queue_depth
+        self.worker_tasks = worker_tasks
 
     def collect(self) -> Iterable:
         labels = ["model", "version"]
@@ -139,4 +141,10 @@ class MetricsCollector:
             gauge = GaugeMetricFamily("nv_inference_pending_request_count", "Requests in flight", labels=labels)
             for name, depth in self.queue_depth().items():
                 gauge.add_metric([name, "1"], depth)
+            yield gauge
+        if self.worker_tasks is not None:
+            gauge = GaugeMetricFamily("enserve_worker_tasks", "Tasks handed to a worker group and not yet done "
+                                      "or skipped (live and cancelled)", labels=["group"])
+            for group, count in self.worker_tasks().items():
+                gauge.add_metric([group], count)
             yield gauge
