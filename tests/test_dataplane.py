@@ -255,3 +255,111 @@ def test_recent_load_lets_one_client_burst_but_not_a_lone_request_among_four():
     for _ in range(20):  # back to one client: bursting again within about 20 requests
         load = recent_load(load, 1)
     assert load < QUIET_LOAD
+
+
+def test_the_deadline_heap_forgets_answered_requests():
+    """32 requests in flight, deadlines of 1 s and 60 s in turn, 2000 answered long before them:
+    the heap keeps at most a bounded few of the answered ones (before: 1001 of 2000, each held until
+    its own deadline), and nothing a caller hung on a request (its answer callback, which on the
+    native front holds the raw request) outlives the answer."""
+    loop = asyncio.new_event_loop()
+    try:
+        deadlines = Deadlines(loop, lambda r: r.expire())
+        inflight: list[InflightRequest] = []
+        for k in range(2032):
+            r = _request(loop, parts=1, timeout=1.0 if k % 2 else 60.0)
+            raw = bytearray(1024)  # what the native front's closure holds: the raw request
+            r.on_answer = lambda future, held=raw: None
+            deadlines.add(r)
+            inflight.append(r)
+            if len(inflight) > 32:
+                done = inflight.pop(0)
+                done.part_failed(Unavailable("answered"))
+                done.answer()
+                deadlines.answered()
+                assert done.on_answer is None
+        answered = sum(e[2].answered for e in deadlines.heap)
+        assert answered <= 2 * Deadlines.COMPACT_AT, answered
+        assert len(deadlines.heap) - answered == 32
+        late = _request(loop, parts=1, timeout=0.01)
+        deadlines.add(late)  # requests after a compaction still expire in time
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert isinstance(late.error, DeadlineExceeded)
+        deadlines.close()
+    finally:
+        loop.close()
+
+
+def _replica(index: int, task_w: int = -1, rows: int = 0):
+    from enserve.server.placement import Replica as PlacedReplica
+    from enserve.server.supervisor import WorkerProcess
+
+    w = WorkerProcess(index, 0, PlacedReplica("cpu", (0,), 1), SimpleNamespace(label=f"g{index}"))
+    w.state, w.task_w, w.rows = WorkerState.READY, task_w, rows
+    return w
+
+
+def test_a_retried_task_never_shares_a_replica_with_its_requests_task_on_the_same_rows():
+    """Request 7's members were dealt over replicas A and B (rows 10-10); A died. Its share goes to B
+    only after B's own share of the same rows is done: a replica's slots hold one answer per row."""
+    from enserve.server.dispatch import Dispatch, Task
+
+    loop = asyncio.new_event_loop()
+    try:
+        dispatch = Dispatch(loop, -1)
+        b = _replica(1)
+        rt = SimpleNamespace(workers=[b], held=[])
+        dispatch.send(b, Task(7, 10, 1, 0b0011, 10))  # B's own share
+        other = Task(8, 12, 2, 0b1111, 12)
+        dispatch.send(b, other)  # another request's task: rows 12-13
+        retried = Task(7, 10, 1, 0b1100, 10)
+        dispatch.reroute(rt, retried)
+        assert b.deferred == [retried] and len(b.tasks) == 2  # waits behind B's share of request 7
+        first = next(tid for tid, t in b.tasks.items() if t.rid == 7)
+        assert dispatch.finished(b, next(tid for tid, t in b.tasks.items() if t.rid == 8)) == other
+        assert b.deferred == [retried]  # another request finishing does not release it
+        assert dispatch.finished(b, first).mask == 0b0011
+        assert b.deferred == [] and list(b.tasks.values()) == [retried] and b.rows == 1
+        dispatch.reroute(rt, Task(7, 11, 1, 0b1111, 10))  # other rows of the same request: no wait
+        assert len(b.tasks) == 2 and b.deferred == []
+        b.state = WorkerState.STARTING
+        held = Task(9, 0, 1, 1, 0)
+        dispatch.reroute(rt, held)  # no replica ready: held for the first that starts
+        assert rt.held == [held]
+        assert sorted(t.rid for t in Dispatch.dropped(b)) == [7, 7] and b.rows == 0 and not b.tasks
+    finally:
+        loop.close()
+
+
+def test_descriptors_a_full_pipe_cannot_take_wait_for_room_in_order():
+    """A worker that holds a full batch stops reading its task pipe: once the pipe is full, writes
+    must not block the event loop. The rest waits, goes out as the worker reads, in order."""
+    import fcntl
+    import os
+
+    from enserve.server.dispatch import Dispatch, Task
+    from enserve.server.protocol import TASK, TaskReader
+
+    async def scenario() -> list[tuple]:
+        loop = asyncio.get_running_loop()
+        r, w = os.pipe()
+        fcntl.fcntl(w, 1031, 4096)  # F_SETPIPE_SZ: the smallest pipe
+        os.set_blocking(w, False)
+        replica = _replica(0, task_w=w)
+        dispatch = Dispatch(loop, -1)
+        for k in range(2000):  # 2000 x 20 bytes: ten times the pipe
+            dispatch.send(replica, Task(k, k, 1, 1, k))
+        dispatch.flush()  # returns at once, though the pipe is full
+        assert 0 < len(replica.unsent) < 2000 * TASK.size
+        got, reader = [], TaskReader()
+        while len(got) < 2000:
+            await asyncio.sleep(0.001)  # the worker reads a little at a time
+            got += reader.feed(os.read(r, 1000))
+        assert not replica.unsent
+        loop.remove_writer(w)
+        os.close(w)
+        os.close(r)
+        return got
+
+    got = asyncio.run(scenario())
+    assert [t[1] for t in got] == list(range(2000))  # every descriptor, in order, none cut or lost
