@@ -10,7 +10,7 @@ import sys
 from dataclasses import MISSING, Field, fields
 
 from enserve.cli.common import USAGE
-from enserve.server.config import ServeOptions, check_token, transport_for
+from enserve.server.config import ServeOptions, check_token
 from enserve.server.security import read_pair
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -76,7 +76,7 @@ def options_from(args: argparse.Namespace, environ: dict[str, str] | None = None
     values = {f.name: _value(f, getattr(args, f.name), environ) for f in fields(ServeOptions)}
     options = ServeOptions(**values)
     options.validate()
-    transport_for(options.grpc_transport, options.tls_cert is not None)
+    options.transport  # noqa: B018 - a transport the options cannot have (native with TLS) is refused here
     read_pair(options.tls_cert, options.tls_key)
     if options.load_model and options.model_control_mode != "explicit":
         raise ValueError("--load-model needs --model-control-mode explicit")

@@ -60,8 +60,10 @@ class ServeOptions:
     metrics_port: int = option(8002, "--metrics-port", "Prometheus metrics port (GET /metrics)", int, minimum=0)
     grpc_transport: str = option(
         "auto", "--grpc-transport", "gRPC server: 'native' (pygrpc-native's front serves ModelInfer, HTTP/2 in "
-        "Rust outside the GIL; the other RPCs go to a grpcio server behind it), 'grpcio' (needed for TLS), or "
-        "'auto': native unless --tls-cert is given", str, choices=("auto", "native", "grpcio"))
+        "Rust outside the GIL; the other RPCs go to a grpcio server behind it; it reads a whole message before "
+        "its size can be refused), 'grpcio' (needed for TLS; refuses an oversized message from its length), or "
+        "'auto': native on a loopback --host or with an auth token (which it checks before reading a message), "
+        "else grpcio", str, choices=("auto", "native", "grpcio"))
     batch_size: int | None = option(None, "--batch-size", "batch size of every member (default: the plan or "
                                     "config.pbtxt)", int, minimum=1)
     queue_delay_us: int | None = option(None, "--max-queue-delay-us", "longest a member waits to fill a batch "
@@ -84,6 +86,9 @@ class ServeOptions:
                                "RESOURCE_EXHAUSTED / HTTP 503", int, minimum=1)
     request_timeout_s: float = option(60.0, "--request-timeout", "server-side bound in seconds on every request "
                                       "(a client deadline may be shorter)", float, above=0)
+    http_body_timeout_s: float = option(30.0, "--http-body-timeout", "seconds an HTTP request body may take to "
+                                        "arrive in full (a slow or stalled upload gets 408 and holds nothing)",
+                                        float, above=0)
     allow_client_shm: bool = option(False, "--allow-client-shm", "accept system shared-memory registrations and "
                                     "tensors in them (Triton's extension)", switch=True)
     max_request_bytes: int | None = option(
@@ -151,20 +156,31 @@ class ServeOptions:
             raise ValueError("--cpu-cores names no core")
 
     @property
+    def transport(self) -> str:
+        """The gRPC server this configuration runs (``transport_for``)."""
+        return transport_for(self.grpc_transport, tls=self.tls_cert is not None, host=self.host,
+                             token=self.auth_token is not None)
+
+    @property
     def manual_placement(self) -> bool:
         return self.device is not None or self.cpu_cores is not None or self.batch_size is not None
 
 
 TRANSPORTS = ("auto", "native", "grpcio")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def transport_for(requested: str, tls: bool) -> str:
-    """The gRPC server to run: 'auto' is the native one unless TLS is asked for (it has none)."""
+def transport_for(requested: str, *, tls: bool, host: str, token: bool) -> str:
+    """The gRPC server to run. 'auto' is the native front only where every caller is trusted: on a
+    loopback address, or with an auth token (the front refuses a call without one from its headers,
+    before reading its body); grpcio otherwise (TLS, which the native front lacks, or an open port
+    without a token: the native front reads a whole message before anything can refuse one over
+    --max-request-bytes, where grpc-core refuses it from its length prefix)."""
     if requested not in TRANSPORTS:
         raise ValueError(f"gRPC transport '{requested}' is not one of {TRANSPORTS}")
     if requested == "native" and tls:
         raise ValueError("the native gRPC transport has no TLS: use --grpc-transport grpcio (or auto) with "
                          "--tls-cert/--tls-key")
     if requested == "auto":
-        return "grpcio" if tls else "native"
+        return "native" if not tls and (host in LOOPBACK or token) else "grpcio"
     return requested

@@ -14,9 +14,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from enserve.server import placement as placements
 from enserve.server.config import ServeOptions
-from enserve.server.errors import EnserveError, RepositoryError
+from enserve.server.errors import EnserveError, RepositoryError, Unauthenticated
 from enserve.server.grpc_frontend import make_server
 from enserve.server.http_frontend import HttpFrontend
+from enserve.server.lifecycle import Lifecycle
 from enserve.server.orchestrator import WORKER_STOP_S
 from enserve.server.placement import Placement
 from enserve.server.registry import Registry
@@ -25,6 +26,7 @@ from enserve.server.security import Tokens, read_pair, server_ssl_context
 from enserve.server.service import Service
 from enserve.server.shm import clean_leftovers
 from enserve.server.stats import MetricsCollector
+from enserve.server.status import status_of
 
 log = logging.getLogger("enserve")
 
@@ -36,7 +38,8 @@ def metrics_app(registry: Registry, tokens: Tokens) -> web.Application:
     async def metrics(request):
         reason = tokens.check(request.headers.get("Authorization"), admin=False)
         if reason is not None:
-            return web.json_response({"error": reason}, status=401)
+            _, http, message = status_of(Unauthenticated(reason))
+            return web.json_response({"error": message}, status=http)
         return web.Response(body=generate_latest(prometheus), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
@@ -115,7 +118,8 @@ async def serve(options: ServeOptions) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    registry = Registry(options, lambda repo: choose_placement(repo, options, stopping))
+    lifecycle = Lifecycle()  # the server's: a signal drains it
+    registry = Registry(options, lambda repo: choose_placement(repo, options, stopping), lifecycle)
     runners: list[web.AppRunner] = []
     grpc_server = None
     poller = None
@@ -145,14 +149,14 @@ async def serve(options: ServeOptions) -> None:
         if options.model_control_mode == "poll":
             poller = asyncio.create_task(registry.poll_forever(options.repository_poll_secs))
         models = ", ".join(sorted(registry.models))
-        log.info("serving models [%s] (model control: %s): HTTP %s:%d, gRPC %s, metrics %s:%d (workers %s)",
-                 models, options.model_control_mode, options.host, options.http_port, grpc_address, options.host,
-                 options.metrics_port, registry.worker_pids())
+        log.info("serving models [%s] (model control: %s): HTTP %s:%d, gRPC %s (%s transport), metrics %s:%d "
+                 "(workers %s)", models, options.model_control_mode, options.host, options.http_port, grpc_address,
+                 options.transport, options.host, options.metrics_port, registry.worker_pids())
         await stop.wait()
         deadline = loop.time() + options.shutdown_timeout_s
         log.info("stopping: draining %d requests in flight (at most %g s in all)",
                  sum(len(o.pending) for o in registry.orchestrators()), options.shutdown_timeout_s)
-        service.accepting = False
+        lifecycle.drain()
         # the calls' grace leaves the workers' stop (and the HTTP close) their share of the budget
         await grpc_server.stop(grace=max(0.0, min(options.drain_timeout_s, deadline - loop.time() - WORKER_STOP_S - 1)))
         grpc_server = None

@@ -1,15 +1,11 @@
-"""Errors that carry their protocol status; converted to gRPC/HTTP in one place each."""
+"""The daemon's errors. They carry a message for the caller and know nothing of a transport: one
+table (``status``) turns each into its gRPC code and HTTP status, applied in one place per front."""
 
 from __future__ import annotations
 
-import grpc
-
 
 class EnserveError(Exception):
-    """Base error: a message for the caller plus its gRPC status code and HTTP status."""
-
-    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    http_status: int = 500
+    """Base error: a message for the caller; what it means on the wire is ``status``'s business."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -17,52 +13,44 @@ class EnserveError(Exception):
 
 
 class InvalidArgument(EnserveError):
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
-    http_status = 400
+    """The request is malformed or does not fit the model."""
 
 
 class NotFound(EnserveError):
-    grpc_code = grpc.StatusCode.NOT_FOUND
-    http_status = 404
+    """An unknown model, version or shared-memory region."""
 
 
 class Unauthenticated(EnserveError):
-    grpc_code = grpc.StatusCode.UNAUTHENTICATED
-    http_status = 401
+    """No valid token for the call."""
 
 
 class AlreadyExists(EnserveError):
-    grpc_code = grpc.StatusCode.ALREADY_EXISTS
-    http_status = 409
+    """A shared-memory region registered twice."""
 
 
 class Unavailable(EnserveError):
-    grpc_code = grpc.StatusCode.UNAVAILABLE
-    http_status = 503
+    """The server or a model cannot take the request now (stopping, a member down)."""
 
 
 class ResourceExhausted(EnserveError):
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    http_status = 503
+    """Full: too many requests, rows or bytes in flight; retry later."""
 
 
-class PayloadTooLarge(EnserveError):
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    http_status = 413
+class PayloadTooLarge(ResourceExhausted):
+    """One message larger than the limit on any message."""
 
 
 class DeadlineExceeded(EnserveError):
-    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
-    http_status = 504
+    """The request's deadline passed before its answer."""
+
+
+class RequestTimeout(EnserveError):
+    """A request's body did not arrive in time (a slow or stalled upload)."""
 
 
 class Internal(EnserveError):
-    grpc_code = grpc.StatusCode.INTERNAL
-    http_status = 500
+    """A fault of the server's own (a member that failed on a request)."""
 
 
 class RepositoryError(EnserveError):
     """A model repository that cannot be read or written as asked (start-up / import time)."""
-
-    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
-    http_status = 400

@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 
+import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 
-from enserve.server.errors import EnserveError, InvalidArgument, PayloadTooLarge
+from enserve.server.errors import InvalidArgument, PayloadTooLarge, RequestTimeout, Unauthenticated
 from enserve.server.security import Tokens, is_admin_path, is_open_path
 from enserve.server.service import Service, cuda_shm_unavailable, parse_timeout
 from enserve.server.stats import DURATIONS, ModelStats
+from enserve.server.status import status_of
 from enserve.server.tensors import RequestInput, RequestOutput
 
+log = logging.getLogger("enserve")
 HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request body was in."""
 
 
 def _json(data, status: int = 200) -> web.Response:
     return web.Response(body=json.dumps(data).encode(), status=status, content_type="application/json")
 
 
-def _error(e: EnserveError) -> web.Response:
-    return _json({"error": e.message}, e.http_status)
+def _error(e: BaseException) -> web.Response:
+    _, http, message = status_of(e)
+    return _json({"error": message}, http)
 
 
 def load_json(raw: bytes, what: str):
@@ -150,22 +161,58 @@ class HttpFrontend:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
+        """The token, before anything of the body is read or counted."""
         path = request.path
         if not is_open_path(path):
             reason = self.tokens.check(request.headers.get("Authorization"), admin=is_admin_path(path))
             if reason is not None:
-                return _json({"error": reason}, 401)
+                return _error(Unauthenticated(reason))
         return await handler(request)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
         try:
             return await handler(request)
-        except EnserveError as e:
-            return _error(e)
-        except web.HTTPRequestEntityTooLarge:
+        except web.HTTPRequestEntityTooLarge:  # a body read whole by aiohttp (client_max_size)
             limit = self.service.limits.http_bytes
             return _error(PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes"))
+        except web.HTTPException:  # aiohttp's own answers (404 for an unknown path, 405, ...)
+            raise
+        except ClientGone as exc:  # one line, no traceback: nobody is left to answer
+            log.info("HTTP %s %s: the client went away while sending its body (%s)", request.method, request.path, exc)
+            return web.Response(status=400)
+        except Exception as exc:  # noqa: BLE001 - every error is answered with its status
+            return _error(exc)
+
+    async def read_body(self, request: web.Request, *, counted: bool) -> tuple[bytearray, int]:
+        """The body as it arrives, inflated when gzip or deflate (aiohttp inflates a chunk at a time),
+        whole within --http-body-timeout (else 408) and at most --max-request-bytes (else 413).
+        With ``counted`` its bytes are held in the in-flight budget as they are read, not as declared:
+        (body, bytes held), which the caller releases."""
+        limits = self.service.limits
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.service.options.http_body_timeout_s
+        body, held = bytearray(), 0
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(request.content.readany(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    raise RequestTimeout(f"the request body did not arrive within --http-body-timeout "
+                                         f"({self.service.options.http_body_timeout_s:g} s): {len(body)} bytes "
+                                         "came") from None
+                except (ConnectionError, aiohttp.ClientError, HttpProcessingError) as exc:
+                    raise ClientGone(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
+                if not chunk:
+                    return body, held
+                if len(body) + len(chunk) > limits.http_bytes:
+                    raise PayloadTooLarge(f"the request body is larger than the limit of {limits.http_bytes} bytes")
+                if counted:
+                    held += limits.reserve(len(chunk))
+                body += chunk
+        except BaseException:
+            limits.release(held)
+            raise
 
     async def live(self, request):
         return web.Response(status=200)
@@ -194,7 +241,7 @@ class HttpFrontend:
         return web.Response(status=200)
 
     async def _control_body(self, request, what: str) -> dict:
-        raw = await request.read()
+        raw, _ = await self.read_body(request, counted=False)
         body = _check_dict(load_json(raw, f"the {what} request body") if raw.strip() else {},
                            f"the {what} request body")
         params = {k: v for k, v in _check_dict(body.get("parameters") or {}, f"the {what} parameters").items()
@@ -225,10 +272,10 @@ class HttpFrontend:
     async def infer(self, request: web.Request) -> web.Response:
         model, version = self._model(request)
         limits = self.service.limits
-        # held from before the body is read (its declared length, or the most it may be) to the answer
-        held = limits.reserve(min(request.content_length or limits.http_bytes, limits.http_bytes))
+        if (request.content_length or 0) > limits.http_bytes:  # refused from its declared length
+            raise PayloadTooLarge(f"the request body is larger than the limit of {limits.http_bytes} bytes")
+        body, held = await self.read_body(request, counted=True)  # held as read, until the answer
         try:
-            body = await request.read()  # aiohttp inflates gzip/deflate bodies, bounded by client_max_size
             header, inputs, outputs = parse_infer_body(body, request.headers.get(HEADER_LENGTH))
             params = header.get("parameters", {})
             timeout = parse_timeout(params.get("timeout"))
@@ -266,7 +313,8 @@ class HttpFrontend:
         return _json([{"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size} for r in regions])
 
     async def shm_register(self, request):
-        body = _check_dict(load_json(await request.read() or b"{}", "request body"), "the request")
+        raw, _ = await self.read_body(request, counted=False)
+        body = _check_dict(load_json(raw or b"{}", "request body"), "the request")
         key = body.get("key")
         if not isinstance(key, str):
             raise InvalidArgument("shared memory registration needs 'key' (string)")

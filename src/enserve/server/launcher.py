@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,20 +51,27 @@ class Server:
     def output(self) -> str:
         return self.log.read_text()[-5000:] if self.log is not None and self.log.exists() else ""
 
-    def wait_ready(self, timeout: float = 120) -> None:
-        """Until gRPC ServerReady says yes; raises (and stops it) if it exits or takes too long."""
-        import tritonclient.grpc as grpcclient
+    def ready(self) -> bool:
+        """Whether it says it is ready: on HTTP ``/v2/health/ready`` when its HTTP port is known (the
+        probe Kubernetes and HAProxy use; open even when a token guards every gRPC call), else gRPC."""
+        try:
+            if self.http_port is not None:
+                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=5) as r:
+                    return r.status == 200
+            import tritonclient.grpc as grpcclient
 
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+            return grpcclient.InferenceServerClient(self.grpc_url).is_server_ready()
+        except Exception:  # not listening yet, not ready (HTTP 400), or refused
+            return False
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Until it says it is ready; raises (and stops it) if it exits or takes too long."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if client.is_server_ready():
-                    return
-            except Exception:
-                pass
+            if self.ready():
+                return
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"server at {self.grpc_url} not ready after {timeout} s:\n{self.output()}")

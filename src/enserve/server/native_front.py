@@ -2,44 +2,42 @@
 
 The front (HTTP/2 and gRPC in Rust, outside the GIL) hands calls to Python in batches, as raw
 request bytes with an id, and is answered by id. ModelInfer is parsed here and submitted without
-a coroutine per call: the request answers the call as it resolves (not a loop turn later). Every other method
-(health, metadata, statistics, shared memory, ModelStreamInfer) goes to a grpc.aio server with
-the full servicer and the auth interceptor on a Unix socket, which the front proxies to. The
-auth interceptor guards the fallback's methods; ModelInfer's bearer token is checked here, from
-the call's metadata (the front's own token check would also close the open health probes).
+a coroutine per call: the request answers the call as it resolves (not a loop turn later). Every
+other method (health, metadata, statistics, shared memory, ModelStreamInfer) goes to a grpc.aio
+server with the full servicer and the auth interceptor on a Unix socket, which the front proxies to.
+
+What it bounds before a message is read: with an auth token the front itself refuses a call that
+does not carry one of the daemon's tokens, from its headers, before any byte of its body is read
+(so on this transport the gRPC health probes need the token too; the HTTP probes stay open). What
+it cannot bound: pygrpc-native 0.5 reads a whole message before Python sees it and has no size
+limit of its own, so a message over ``--max-request-bytes`` from a caller it lets through is read
+before it is refused. ``transport_for`` therefore picks this front only where the callers are
+trusted (see ``config.transport_for``); grpc-core refuses an oversized message from its length.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import shutil
 import tempfile
 import threading
 
-import grpc
 from pygrpc_native import EVENT_CANCEL, NativeGrpcFront
 from tritonclient.grpc import service_pb2 as pb
 
-from enserve.server.errors import (
-    EnserveError,
-    Internal,
-    InvalidArgument,
-    PayloadTooLarge,
-    Unauthenticated,
-    Unavailable,
-)
-from enserve.server.grpc_frontend import begin_infer, build_server, encode_response
+from enserve.server.codec import begin_infer, encode_response
+from enserve.server.errors import InvalidArgument, PayloadTooLarge, Unauthenticated, Unavailable
+from enserve.server.grpc_frontend import build_server
 from enserve.server.security import Tokens
 from enserve.server.service import Service
+from enserve.server.status import status_of
 
 log = logging.getLogger("enserve")
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-
-
-def _code(status: grpc.StatusCode) -> int:
-    return status.value[0]
+UNAUTHENTICATED = "this call needs an 'authorization: Bearer <token>' header; the token is missing or not valid"
 
 
 class NativeFront:
@@ -51,15 +49,19 @@ class NativeFront:
         tokens = self.tokens = Tokens(options.auth_token, options.admin_token)
         self.socket_dir = tempfile.mkdtemp(prefix="enserve-grpc-")
         self.fallback = build_server(service, f"unix:{os.path.join(self.socket_dir, 'fallback.sock')}", None, tokens)
+        # with a user token every call needs a token: the front checks it before reading the body
+        # (the fallback's interceptor still tells the admin calls' token from the user's)
+        digests = [hashlib.sha256(t.encode()).digest() for t in (tokens.user, tokens.admin) if t] \
+            if tokens.user else None
         try:
-            self.front = NativeGrpcFront(address, [(MODEL_INFER, False)], call_details=True)
+            self.front = NativeGrpcFront(address, [(MODEL_INFER, False)], call_details=True,
+                                         bearer_token_sha256=digests, unauthenticated_message=UNAUTHENTICATED)
         except OSError as exc:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
             raise OSError(f"cannot listen for gRPC on {address}: {exc}") from exc
         self.loop: asyncio.AbstractEventLoop | None = None
         self.calls: dict[int, object] = {}  # call id -> its pending request, until answered
         self.held: dict[int, int] = {}  # call id -> the request bytes it holds (``RequestLimits``)
-        self.stopping = False
         self.idle: asyncio.Event | None = None  # set once stopping and no call is left
         self.thread: threading.Thread | None = None
 
@@ -86,20 +88,21 @@ class NativeFront:
                 continue
             try:
                 self._call(call_id, payload, details)
-            except EnserveError as e:
-                self.front.fail(call_id, _code(e.grpc_code), e.message)
-            except Exception as exc:  # never leave a call unanswered
-                log.exception("ModelInfer failed")
-                self.front.fail(call_id, _code(grpc.StatusCode.INTERNAL), f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - every call is answered, with its status
+                self._fail(call_id, exc)
         self.service.flush()  # this batch's descriptors go out now, not one loop turn later
+
+    def _fail(self, call_id: int, error: BaseException) -> None:
+        code, _, message = status_of(error)
+        self.front.fail(call_id, code.value[0], message)
 
     def _call(self, call_id: int, payload: bytes, details) -> None:
         metadata, _, time_remaining = details
-        if self.tokens.enabled:
+        if self.tokens.user:  # the front let it through with one of the tokens: the user's?
             reason = self.tokens.check(next((v for k, v in metadata if k == "authorization"), None), admin=False)
             if reason is not None:
                 raise Unauthenticated(reason)
-        if self.stopping:
+        if not self.service.lifecycle.accepting:
             raise Unavailable("the server is shutting down and accepts no new requests")
         limits = self.service.limits
         if len(payload) > limits.grpc_bytes:
@@ -129,24 +132,19 @@ class NativeFront:
     def _answer(self, call_id: int, request: pb.ModelInferRequest, pending, future: asyncio.Future) -> None:
         if self._forget(call_id) is None or future.cancelled():
             return  # the client went away
-        error = future.exception()
         try:
+            error = future.exception()
             if error is None:
                 self.front.respond(call_id, encode_response(request, pending.finish(future.result()))
                                    .SerializeToString())
                 return
-        except EnserveError as exc:
+        except Exception as exc:  # noqa: BLE001 - encoding or writing a client's shared memory failed
             error = exc
-        except Exception as exc:
-            error = Internal(f"answering failed: {type(exc).__name__}: {exc}")
-        if isinstance(error, EnserveError):
-            self.front.fail(call_id, _code(error.grpc_code), error.message)
-        else:
-            self.front.fail(call_id, _code(grpc.StatusCode.INTERNAL), f"{type(error).__name__}: {error}")
+        self._fail(call_id, error)
 
     async def stop(self, grace: float | None) -> None:
-        """Refuse new calls, let those in flight finish for ``grace`` seconds, then close."""
-        self.stopping = True
+        """Let the calls in flight finish for ``grace`` seconds (new ones are refused once the
+        server's lifecycle drains), then close."""
         self.idle = asyncio.Event()
         if self.calls and grace:
             try:

@@ -30,6 +30,7 @@ from enserve.server.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from enserve.server.lifecycle import Lifecycle
 from enserve.server.placement import Placement
 from enserve.server.protocol import BURST
 from enserve.server.recovery import WorkerRecovery
@@ -46,7 +47,8 @@ WORKER_STOP_S = 5.0  # how long workers get to finish their batch and exit once 
 
 
 class Orchestrator(WorkerRecovery, Completions):
-    def __init__(self, repo: Repository, placement: Placement, options: ServeOptions) -> None:
+    def __init__(self, repo: Repository, placement: Placement, options: ServeOptions,
+                 lifecycle: Lifecycle | None = None) -> None:
         self.repo = repo
         self.placement = placement
         self.options = options
@@ -60,7 +62,7 @@ class Orchestrator(WorkerRecovery, Completions):
         self.pending: dict[int, InflightRequest] = {}
         self.next_id = 0
         self.load = 1.0  # requests in flight as recent arrivals found them (``recent_load``)
-        self.closing = False
+        self.lifecycle = lifecycle or Lifecycle()  # drained when this unit closes
         self.drained: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.done_r = self.done_w = -1
@@ -72,7 +74,7 @@ class Orchestrator(WorkerRecovery, Completions):
         self.done_r, self.done_w = os.pipe()
         os.set_blocking(self.done_r, False)
         self.dispatch = Dispatch(self.loop, self.done_r)
-        self.supervisor = Supervisor(self.loop, self.done_w, self._worker_exited)
+        self.supervisor = Supervisor(self.loop, self.done_w, self._worker_exited, self.lifecycle)
         self.deadlines = Deadlines(self.loop, self._expire)
         self.loop.add_reader(self.done_r, self._on_done)
         for w in self.workers:
@@ -113,7 +115,7 @@ class Orchestrator(WorkerRecovery, Completions):
                timeout_s: float | None = None, uncertainty: bool = True) -> InflightRequest:
         """Copy the inputs into shared rows and hand them to one replica of every group ``model`` needs;
         ``uncertainty`` off skips the ensemble's entropy and variance outputs."""
-        if self.closing:
+        if not self.lifecycle.accepting:
             raise Unavailable("the server is shutting down")
         reason = self.unavailable(model)
         if reason is not None:
@@ -183,7 +185,7 @@ class Orchestrator(WorkerRecovery, Completions):
             ring.cancel(request.start)
         ring.release(request.start)
         self.inflight[model.name] -= 1
-        if self.closing and not self.pending and self.drained is not None:
+        if self.lifecycle.draining and not self.pending and self.drained is not None:
             self.drained.set()
 
     def _part_failed(self, request: InflightRequest, error: EnserveError) -> None:
@@ -196,7 +198,7 @@ class Orchestrator(WorkerRecovery, Completions):
     async def close(self, timeout_s: float | None = None) -> None:
         """Finish what is in flight, stop the workers, unlink shared memory: all within ``timeout_s``
         (default: the drain timeout plus the workers' stop); workers still running then are killed."""
-        self.closing = True
+        self.lifecycle.drain()
         if self.watchdog is not None:
             self.watchdog.cancel()
         stop_s = WORKER_STOP_S if timeout_s is None else min(WORKER_STOP_S, timeout_s / 2)

@@ -25,7 +25,8 @@ class WorkerRecovery:
         not lets go of them."""
         rt = self.groups[w.group]
         tasks = self.dispatch.dropped(w)
-        self.supervisor.restart(w, code, self.closing)
+        self.supervisor.restart(w, code)
+        closing = self.lifecycle.draining
         again: dict[int, bool] = {}  # request id -> may its tasks of this group be computed again
         for task in tasks:
             request = self.pending.get(task.rid)
@@ -33,12 +34,12 @@ class WorkerRecovery:
                 rt.ring.release(task.alloc)
                 continue
             if task.rid not in again:
-                again[task.rid] = not self.closing and request.retry(w.group)
+                again[task.rid] = not closing and request.retry(w.group)
             if again[task.rid]:
                 self.dispatch.reroute(rt, task)
                 continue
             rt.ring.release(task.alloc)
-            why = "the server is shutting down" if self.closing else "its worker died twice"
+            why = "the server is shutting down" if closing else "its worker died twice"
             self._part_failed(request, Unavailable(f"member '{w.spec.label}' did not answer: {why}"))
         if all(x.state is WorkerState.DOWN for x in rt.workers):
             held, rt.held = rt.held, []
@@ -68,5 +69,5 @@ class WorkerRecovery:
                     w.sent_at.clear()  # once: its exit takes it from here
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(w.proc.pid, signal.SIGKILL)
-        if not self.closing:
+        if not self.lifecycle.draining:
             self.watchdog = self.loop.call_later(self._watch_period(), self._watch)

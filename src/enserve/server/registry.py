@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from enserve.server.config import ServeOptions
 from enserve.server.errors import InvalidArgument, NotFound, Unavailable
+from enserve.server.lifecycle import Lifecycle
 from enserve.server.orchestrator import Orchestrator
 from enserve.server.placement import Placement, describe
 from enserve.server.repository import Repository, load_repository
@@ -78,8 +79,10 @@ def fingerprint(repo: Repository) -> tuple:
 class Registry:
     """Loaded units, and which unit answers each served model name."""
 
-    def __init__(self, options: ServeOptions, place: Callable[[Repository], Placement]) -> None:
+    def __init__(self, options: ServeOptions, place: Callable[[Repository], Placement],
+                 lifecycle: Lifecycle | None = None) -> None:
         self.options = options
+        self.lifecycle = lifecycle or Lifecycle()  # the server's; each unit's lives under it
         self.place = place  # the placement of a unit's sub-repository (plan, allocator or config)
         self.mode = options.model_control_mode
         if self.mode not in MODES:
@@ -159,7 +162,7 @@ class Registry:
             sub = unit_repository(self.repo, name)
             placement = await asyncio.to_thread(self.place, sub)
             log.info("loading '%s':\n%s", name, describe(placement))
-            orchestrator = Orchestrator(sub, placement, self.options)
+            orchestrator = Orchestrator(sub, placement, self.options, Lifecycle(self.lifecycle))
             try:
                 await orchestrator.start()
             except BaseException:

@@ -28,14 +28,18 @@ class Tokens:
     def enabled(self) -> bool:
         return bool(self.user or self.admin)
 
-    def check(self, header: str | None, *, admin: bool) -> str | None:
-        """None when the Authorization header is good enough for the call, else the reason."""
+    def check(self, header: str | bytes | None, *, admin: bool) -> str | None:
+        """None when the Authorization header is good enough for the call, else the reason. The
+        scheme is case-insensitive (RFC 7235); a header that is not text is simply not a token."""
         need = (self.admin or self.user) if admin else self.user
         if not need:
             return None
-        if not header or not header.startswith("Bearer "):
+        if isinstance(header, str):  # HTTP servers decode header bytes with surrogates for non-UTF-8
+            header = header.encode("utf-8", "surrogatepass")
+        scheme, _, token = (header or b"").partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
             return "this call needs an 'authorization: Bearer <token>' header" + (" with the admin token" if admin and self.admin else "")
-        if not hmac.compare_digest(header[len("Bearer "):].encode(), need.encode()):
+        if not hmac.compare_digest(token, need.encode()):
             return "the bearer token is not valid for this call" + (" (it needs the admin token)" if admin and self.admin else "")
         return None
 

@@ -10,6 +10,7 @@ import numpy as np
 from enserve.server import __version__
 from enserve.server.config import ServeOptions
 from enserve.server.errors import InvalidArgument, NotFound, Unavailable
+from enserve.server.lifecycle import Lifecycle
 from enserve.server.limits import RequestLimits
 from enserve.server.orchestrator import Orchestrator
 from enserve.server.registry import Registry
@@ -70,13 +71,13 @@ class Service:
         self.registry = registry
         self.options = options
         self.regions = ClientRegions()
-        self.accepting = True
+        self.lifecycle: Lifecycle = registry.lifecycle  # the server's: drained by a signal
         self.limits = RequestLimits.for_repository(registry.repo or Repository(options.model_repository), options)
 
     # ------------------------------------------------------------------ health and metadata
 
     def ready(self) -> bool:
-        return self.accepting and all(o.not_ready(m) is None
+        return self.lifecycle.accepting and all(o.not_ready(m) is None
                                       for o in self.registry.orchestrators() for m in o.models.values())
 
     def target(self, name: str, version: str = "") -> ServedModel:
@@ -94,7 +95,7 @@ class Service:
             orchestrator, model = self._lookup(name, version)
         except NotFound:
             return False
-        return self.accepting and orchestrator.not_ready(model) is None
+        return self.lifecycle.accepting and orchestrator.not_ready(model) is None
 
     def server_metadata(self) -> dict:
         return {"name": "enserve", "version": __version__, "extensions": EXTENSIONS}
@@ -157,7 +158,7 @@ class Service:
               timeout_s: float | None = None) -> PendingInfer:
         """Validate and submit a request without waiting: its future resolves to the model's outputs,
         which ``finish`` turns into the values asked for (errors are raised here or by the future)."""
-        if not self.accepting:
+        if not self.lifecycle.accepting:
             raise Unavailable("the server is shutting down and accepts no new requests")
         orchestrator, target = self._lookup(model, version)
         regions = self.regions if self.options.allow_client_shm else None

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from enserve.server.lifecycle import Lifecycle
 from enserve.server.placement import Replica
 from enserve.server.slots import OutputSlots
 from enserve.server.worker import WorkerSpec
@@ -62,11 +63,11 @@ class WorkerProcess:
 
 class Supervisor:
     def __init__(self, loop: asyncio.AbstractEventLoop, done_w: int,
-                 on_exit: Callable[[WorkerProcess, int | None], None]) -> None:
+                 on_exit: Callable[[WorkerProcess, int | None], None], lifecycle: Lifecycle) -> None:
         self.loop = loop
         self.done_w = done_w
         self.on_exit = on_exit
-        self.stopping = False
+        self.lifecycle = lifecycle  # its unit's: nothing is restarted once the unit closes
 
     def spawn(self, w: WorkerProcess) -> None:
         task_r, task_w = os.pipe()
@@ -113,11 +114,11 @@ class Supervisor:
         code = w.proc.wait() if w.proc is not None else None
         self.on_exit(w, code)
 
-    def restart(self, w: WorkerProcess, code: int | None, closing: bool) -> None:
+    def restart(self, w: WorkerProcess, code: int | None) -> None:
         """After ``w`` exited: start it again, unless the server is stopping or its first start
         failed (then it is down, with the reason). A restart that fails (it cannot spawn, or exits
         while loading) leaves it down with the reason, and is tried again with back-off."""
-        if closing or self.stopping:
+        if self.lifecycle.draining:
             self.mark_down(w, "the server is shutting down")
         elif w.state is WorkerState.STARTING and not w.served:
             self.mark_down(w, w.reason or f"{w.label} exited with code {code} while loading")
@@ -130,7 +131,7 @@ class Supervisor:
 
     def _respawn(self, w: WorkerProcess) -> None:
         w.retry = None
-        if self.stopping:
+        if self.lifecycle.draining:
             return
         w.reason = ""
         try:
@@ -161,7 +162,7 @@ class Supervisor:
 
     async def stop(self, workers: list[WorkerProcess], timeout_s: float = 5.0) -> None:
         """Close every task pipe (EOF: a worker finishes its batch and exits), then wait, then kill."""
-        self.stopping = True
+        self.lifecycle.drain()
         for w in workers:
             if w.retry is not None:
                 w.retry.cancel()
