@@ -135,3 +135,30 @@ def test_pid1_sigkilled_restarts_and_never_touches_a_live_neighbour(demo_repo, r
             code = neighbour.stop(pid=neighbour_pid)
             assert code == 0, neighbour.output()
     assert objects(shm) == []
+
+
+def test_a_daemon_starts_beside_another_users_objects(demo_repo, reference, tmpfs, tmp_path):
+    """/dev/shm holds a dead run's objects that another user owns (uid 1234, mode 0600), which this
+    daemon may neither open nor remove: it runs without root's power over other users' files (the
+    DAC-override capabilities dropped), as a non-root daemon does. Before, posix_ipc's
+    PermissionsError stopped the start with a traceback; now it starts, says whose objects it left
+    alone, and serves."""
+    shm = tmpfs(16)
+    foreign = ["enserve.4242.abcdef012345.lock", "enserve.4242.abcdef012345.u0.in0.0"]
+    for name in foreign:
+        (shm / name).write_bytes(b"\0" * 64)
+        os.chown(shm / name, 1234, 1234)
+        os.chmod(shm / name, 0o600)
+    unprivileged = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+    daemon = start_daemon(demo_repo, tmp_path, wrap=container_command(shm) + unprivileged)
+    try:
+        log = daemon.output()
+        assert "Traceback" not in log
+        assert ("leaving /dev/shm/enserve.4242.abcdef012345.lock (2 objects of run 4242.abcdef012345) alone: it "
+                "belongs to uid 1234 and this daemon runs as root (uid 0), so it may not check or remove it" in log), log
+        results = serve_ok(daemon, reference, 1.0, n_threads=2, n_images=2)
+        assert set(results) == {"ok"}, results
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.output()
+    assert objects(shm) == sorted(foreign)  # its own objects gone, the other user's untouched

@@ -94,6 +94,26 @@ def test_poll_mode_follows_the_repository(demo_repo, tmp_path):
     assert shm_objects(daemon.pid) == []
 
 
+def test_poll_mode_skips_a_folder_it_cannot_follow_and_follows_the_rest(demo_repo, tmp_path):
+    """A folder whose name is not a model name appears beside a new ensemble: the ensemble loads,
+    the bad folder is reported once, by name and rule, and the next passes go on. Before, the bad
+    name aborted every poll pass, so the new ensemble never loaded."""
+    repo = copy_repo(demo_repo, tmp_path)
+    daemon = start_daemon(repo, tmp_path, "--model-control-mode", "poll", "--repository-poll-secs", "0.3")
+    try:
+        g = grpcclient.InferenceServerClient(daemon.grpc_url)
+        add_ensemble(repo, "bad name", PAIR)  # sorts before 'pair'
+        add_ensemble(repo, "pair", PAIR)
+        assert wait_for(lambda: g.is_model_ready("pair")), daemon.output()
+        time.sleep(1.0)  # a few more passes
+        log = daemon.output()
+        assert log.count("repository poll: skipping 'bad name': model name 'bad name' is not a name") == 1, log
+        assert g.is_model_ready("ensemble") and "Traceback" not in log
+    finally:
+        assert daemon.stop() == 0
+    assert shm_objects(daemon.pid) == []
+
+
 def wait_for(condition, timeout: float = 20.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -176,7 +176,7 @@ def run(options: ServeOptions) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s enserve %(levelname)s %(message)s", stream=sys.stderr)
     try:
         read_pair(options.tls_cert, options.tls_key)  # both or neither, readable: fail before any work
-        removed = clean_leftovers()
+        removed = clean_leftovers(log.warning)
         if removed:
             log.info("removed shared memory left by a crashed daemon: %s", removed)
         load_repository(options.model_repository)  # a broken repository fails here, before any port opens

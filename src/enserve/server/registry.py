@@ -92,6 +92,7 @@ class Registry:
         self.lock = asyncio.Lock()  # one load or unload at a time
         self.repo: Repository | None = None
         self.retiring: set[asyncio.Task] = set()  # units draining: they finish even if their caller is cancelled
+        self.skipped: dict[str, str] = {}  # poll mode: folders it could not follow, and why (said once)
 
     # ------------------------------------------------------------------ lookups
 
@@ -212,16 +213,29 @@ class Registry:
         await asyncio.shield(task)
 
     async def poll(self) -> None:
-        """Follow the repository: load new units, reload changed ones, unload removed ones."""
+        """Follow the repository: load new units, reload changed ones, unload removed ones. A unit
+        that cannot be followed (a folder name that is not a model name, a member that fails to
+        load) is skipped and reported once; the others are still followed."""
         repo = await asyncio.to_thread(load_repository, self.options.model_repository)
         self.repo = repo
         wanted = unit_names(repo)
+        problems: dict[str, str] = {}
         for name in [n for n in self.units if n not in wanted]:
-            await self.unload(name)
+            await self._follow(name, self.unload(name), problems)
         for name in wanted:
             unit = self.units.get(name)
             if unit is None or unit.fingerprint != fingerprint(unit_repository(repo, name)):
-                await self.load(name, reread=False)
+                await self._follow(name, self.load(name, reread=False), problems)
+        self.skipped = problems
+
+    async def _follow(self, name: str, change, problems: dict[str, str]) -> None:
+        try:
+            await change
+        except Exception as exc:  # one folder must not stop the others
+            why = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            problems[name] = why
+            if self.skipped.get(name) != why:
+                log.error("repository poll: skipping '%s': %s", name, why)
 
     async def poll_forever(self, period_s: float) -> None:
         while True:

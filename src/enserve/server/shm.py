@@ -14,7 +14,9 @@ import errno
 import fcntl
 import mmap
 import os
+import pwd
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,9 +179,22 @@ def _owner_gone(run: str) -> bool:
     return True
 
 
-def clean_leftovers() -> list[str]:
+def owner_of(name: str) -> str:
+    """The user who owns /dev/shm/``name``: 'name (uid N)'."""
+    try:
+        uid = (SHM_DIR / name).stat().st_uid
+    except OSError:
+        return "an unknown user"
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def clean_leftovers(report: Callable[[str], None] | None = None) -> list[str]:
     """Unlink objects of enserve runs whose owner lock is free (their process is gone, in any pid
-    namespace); return their names. Objects of live daemons are never touched."""
+    namespace); return their names. Objects of live daemons are never touched, nor those of another
+    user this process may not open or remove: ``report`` hears which, and whose, and the start goes on."""
     runs: dict[str, list[str]] = {}
     for name in ours():
         parts = name.split(".")
@@ -188,12 +203,28 @@ def clean_leftovers() -> list[str]:
     for run, names in runs.items():
         if OWNER.run is not None and run == f"{os.getpid()}.{OWNER.run}":
             continue
-        if _owner_gone(run):
-            lock = f"{PREFIX}{run}.{LOCK}"
+        lock = f"{PREFIX}{run}.{LOCK}"
+        try:
+            if not _owner_gone(run):
+                continue
             for name in sorted(names, key=lambda n: n == lock):  # the lock last
                 unlink_quietly("/" + name)
                 removed.append(name)
+        except (posix_ipc.PermissionsError, PermissionError) as exc:
+            if report is not None:
+                report(f"shared memory: leaving {SHM_DIR}/{lock if lock in names else names[0]} "
+                       f"({len(names)} objects of run {run}) alone: it belongs to {owner_of(names[0])} and this "
+                       f"daemon runs as {owner_of_self()}, so it may not check or remove it ({exc}); its names "
+                       "never clash with this daemon's")
     return removed
+
+
+def owner_of_self() -> str:
+    uid = os.geteuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 @dataclass
