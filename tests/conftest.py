@@ -82,6 +82,32 @@ def demo_repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def renamed_repo(tmp_path_factory) -> Path:
+    """An ensemble imported with ``enserve import`` from ONNX files whose tensors have other names
+    than the demo's ('pixels' in, 'probabilities' out), as a user's own models have."""
+    import onnx
+
+    from enserve.models.synthetic import write_tiny_cnns
+
+    tmp = tmp_path_factory.mktemp("renamed")
+    files = write_tiny_cnns(tmp / "onnx", (8, 16, 24))
+    rename = {"input": "pixels", "probs": "probabilities"}
+    for f in files:
+        model = onnx.load(str(f))
+        for value in [*model.graph.input, *model.graph.output]:
+            value.name = rename.get(value.name, value.name)
+        for node in model.graph.node:
+            node.input[:] = [rename.get(n, n) for n in node.input]
+            node.output[:] = [rename.get(n, n) for n in node.output]
+        onnx.save(model, str(f))
+    repo = tmp / "repo"
+    done = subprocess.run([sys.executable, "-m", "enserve", "import", *map(str, files), "--model-repository",
+                           str(repo)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return repo
+
+
+@pytest.fixture(scope="session")
 def member_sessions(demo_repo):
     """Every member run directly with ONNX Runtime: the independent reference."""
     paths = sorted(demo_repo.glob("cnn_*/1/model.onnx"))

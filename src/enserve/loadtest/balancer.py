@@ -173,15 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="enserve-lb-") as tmp:
             cluster = Cluster(args.model_repository, Path(tmp), tuple(shlex.split(args.daemon_flags))).start(n)
             try:
-                dims, row_bytes = signature(cluster.daemons[0].grpc_url, args.model)
+                sig = signature(cluster.daemons[0].grpc_url, args.model)
                 for images in image_counts:
                     if n == sizes[0]:  # the same daemon without the balancer, in the same run
                         d = cluster.daemons[0]
                         cell = measure("direct", d.grpc_url, args.model, args.concurrency, images, args.seconds,
-                                       dims, row_bytes, pid=d.pid)
+                                       sig, pid=d.pid)
                         rows.append(("direct, 1 daemon", images, cell, None))
                     cell = measure("haproxy", cluster.balancer.grpc_url, args.model, args.concurrency, images,
-                                   args.seconds, dims, row_bytes, pid=cluster.balancer.pid)
+                                   args.seconds, sig, pid=cluster.balancer.pid)
                     rows.append((f"haproxy, {n} daemon(s)", images, cell, cell.front_cpu_s))
             finally:
                 cluster.stop()

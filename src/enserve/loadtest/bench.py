@@ -93,16 +93,17 @@ def ceiling(repository: Path, model: str = "ensemble", batch_sizes=(1, 2, 4, 8, 
 
 
 async def _closed_loop(url: str, model: str, concurrency: int, images: int, seconds: float,
-                       dims: tuple[int, ...], warmup: float = 1.0, row_bytes: int = 40,
+                       sig: Signature, warmup: float = 1.0,
                        pid: int | None = None) -> tuple[int, list[float], int, tuple[float, float]]:
     """``concurrency`` users over one channel; each request is serialised once, like perf_analyzer."""
     import grpc
     from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.utils import triton_to_np_dtype
 
-    x = np.random.default_rng(1).random((images, *dims)).astype(np.float32)
+    x = np.random.default_rng(1).random((images, *sig.dims)).astype(triton_to_np_dtype(sig.datatype))
     request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-    request.outputs.add(name="probs")
+    request.inputs.add(name=sig.input, datatype=sig.datatype, shape=list(x.shape))
+    request.outputs.add(name=sig.output)
     request.raw_input_contents.append(x.tobytes())
     payload = request.SerializeToString()
     lat: list[float] = []
@@ -124,7 +125,7 @@ async def _closed_loop(url: str, model: str, concurrency: int, images: int, seco
                     errors += 1
                     continue
                 t1 = time.perf_counter()
-                if len(reply.raw_output_contents[0]) != images * row_bytes:
+                if len(reply.raw_output_contents[0]) != images * sig.row_bytes:
                     errors += 1
                 elif t0 >= t_start and t1 <= t_end:
                     lat.append((t1 - t0) * 1e3)
@@ -140,21 +141,32 @@ async def _closed_loop(url: str, model: str, concurrency: int, images: int, seco
     return len(lat), lat, errors, used
 
 
-def signature(url: str, model: str) -> tuple[tuple[int, ...], int]:
-    """The model's input dims (no batch axis) and its first output's bytes per row, from ModelMetadata."""
+@dataclass(frozen=True)
+class Signature:
+    """A model's first input (name, datatype, dims without the batch axis) and first output (name,
+    bytes per row), from its ModelMetadata: the bench speaks for any model."""
+
+    input: str
+    datatype: str
+    dims: tuple[int, ...]
+    output: str
+    row_bytes: int
+
+
+def signature(url: str, model: str) -> Signature:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import triton_to_np_dtype
 
     meta = grpcclient.InferenceServerClient(url).get_model_metadata(model)
-    out = meta.outputs[0]
+    inp, out = meta.inputs[0], meta.outputs[0]
     row = int(np.prod([int(d) for d in out.shape[1:]])) * np.dtype(triton_to_np_dtype(out.datatype)).itemsize
-    return tuple(int(d) for d in meta.inputs[0].shape[1:]), row
+    return Signature(inp.name, inp.datatype, tuple(int(d) for d in inp.shape[1:]), out.name, row)
 
 
 def measure(server: str, url: str, model: str, concurrency: int, images: int, seconds: float,
-            dims: tuple[int, ...], row_bytes: int = 40, pid: int | None = None) -> Cell:
+            sig: Signature, pid: int | None = None) -> Cell:
     n, lat, errors, (front, total) = asyncio.run(
-        _closed_loop(url, model, concurrency, images, seconds, dims, row_bytes=row_bytes, pid=pid))
+        _closed_loop(url, model, concurrency, images, seconds, sig, pid=pid))
     return Cell(server, concurrency, images, n, seconds, np.array(lat), errors, front, total)
 
 
@@ -235,7 +247,7 @@ def run_bench(args) -> int:
             server = start_server([part.format(http=http, port=port, metrics=metrics) for part in template], port)
             started.append(server)
             running.append((label, server.grpc_url, server.pid))
-        dims, row_bytes = signature(running[0][1], args.model)  # enserve's ModelMetadata
+        sig = signature(running[0][1], args.model)  # enserve's ModelMetadata
         best_batch = max(rates, key=rates.get)
         for k, (images, conc) in enumerate((i, c) for i in image_counts for c in concurrencies):
             measured: dict[str, list[Cell]] = {}
@@ -243,7 +255,7 @@ def run_bench(args) -> int:
                 turn = (k + r) % len(running)
                 for label, url, pid in running[turn:] + running[:turn]:  # who goes first rotates
                     measured.setdefault(label, []).append(
-                        measure(label, url, args.model, conc, images, args.seconds, dims, row_bytes, pid=pid))
+                        measure(label, url, args.model, conc, images, args.seconds, sig, pid=pid))
             cells += [median_cell(measured[label]) for label, *_ in running]
             # the ceiling of this round, measured right after its cells (the servers idle meanwhile)
             round_rates, round_single = ceiling(args.model_repository, args.model, tuple(sorted({1, best_batch})),

@@ -1,8 +1,10 @@
 """Locust users for enserve: gRPC (tritonclient.grpc on gevent) and HTTP (KServe v2 JSON and binary).
 
-Every response is validated: shape, probabilities that sum to 1, and, for an ensemble, equality
-with the mean of what the server's own member models answer (asked one by one, before the load
-starts). It speaks only the protocol. A wrong answer is a failure named "wrong answer: ...".
+Every response is validated: its shape and, for an ensemble, equality with the mean of what the
+server's own member models answer (asked one by one, before the load starts; and rows that sum to 1
+when the members' do). It speaks only the protocol, for any model: the input's name, type and shape
+and the output's name come from the model's metadata. A wrong answer is a failure named
+"wrong answer: ...".
 
     locust -f loadtest/locustfile.py --headless -u 32 -r 32 -t 1m --host http://127.0.0.1:8000 \\
         --csv results/enserve --html results/enserve.html GrpcUser HttpJsonUser HttpBinaryUser
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 
 import grpc.experimental.gevent as grpc_gevent
@@ -25,7 +28,7 @@ grpc_gevent.init_gevent()  # before any gRPC object exists: make gRPC cooperate 
 import numpy as np  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 from locust import FastHttpUser, User, between, task  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # noqa: E402
 
 MODEL = os.environ.get("ENSERVE_MODEL", "ensemble")
 GRPC_URL = os.environ.get("ENSERVE_GRPC_URL", "127.0.0.1:8001")
@@ -37,34 +40,64 @@ class WrongAnswer(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Signature:
+    """What a request to the model looks like, from its metadata."""
+
+    input: str
+    datatype: str
+    dims: tuple[int, ...]
+    output: str
+
+    def batch(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        dtype = np.dtype(triton_to_np_dtype(self.datatype))
+        if dtype.kind == "f":
+            return rng.random((n, *self.dims)).astype(dtype)
+        return rng.integers(0, 10, (n, *self.dims)).astype(dtype)
+
+
+@lru_cache(maxsize=1)
+def signature() -> Signature:
+    with grpcclient.InferenceServerClient(GRPC_URL) as client:  # an open channel keeps Locust from exiting
+        meta = client.get_model_metadata(MODEL)
+    first = meta.inputs[0]
+    return Signature(first.name, first.datatype, tuple(int(d) for d in first.shape[1:]), meta.outputs[0].name)
+
+
 @lru_cache(maxsize=1)
 def cases() -> list[tuple[np.ndarray, np.ndarray | None]]:
     """A fixed set of input batches and their reference answers: the mean of what the server's own
     member models answer (from the ensemble's config), asked one by one; none for a single model."""
     rng = np.random.default_rng(1234)
-    client = grpcclient.InferenceServerClient(GRPC_URL)
-    meta = client.get_model_metadata(MODEL)
-    dims = [int(d) for d in meta.inputs[0].shape[1:]]
-    inputs = [rng.random((1 + i % MAX_IMAGES, *dims), dtype=np.float32) for i in range(16)]
-    members = [s.model_name for s in client.get_model_config(MODEL).config.ensemble_scheduling.step]
-    if not members:
-        return [(x, None) for x in inputs]
+    sig = signature()
+    inputs = [sig.batch(rng, 1 + i % MAX_IMAGES) for i in range(16)]
+    with grpcclient.InferenceServerClient(GRPC_URL) as client:
+        members = [s.model_name for s in client.get_model_config(MODEL).config.ensemble_scheduling.step]
+        if not members:
+            return [(x, None) for x in inputs]
 
-    def member_answer(member: str, x: np.ndarray) -> np.ndarray:
-        inp = grpcclient.InferInput(meta.inputs[0].name, list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        return client.infer(member, [inp]).as_numpy("probs")
+        def member_answer(member: str, x: np.ndarray) -> np.ndarray:
+            return client.infer(member, [grpc_input(sig, x)]).as_numpy(sig.output)
 
-    return [(x, np.mean([member_answer(m, x) for m in members], axis=0)) for x in inputs]
+        return [(x, np.mean([member_answer(m, x) for m in members], axis=0)) for x in inputs]
 
 
-def validate(probs: np.ndarray | None, x: np.ndarray, expected: np.ndarray | None) -> None:
-    if probs is None or probs.ndim != 2 or probs.shape[0] != x.shape[0]:
-        raise WrongAnswer(f"wrong answer: shape {None if probs is None else probs.shape}")
-    if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-4):
-        raise WrongAnswer("wrong answer: probabilities do not sum to 1")
-    if expected is not None and not np.allclose(probs, expected, atol=1e-5):
+def grpc_input(sig: Signature, x: np.ndarray) -> grpcclient.InferInput:
+    inp = grpcclient.InferInput(sig.input, list(x.shape), sig.datatype)
+    inp.set_data_from_numpy(x)
+    return inp
+
+
+def validate(out: np.ndarray | None, x: np.ndarray, expected: np.ndarray | None) -> None:
+    if out is None or out.shape[:1] != x.shape[:1] or (expected is not None and out.shape != expected.shape):
+        raise WrongAnswer(f"wrong answer: shape {None if out is None else out.shape}")
+    if expected is None:
+        return
+    if not np.allclose(out, expected, atol=1e-5):
         raise WrongAnswer("wrong answer: differs from the mean of the members")
+    sums = expected.reshape(len(expected), -1).sum(axis=1)
+    if np.allclose(sums, 1.0, atol=1e-4) and not np.allclose(out.reshape(len(out), -1).sum(axis=1), 1.0, atol=1e-4):
+        raise WrongAnswer("wrong answer: probabilities do not sum to 1")
 
 
 class GrpcUser(User):
@@ -73,8 +106,8 @@ class GrpcUser(User):
     wait_time = between(0, 0.01)
 
     def on_start(self) -> None:
+        cases()  # an unknown model or an unreachable server fails here, and the soak says so
         self.client = grpcclient.InferenceServerClient(GRPC_URL)
-        cases()
 
     def on_stop(self) -> None:
         self.client.close()  # an open gRPC channel keeps a gevent-patched process from exiting
@@ -82,16 +115,15 @@ class GrpcUser(User):
     @task
     def infer(self) -> None:
         x, expected = random.choice(cases())
-        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
+        sig = signature()
         start = time.perf_counter()
         exc: Exception | None = None
         length = 0
         try:
-            result = self.client.infer(MODEL, [inp], client_timeout=30)
-            probs = result.as_numpy("probs")
-            length = probs.nbytes
-            validate(probs, x, expected)
+            result = self.client.infer(MODEL, [grpc_input(sig, x)], client_timeout=30)
+            out = result.as_numpy(sig.output)
+            length = 0 if out is None else out.nbytes
+            validate(out, x, expected)
         except InferenceServerException as e:
             exc = RuntimeError(f"{e.status()}: {e.message()}")
         except WrongAnswer as e:
@@ -110,9 +142,10 @@ class HttpJsonUser(FastHttpUser):
     @task
     def infer(self) -> None:
         x, expected = random.choice(cases())
-        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+        sig = signature()
+        body = {"inputs": [{"name": sig.input, "datatype": sig.datatype, "shape": list(x.shape),
                             "data": x.ravel().tolist()}],
-                "outputs": [{"name": "probs", "parameters": {"binary_data": False}}]}
+                "outputs": [{"name": sig.output, "parameters": {"binary_data": False}}]}
         with self.client.post(f"/v2/models/{MODEL}/infer", json=body, name="infer json",
                               catch_response=True) as r:
             if r.status_code != 200:
@@ -120,7 +153,8 @@ class HttpJsonUser(FastHttpUser):
                 return
             try:
                 out = r.json()["outputs"][0]
-                validate(np.asarray(out["data"], np.float32).reshape(out["shape"]), x, expected)
+                validate(np.asarray(out["data"], triton_to_np_dtype(out["datatype"])).reshape(out["shape"]), x,
+                         expected)
             except (WrongAnswer, KeyError, ValueError) as e:
                 r.failure(str(e))
 
@@ -135,9 +169,10 @@ class HttpBinaryUser(FastHttpUser):
         import json
 
         x, expected = random.choice(cases())
-        head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+        sig = signature()
+        head = json.dumps({"inputs": [{"name": sig.input, "datatype": sig.datatype, "shape": list(x.shape),
                                        "parameters": {"binary_data_size": x.nbytes}}],
-                           "outputs": [{"name": "probs", "parameters": {"binary_data": True}}]}).encode()
+                           "outputs": [{"name": sig.output, "parameters": {"binary_data": True}}]}).encode()
         with self.client.post(f"/v2/models/{MODEL}/infer", data=head + x.tobytes(), name="infer binary",
                               headers={HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"},
                               catch_response=True) as r:
@@ -147,8 +182,9 @@ class HttpBinaryUser(FastHttpUser):
             try:
                 n = int(r.headers[HEADER_LENGTH])
                 out = json.loads(r.content[:n])["outputs"][0]
-                probs = np.frombuffer(r.content[n:n + out["parameters"]["binary_data_size"]], np.float32)
-                validate(probs.reshape(out["shape"]), x, expected)
+                values = np.frombuffer(r.content[n:n + out["parameters"]["binary_data_size"]],
+                                       triton_to_np_dtype(out["datatype"]))
+                validate(values.reshape(out["shape"]), x, expected)
             except (WrongAnswer, KeyError, ValueError) as e:
                 r.failure(str(e))
 

@@ -43,3 +43,9 @@ def input_of(session) -> InputSpec:
     """The first input of an ONNX Runtime session."""
     first = session.get_inputs()[0]
     return InputSpec(first.name, tuple(int(d) for d in first.shape[1:]), np.dtype(ONNX_TYPES[first.type]))
+
+
+def output_of(session) -> tuple[str, tuple[int, ...]]:
+    """The first output of an ONNX Runtime session: its name and dims (no batch axis)."""
+    first = session.get_outputs()[0]
+    return first.name, tuple(int(d) for d in first.shape[1:])

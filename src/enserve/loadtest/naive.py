@@ -20,7 +20,7 @@ import onnxruntime as ort
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from enserve.loadtest.members import input_of, member_files
+from enserve.loadtest.members import input_of, member_files, output_of
 from enserve.optimizer.sessions import session_for
 
 
@@ -32,6 +32,7 @@ class NaiveServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         else:  # ONNX Runtime's defaults, as a hand-written server gets them
             self.sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in paths]
         self.input = input_of(self.sessions[0])
+        self.output, _ = output_of(self.sessions[0])
 
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=True)
@@ -41,7 +42,7 @@ class NaiveServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         x = np.frombuffer(request.raw_input_contents[0], self.input.np_dtype).reshape(list(t.shape))
         mean = np.mean([s.run(None, {t.name: x})[0] for s in self.sessions], axis=0)
         response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
-        response.outputs.add(name="probs", datatype="FP32", shape=mean.shape)
+        response.outputs.add(name=self.output, datatype="FP32", shape=mean.shape)
         response.raw_output_contents.append(mean.astype(np.float32).tobytes())
         return response
 

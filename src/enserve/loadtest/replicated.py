@@ -63,8 +63,14 @@ def instance(repository: str, fd: int, threads: int) -> None:
 
 class ReplicatedServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: Path, instances: int) -> None:
+        import onnxruntime as ort
+
+        from enserve.loadtest.members import member_files, output_of
+
         self.repository = repository
         self.instances = instances
+        first = ort.InferenceSession(str(member_files(repository)[0]), providers=["CPUExecutionProvider"])
+        self.output, self.dims = output_of(first)  # what the answers are called and shaped
         self.queue: asyncio.Queue = asyncio.Queue()
         self.procs: list[subprocess.Popen] = []
         self.feeders: list[asyncio.Task] = []  # held: the loop keeps only weak references to tasks
@@ -99,7 +105,7 @@ class ReplicatedServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         await self.queue.put((int(t.shape[0]), request.raw_input_contents[0], future))
         rows, body = await future
         response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
-        response.outputs.add(name="probs", datatype="FP32", shape=[rows, len(body) // (4 * rows)])
+        response.outputs.add(name=self.output, datatype="FP32", shape=[rows, *self.dims])
         response.raw_output_contents.append(body)
         return response
 

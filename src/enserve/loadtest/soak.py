@@ -6,6 +6,10 @@ each round): SIGKILL a worker; SIGSTOP a worker for ``--stop-for`` seconds; SIGK
 daemon and start it again on the same ports and /dev/shm, as a supervisor does. Reports requests,
 failures by kind, p50/p99, RSS per process at start and end, and /dev/shm before, during, after.
 
+It cannot pass empty: it exits 1, saying why, when Locust exits non-zero, when it completed no
+request (every user failing to start, say), when no request completed between one fault and the
+next, or when an answer was wrong.
+
     python -m enserve.loadtest.soak --minutes 10 --users 32 --shm-mib 64 --fault-every 30
 """
 
@@ -97,6 +101,7 @@ def main() -> int:
     parser.add_argument("--stop-for", type=float, default=20.0, help="seconds a SIGSTOPped worker stays stopped")
     parser.add_argument("--shm-mib", type=int, default=64, help="the container's /dev/shm")
     parser.add_argument("--model-repository", type=Path, default=None, help="default: the demo ensemble")
+    parser.add_argument("--model", default="ensemble", help="the model the users ask")
     parser.add_argument("--out", type=Path, default=Path("soak_results"), help="Locust CSV/HTML go here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("serve_flags", nargs="*", help="after --: flags for enserve serve "
@@ -124,25 +129,31 @@ def run(args, rng: random.Random, tmp: Path, shm: Path) -> int:
     shm_before = shm_state(shm)
     daemon = Supervised(repo, shm, args.out, args.serve_flags or ["--no-optimize", "--worker-timeout", "5"])
     http, grpc_port, _ = daemon.ports
-    env = dict(os.environ, ENSERVE_GRPC_URL=f"127.0.0.1:{grpc_port}", ENSERVE_MAX_IMAGES=str(args.images))
+    env = dict(os.environ, ENSERVE_GRPC_URL=f"127.0.0.1:{grpc_port}", ENSERVE_MAX_IMAGES=str(args.images),
+               ENSERVE_MODEL=args.model)
     seconds = int(args.minutes * 60)
     locust = subprocess.Popen(
         [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
          "-u", str(args.users), "-r", str(args.users), "-t", f"{seconds}s", "--host", f"http://127.0.0.1:{http}",
          "--csv", str(args.out / "soak"), "--html", str(args.out / "soak.html"), "--only-summary",
+         "--exit-code-on-error", "0",  # failed requests are the soak's to judge; non-zero is Locust's own failure
          "GrpcUser", "HttpJsonUser", "HttpBinaryUser"],
         env=env, stdout=subprocess.DEVNULL, stderr=open(args.out / "locust.log", "w"),
     )
     time.sleep(5)  # warm-up before the first reading
     rss_start = {name: rss_mib(pid) for name, pid in daemon.processes().items()}
     faults: list[tuple[float, str, str]] = []
+    fault_times: list[float] = []  # unix time of each fault, against Locust's history
     shm_peak = shm_state(shm)
     stop = threading.Event()
+    locust_end = time.monotonic() + seconds - 5  # Locust's run ends here (it started 5 s ago)
 
     def injector() -> None:
         nonlocal shm_peak
         t0, kinds = time.monotonic(), []
         while args.fault_every > 0 and not stop.wait(args.fault_every):
+            if time.monotonic() + min(5.0, args.fault_every / 2) > locust_end:
+                return  # a fault needs traffic after it to be judged
             if not kinds:
                 kinds = rng.sample(FAULTS, len(FAULTS))
             kind = kinds.pop()
@@ -161,6 +172,7 @@ def run(args, rng: random.Random, tmp: Path, shm: Path) -> int:
                     os.kill(pid, signal.SIGSTOP)
                     threading.Timer(args.stop_for, _resume, (pid,)).start()
             faults.append((time.monotonic() - t0, kind, detail))
+            fault_times.append(time.time())
 
     thread = threading.Thread(target=injector, daemon=True)
     thread.start()
@@ -169,6 +181,7 @@ def run(args, rng: random.Random, tmp: Path, shm: Path) -> int:
     except subprocess.TimeoutExpired:
         locust.kill()
         print("locust did not stop in time: killed", file=sys.stderr)
+    ended = time.time()
     stop.set()
     thread.join()
     time.sleep(args.stop_for if faults and faults[-1][1] == "stop worker" else 2)
@@ -177,7 +190,44 @@ def run(args, rng: random.Random, tmp: Path, shm: Path) -> int:
     code, stop_s = daemon.stop()
     shm_after = shm_state(shm)
     report(args, faults, rss_start, rss_end, (shm_before, shm_peak, shm_during, shm_after), code, stop_s)
-    return 0
+    problems = verdict(args.out, locust.returncode, fault_times, [f[1] for f in faults], ended)
+    for problem in problems:
+        print(f"soak FAILED: {problem}")
+    return 1 if problems else 0
+
+
+def completed_by(history: list[dict], when: float) -> int:
+    """Requests Locust had completed (answered or failed) by unix time ``when``, from its history."""
+    done = [int(r["Total Request Count"]) for r in history if float(r["Timestamp"]) <= when]
+    return max(done, default=0)
+
+
+def verdict(out: Path, locust_code: int | None, fault_times: list[float], fault_kinds: list[str],
+            ended: float) -> list[str]:
+    """Why the soak failed, if it did: Locust's own failure, no request at all, a fault window
+    without traffic, a wrong answer."""
+    problems = []
+    if locust_code != 0:
+        problems.append(f"Locust exited with code {locust_code} (see {out / 'locust.log'})")
+    rows = list(csv.DictReader(open(out / "soak_stats.csv")))
+    total = sum(int(r["Request Count"]) for r in rows if r["Name"] == "Aggregated")
+    if total == 0:
+        errors = list(csv.DictReader(open(out / "soak_exceptions.csv"))) if (out / "soak_exceptions.csv").exists() else []
+        why = f": the users failed with {errors[0]['Message'][:300]!r}" if errors else ""
+        problems.append(f"Locust completed no requests{why}")
+    else:
+        history = [r for r in csv.DictReader(open(out / "soak_stats_history.csv")) if r["Name"] == "Aggregated"]
+        bounds = [*fault_times, ended]
+        for k, kind in enumerate(fault_kinds):
+            served = completed_by(history, bounds[k + 1]) - completed_by(history, bounds[k])
+            if served == 0:
+                problems.append(f"no request completed between fault {k + 1} ({kind}) and "
+                                f"{'the next' if k + 1 < len(fault_kinds) else 'the end'}: the fault hit no traffic")
+    failures = list(csv.DictReader(open(out / "soak_failures.csv")))
+    wrong = sum(int(f["Occurrences"]) for f in failures if "wrong answer" in f["Error"])
+    if wrong:
+        problems.append(f"{wrong} wrong answers")
+    return problems
 
 
 def _resume(pid: int) -> None:
