@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,26 @@ def test_build_refuses_bad_settings_with_the_value_and_the_rule(tmp_path):
                               str(tmp_path / "lib"), "--model-repository", str(tmp_path / "repo"), *flags],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_build_whose_trial_workers_cannot_start_stops_at_once_with_their_error(tmp_path):
+    """Started in a folder holding an ``enserve/`` of its own (as the clone's root did before the src
+    layout), the trial workers, run as ``python -m enserve.tuning.workers``, import that folder and
+    die. Before, the build waited out its whole budget and said only 'no trained trial to select
+    from'; now it stops within seconds, exit 1, with what the workers said."""
+    (tmp_path / "enserve").mkdir()
+    (tmp_path / "enserve" / "__init__.py").write_text("")
+    enserve = Path(sys.executable).parent / "enserve"  # the console script: its own imports are not shadowed
+    t0 = time.monotonic()
+    out = subprocess.run([str(enserve), "build", "--dataset", "digits", "--time-budget", "3m", "--library",
+                          str(tmp_path / "lib"), "--model-repository", str(tmp_path / "repo")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=170)
+    took = time.monotonic() - t0
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert took < 60, took  # not the 3 minute budget
+    assert "enserve build: every trial worker died, so nothing was trained" in out.stderr
+    assert "No module named 'enserve.tuning'" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_signals_search_a_1d_residual_cnn_family(tmp_path):

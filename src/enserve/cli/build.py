@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from enserve.cli.common import USAGE, fail
+from enserve.cli.common import FAILURE, USAGE, fail
 
 
 def _selection_flags(p: argparse.ArgumentParser) -> None:
@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     library = args.library
     if args.command == "build":
         from enserve.tuning.search import build_library, running_trials
+        from enserve.tuning.workers import BuildFailed
 
         print(f"building a library in {library} for {args.time_budget:g} s with {args.workers} workers "
               f"({args.sampler} sampler, {args.pruner} pruner); interrupt and rerun to continue", flush=True)
@@ -130,16 +131,19 @@ def run(args: argparse.Namespace) -> int:
 
         progress = BuildProgress(lambda: build.progress_line(library, running=running_trials(storage),
                                                              budget=args.budget), args.time_budget)
+        error: Exception | None = None
         try:
             build_library(args.dataset, library, storage=storage, sampler=args.sampler, pruner=args.pruner,
                           workers=args.workers, time_budget_s=args.time_budget, max_epochs=args.max_epochs,
                           seed=args.seed, progress=progress, progress_every_s=progress.every_s,
                           input_kind=args.input_kind, on_schedule=progress.on_schedule,
                           objective=args.objective, cost_weight=args.cost_weight)
-        except ValueError as exc:  # a dataset that cannot be read, or a bad setting: the message names it
-            return fail("build", exc, USAGE)
+        except (ValueError, BuildFailed) as exc:  # bad data or settings (usage); every trial worker died
+            error = exc
         finally:
             progress.close()
+        if error is not None:
+            return fail("build", error, USAGE if isinstance(error, ValueError) else FAILURE)
         write_index(library, args.dataset)
     try:
         chosen, budget = build.select_and_export(library, args.model_repository, args.ensemble, budget=args.budget,

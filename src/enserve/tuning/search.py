@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import multiprocessing as mp
 import os
 import socket
 import time
@@ -398,15 +397,14 @@ def build_library(dataset: str, library: Path, *, storage: str | None = None, st
                          "a study keeps its objective; use another library (or --storage) for the other one")
     max_epochs = schedule.max_epochs
     deadline = time.time() + time_budget_s
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(storage, study_name, dataset, str(library), deadline, max_epochs,
-                                              threads, seed, max_trials, input_kind, i)) for i in range(workers)]
-    for p in procs:
-        p.start()
-    while any(p.is_alive() for p in procs):
-        procs[0].join(progress_every_s) if procs[0].is_alive() else time.sleep(progress_every_s)
-        if progress is not None:
-            progress()
-    for p in procs:
-        p.join()
+    from enserve.tuning import workers as trial_workers
+
+    kwargs = [dict(storage=storage, study_name=study_name, dataset=dataset, library=str(library), deadline=deadline,
+                   max_epochs=max_epochs, threads=threads, seed=seed, max_trials=max_trials, input_kind=input_kind,
+                   index=i) for i in range(workers)]
+    started = trial_workers.start(kwargs)
+    try:
+        trial_workers.watch(started, progress=progress, progress_every_s=progress_every_s)
+    finally:
+        trial_workers.stop(started)  # on an interrupt or a failure: none is left running
     return storage
