@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from typing import NamedTuple
 
 from enserve.server.protocol import BURST, FLAGS, TASK, WEIGHTED, Done, DoneReader
@@ -171,6 +171,17 @@ class Dispatch:
             self.send(w, Task(request.rid, start, count, share, request.start), wait_us)
         return len(parts)
 
+    @staticmethod
+    def queued(rt: GroupRuntime) -> int:
+        """Tasks of ``rt`` not yet done or skipped: held, deferred or at a replica (live or cancelled)."""
+        return len(rt.held) + sum(len(w.tasks) + len(w.deferred) for w in rt.workers)
+
+    @staticmethod
+    def waiting_since(w: WorkerProcess, live: Container[int]) -> list[float]:
+        """When ``w`` was handed each task it still holds whose request is ``live`` (a cancelled
+        request's tasks wait to be skipped, not computed: they are not the worker's work)."""
+        return [t for tid, t in w.sent_at.items() if w.tasks[tid].rid in live]
+
     def saturated(self, rt: GroupRuntime) -> bool:
         """Whether every replica of ``rt`` (or its held list, while none is ready) has
         ``MAX_QUEUED_TASKS`` tasks: admission refuses new requests for it then."""
@@ -233,6 +244,11 @@ class Dispatch:
                 else:
                     self.send(w, t)
         return task
+
+    @staticmethod
+    def abandon(w: WorkerProcess) -> None:
+        """``w`` is being killed as hung: its tasks no longer count as waiting (its exit hands them on)."""
+        w.sent_at.clear()
 
     @staticmethod
     def dropped(w: WorkerProcess) -> list[Task]:

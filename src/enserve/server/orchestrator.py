@@ -98,8 +98,7 @@ class Orchestrator(WorkerRecovery, Completions):
 
     def worker_tasks(self) -> dict[str, int]:
         """Per worker group, the tasks its replicas hold, defer or wait for (live or cancelled)."""
-        return {"+".join(rt.spec.members): len(rt.held) + sum(len(w.tasks) + len(w.deferred) for w in rt.workers)
-                for rt in self.groups}
+        return {"+".join(rt.spec.members): self.dispatch.queued(rt) for rt in self.groups}
 
     def worker_pids(self) -> dict[str, list[int]]:
         return {"+".join(rt.spec.members): [w.proc.pid for w in rt.workers if w.proc is not None]

@@ -61,12 +61,10 @@ class WorkerRecovery:
             for w in rt.workers:
                 if w.state is not WorkerState.READY:
                     continue
-                # only live work counts: a cancelled request's tasks wait to be skipped, not computed
-                live = (t for tid, t in w.sent_at.items() if w.tasks[tid].rid in self.pending)
-                age = hung_for(live, now, limit)
+                age = hung_for(self.dispatch.waiting_since(w, self.pending), now, limit)
                 if age is not None and w.proc is not None and w.proc.poll() is None:
                     log.error("%s has not answered a task for %.1f s (limit %.1f s): killing it", w.label, age, limit)
-                    w.sent_at.clear()  # once: its exit takes it from here
+                    self.dispatch.abandon(w)  # once: its exit takes it from here
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(w.proc.pid, signal.SIGKILL)
         if not self.lifecycle.draining:
