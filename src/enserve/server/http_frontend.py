@@ -190,29 +190,31 @@ class HttpFrontend:
         With ``counted`` its bytes are held in the in-flight budget as they are read, not as declared:
         (body, bytes held), which the caller releases."""
         limits = self.service.limits
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.service.options.http_body_timeout_s
+        timeout_s = self.service.options.http_body_timeout_s
         body, held = bytearray(), 0
         try:
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(request.content.readany(), deadline - loop.time())
-                except asyncio.TimeoutError:
-                    raise RequestTimeout(f"the request body did not arrive within --http-body-timeout "
-                                         f"({self.service.options.http_body_timeout_s:g} s): {len(body)} bytes "
-                                         "came") from None
-                except (ConnectionError, aiohttp.ClientError, HttpProcessingError) as exc:
-                    raise ClientGone(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
-                if not chunk:
-                    return body, held
-                if len(body) + len(chunk) > limits.http_bytes:
-                    raise PayloadTooLarge(f"the request body is larger than the limit of {limits.http_bytes} bytes")
-                if counted:
-                    held += limits.reserve(len(chunk))
-                body += chunk
+            async with asyncio.timeout(timeout_s):  # one timer for the whole body
+                while chunk := await self._chunk(request):
+                    if len(body) + len(chunk) > limits.http_bytes:
+                        raise PayloadTooLarge(f"the request body is larger than the limit of {limits.http_bytes} bytes")
+                    if counted:
+                        held += limits.reserve(len(chunk))
+                    body += chunk
+        except TimeoutError:
+            limits.release(held)
+            raise RequestTimeout(f"the request body did not arrive within --http-body-timeout ({timeout_s:g} s): "
+                                 f"{len(body)} bytes came") from None
         except BaseException:
             limits.release(held)
             raise
+        return body, held
+
+    @staticmethod
+    async def _chunk(request: web.Request) -> bytes:
+        try:
+            return await request.content.readany()
+        except (ConnectionError, aiohttp.ClientError, HttpProcessingError) as exc:
+            raise ClientGone(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
 
     async def live(self, request):
         return web.Response(status=200)

@@ -149,7 +149,7 @@ class NativeFront:
         if self.calls and grace:
             try:
                 await asyncio.wait_for(self.idle.wait(), grace)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("%d gRPC calls still in flight after %g s", len(self.calls), grace)
         self.front.close()
         await self.fallback.stop(grace)

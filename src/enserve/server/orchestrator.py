@@ -207,7 +207,7 @@ class Orchestrator(WorkerRecovery, Completions):
             self.drained = asyncio.Event()
             try:
                 await asyncio.wait_for(self.drained.wait(), max(0.0, drain_s))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("%d requests still in flight after %.3g s; stopping anyway", len(self.pending), drain_s)
         if self.loop is not None and self.done_r >= 0:
             await self.supervisor.stop(self.workers, stop_s)

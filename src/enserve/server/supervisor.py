@@ -177,7 +177,7 @@ class Supervisor:
         for p in procs:
             try:
                 await asyncio.wait_for(asyncio.to_thread(p.wait), max(0.1, deadline - self.loop.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 p.kill()
                 p.wait()
         for w in workers:
