@@ -3,6 +3,7 @@ then selecting an ensemble from it and serving it: the daemon's answer is the me
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -165,23 +166,46 @@ def test_build_refuses_bad_settings_with_the_value_and_the_rule(tmp_path):
 
 
 def test_a_build_whose_trial_workers_cannot_start_stops_at_once_with_their_error(tmp_path):
-    """Started in a folder holding an ``enserve/`` of its own (as the clone's root did before the src
-    layout), the trial workers, run as ``python -m enserve.tuning.workers``, import that folder and
-    die. Before, the build waited out its whole budget and said only 'no trained trial to select
-    from'; now it stops within seconds, exit 1, with what the workers said."""
-    (tmp_path / "enserve").mkdir()
-    (tmp_path / "enserve" / "__init__.py").write_text("")
-    enserve = Path(sys.executable).parent / "enserve"  # the console script: its own imports are not shadowed
+    """Every ``python -m`` process on this machine dies at start-up (a broken site configuration,
+    here a ``sitecustomize`` on PYTHONPATH), so the trial workers cannot start while ``enserve build``
+    itself, a console script, can. Before, a build whose workers all died waited out its whole
+    budget and said only 'no trained trial to select from'; now it stops within seconds, exit 1,
+    with what the workers said."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if sys.argv[:1] == ['-m']:\n"
+        "    sys.stderr.write('this machine cannot start python -m processes: the site is broken\\n')\n"
+        "    sys.stderr.flush()\n"
+        "    os._exit(3)\n")
+    enserve = Path(sys.executable).parent / "enserve"
     t0 = time.monotonic()
     out = subprocess.run([str(enserve), "build", "--dataset", "digits", "--time-budget", "3m", "--library",
                           str(tmp_path / "lib"), "--model-repository", str(tmp_path / "repo")],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=170)
+                         capture_output=True, text=True, cwd=tmp_path, timeout=170,
+                         env={**os.environ, "PYTHONPATH": str(site)})
     took = time.monotonic() - t0
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
     assert took < 60, took  # not the 3 minute budget
     assert "enserve build: every trial worker died, so nothing was trained" in out.stderr
-    assert "No module named 'enserve.tuning'" in out.stderr
+    assert "trial worker 0 exited with code 3" in out.stderr and "the site is broken" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_folder_named_enserve_where_a_build_starts_does_not_stand_in_for_the_package(tmp_path):
+    """Children start with ``python -P``: the current directory is not on their path, so a folder
+    called ``enserve`` there (the clone's root before the src layout, or a project of the user's)
+    cannot shadow the installed package."""
+    (tmp_path / "enserve").mkdir()
+    (tmp_path / "enserve" / "__init__.py").write_text("raise ImportError('the shadow was imported')\n")
+    from enserve.child import python_module
+
+    probe = "import enserve.tuning.workers as w; print(w.__file__)"
+    out = subprocess.run(python_module("enserve.child")[:-2] + ["-c", probe], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 0 and "the shadow was imported" not in out.stderr, out.stderr
+    assert str(tmp_path) not in out.stdout and out.stdout.strip().endswith("enserve/tuning/workers.py")
 
 
 def test_signals_search_a_1d_residual_cnn_family(tmp_path):

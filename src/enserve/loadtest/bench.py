@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from enserve.child import python_module
 from enserve.server.launcher import free_ports, start_server
 
 
@@ -222,15 +222,15 @@ def run_bench(args) -> int:
     print("ceiling images/s by batch size (before): " + ", ".join(f"{b}: {r:.0f}" for b, r in rates.items()))
     repo_arg = str(args.model_repository)
     servers: list[tuple[str, list[str] | None]] = [
-        ("enserve", None if args.url else [sys.executable, "-m", "enserve", "serve", "--model-repository",
+        ("enserve", None if args.url else [*python_module("enserve", "serve"), "--model-repository",
                                            repo_arg, "--http-port", "{http}", "--grpc-port", "{port}",
                                            "--metrics-port", "{metrics}", *args.serve_args]),
     ]
     if not args.no_naive:
         servers += [
-            ("repl", [sys.executable, "-m", "enserve.loadtest.replicated", repo_arg, "{port}"]),
-            ("naive-t", [sys.executable, "-m", "enserve.loadtest.naive", repo_arg, "{port}", "--tuned"]),
-            ("naive", [sys.executable, "-m", "enserve.loadtest.naive", repo_arg, "{port}"]),
+            ("repl", python_module("enserve.loadtest.replicated", repo_arg, "{port}")),
+            ("naive-t", python_module("enserve.loadtest.naive", repo_arg, "{port}", "--tuned")),
+            ("naive", python_module("enserve.loadtest.naive", repo_arg, "{port}")),
         ]
     # every server up at once (idle ones use no CPU), then each cell measured on each server in
     # turn: the machine's drift over the run then hits every server alike, not one of them

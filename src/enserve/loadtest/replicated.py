@@ -23,6 +23,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from enserve.child import python_module
 from enserve.loadtest.naive import serve_until_signal
 
 HEADER = struct.Struct("<II")  # rows, payload bytes
@@ -80,8 +81,8 @@ class ReplicatedServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         for _ in range(self.instances):
             ours, theirs = socket.socketpair()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "enserve.loadtest.replicated", "--instance", str(self.repository),
-                 str(theirs.fileno()), str(threads)], pass_fds=(theirs.fileno(),))
+                python_module("enserve.loadtest.replicated", "--instance", str(self.repository),
+                              str(theirs.fileno()), str(threads)), pass_fds=(theirs.fileno(),))
             theirs.close()
             self.procs.append(proc)
             reader, writer = await asyncio.open_connection(sock=ours)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from enserve.child import python_module
 from enserve.optimizer.allocation import Device, MemberProfile
 from enserve.optimizer.sessions import session_for
 
@@ -76,7 +77,7 @@ def _request(source: MemberSource, kind: str, threads: int, cores: tuple[int, ..
 
 
 def _child_command(*args: str) -> tuple[list[str], dict]:
-    return [sys.executable, "-m", "enserve.optimizer.profiles", *args], dict(os.environ)
+    return python_module("enserve.optimizer.profiles", *args), dict(os.environ)
 
 
 def _parse_result(line: str) -> dict:

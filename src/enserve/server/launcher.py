@@ -8,11 +8,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from enserve.child import python_module
 
 
 def free_ports(n: int) -> list[int]:
@@ -111,7 +112,7 @@ def start_daemon(repository: Path, *flags: str, log: Path | None = None, wait: b
     """``enserve serve`` with ``flags`` on ``ports`` (HTTP, gRPC, metrics; default: free ones);
     ``wrap`` prefixes the command (``container_command``)."""
     http, grpc_port, metrics = ports or free_ports(3)
-    command = [*(wrap or []), sys.executable, "-m", "enserve", "serve", "--model-repository", str(repository),
+    command = [*(wrap or []), *python_module("enserve", "serve"), "--model-repository", str(repository),
                "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics), *flags]
     return start_server(command, grpc_port, http_port=http, metrics_port=metrics, log=log, wait=wait,
                         timeout=timeout, cwd=cwd, session=session)

@@ -18,6 +18,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from enserve.child import python_module
+
 TAIL_LINES = 20  # of a dead worker's standard error, shown with its exit code
 
 
@@ -49,7 +51,7 @@ def start(worker_kwargs: list[dict]) -> list[TrialWorker]:
     """One process per dict of ``search.worker``'s keyword arguments."""
     workers = []
     for index, kwargs in enumerate(worker_kwargs):
-        proc = subprocess.Popen([sys.executable, "-m", "enserve.tuning.workers", json.dumps(kwargs)],
+        proc = subprocess.Popen(python_module("enserve.tuning.workers", json.dumps(kwargs)),
                                 stderr=subprocess.PIPE, text=True, errors="replace")
         worker = TrialWorker(index, proc)
         threading.Thread(target=_pass_on, args=(worker,), daemon=True, name=f"trial-worker-{index}").start()
