@@ -164,11 +164,19 @@ def test_one_timer_expires_requests_in_deadline_order():
     asyncio.run(scenario())
 
 
-def test_hung_for_reports_only_an_oldest_task_beyond_the_limit():
-    assert hung_for([], 100.0, 5.0) is None  # nothing in flight
-    assert hung_for([98.0, 99.0], 100.0, 5.0) is None
-    assert hung_for([90.0, 99.0], 100.0, 5.0) == 10.0  # the oldest decides
-    assert hung_for([95.0], 100.0, 5.0) is None  # exactly at the limit is not beyond it
+def test_a_worker_is_hung_when_it_owes_an_answer_and_has_been_silent_beyond_the_limit():
+    from enserve.server.dispatch import Dispatch
+
+    assert hung_for(None, 100.0, 5.0) is None  # nothing in flight
+    assert hung_for(98.0, 100.0, 5.0) is None
+    assert hung_for(90.0, 100.0, 5.0) == 10.0
+    assert hung_for(95.0, 100.0, 5.0) is None  # exactly at the limit is not beyond it
+    w = SimpleNamespace(sent_at={}, heard_at=0.0)
+    assert Dispatch.waiting_since(w) is None
+    w.sent_at = {1: 90.0, 2: 99.0}
+    assert Dispatch.waiting_since(w) == 90.0  # silent since its oldest task
+    w.heard_at = 96.0  # it answered something since: it works through its queue
+    assert Dispatch.waiting_since(w) == 96.0
 
 
 def test_least_loaded_ready_replica():

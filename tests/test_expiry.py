@@ -5,6 +5,7 @@ replica killed while it holds a share of a request does not double-count it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -201,6 +202,38 @@ def test_a_flood_of_expiring_requests_is_skipped_and_bounded(demo_repo, referenc
         while _worker_tasks(daemon) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _worker_tasks(daemon) == 0  # every task done or skipped: every row back in the ring
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.output()
+    assert shm_objects(daemon.pid) == []
+
+
+def test_a_stopped_worker_is_killed_even_when_every_request_to_it_expires(demo_repo, reference, tmp_path):
+    """A worker stops answering (SIGSTOP) while its clients' deadlines (1 s) are shorter than
+    --worker-timeout (3 s): every task it holds belongs to an expired request. The watchdog judges the
+    worker by its silence, not by whose tasks it holds: it is killed, restarted, and serving resumes
+    (counting only live requests' tasks, it was never killed, and its held rows filled the ring)."""
+    write_plan(tmp_path / "plan.json", [(MEMBERS, 1)])
+    daemon = start_daemon(demo_repo, tmp_path, "--plan", str(tmp_path / "plan.json"), "--worker-timeout", "3")
+    try:
+        (victim,) = [p for ps in daemon.worker_pids().values() for p in ps]
+        client = grpcclient.InferenceServerClient(daemon.grpc_url)
+        x = images(2, seed=77)
+        expected = reference(x)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            outcomes = {outcome(client, x, expected, timeout=1_000_000) for _ in range(3)}  # 1 s each
+            assert outcomes == {"expired"}, outcomes
+            deadline = time.monotonic() + 20
+            while "has not answered a task" not in daemon.output():
+                assert time.monotonic() < deadline, daemon.output()
+                time.sleep(0.2)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+        daemon.wait_ready(30)
+        assert outcome(client, x, expected) == "ok"
+        assert victim not in [p for ps in daemon.worker_pids().values() for p in ps]
     finally:
         code = daemon.stop()
     assert code == 0, daemon.output()

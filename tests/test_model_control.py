@@ -21,8 +21,8 @@ from tests.conftest import copy_repo, images, load, shm_objects, start_daemon
 PAIR = ["cnn_w12", "cnn_w32"]
 
 
-def add_ensemble(repo, name: str, members: list[str]) -> None:
-    spec = load_repository(repo)
+def add_ensemble(repo, name: str, members: list[str], spec=None) -> None:
+    spec = spec or load_repository(repo)
     first = spec.members[members[0]]
     write_config(repo / name, ensemble_config(EnsembleSpec(name, members, first.inputs, first.outputs, 64),
                                               spec.members))
@@ -95,20 +95,32 @@ def test_poll_mode_follows_the_repository(demo_repo, tmp_path):
 
 
 def test_poll_mode_skips_a_folder_it_cannot_follow_and_follows_the_rest(demo_repo, tmp_path):
-    """A folder whose name is not a model name appears beside a new ensemble: the ensemble loads,
-    the bad folder is reported once, by name and rule, and the next passes go on. Before, the bad
-    name aborted every poll pass, so the new ensemble never loaded."""
+    """Folders it cannot follow appear beside a new ensemble: a name that is not a model name, a
+    member folder copied before its config was edited (it names another model), a half-written
+    config. The ensemble loads, each bad folder is reported once, by name and rule, and the next
+    passes go on. Before, the first bad folder aborted every poll pass (logged each time), so the new
+    ensemble never loaded."""
     repo = copy_repo(demo_repo, tmp_path)
     daemon = start_daemon(repo, tmp_path, "--model-control-mode", "poll", "--repository-poll-secs", "0.3")
     try:
         g = grpcclient.InferenceServerClient(daemon.grpc_url)
-        add_ensemble(repo, "bad name", PAIR)  # sorts before 'pair'
-        add_ensemble(repo, "pair", PAIR)
+        spec = load_repository(repo)
+        add_ensemble(repo, "bad name", PAIR, spec)
+        shutil.copytree(repo / "cnn_w12", repo / "a_copy")  # sorts first; names 'cnn_w12'
+        (repo / "broken").mkdir()
+        (repo / "broken" / "config.pbtxt").write_text('name: "broken" platform: {{{')
+        add_ensemble(repo, "pair", PAIR, spec)  # after the bad folders
         assert wait_for(lambda: g.is_model_ready("pair")), daemon.output()
         time.sleep(1.0)  # a few more passes
         log = daemon.output()
-        assert log.count("repository poll: skipping 'bad name': model name 'bad name' is not a name") == 1, log
-        assert g.is_model_ready("ensemble") and "Traceback" not in log
+        for folder, why in (("bad name", "model name 'bad name' is not a name"),
+                            ("a_copy", "name 'cnn_w12' differs from its directory 'a_copy'"),
+                            ("broken", "config.pbtxt")):
+            assert log.count(f"repository poll: skipping '{folder}':") == 1, log
+            assert why in log.split(f"repository poll: skipping '{folder}':")[1].splitlines()[0], log
+        assert g.is_model_ready("ensemble") and "Traceback" not in log and "repository poll failed" not in log
+        shutil.rmtree(repo / "pair")
+        assert wait_for(lambda: not g.is_model_ready("pair")), "removed while other folders are broken"
     finally:
         assert daemon.stop() == 0
     assert shm_objects(daemon.pid) == []

@@ -26,6 +26,7 @@ class Completions:
     def _on_done(self) -> None:
         for frame in self.dispatch.completions():
             w = self.workers[frame.worker]
+            self.dispatch.heard(w)
             if frame.status == STATUS_READY:
                 self._worker_ready(w, frame.message)
             elif frame.status == STATUS_LOAD_FAILED:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from enserve.server.protocol import BURST, FLAGS, TASK, WEIGHTED, Done, DoneReader
@@ -98,10 +98,13 @@ def shares(start: int, count: int, idle: int, costs: Sequence[float], mask: int,
     return [(start, count, mask)]
 
 
-def hung_for(sent_at: Iterable[float], now: float, limit_s: float) -> float | None:
-    """How long the oldest task has waited, when that is beyond ``limit_s``; else None."""
-    oldest = min(sent_at, default=None)
-    return None if oldest is None or now - oldest <= limit_s else now - oldest
+def hung_for(waiting_since: float | None, now: float, limit_s: float) -> float | None:
+    """How long a worker has been silent while holding tasks, when that is beyond ``limit_s``; else
+    None. ``waiting_since`` is when it last answered anything, or was handed its oldest task if
+    that came later (``Dispatch.waiting_since``); None when it holds nothing."""
+    if waiting_since is None or now - waiting_since <= limit_s:
+        return None
+    return now - waiting_since
 
 
 def least_loaded(workers: Iterable[WorkerProcess]) -> WorkerProcess | None:
@@ -177,10 +180,17 @@ class Dispatch:
         return len(rt.held) + sum(len(w.tasks) + len(w.deferred) for w in rt.workers)
 
     @staticmethod
-    def waiting_since(w: WorkerProcess, live: Container[int]) -> list[float]:
-        """When ``w`` was handed each task it still holds whose request is ``live`` (a cancelled
-        request's tasks wait to be skipped, not computed: they are not the worker's work)."""
-        return [t for tid, t in w.sent_at.items() if w.tasks[tid].rid in live]
+    def waiting_since(w: WorkerProcess) -> float | None:
+        """Since when ``w`` owes an answer: it holds tasks (live or cancelled: a working worker skips
+        a cancelled one at once) and has written no frame since the later of its last frame and its
+        oldest task. None when it holds nothing. A worker that answers anything is not hung."""
+        if not w.sent_at:
+            return None
+        return max(min(w.sent_at.values()), w.heard_at)
+
+    def heard(self, w: WorkerProcess) -> None:
+        """``w`` wrote a frame (ready, done, failed or skipped)."""
+        w.heard_at = self.loop.time()
 
     def saturated(self, rt: GroupRuntime) -> bool:
         """Whether every replica of ``rt`` (or its held list, while none is ready) has

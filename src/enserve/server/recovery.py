@@ -53,15 +53,16 @@ class WorkerRecovery:
         return min(1.0, self.options.worker_timeout_s / 4)
 
     def _watch(self) -> None:
-        """Kill a worker that sits on a task far longer than its batches take (stopped, deadlocked):
-        its exit then restarts it and hands its tasks on, as for a crash."""
+        """Kill a worker that holds tasks but has answered nothing far longer than its batches take
+        (stopped, deadlocked), whether their requests are live or expired: its exit then restarts
+        it and hands its tasks on, as for a crash."""
         now = self.loop.time()
         for rt in self.groups:
             limit = max(self.options.worker_timeout_s, 50 * rt.batch_ns / 1e9)
             for w in rt.workers:
                 if w.state is not WorkerState.READY:
                     continue
-                age = hung_for(self.dispatch.waiting_since(w, self.pending), now, limit)
+                age = hung_for(self.dispatch.waiting_since(w), now, limit)
                 if age is not None and w.proc is not None and w.proc.poll() is None:
                     log.error("%s has not answered a task for %.1f s (limit %.1f s): killing it", w.label, age, limit)
                     self.dispatch.abandon(w)  # once: its exit takes it from here

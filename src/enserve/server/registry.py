@@ -12,9 +12,10 @@ are names in the repository, never paths.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from enserve.server.config import ServeOptions
@@ -22,7 +23,7 @@ from enserve.server.errors import InvalidArgument, NotFound, Unavailable
 from enserve.server.lifecycle import Lifecycle
 from enserve.server.orchestrator import Orchestrator
 from enserve.server.placement import Placement, describe
-from enserve.server.repository import Repository, load_repository
+from enserve.server.repository import Repository, load_repository, read_repository
 from enserve.server.stats import ModelStats
 from enserve.server.table import ServedModel
 
@@ -213,29 +214,30 @@ class Registry:
         await asyncio.shield(task)
 
     async def poll(self) -> None:
-        """Follow the repository: load new units, reload changed ones, unload removed ones. A unit
-        that cannot be followed (a folder name that is not a model name, a member that fails to
-        load) is skipped and reported once; the others are still followed."""
-        repo = await asyncio.to_thread(load_repository, self.options.model_repository)
+        """Follow the repository: load new units, reload changed ones, unload removed ones. A folder
+        that cannot be followed (a config that does not parse or names another model, a name that is
+        not a model name, a member that fails to load) is skipped and reported once, and a unit
+        loaded before keeps serving while its folder is broken; the others are still followed."""
+        repo, problems = await asyncio.to_thread(read_repository, self.options.model_repository)
         self.repo = repo
         wanted = unit_names(repo)
-        problems: dict[str, str] = {}
-        for name in [n for n in self.units if n not in wanted]:
-            await self._follow(name, self.unload(name), problems)
+        for name in [n for n in self.units if n not in wanted and n not in problems]:
+            await self._follow(name, self.unload, problems)
         for name in wanted:
             unit = self.units.get(name)
             if unit is None or unit.fingerprint != fingerprint(unit_repository(repo, name)):
-                await self._follow(name, self.load(name, reread=False), problems)
-        self.skipped = problems
-
-    async def _follow(self, name: str, change, problems: dict[str, str]) -> None:
-        try:
-            await change
-        except Exception as exc:  # one folder must not stop the others
-            why = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-            problems[name] = why
+                await self._follow(name, functools.partial(self.load, reread=False), problems)
+        for name, why in problems.items():
             if self.skipped.get(name) != why:
                 log.error("repository poll: skipping '%s': %s", name, why)
+        self.skipped = problems
+
+    async def _follow(self, name: str, change: Callable[[str], Awaitable[None]], problems: dict[str, str]) -> None:
+        """``change(name)``; what makes it fail goes into ``problems`` (one folder must not stop the others)."""
+        try:
+            await change(name)
+        except Exception as exc:
+            problems[name] = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
 
     async def poll_forever(self, period_s: float) -> None:
         while True:

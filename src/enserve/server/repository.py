@@ -292,63 +292,89 @@ def parse_cores(text: str) -> tuple[int, ...]:
 
 
 def load_repository(path: Path) -> Repository:
-    """Read every model of a repository and check each ensemble against its members."""
+    """Read every model of a repository and check each ensemble against its members; the first
+    model that cannot be read is an error (start-up, import, the allocator)."""
+    return read_repository(path, strict=True)[0]
+
+
+def read_repository(path: Path, *, strict: bool = False) -> tuple[Repository, dict[str, str]]:
+    """The models of a repository, and per folder that cannot be read (a config that does not parse
+    or names another model, an unsupported platform, an ensemble whose members are missing or
+    disagree) why: such a folder is left out, and so is an ensemble over it. ``strict`` raises at the
+    first one instead. Poll mode reads this way, so one bad folder does not stop the others."""
     path = Path(path)
     if not path.is_dir():
         raise RepositoryError(f"model repository '{path}' does not exist or is not a directory")
     repo = Repository(path=path)
+    problems: dict[str, str] = {}
+
+    def skip(folder: str, error: RepositoryError) -> None:
+        if strict:
+            raise error
+        problems[folder] = error.message
+
     ensemble_cfgs = []
     for model_dir in sorted(p for p in path.iterdir() if p.is_dir()):
         cfg_path = model_dir / "config.pbtxt"
         if not cfg_path.is_file():
             continue
-        cfg = read_config(cfg_path)
-        if not cfg.name:
-            cfg.name = model_dir.name
-        if cfg.name != model_dir.name:
-            raise RepositoryError(f"{cfg_path}: name '{cfg.name}' differs from its directory '{model_dir.name}'")
-        if cfg.platform == ENSEMBLE_PLATFORM:
-            ensemble_cfgs.append(cfg)
-        elif cfg.platform == ONNX_PLATFORM or cfg.backend == "onnxruntime":
-            repo.members[cfg.name] = _member_from_config(model_dir, cfg)
-        else:
-            raise RepositoryError(
-                f"{cfg_path}: platform '{cfg.platform or cfg.backend}' is not supported; "
-                f"expected '{ONNX_PLATFORM}' or '{ENSEMBLE_PLATFORM}'"
-            )
+        try:
+            cfg = read_config(cfg_path)
+            if not cfg.name:
+                cfg.name = model_dir.name
+            if cfg.name != model_dir.name:
+                raise RepositoryError(f"{cfg_path}: name '{cfg.name}' differs from its directory '{model_dir.name}'")
+            if cfg.platform == ENSEMBLE_PLATFORM:
+                ensemble_cfgs.append(cfg)
+            elif cfg.platform == ONNX_PLATFORM or cfg.backend == "onnxruntime":
+                repo.members[cfg.name] = _member_from_config(model_dir, cfg)
+            else:
+                raise RepositoryError(
+                    f"{cfg_path}: platform '{cfg.platform or cfg.backend}' is not supported; "
+                    f"expected '{ONNX_PLATFORM}' or '{ENSEMBLE_PLATFORM}'"
+                )
+        except RepositoryError as exc:
+            skip(model_dir.name, exc)
     for cfg in ensemble_cfgs:
-        names = [s.model_name for s in cfg.ensemble_scheduling.step]
-        missing = [n for n in names if n not in repo.members]
-        if missing:
-            raise RepositoryError(f"ensemble '{cfg.name}': members {missing} are not in {path}")
-        if not names:
-            raise RepositoryError(f"ensemble '{cfg.name}': it names no members")
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise RepositoryError(f"ensemble '{cfg.name}': members {twice} appear in more than one step")
-        combiner = cfg.parameters["enserve.combiner"].string_value if "enserve.combiner" in cfg.parameters else "mean"
-        if combiner not in COMBINERS:
-            raise RepositoryError(f"ensemble '{cfg.name}': combiner '{combiner}' is not one of {COMBINERS}")
-        weights = None
-        if combiner == "weighted_mean":
-            if "enserve.weights" not in cfg.parameters:
-                raise RepositoryError(f"ensemble '{cfg.name}': combiner 'weighted_mean' needs parameter "
-                                      "enserve.weights (one weight per member, in step order)")
-            weights = parse_weights(cfg.parameters["enserve.weights"].string_value, names, f"ensemble '{cfg.name}'")
-        members = [repo.members[n] for n in names]
-        check_compatible(members)
-        repo.ensembles[cfg.name] = EnsembleSpec(
-            name=cfg.name,
-            members=names,
-            inputs=list(members[0].inputs),
-            outputs=ensemble_outputs(members[0].outputs),
-            max_batch_size=min([cfg.max_batch_size or DEFAULT_MAX_BATCH_SIZE] + [m.max_batch_size for m in members]),
-            combiner=combiner,
-            weights=weights,
-        )
-    if not repo.members:
+        try:
+            repo.ensembles[cfg.name] = _ensemble_from_config(cfg, repo, path)
+        except RepositoryError as exc:
+            skip(cfg.name, exc)
+    if not repo.members and (strict or not problems):
         raise RepositoryError(f"model repository '{path}' holds no model (no */config.pbtxt)")
-    return repo
+    return repo, problems
+
+
+def _ensemble_from_config(cfg, repo: Repository, path: Path) -> EnsembleSpec:
+    names = [s.model_name for s in cfg.ensemble_scheduling.step]
+    missing = [n for n in names if n not in repo.members]
+    if missing:
+        raise RepositoryError(f"ensemble '{cfg.name}': members {missing} are not in {path}")
+    if not names:
+        raise RepositoryError(f"ensemble '{cfg.name}': it names no members")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise RepositoryError(f"ensemble '{cfg.name}': members {twice} appear in more than one step")
+    combiner = cfg.parameters["enserve.combiner"].string_value if "enserve.combiner" in cfg.parameters else "mean"
+    if combiner not in COMBINERS:
+        raise RepositoryError(f"ensemble '{cfg.name}': combiner '{combiner}' is not one of {COMBINERS}")
+    weights = None
+    if combiner == "weighted_mean":
+        if "enserve.weights" not in cfg.parameters:
+            raise RepositoryError(f"ensemble '{cfg.name}': combiner 'weighted_mean' needs parameter "
+                                  "enserve.weights (one weight per member, in step order)")
+        weights = parse_weights(cfg.parameters["enserve.weights"].string_value, names, f"ensemble '{cfg.name}'")
+    members = [repo.members[n] for n in names]
+    check_compatible(members)
+    return EnsembleSpec(
+        name=cfg.name,
+        members=names,
+        inputs=list(members[0].inputs),
+        outputs=ensemble_outputs(members[0].outputs),
+        max_batch_size=min([cfg.max_batch_size or DEFAULT_MAX_BATCH_SIZE] + [m.max_batch_size for m in members]),
+        combiner=combiner,
+        weights=weights,
+    )
 
 
 def ensemble_outputs(member_outputs: list[TensorSpec]) -> list[TensorSpec]:

@@ -51,6 +51,7 @@ class WorkerProcess:
     tasks: dict = field(default_factory=dict)
     rows: int = 0  # rows of its tasks not yet answered: the load that replica choice balances
     sent_at: dict[int, float] = field(default_factory=dict)  # task id -> when it was handed over (loop clock)
+    heard_at: float = 0.0  # when it last wrote a frame (loop clock): the watchdog's sign of life
     deferred: list = field(default_factory=list)  # tasks waiting for one of its tasks on the same rows
     unsent: bytearray = field(default_factory=bytearray)  # descriptors its full pipe has no room for yet
     slots: OutputSlots | None = None  # where it writes its members' running sums (its own: replicas
