@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,14 +140,15 @@ def allocate(
     bench_seconds: float = 1.5,
     bench_load: tuple[int, int] = (16, 8),
     progress: Callable[[str], None] | None = None,
-    stop: threading.Event | None = None,
+    stopped: Callable[[], bool] | None = None,
 ) -> Allocated:
     """Profile, place with worst-fit decreasing, refine with Algorithm 1; the plan is not saved.
-    Setting ``stop`` (the server was told to stop) ends it with ``AllocationStopped`` before the
-    next profile or measurement; the one running finishes and cleans up first."""
+    When ``stopped()`` turns true (the server was told to stop; it is read from the allocator's
+    thread) it ends with ``AllocationStopped`` before the next profile or measurement; the one
+    running finishes and cleans up first."""
 
     def check(what: str) -> None:
-        if stop is not None and stop.is_set():
+        if stopped is not None and stopped():
             raise AllocationStopped(f"the allocator stopped before {what}: the server is stopping")
 
     def progress_or_stop(message: str) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 import sys
-import threading
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -18,7 +17,6 @@ from enserve.server.errors import EnserveError, RepositoryError, Unauthenticated
 from enserve.server.grpc_frontend import make_server
 from enserve.server.http_frontend import HttpFrontend
 from enserve.server.lifecycle import Lifecycle
-from enserve.server.orchestrator import WORKER_STOP_S
 from enserve.server.placement import Placement
 from enserve.server.registry import Registry
 from enserve.server.repository import Repository, load_repository
@@ -29,6 +27,7 @@ from enserve.server.stats import MetricsCollector
 from enserve.server.status import status_of
 
 log = logging.getLogger("enserve")
+FRONT_CLOSE_S = 2.0  # what closing the fronts may take once every request in flight is answered
 
 
 def metrics_app(registry: Registry, tokens: Tokens) -> web.Application:
@@ -48,7 +47,7 @@ def metrics_app(registry: Registry, tokens: Tokens) -> web.Application:
 
 
 async def _site(app: web.Application, host: str, port: int, what: str, ssl_context=None) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=FRONT_CLOSE_S)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context).start()
@@ -58,7 +57,7 @@ async def _site(app: web.Application, host: str, port: int, what: str, ssl_conte
     return runner
 
 
-def choose_placement(repo: Repository, options: ServeOptions, stop: threading.Event | None = None) -> Placement:
+def choose_placement(repo: Repository, options: ServeOptions, lifecycle: Lifecycle | None = None) -> Placement:
     """Placement of one unit (an ensemble and its members, or members alone): a forced plan for its
     ensemble, a saved plan for this ensemble and hardware, a new one, or the configs; then the
     manual flags on top. Units share the machine's cores; a plan is made for the machine."""
@@ -98,7 +97,8 @@ def choose_placement(repo: Repository, options: ServeOptions, stop: threading.Ev
         plan = allocate(repo, devices, ensemble=ensemble, metric=options.optimize_metric,
                         max_combi=options.max_combi, time_budget_s=options.optimize_time_s,
                         bench_load=(options.bench_concurrency, options.bench_images),
-                        progress=lambda msg: log.info("allocator: %s", msg), stop=stop).plan
+                        progress=lambda msg: log.info("allocator: %s", msg),
+                        stopped=None if lifecycle is None else lambda: lifecycle.draining).plan
         try:
             plans.save(plan, path)
         except OSError as exc:
@@ -109,26 +109,26 @@ def choose_placement(repo: Repository, options: ServeOptions, stop: threading.Ev
 
 async def serve(options: ServeOptions) -> None:
     # signals first: a SIGTERM at any moment of start-up (the allocator included) stops cleanly
-    stop, stopping = asyncio.Event(), threading.Event()
+    lifecycle = Lifecycle()  # the server's one "shutting down" state: a signal drains it
+    woken = asyncio.Event()  # wakes this coroutine on a signal (the state is the lifecycle's)
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
-        stop.set()
-        stopping.set()  # seen by an allocator running in a thread
+        lifecycle.drain()  # new requests are refused from this moment; an allocator thread sees it too
+        woken.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    lifecycle = Lifecycle()  # the server's: a signal drains it
-    registry = Registry(options, lambda repo: choose_placement(repo, options, stopping), lifecycle)
+    registry = Registry(options, lambda repo: choose_placement(repo, options, lifecycle), lifecycle)
     runners: list[web.AppRunner] = []
     grpc_server = None
     poller = None
     deadline: float | None = None  # of the whole stop, once signalled
     try:
         starting = asyncio.ensure_future(registry.start(options.load_model))
-        signalled = asyncio.ensure_future(stop.wait())
+        signalled = asyncio.ensure_future(woken.wait())
         await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
-        if stop.is_set():
+        if lifecycle.draining:
             log.info("stopping during start-up")
             starting.cancel()  # an allocator thread ends at its next measurement, cleaning up after itself
             await asyncio.gather(starting, return_exceptions=True)
@@ -152,23 +152,23 @@ async def serve(options: ServeOptions) -> None:
         log.info("serving models [%s] (model control: %s): HTTP %s:%d, gRPC %s (%s transport), metrics %s:%d "
                  "(workers %s)", models, options.model_control_mode, options.host, options.http_port, grpc_address,
                  options.transport, options.host, options.metrics_port, registry.worker_pids())
-        await stop.wait()
+        await woken.wait()
         deadline = loop.time() + options.shutdown_timeout_s
         log.info("stopping: draining %d requests in flight (at most %g s in all)",
                  sum(len(o.pending) for o in registry.orchestrators()), options.shutdown_timeout_s)
-        lifecycle.drain()
-        # the calls' grace leaves the workers' stop (and the HTTP close) their share of the budget
-        await grpc_server.stop(grace=max(0.0, min(options.drain_timeout_s, deadline - loop.time() - WORKER_STOP_S - 1)))
-        grpc_server = None
-        service.regions.close()
     finally:
         if poller is not None:
             poller.cancel()
             await asyncio.gather(poller, return_exceptions=True)
+        # the requests in flight first: they get the drain budget, then the workers stop and what is
+        # left is answered UNAVAILABLE; so the fronts, closed after, have nothing left to wait for
+        # and every caller gets a status, never a closed connection
+        await registry.close(None if deadline is None else max(1.0, deadline - loop.time() - FRONT_CLOSE_S))
         if grpc_server is not None:
-            await grpc_server.stop(grace=None)
+            await grpc_server.stop(grace=None if deadline is None else max(0.0, min(FRONT_CLOSE_S, deadline - loop.time())))
         await asyncio.gather(*(runner.cleanup() for runner in runners), return_exceptions=True)
-        await registry.close(None if deadline is None else max(1.0, deadline - loop.time()))
+        if grpc_server is not None:
+            service.regions.close()
         log.info("stopped")
 
 
