@@ -73,7 +73,15 @@ BAD_GRPC = {
     "zero batch": (lambda: raw_request(shape=(0, 3, 32, 32), data=b""), "INVALID_ARGUMENT", "batch >= 1"),
     "unknown output": (lambda: _with_output("logits"), "INVALID_ARGUMENT", "unexpected inference output 'logits'"),
     "unknown version": (lambda: _with_version("7"), "NOT_FOUND", "no version '7'"),
+    "timeout as a string": (lambda: _with_timeout("string_param", "100"), "INVALID_ARGUMENT",
+                            "parameter 'timeout' must be an int64_param of microseconds, not a string_param"),
 }
+
+
+def _with_timeout(kind: str, value):
+    r = raw_request()
+    setattr(r.parameters["timeout"], kind, value)
+    return r
 
 
 def _with_output(name):
@@ -129,6 +137,12 @@ BAD_HTTP = {
                       "timeout 'inf' is not an integer number of microseconds"),
     "timeout Infinity": ("/v2/models/ensemble/infer", b'{"parameters": {"timeout": Infinity}, "inputs": []}', {},
                          400, "timeout 'inf' is not an integer number of microseconds"),
+    "timeout true": ("/v2/models/ensemble/infer", b'{"parameters": {"timeout": true}, "inputs": []}', {}, 400,
+                     "timeout 'True' is not an integer number of microseconds"),
+    "timeout 1.5": ("/v2/models/ensemble/infer", b'{"parameters": {"timeout": 1.5}, "inputs": []}', {}, 400,
+                    "timeout '1.5' is not an integer number of microseconds"),
+    "timeout string": ("/v2/models/ensemble/infer", b'{"parameters": {"timeout": "100"}, "inputs": []}', {}, 400,
+                       "timeout '100' is not an integer number of microseconds"),
     "deeply nested infer": ("/v2/models/ensemble/infer", b"[" * 100000 + b"]" * 100000, {}, 400,
                             "request body is not valid JSON: maximum recursion depth"),
     "deeply nested register": ("/v2/systemsharedmemory/region/r/register", b"[" * 100000 + b"]" * 100000, {},

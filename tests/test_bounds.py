@@ -184,6 +184,30 @@ def test_a_header_that_is_not_utf8_gets_401_not_500(tight):
     assert "Traceback" not in tight.output()
 
 
+def test_a_body_that_cannot_be_read_is_a_400_and_one_log_line(tight):
+    """A gzip body that does not inflate (400 naming it, before: 500 'internal error' and two
+    tracebacks), and chunked framing that does not parse (aiohttp's own 400, before: a traceback)."""
+    corrupt = bytearray(gzip.compress(b'{"inputs": []}' * 100))
+    corrupt[20:60] = bytes(40)
+    conn = http.client.HTTPConnection("127.0.0.1", tight.http_port, timeout=10)
+    conn.request("POST", "/v2/models/ensemble/infer", bytes(corrupt),
+                 {"Content-Encoding": "gzip", "Authorization": f"Bearer {USER}"})
+    answer = conn.getresponse()
+    text = answer.read().decode()
+    assert answer.status == 400 and "the request body cannot be read" in text, (answer.status, text)
+    with socket.create_connection(("127.0.0.1", tight.http_port)) as s:
+        s.sendall(f"POST /v2/models/ensemble/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {USER}\r\n"
+                  "Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n".encode())
+        s.settimeout(10)
+        status = s.recv(100).split(b"\r\n")[0]
+    assert status.endswith(b" 400 Bad Request"), status
+    deadline = time.monotonic() + 5
+    while tight.output().count("HTTP: a malformed request was refused (400)") < 2:
+        assert time.monotonic() < deadline, tight.output()[-2000:]
+        time.sleep(0.1)
+    assert "Traceback" not in tight.output()
+
+
 def test_a_client_that_leaves_mid_upload_is_one_log_line(tight, reference):
     before = tight.output().count("went away while sending its body")
     for _ in range(3):

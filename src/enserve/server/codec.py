@@ -67,7 +67,13 @@ def begin_infer(service: Service, request: pb.ModelInferRequest, deadline_s: flo
     """Decode a ModelInfer request and submit it; the earlier of the client's deadline and Triton's
     'timeout' parameter bounds it."""
     inputs, outputs = decode_request(request)
-    timeout = parse_timeout(param(request.parameters, "timeout", "int64_param"))
+    timeout = None
+    if "timeout" in request.parameters:
+        given = request.parameters["timeout"]
+        kind = given.WhichOneof("parameter_choice")
+        if kind not in ("int64_param", "uint64_param"):
+            raise InvalidArgument(f"parameter 'timeout' must be an int64_param of microseconds, not a {kind}")
+        timeout = parse_timeout(getattr(given, kind))
     if deadline_s is not None:
         timeout = deadline_s if timeout is None else min(timeout, deadline_s)
     return service.begin(request.model_name, request.model_version, inputs, outputs, timeout)

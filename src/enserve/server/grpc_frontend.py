@@ -50,8 +50,8 @@ def stats_message(s: ModelStats) -> pb.ModelStatistics:
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Every RPC of the protocol; an error raised in any of them ends the call with its status
-    (``status.grpc_errors``)."""
+    """Every RPC of the protocol; an error raised in any unary one ends the call with its status
+    (``add_servicer`` wraps each in ``status.grpc_errors``; the stream answers errors in-band)."""
 
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -65,7 +65,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         finally:
             limits.release(held)
 
-    @grpc_errors
     async def ModelInfer(self, request, context):
         return await self._infer(request, context.time_remaining())
 
@@ -116,14 +115,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.service.ready())
 
-    @grpc_errors
     async def ModelReady(self, request, context):
         return pb.ModelReadyResponse(ready=self.service.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(**self.service.server_metadata())
 
-    @grpc_errors
     async def ModelMetadata(self, request, context):
         meta = self.service.model_metadata(request.name, request.version)
         resp = pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
@@ -132,11 +129,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 getattr(resp, kind).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
         return resp
 
-    @grpc_errors
     async def ModelConfig(self, request, context):
         return pb.ModelConfigResponse(config=self.service.model_config(request.name, request.version))
 
-    @grpc_errors
     async def ModelStatistics(self, request, context):
         stats = self.service.stats(request.name, request.version)
         return pb.ModelStatisticsResponse(model_stats=[stats_message(s) for s in stats])
@@ -147,13 +142,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             models = [m for m in models if m.state == "READY"]
         return pb.RepositoryIndexResponse(models=models)
 
-    @grpc_errors
     async def RepositoryModelLoad(self, request, context):
         self._check_control(request)
         await self.service.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
-    @grpc_errors
     async def RepositoryModelUnload(self, request, context):
         self._check_control(request)
         await self.service.unload(request.model_name)
@@ -169,17 +162,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgument(f"load/unload parameters {params} are not supported: "
                                   "models come from the repository by name")
 
-    @grpc_errors
     async def SystemSharedMemoryRegister(self, request, context):
         self.service.shm_register(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
-    @grpc_errors
     async def SystemSharedMemoryUnregister(self, request, context):
         self.service.shm_unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
-    @grpc_errors
     async def SystemSharedMemoryStatus(self, request, context):
         regions = self.service.shm_status(request.name)
         resp = pb.SystemSharedMemoryStatusResponse()
@@ -188,15 +178,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size))
         return resp
 
-    @grpc_errors
     async def CudaSharedMemoryRegister(self, request, context):
         raise cuda_shm_unavailable()
 
-    @grpc_errors
     async def CudaSharedMemoryUnregister(self, request, context):
         raise cuda_shm_unavailable()
 
-    @grpc_errors
     async def CudaSharedMemoryStatus(self, request, context):
         raise cuda_shm_unavailable()
 
@@ -213,7 +200,8 @@ def _unary(method, request_cls):
         try:
             request = _parse(request_cls, raw)
         except InvalidArgument as e:
-            await context.abort(*status_of(e)[::2])
+            code, _, message = status_of(e)
+            await context.abort(code, message)
         return await method(request, context)
 
     return handler
@@ -226,7 +214,8 @@ def _streaming(method, request_cls):
                 try:
                     yield _parse(request_cls, raw)
                 except InvalidArgument as e:
-                    await context.abort(*status_of(e)[::2])
+                    code, _, message = status_of(e)
+                    await context.abort(code, message)
 
         async for response in method(requests(), context):
             yield response
@@ -249,7 +238,7 @@ def add_servicer(servicer: InferenceServicer, server) -> None:
                 _streaming(method, request_cls), response_serializer=response_cls.SerializeToString)
         else:
             handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(method, request_cls), response_serializer=response_cls.SerializeToString)
+                _unary(grpc_errors(method), request_cls), response_serializer=response_cls.SerializeToString)
     server.add_registered_method_handlers(service.full_name, handlers)
 
 

@@ -9,6 +9,7 @@ import logging
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from google.protobuf import json_format
 
 from enserve.server.errors import InvalidArgument, PayloadTooLarge, RequestTimeout, Unauthenticated
@@ -24,6 +25,24 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 class ClientGone(Exception):
     """The client closed its connection before its request body was in."""
+
+
+class MalformedRequestsInOneLine(logging.Filter):
+    """aiohttp answers a request it cannot parse (broken chunked framing, a body that does not
+    inflate) with 400 and logs the parser's traceback as an error; anyone can send those, so they
+    become one line each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        chain = (error, getattr(error, "__cause__", None), getattr(error, "__context__", None))
+        if any(isinstance(e, (HttpProcessingError, RequestPayloadError)) for e in chain):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "HTTP: a malformed request was refused (400): %s", (" ".join(str(error).split())[:200],), None, None)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(MalformedRequestsInOneLine())
 
 
 def _json(data, status: int = 200) -> web.Response:
@@ -135,7 +154,7 @@ class HttpFrontend:
         options = self.service.options
         self.tokens = Tokens(options.auth_token, options.admin_token)
         middlewares = [self._auth, self._errors] if self.tokens.enabled else [self._errors]
-        app = web.Application(client_max_size=self.service.limits.http_bytes, middlewares=middlewares)
+        app = web.Application(middlewares=middlewares)  # every body is read by ``read_body``
         r = app.router
         r.add_get("/v2/health/live", self.live)
         r.add_get("/v2/health/ready", self.ready)
@@ -173,9 +192,6 @@ class HttpFrontend:
     async def _errors(self, request: web.Request, handler):
         try:
             return await handler(request)
-        except web.HTTPRequestEntityTooLarge:  # a body read whole by aiohttp (client_max_size)
-            limit = self.service.limits.http_bytes
-            return _error(PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes"))
         except web.HTTPException:  # aiohttp's own answers (404 for an unknown path, 405, ...)
             raise
         except ClientGone as exc:  # one line, no traceback: nobody is left to answer
@@ -191,12 +207,19 @@ class HttpFrontend:
         (body, bytes held), which the caller releases."""
         limits = self.service.limits
         timeout_s = self.service.options.http_body_timeout_s
+
+        def too_large() -> PayloadTooLarge:
+            return PayloadTooLarge(f"the request body is larger than the limit of {limits.http_bytes} bytes "
+                                   "(--max-request-bytes)")
+
+        if (request.content_length or 0) > limits.http_bytes:  # refused from its declared length, unread
+            raise too_large()
         body, held = bytearray(), 0
         try:
             async with asyncio.timeout(timeout_s):  # one timer for the whole body
                 while chunk := await self._chunk(request):
                     if len(body) + len(chunk) > limits.http_bytes:
-                        raise PayloadTooLarge(f"the request body is larger than the limit of {limits.http_bytes} bytes")
+                        raise too_large()
                     if counted:
                         held += limits.reserve(len(chunk))
                     body += chunk
@@ -213,6 +236,8 @@ class HttpFrontend:
     async def _chunk(request: web.Request) -> bytes:
         try:
             return await request.content.readany()
+        except RequestPayloadError as exc:  # a body that cannot be inflated, or broken chunked framing
+            raise InvalidArgument(f"the request body cannot be read: {' '.join(str(exc).split())}") from None
         except (ConnectionError, aiohttp.ClientError, HttpProcessingError) as exc:
             raise ClientGone(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
 
@@ -274,8 +299,6 @@ class HttpFrontend:
     async def infer(self, request: web.Request) -> web.Response:
         model, version = self._model(request)
         limits = self.service.limits
-        if (request.content_length or 0) > limits.http_bytes:  # refused from its declared length
-            raise PayloadTooLarge(f"the request body is larger than the limit of {limits.http_bytes} bytes")
         body, held = await self.read_body(request, counted=True)  # held as read, until the answer
         try:
             header, inputs, outputs = parse_infer_body(body, request.headers.get(HEADER_LENGTH))

@@ -52,10 +52,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = details.method.rsplit("/", 1)[-1]
         if method in OPEN_GRPC:
             return await continuation(details)
-        header = None
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization":
-                header = value
+        header = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)  # the first
         reason = self.tokens.check(header, admin=method in ADMIN_GRPC)
         if reason is None:
             return await continuation(details)

@@ -203,13 +203,12 @@ def cuda_shm_unavailable() -> Unavailable:
 
 
 def parse_timeout(value) -> float | None:
-    """A client timeout in microseconds (Triton's 'timeout' parameter) as seconds."""
-    if value in (None, "", 0):
+    """A client timeout in microseconds (Triton's 'timeout' parameter, an integer) as seconds; 0 or
+    absent: none."""
+    if value is None or value == 0:
         return None
-    try:
-        us = int(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 or Infinity in JSON
-        raise InvalidArgument(f"timeout '{value}' is not an integer number of microseconds") from None
-    if us < 0:
-        raise InvalidArgument(f"timeout is {us} us, but must be >= 0")
-    return us / 1e6
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"timeout '{value}' is not an integer number of microseconds")
+    if value < 0:
+        raise InvalidArgument(f"timeout is {value} us, but must be >= 0")
+    return value / 1e6

@@ -57,16 +57,23 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, int, str]:
 
 
 def grpc_errors(method: Callable) -> Callable:
-    """Decorate an async servicer method: an exception it raises ends the call with its status."""
+    """Wrap a servicer method ``(request, context)``: an exception it raises ends the call with its
+    status. A call whose caller is already gone (its deadline passed on both sides) is left alone."""
 
     @functools.wraps(method)
-    async def wrapper(self, request, context):
+    async def wrapper(request, context):
         try:
-            return await method(self, request, context)
-        except (grpc.aio.AbortError, grpc.RpcError):
+            return await method(request, context)
+        except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - every error gets its status, none escapes as UNKNOWN
             code, _, message = status_of(exc)
+        try:
             await context.abort(code, message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the call ended meanwhile: nobody to tell
+            log.debug("could not end a gRPC call with %s (%s): %s", code, message, exc)
+        return None
 
     return wrapper
