@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import re
 import socket
 import time
 import urllib.request
@@ -147,12 +148,20 @@ def test_an_upload_that_never_comes_holds_nothing_and_times_out(tight, reference
         idle.close()
 
 
+def held_bytes(d) -> int:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5).read().decode()
+    return int(float(re.search(r"^enserve_inflight_request_bytes (\S+)$", text, re.M).group(1)))
+
+
 def test_a_compressed_body_is_counted_by_what_it_inflates_to(tight, reference):
     """5 MiB of a slow upload are in; a 4 MiB JSON body gzipped to a few KB would pass 8 MiB: it is
     refused (503) as it inflates. Before, it reserved its compressed length and was admitted."""
     slow = _upload(tight, 6 << 20, b"x" * (5 << 20))
     try:
-        time.sleep(0.5)  # the 5 MiB are read (and counted)
+        deadline = time.monotonic() + 10
+        while held_bytes(tight) < 5 << 20:  # the 5 MiB are read, and counted
+            assert time.monotonic() < deadline, held_bytes(tight)
+            time.sleep(0.05)
         inflated = b'{"inputs": [], "pad": "' + b"0" * (4 << 20) + b'"}'
         bomb = gzip.compress(inflated)
         assert len(bomb) < 20_000
@@ -165,7 +174,10 @@ def test_a_compressed_body_is_counted_by_what_it_inflates_to(tight, reference):
         assert "requests in flight hold" in text and "--max-inflight-bytes" in text, text
     finally:
         slow.close()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while held_bytes(tight):  # the abandoned upload gives its bytes back
+        assert time.monotonic() < deadline, held_bytes(tight)
+        time.sleep(0.05)
     infer_ok(tight, reference, AUTH)
 
 
@@ -214,7 +226,11 @@ def test_a_client_that_leaves_mid_upload_is_one_log_line(tight, reference):
         s = _upload(tight, 100_000, b"{" * 1000)
         time.sleep(0.2)
         s.close()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while tight.output().count("went away while sending its body") - before < 3:
+        assert time.monotonic() < deadline, tight.output()[-2000:]
+        time.sleep(0.1)
+    time.sleep(0.3)  # and nothing more comes
     log = tight.output()
     assert log.count("went away while sending its body") - before == 3, log[-2000:]
     assert "Traceback" not in log and "Error handling request" not in log

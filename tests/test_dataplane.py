@@ -284,7 +284,7 @@ def test_the_deadline_heap_forgets_answered_requests():
                 done = inflight.pop(0)
                 done.part_failed(Unavailable("answered"))
                 done.answer()
-                deadlines.answered()
+                deadlines.note_answered()
                 assert done.on_answer is None
         answered = sum(e[2].answered for e in deadlines.heap)
         assert answered <= 2 * Deadlines.COMPACT_AT, answered
@@ -310,7 +310,8 @@ def _replica(index: int, task_w: int = -1, rows: int = 0):
 def test_a_retried_task_never_shares_a_replica_with_its_requests_task_on_the_same_rows():
     """Request 7's members were dealt over replicas A and B (rows 10-10); A died. Its share goes to B
     only after B's own share of the same rows is done: a replica's slots hold one answer per row."""
-    from enserve.server.dispatch import Dispatch, Task
+    from enserve.server.dispatch import Dispatch
+    from enserve.server.protocol import Task
 
     loop = asyncio.new_event_loop()
     try:
@@ -334,7 +335,7 @@ def test_a_retried_task_never_shares_a_replica_with_its_requests_task_on_the_sam
         held = Task(9, 0, 1, 1, 0)
         dispatch.reroute(rt, held)  # no replica ready: held for the first that starts
         assert rt.held == [held]
-        assert sorted(t.rid for t in Dispatch.dropped(b)) == [7, 7] and b.rows == 0 and not b.tasks
+        assert sorted(t.rid for t in dispatch.dropped(b)) == [7, 7] and b.rows == 0 and not b.tasks
     finally:
         loop.close()
 
@@ -345,13 +346,14 @@ def test_descriptors_a_full_pipe_cannot_take_wait_for_room_in_order():
     import fcntl
     import os
 
-    from enserve.server.dispatch import Dispatch, Task
-    from enserve.server.protocol import TASK, TaskReader
+    from enserve.server.dispatch import Dispatch
+    from enserve.server.protocol import TASK, Task, TaskReader
+    from enserve.server.supervisor import F_SETPIPE_SZ
 
     async def scenario() -> list[tuple]:
         loop = asyncio.get_running_loop()
         r, w = os.pipe()
-        fcntl.fcntl(w, 1031, 4096)  # F_SETPIPE_SZ: the smallest pipe
+        fcntl.fcntl(w, F_SETPIPE_SZ, 4096)  # the smallest pipe
         os.set_blocking(w, False)
         replica = _replica(0, task_w=w)
         dispatch = Dispatch(loop, -1)
@@ -360,7 +362,9 @@ def test_descriptors_a_full_pipe_cannot_take_wait_for_room_in_order():
         dispatch.flush()  # returns at once, though the pipe is full
         assert 0 < len(replica.unsent) < 2000 * TASK.size
         got, reader = [], TaskReader()
+        deadline = loop.time() + 30
         while len(got) < 2000:
+            assert loop.time() < deadline, f"{len(got)} of 2000 descriptors came"
             await asyncio.sleep(0.001)  # the worker reads a little at a time
             got += reader.feed(os.read(r, 1000))
         assert not replica.unsent

@@ -84,7 +84,7 @@ def test_a_request_after_one_that_expired_in_the_queue_is_answered_right(shared_
 def test_live_answers_stay_right_beside_a_stream_of_expiring_requests(shared_group, reference):
     """Threads of live one-image requests (their batches fill at once) beside threads whose requests
     expire in 1 us: thousands of live answers, each equal to the members' mean."""
-    stop = time.monotonic() + 6.0
+    stop = time.monotonic() + 8.0
     counts: dict[str, int] = {}
     lock = threading.Lock()
 
@@ -123,6 +123,7 @@ def test_a_replica_killed_while_it_holds_a_share_of_a_request(demo_repo, referen
 
 def _kill_replicas_holding_shares(shared_group, reference) -> None:
     client = grpcclient.InferenceServerClient(shared_group.grpc_url)
+    exercised = 0  # rounds where the kill came while the shares waited: the retry path ran
     for k in range(4):
         shared_group.wait_ready(60)
         pids = sorted(p for ps in shared_group.worker_pids().values() for p in ps)
@@ -132,6 +133,7 @@ def _kill_replicas_holding_shares(shared_group, reference) -> None:
         client.async_infer("ensemble", [_input(grpcclient, x)], lambda result, error, q=answered: q.put((result, error)))
         time.sleep(0.1)  # both shares wait in their workers (300 ms queue delay)
         os.kill(pids[k % 2], signal.SIGKILL)
+        exercised += answered.empty()
         answer, error = answered.get(timeout=30)
         assert error is None, error
         np.testing.assert_allclose(answer.as_numpy("probs"), reference(x), atol=1e-5)
@@ -139,7 +141,8 @@ def _kill_replicas_holding_shares(shared_group, reference) -> None:
         while len([p for ps in shared_group.worker_pids().values() for p in ps]) < 2:
             assert time.monotonic() < deadline, "the killed replica was not restarted"
             time.sleep(0.1)
-    assert "has not answered a task" not in shared_group.output()
+    assert exercised >= 2, f"only {exercised} of 4 kills came before the answer"
+    assert shared_group.output().count("exited with code -9; restarting it") == 4
 
 
 def _worker_tasks(daemon) -> int:
@@ -153,7 +156,7 @@ def test_a_flood_of_expiring_requests_is_skipped_and_bounded(demo_repo, referenc
     and do not pile up, the normal clients keep being answered (right), the watchdog kills no
     worker, and the event loop answers health checks promptly throughout."""
     write_plan(tmp_path / "plan.json", [(MEMBERS, 2)])
-    daemon = start_daemon(demo_repo, tmp_path, "--plan", str(tmp_path / "plan.json"), "--worker-timeout", "2")
+    daemon = start_daemon(demo_repo, tmp_path, "--plan", str(tmp_path / "plan.json"), "--worker-timeout", "3")
     try:
         pids = daemon.worker_pids()
         seconds = 8.0
@@ -201,7 +204,7 @@ def test_a_flood_of_expiring_requests_is_skipped_and_bounded(demo_repo, referenc
         deadline = time.monotonic() + 10
         while _worker_tasks(daemon) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _worker_tasks(daemon) == 0  # every task done or skipped: every row back in the ring
+        assert _worker_tasks(daemon) == 0  # every task done or skipped, each of which let go of its rows
     finally:
         code = daemon.stop()
     assert code == 0, daemon.output()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 
@@ -26,10 +27,12 @@ def soak(tmp_path, repo, *flags: str) -> subprocess.CompletedProcess:
 def test_a_short_soak_with_faults_against_an_imported_ensemble(renamed_repo, tmp_path):
     """Its users speak the model's own tensor names: every fault window has traffic, answers are
     right. Before, every user died on 'probs' and the soak reported no failures and exited 0."""
-    done = soak(tmp_path, renamed_repo, "--minutes", "0.4", "--fault-every", "7", "--users", "4", "--images", "2")
+    done = soak(tmp_path, renamed_repo, "--minutes", "0.4", "--fault-every", "6", "--faults", "kill-worker,stop-worker",
+                "--stop-for", "2", "--users", "4", "--images", "2")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "wrong answers: 0" in done.stdout and "soak FAILED" not in done.stdout
-    assert "kill worker" in done.stdout and "stop worker" in done.stdout, done.stdout[-3000:]
+    injected = re.findall(r"^ +\d+ s  (kill worker|stop worker) ", done.stdout, re.M)
+    assert sorted(injected) == ["kill worker", "stop worker"], done.stdout[-3000:]  # each kind, once
     rows = {r["Name"]: r for r in csv.DictReader(open(tmp_path / "soak" / "soak_stats.csv"))}
     assert int(rows["Aggregated"]["Request Count"]) > 100, rows["Aggregated"]
 

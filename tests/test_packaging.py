@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
 from enserve.server import launcher
-from tests.conftest import ROOT, images, install_plainly, shm_objects
+from tests.conftest import ROOT, copy_repo, images, install_plainly, shm_objects
 
 GENERIC = ("server", "models", "tuning", "optimizer", "loadtest")
 SUBPACKAGES = [f"enserve.{n}" for n in GENERIC]
@@ -40,9 +39,10 @@ def test_pip_install_puts_only_the_enserve_namespace_into_a_fresh_venv(tmp_path)
 
 
 def test_a_plain_install_serves_from_the_clones_root(demo_repo, reference, tmp_path):
-    """``enserve serve`` of a non-editable install, started in the clone: its workers import the
-    installed package (with a root-level ``enserve/`` folder they died with "No module named
-    'enserve.server'"), and the answers are the members' mean."""
+    """``enserve serve`` of a non-editable install, started in the clone's root as users do: its
+    workers run the installed interpreter and package, and the answers are the members' mean. (Before
+    the src layout, the root's own ``enserve/`` folder stood in for the package and every worker died
+    with "No module named 'enserve.server'"; children now also start with ``python -P``.)"""
     python = install_plainly(ROOT, tmp_path)
     http, grpc_port, metrics = launcher.free_ports(3)
     command = [str(python.parent / "enserve"), "serve", "--model-repository", str(demo_repo), "--no-optimize",
@@ -69,9 +69,7 @@ def test_a_plain_install_serves_from_the_clones_root(demo_repo, reference, tmp_p
 
 def test_the_profilers_children_import_the_installed_package_from_the_clones_root(demo_repo, tmp_path):
     python = install_plainly(ROOT, tmp_path)
-    repo = tmp_path / "repo"
-    subprocess.run([sys.executable, "-c", "import shutil,sys; shutil.copytree(sys.argv[1], sys.argv[2])",
-                    str(demo_repo), str(repo)], check=True)
+    repo = copy_repo(demo_repo, tmp_path)
     out = subprocess.run([str(python.parent / "enserve"), "allocate", "--model-repository", str(repo),
                           "--bench", "cost", "--batch-sizes", "1,8", "--max-combi", "5"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -187,7 +187,7 @@ def test_a_build_whose_trial_workers_cannot_start_stops_at_once_with_their_error
                          env={**os.environ, "PYTHONPATH": str(site)})
     took = time.monotonic() - t0
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
-    assert took < 60, took  # not the 3 minute budget
+    assert took < 90, took  # not the 3 minute budget
     assert "enserve build: every trial worker died, so nothing was trained" in out.stderr
     assert "trial worker 0 exited with code 3" in out.stderr and "the site is broken" in out.stderr
     assert "Traceback" not in out.stderr

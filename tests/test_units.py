@@ -239,3 +239,61 @@ def test_write_atomically_replaces_the_whole_file_and_leaves_no_temporary_one(tm
     write_atomically(target, b"new")
     assert target.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_collect_skips_the_tasks_of_cancelled_requests():
+    """Tasks whose first row is not live are not run: their ids go to ``skipped``, when read and
+    again when the batch is taken; a read that brings only such tasks returns at once, empty."""
+    live = np.ones(16, np.uint8)
+    live[4:8] = 0  # request on rows 4-7 cancelled
+    r, w = os.pipe()
+    try:
+        os.write(w, pack_tasks([(1, 4, 2, 0, 1), (2, 6, 2, 0, 1)]))  # both on cancelled rows
+        skipped: list[int] = []
+        backlog: deque = deque()
+        assert collect(r, TaskReader(), backlog, 4, 10.0, live, skipped) == []  # no 10 s wait for nothing
+        assert skipped == [1, 2] and not backlog
+        skipped.clear()
+        os.write(w, pack_tasks([(3, 0, 2, 0, 1), (4, 4, 1, 0, 1), (5, 8, 2, 0, 1)]))
+        batch = collect(r, TaskReader(), backlog, 4, 0.0, live, skipped)
+        assert [t[0] for t in batch] == [3, 5] and skipped == [4]
+        skipped.clear()
+        os.write(w, pack_tasks([(6, 10, 2, 0, 1), (7, 12, 2, 0, 1)]))
+        first = collect(r, TaskReader(), backlog, 2, 0.0, live, skipped)  # takes 6; 7 waits in the backlog
+        assert [t[0] for t in first] == [6] and [t[0] for t in backlog] == [7]
+        live[12:14] = 0  # 7's request is cancelled while it waits
+        os.write(w, pack_tasks([(8, 14, 1, 0, 1)]))
+        assert collect(r, TaskReader(), backlog, 2, 0.0, live, skipped) == [] and skipped == [7]  # reported at once
+        assert [t[0] for t in collect(r, TaskReader(), backlog, 2, 0.0, live, skipped)] == [8]
+    finally:
+        os.close(w)
+        os.close(r)
+
+
+@pytest.mark.parametrize("requested, tls, host, token, expected", [
+    ("auto", False, "127.0.0.1", False, "native"),  # loopback: every caller is local
+    ("auto", False, "::1", False, "native"),
+    ("auto", False, "0.0.0.0", False, "grpcio"),  # an open port, no token: bounded from the length
+    ("auto", False, "0.0.0.0", True, "native"),  # the front checks the token before reading
+    ("auto", True, "0.0.0.0", True, "grpcio"),  # TLS: the native front has none
+    ("native", False, "0.0.0.0", False, "native"),  # asked for: trusted callers
+    ("grpcio", False, "127.0.0.1", False, "grpcio"),
+])
+def test_the_transport_auto_picks(requested, tls, host, token, expected):
+    from enserve.server.config import transport_for
+
+    assert transport_for(requested, tls=tls, host=host, token=token) == expected
+
+
+def test_serve_options_refuse_what_cannot_go_together():
+    from pathlib import Path
+
+    from enserve.server.config import ServeOptions
+
+    for options, message in (
+        (ServeOptions(tls_cert=Path("c.pem")), "TLS needs both --tls-cert and --tls-key"),
+        (ServeOptions(grpc_transport="native", tls_cert=Path("c"), tls_key=Path("k")), "the native gRPC transport has no TLS"),
+        (ServeOptions(load_model=("ensemble",)), "--load-model needs --model-control-mode explicit"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            options.validate()

@@ -76,10 +76,7 @@ def options_from(args: argparse.Namespace, environ: dict[str, str] | None = None
     values = {f.name: _value(f, getattr(args, f.name), environ) for f in fields(ServeOptions)}
     options = ServeOptions(**values)
     options.validate()
-    options.transport  # noqa: B018 - a transport the options cannot have (native with TLS) is refused here
-    read_pair(options.tls_cert, options.tls_key)
-    if options.load_model and options.model_control_mode != "explicit":
-        raise ValueError("--load-model needs --model-control-mode explicit")
+    read_pair(options.tls_cert, options.tls_key)  # the certificate and key can be read: before any work
     return options
 
 

@@ -153,7 +153,8 @@ def metric(daemon: launcher.Server, name: str, model: str = "ensemble") -> float
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    from enserve.loadtest.bench import measure, signature
+    from enserve.loadtest.bench import measure
+    from enserve.loadtest.signature import signature
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", type=Path, default=Path("model_repository"))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from enserve.child import python_module
+from enserve.loadtest.signature import Signature, signature
 from enserve.server.launcher import free_ports, start_server
 
 
@@ -98,9 +99,8 @@ async def _closed_loop(url: str, model: str, concurrency: int, images: int, seco
     """``concurrency`` users over one channel; each request is serialised once, like perf_analyzer."""
     import grpc
     from tritonclient.grpc import service_pb2 as pb
-    from tritonclient.utils import triton_to_np_dtype
 
-    x = np.random.default_rng(1).random((images, *sig.dims)).astype(triton_to_np_dtype(sig.datatype))
+    x = sig.batch(np.random.default_rng(1), images)
     request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name=sig.input, datatype=sig.datatype, shape=list(x.shape))
     request.outputs.add(name=sig.output)
@@ -139,28 +139,6 @@ async def _closed_loop(url: str, model: str, concurrency: int, images: int, seco
 
         *_, used = await asyncio.gather(*(user() for _ in range(concurrency)), cpu())
     return len(lat), lat, errors, used
-
-
-@dataclass(frozen=True)
-class Signature:
-    """A model's first input (name, datatype, dims without the batch axis) and first output (name,
-    bytes per row), from its ModelMetadata: the bench speaks for any model."""
-
-    input: str
-    datatype: str
-    dims: tuple[int, ...]
-    output: str
-    row_bytes: int
-
-
-def signature(url: str, model: str) -> Signature:
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import triton_to_np_dtype
-
-    meta = grpcclient.InferenceServerClient(url).get_model_metadata(model)
-    inp, out = meta.inputs[0], meta.outputs[0]
-    row = int(np.prod([int(d) for d in out.shape[1:]])) * np.dtype(triton_to_np_dtype(out.datatype)).itemsize
-    return Signature(inp.name, inp.datatype, tuple(int(d) for d in inp.shape[1:]), out.name, row)
 
 
 def measure(server: str, url: str, model: str, concurrency: int, images: int, seconds: float,

@@ -6,7 +6,7 @@ when the members' do). It speaks only the protocol, for any model: the input's n
 and the output's name come from the model's metadata. A wrong answer is a failure named
 "wrong answer: ...".
 
-    locust -f loadtest/locustfile.py --headless -u 32 -r 32 -t 1m --host http://127.0.0.1:8000 \\
+    locust -f src/enserve/loadtest/locustfile.py --headless -u 32 -r 32 -t 1m --host http://127.0.0.1:8000 \\
         --csv results/enserve --html results/enserve.html GrpcUser HttpJsonUser HttpBinaryUser
 
 Environment: ENSERVE_GRPC_URL (default 127.0.0.1:8001), ENSERVE_MODEL (default ensemble),
@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass
 from functools import lru_cache
 
 import grpc.experimental.gevent as grpc_gevent
@@ -30,6 +29,8 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 from locust import FastHttpUser, User, between, task  # noqa: E402
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # noqa: E402
 
+from enserve.loadtest.signature import Signature, signature  # noqa: E402
+
 MODEL = os.environ.get("ENSERVE_MODEL", "ensemble")
 GRPC_URL = os.environ.get("ENSERVE_GRPC_URL", "127.0.0.1:8001")
 MAX_IMAGES = int(os.environ.get("ENSERVE_MAX_IMAGES", "4"))
@@ -40,28 +41,9 @@ class WrongAnswer(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class Signature:
-    """What a request to the model looks like, from its metadata."""
-
-    input: str
-    datatype: str
-    dims: tuple[int, ...]
-    output: str
-
-    def batch(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        dtype = np.dtype(triton_to_np_dtype(self.datatype))
-        if dtype.kind == "f":
-            return rng.random((n, *self.dims)).astype(dtype)
-        return rng.integers(0, 10, (n, *self.dims)).astype(dtype)
-
-
 @lru_cache(maxsize=1)
-def signature() -> Signature:
-    with grpcclient.InferenceServerClient(GRPC_URL) as client:  # an open channel keeps Locust from exiting
-        meta = client.get_model_metadata(MODEL)
-    first = meta.inputs[0]
-    return Signature(first.name, first.datatype, tuple(int(d) for d in first.shape[1:]), meta.outputs[0].name)
+def model_signature() -> Signature:
+    return signature(GRPC_URL, MODEL)
 
 
 @lru_cache(maxsize=1)
@@ -69,7 +51,7 @@ def cases() -> list[tuple[np.ndarray, np.ndarray | None]]:
     """A fixed set of input batches and their reference answers: the mean of what the server's own
     member models answer (from the ensemble's config), asked one by one; none for a single model."""
     rng = np.random.default_rng(1234)
-    sig = signature()
+    sig = model_signature()
     inputs = [sig.batch(rng, 1 + i % MAX_IMAGES) for i in range(16)]
     with grpcclient.InferenceServerClient(GRPC_URL) as client:
         members = [s.model_name for s in client.get_model_config(MODEL).config.ensemble_scheduling.step]
@@ -115,7 +97,7 @@ class GrpcUser(User):
     @task
     def infer(self) -> None:
         x, expected = random.choice(cases())
-        sig = signature()
+        sig = model_signature()
         start = time.perf_counter()
         exc: Exception | None = None
         length = 0
@@ -142,7 +124,7 @@ class HttpJsonUser(FastHttpUser):
     @task
     def infer(self) -> None:
         x, expected = random.choice(cases())
-        sig = signature()
+        sig = model_signature()
         body = {"inputs": [{"name": sig.input, "datatype": sig.datatype, "shape": list(x.shape),
                             "data": x.ravel().tolist()}],
                 "outputs": [{"name": sig.output, "parameters": {"binary_data": False}}]}
@@ -169,7 +151,7 @@ class HttpBinaryUser(FastHttpUser):
         import json
 
         x, expected = random.choice(cases())
-        sig = signature()
+        sig = model_signature()
         head = json.dumps({"inputs": [{"name": sig.input, "datatype": sig.datatype, "shape": list(x.shape),
                                        "parameters": {"binary_data_size": x.nbytes}}],
                            "outputs": [{"name": sig.output, "parameters": {"binary_data": True}}]}).encode()

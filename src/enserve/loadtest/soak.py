@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from enserve.server.launcher import (
@@ -40,6 +41,23 @@ from enserve.server.launcher import (
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 FAULTS = ("kill worker", "stop worker", "kill daemon")
+
+
+@dataclass(frozen=True)
+class Fault:
+    at: float  # unix time, against Locust's history
+    offset: float  # seconds after the injector started
+    kind: str
+    detail: str
+
+
+def fault_kinds(text: str) -> tuple[str, ...]:
+    """'kill-worker,stop-worker' -> the kinds; an argparse type naming the ones it knows."""
+    kinds = tuple(k.strip().replace("-", " ") for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in FAULTS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"faults {text!r}: give some of {', '.join(f.replace(' ', '-') for f in FAULTS)}")
+    return kinds
 
 
 def rss_mib(pid: int) -> float | None:
@@ -98,6 +116,8 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=32)
     parser.add_argument("--images", type=int, default=8, help="most images per request")
     parser.add_argument("--fault-every", type=float, default=30.0, help="seconds between faults (0: none)")
+    parser.add_argument("--faults", type=fault_kinds, default=FAULTS,
+                        help="the kinds to inject, in turn (default: kill-worker,stop-worker,kill-daemon)")
     parser.add_argument("--stop-for", type=float, default=20.0, help="seconds a SIGSTOPped worker stays stopped")
     parser.add_argument("--shm-mib", type=int, default=64, help="the container's /dev/shm")
     parser.add_argument("--model-repository", type=Path, default=None, help="default: the demo ensemble")
@@ -142,8 +162,7 @@ def run(args, rng: random.Random, tmp: Path, shm: Path) -> int:
     )
     time.sleep(5)  # warm-up before the first reading
     rss_start = {name: rss_mib(pid) for name, pid in daemon.processes().items()}
-    faults: list[tuple[float, str, str]] = []
-    fault_times: list[float] = []  # unix time of each fault, against Locust's history
+    faults: list[Fault] = []
     shm_peak = shm_state(shm)
     stop = threading.Event()
     locust_end = time.monotonic() + seconds - 5  # Locust's run ends here (it started 5 s ago)
@@ -155,7 +174,7 @@ def run(args, rng: random.Random, tmp: Path, shm: Path) -> int:
             if time.monotonic() + min(5.0, args.fault_every / 2) > locust_end:
                 return  # a fault needs traffic after it to be judged
             if not kinds:
-                kinds = rng.sample(FAULTS, len(FAULTS))
+                kinds = rng.sample(args.faults, len(args.faults))
             kind = kinds.pop()
             state = shm_state(shm)
             shm_peak = max(shm_peak, state, key=lambda s: s[1])
@@ -171,8 +190,7 @@ def run(args, rng: random.Random, tmp: Path, shm: Path) -> int:
                 else:
                     os.kill(pid, signal.SIGSTOP)
                     threading.Timer(args.stop_for, _resume, (pid,)).start()
-            faults.append((time.monotonic() - t0, kind, detail))
-            fault_times.append(time.time())
+            faults.append(Fault(time.time(), time.monotonic() - t0, kind, detail))
 
     thread = threading.Thread(target=injector, daemon=True)
     thread.start()
@@ -184,13 +202,13 @@ def run(args, rng: random.Random, tmp: Path, shm: Path) -> int:
     ended = time.time()
     stop.set()
     thread.join()
-    time.sleep(args.stop_for if faults and faults[-1][1] == "stop worker" else 2)
+    time.sleep(args.stop_for if faults and faults[-1].kind == "stop worker" else 2)
     rss_end = {name: rss_mib(pid) for name, pid in daemon.processes().items()}
     shm_during = shm_state(shm)
     code, stop_s = daemon.stop()
     shm_after = shm_state(shm)
     report(args, faults, rss_start, rss_end, (shm_before, shm_peak, shm_during, shm_after), code, stop_s)
-    problems = verdict(args.out, locust.returncode, fault_times, [f[1] for f in faults], ended)
+    problems = verdict(args.out, locust.returncode, faults, ended)
     for problem in problems:
         print(f"soak FAILED: {problem}")
     return 1 if problems else 0
@@ -202,8 +220,7 @@ def completed_by(history: list[dict], when: float) -> int:
     return max(done, default=0)
 
 
-def verdict(out: Path, locust_code: int | None, fault_times: list[float], fault_kinds: list[str],
-            ended: float) -> list[str]:
+def verdict(out: Path, locust_code: int | None, faults: list[Fault], ended: float) -> list[str]:
     """Why the soak failed, if it did: Locust's own failure, no request at all, a fault window
     without traffic, a wrong answer."""
     problems = []
@@ -217,12 +234,12 @@ def verdict(out: Path, locust_code: int | None, fault_times: list[float], fault_
         problems.append(f"Locust completed no requests{why}")
     else:
         history = [r for r in csv.DictReader(open(out / "soak_stats_history.csv")) if r["Name"] == "Aggregated"]
-        bounds = [*fault_times, ended]
-        for k, kind in enumerate(fault_kinds):
+        bounds = [f.at for f in faults] + [ended]
+        for k, fault in enumerate(faults):
             served = completed_by(history, bounds[k + 1]) - completed_by(history, bounds[k])
             if served == 0:
-                problems.append(f"no request completed between fault {k + 1} ({kind}) and "
-                                f"{'the next' if k + 1 < len(fault_kinds) else 'the end'}: the fault hit no traffic")
+                problems.append(f"no request completed between fault {k + 1} ({fault.kind}) and "
+                                f"{'the next' if k + 1 < len(faults) else 'the end'}: the fault hit no traffic")
     failures = list(csv.DictReader(open(out / "soak_failures.csv")))
     wrong = sum(int(f["Occurrences"]) for f in failures if "wrong answer" in f["Error"])
     if wrong:
@@ -240,11 +257,11 @@ def _resume(pid: int) -> None:
 def report(args, faults, rss_start, rss_end, shm_states, code, stop_s) -> None:
     rows = list(csv.DictReader(open(args.out / "soak_stats.csv")))
     failures = list(csv.DictReader(open(args.out / "soak_failures.csv")))
-    counts = {k: sum(1 for f in faults if f[1] == k) for k in FAULTS}
+    counts = {k: sum(1 for f in faults if f.kind == k) for k in args.faults}
     print(f"\nsoak: {args.minutes:g} min, {args.users} users (gRPC, HTTP JSON, HTTP binary; 1-{args.images} "
           f"images), daemon as PID 1 with a {args.shm_mib} MiB /dev/shm; a fault every {args.fault_every:g} s: "
           + ", ".join(f"{k} x{n}" for k, n in counts.items()))
-    for t, kind, detail in faults:
+    for t, kind, detail in ((f.offset, f.kind, f.detail) for f in faults):
         print(f"  {t:6.0f} s  {kind:<12} {detail}")
     print(f"{'endpoint':<22} {'requests':>9} {'failures':>9} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>8} {'req/s':>7}")
     for r in rows:

@@ -41,8 +41,7 @@ class Completions:
         rt = self.groups[w.group]
         if not rt.member_ns and costs:
             rt.member_ns = tuple(json.loads(costs))
-        held, rt.held = rt.held, []
-        for task in held:
+        for task in self.dispatch.take_held(rt):
             if task.rid in self.pending:
                 self.dispatch.reroute(rt, task)
             else:  # expired meanwhile

@@ -143,7 +143,9 @@ class ServeOptions:
     bench_images: int = option(8, "--bench-images", "the real bench's load: images per request", int, minimum=1)
 
     def validate(self) -> None:
-        """Every number within its bounds; raises ValueError naming the flag, the value and the rule."""
+        """Every number within its bounds, and the rules between options (TLS needs a certificate and
+        its key, the native transport has no TLS, --load-model needs explicit model control); raises
+        ValueError naming the flag, the value and the rule. Nothing is read from disk here."""
         for f in fields(self):
             value, m = getattr(self, f.name), f.metadata
             if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -154,6 +156,13 @@ class ServeOptions:
                 raise ValueError(f"{m['flag']} is {value}, but must be > {m['above']}")
         if self.cpu_cores is not None and not self.cpu_cores:
             raise ValueError("--cpu-cores names no core")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.grpc_transport == "native" and self.tls_cert is not None:
+            raise ValueError("the native gRPC transport has no TLS: use --grpc-transport grpcio (or auto) with "
+                             "--tls-cert/--tls-key")
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ValueError("--load-model needs --model-control-mode explicit")
 
     @property
     def transport(self) -> str:
@@ -178,9 +187,6 @@ def transport_for(requested: str, *, tls: bool, host: str, token: bool) -> str:
     --max-request-bytes, where grpc-core refuses it from its length prefix)."""
     if requested not in TRANSPORTS:
         raise ValueError(f"gRPC transport '{requested}' is not one of {TRANSPORTS}")
-    if requested == "native" and tls:
-        raise ValueError("the native gRPC transport has no TLS: use --grpc-transport grpcio (or auto) with "
-                         "--tls-cert/--tls-key")
     if requested == "auto":
         return "native" if not tls and (host in LOOPBACK or token) else "grpcio"
     return requested

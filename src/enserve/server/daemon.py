@@ -13,7 +13,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from enserve.server import placement as placements
 from enserve.server.config import ServeOptions
-from enserve.server.errors import EnserveError, RepositoryError, Unauthenticated
+from enserve.server.errors import EnserveError, RepositoryError, Unauthenticated, message_of
 from enserve.server.grpc_frontend import make_server
 from enserve.server.http_frontend import HttpFrontend
 from enserve.server.lifecycle import Lifecycle
@@ -30,9 +30,9 @@ log = logging.getLogger("enserve")
 FRONT_CLOSE_S = 2.0  # what closing the fronts may take once every request in flight is answered
 
 
-def metrics_app(registry: Registry, tokens: Tokens) -> web.Application:
+def metrics_app(registry: Registry, tokens: Tokens, request_bytes) -> web.Application:
     prometheus = CollectorRegistry()
-    prometheus.register(MetricsCollector(registry.stats, registry.queue_depth, registry.worker_tasks))
+    prometheus.register(MetricsCollector(registry.stats, registry.queue_depth, registry.worker_tasks, request_bytes))
 
     async def metrics(request):
         reason = tokens.check(request.headers.get("Authorization"), admin=False)
@@ -144,7 +144,8 @@ async def serve(options: ServeOptions) -> None:
         await grpc_server.start()
         tls = server_ssl_context(options.tls_cert, options.tls_key) if options.tls_cert else None
         runners.append(await _site(HttpFrontend(service).app(), options.host, options.http_port, "HTTP", tls))
-        runners.append(await _site(metrics_app(registry, Tokens(options.auth_token, options.admin_token)),
+        runners.append(await _site(metrics_app(registry, Tokens(options.auth_token, options.admin_token),
+                                               lambda: service.limits.held),
                                    options.host, options.metrics_port, "metrics", tls))
         if options.model_control_mode == "poll":
             poller = asyncio.create_task(registry.poll_forever(options.repository_poll_secs))
@@ -182,6 +183,6 @@ def run(options: ServeOptions) -> int:
         load_repository(options.model_repository)  # a broken repository fails here, before any port opens
         asyncio.run(serve(options))
     except (EnserveError, OSError, ValueError) as exc:
-        log.error("%s", getattr(exc, "message", None) or exc)
+        log.error("%s", message_of(exc))
         return 1
     return 0

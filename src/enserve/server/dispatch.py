@@ -14,25 +14,14 @@ import asyncio
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
 
-from enserve.server.protocol import BURST, FLAGS, TASK, WEIGHTED, Done, DoneReader
+from enserve.server.protocol import BURST, FLAGS, TASK, WEIGHTED, Done, DoneReader, Task
 from enserve.server.request import InflightRequest
 from enserve.server.runtime import GroupRuntime
 from enserve.server.supervisor import WorkerProcess, WorkerState
 
 log = logging.getLogger("enserve")
 MAX_QUEUED_TASKS = 4096  # per replica: beyond this on every replica of a group, new requests are refused
-
-
-class Task(NamedTuple):
-    """Rows of one request for one worker to run."""
-
-    rid: int  # its request
-    start: int  # first row it runs
-    count: int
-    mask: int  # the group's members to run, and flags
-    alloc: int  # first row of its request's range in the ring: what it holds until done
 
 
 def overlaps(w: WorkerProcess, task: Task) -> bool:
@@ -261,8 +250,15 @@ class Dispatch:
         w.sent_at.clear()
 
     @staticmethod
-    def dropped(w: WorkerProcess) -> list[Task]:
-        """``w`` is gone: the tasks it held (and those deferred behind them), for the caller to hand on."""
+    def take_held(rt: GroupRuntime) -> list[Task]:
+        """The tasks held while no replica of ``rt`` was ready, for the caller to route or drop."""
+        held, rt.held = rt.held, []
+        return held
+
+    def dropped(self, w: WorkerProcess) -> list[Task]:
+        """``w`` is gone: the tasks it held (and those deferred behind them), for the caller to hand on;
+        descriptors not yet written to it are dropped (its restarted process must not get them)."""
+        self.outbox.pop(w, None)
         tasks = [*w.tasks.values(), *w.deferred]
         w.tasks.clear()
         w.sent_at.clear()

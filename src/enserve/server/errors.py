@@ -4,6 +4,11 @@ table (``status``) turns each into its gRPC code and HTTP status, applied in one
 from __future__ import annotations
 
 
+def message_of(error: BaseException) -> str:
+    """What to tell a person about ``error``: ours carry their message; others say their type."""
+    return getattr(error, "message", None) or f"{type(error).__name__}: {error}"
+
+
 class EnserveError(Exception):
     """Base error: a message for the caller; what it means on the wire is ``status``'s business."""
 

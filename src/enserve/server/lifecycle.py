@@ -4,6 +4,8 @@ has its own under the server's, drained when the unit closes (an unload, or the 
 
 from __future__ import annotations
 
+from enserve.server.errors import Unavailable
+
 
 class Lifecycle:
     def __init__(self, parent: Lifecycle | None = None) -> None:
@@ -17,3 +19,10 @@ class Lifecycle:
 
     def drain(self) -> None:
         self.draining = True
+
+    def check_accepting(self, what: str = "the server") -> None:
+        """UNAVAILABLE unless new work is taken; ``what`` names this level (a unit: its model)."""
+        if self.parent is not None and not self.parent.accepting:
+            self.parent.check_accepting()
+        if self.draining:
+            raise Unavailable(f"{what} is shutting down and accepts no new requests")

@@ -11,8 +11,8 @@ does not carry one of the daemon's tokens, from its headers, before any byte of 
 (so on this transport the gRPC health probes need the token too; the HTTP probes stay open). What
 it cannot bound: pygrpc-native 0.5 reads a whole message before Python sees it and has no size
 limit of its own, so a message over ``--max-request-bytes`` from a caller it lets through is read
-before it is refused. ``transport_for`` therefore picks this front only where the callers are
-trusted (see ``config.transport_for``); grpc-core refuses an oversized message from its length.
+before it is refused. ``config.transport_for`` therefore picks this front only where the callers
+are trusted; grpc-core refuses an oversized message from its length.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from pygrpc_native import EVENT_CANCEL, NativeGrpcFront
 from tritonclient.grpc import service_pb2 as pb
 
 from enserve.server.codec import begin_infer, encode_response
-from enserve.server.errors import InvalidArgument, PayloadTooLarge, Unauthenticated, Unavailable
+from enserve.server.errors import InvalidArgument, PayloadTooLarge, Unauthenticated
 from enserve.server.grpc_frontend import build_server
-from enserve.server.security import Tokens
+from enserve.server.security import NEEDS_TOKEN, NOT_VALID, Tokens
 from enserve.server.service import Service
 from enserve.server.status import status_of
 
 log = logging.getLogger("enserve")
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-UNAUTHENTICATED = "this call needs an 'authorization: Bearer <token>' header; the token is missing or not valid"
+UNAUTHENTICATED = f"{NEEDS_TOKEN}: none was given, or {NOT_VALID}"  # the front's own refusal
 
 
 class NativeFront:
@@ -102,25 +102,23 @@ class NativeFront:
             reason = self.tokens.check(next((v for k, v in metadata if k == "authorization"), None), admin=False)
             if reason is not None:
                 raise Unauthenticated(reason)
-        if not self.service.lifecycle.accepting:
-            raise Unavailable("the server is shutting down and accepts no new requests")
         limits = self.service.limits
         if len(payload) > limits.grpc_bytes:
             raise PayloadTooLarge(f"received message larger than max ({len(payload)} vs. {limits.grpc_bytes})")
         held = limits.reserve(len(payload))  # until answered or cancelled (``_forget``)
         try:
-            request = pb.ModelInferRequest.FromString(payload)
+            message = pb.ModelInferRequest.FromString(payload)
         except Exception as exc:
             limits.release(held)
             raise InvalidArgument(f"malformed inference.ModelInferRequest protobuf: {exc}") from None
         try:
-            pending = begin_infer(self.service, request, time_remaining)
+            pending = begin_infer(self.service, message, time_remaining)
         except BaseException:
             limits.release(held)
             raise
         self.calls[call_id] = pending
         self.held[call_id] = held
-        pending.request.on_answer = lambda f: self._answer(call_id, request, pending, f)
+        pending.request.when_answered(lambda f: self._answer(call_id, message, pending, f))
 
     def _forget(self, call_id: int) -> object | None:
         pending = self.calls.pop(call_id, None)
@@ -129,13 +127,13 @@ class NativeFront:
             self.idle.set()
         return pending
 
-    def _answer(self, call_id: int, request: pb.ModelInferRequest, pending, future: asyncio.Future) -> None:
+    def _answer(self, call_id: int, message: pb.ModelInferRequest, pending, future: asyncio.Future) -> None:
         if self._forget(call_id) is None or future.cancelled():
             return  # the client went away
         try:
             error = future.exception()
             if error is None:
-                self.front.respond(call_id, encode_response(request, pending.finish(future.result()))
+                self.front.respond(call_id, encode_response(message, pending.finish(future.result()))
                                    .SerializeToString())
                 return
         except Exception as exc:  # noqa: BLE001 - encoding or writing a client's shared memory failed

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 
 import numpy as np
 
@@ -114,8 +113,7 @@ class Orchestrator(WorkerRecovery, Completions):
                timeout_s: float | None = None, uncertainty: bool = True) -> InflightRequest:
         """Copy the inputs into shared rows and hand them to one replica of every group ``model`` needs;
         ``uncertainty`` off skips the ensemble's entropy and variance outputs."""
-        if not self.lifecycle.accepting:
-            raise Unavailable("the server is shutting down")
+        self.lifecycle.check_accepting(f"model '{model.name}'")
         reason = self.unavailable(model)
         if reason is not None:
             raise Unavailable(f"model '{model.name}' is unavailable: {reason}")
@@ -160,13 +158,13 @@ class Orchestrator(WorkerRecovery, Completions):
                 wait_budget(self.options.max_adaptive_wait_us, slowest, rt.batch_ns) if wait else 0)
             request.add_parts(tasks - 1)
             ring.retain(start, tasks)  # each task holds the rows until its worker is done with them
-        request.t_submit = time.perf_counter_ns()
+        request.submitted()
         return request
 
     def _finish(self, request: InflightRequest) -> None:
         self._forget(request)
         request.answer()
-        self.deadlines.answered()
+        self.deadlines.note_answered()
         if request.shape.kind == "ensemble":
             record_request(self.stats[request.shape.model], request)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 TASK = struct.Struct("<IIIII")
 BURST = 1 << 31  # in a task's mask: run on every core of the worker (nothing else is in flight)
@@ -34,6 +35,17 @@ STATUS_ERROR = 1
 STATUS_READY = 2
 STATUS_LOAD_FAILED = 3
 STATUS_CANCELLED = 4  # tasks skipped unrun: their request was cancelled (its rows read not live)
+
+
+class Task(NamedTuple):
+    """Rows of one request for one worker to run: the orchestrator's record of a ``TASK`` it sent (the
+    descriptor carries its rows and mask; the request and the range it holds stay here)."""
+
+    rid: int  # its request
+    start: int  # first row it runs
+    count: int
+    mask: int  # the group's members to run, and flags
+    alloc: int  # first row of its request's range in the ring: what it holds until done
 
 
 @dataclass

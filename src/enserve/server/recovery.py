@@ -42,8 +42,7 @@ class WorkerRecovery:
             why = "the server is shutting down" if closing else "its worker died twice"
             self._part_failed(request, Unavailable(f"member '{w.spec.label}' did not answer: {why}"))
         if all(x.state is WorkerState.DOWN for x in rt.workers):
-            held, rt.held = rt.held, []
-            for task in held:
+            for task in self.dispatch.take_held(rt):
                 rt.ring.release(task.alloc)
                 request = self.pending.get(task.rid)
                 if request is not None:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from enserve.server.config import ServeOptions
-from enserve.server.errors import InvalidArgument, NotFound, Unavailable
+from enserve.server.errors import InvalidArgument, NotFound, Unavailable, message_of
 from enserve.server.lifecycle import Lifecycle
 from enserve.server.orchestrator import Orchestrator
 from enserve.server.placement import Placement, describe
@@ -237,7 +237,7 @@ class Registry:
         try:
             await change(name)
         except Exception as exc:
-            problems[name] = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            problems[name] = message_of(exc)
 
     async def poll_forever(self, period_s: float) -> None:
         while True:
@@ -245,7 +245,7 @@ class Registry:
             try:
                 await self.poll()
             except Exception as exc:  # a broken repository edit must not stop the server
-                log.error("repository poll failed: %s", getattr(exc, "message", None) or exc)
+                log.error("repository poll failed: %s", message_of(exc))
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Stop every unit, side by side, within ``timeout_s`` (see ``Orchestrator.close``)."""

@@ -65,6 +65,15 @@ class InflightRequest:
     def complete(self) -> bool:
         return self.outstanding == 0
 
+    def submitted(self) -> None:
+        """Its tasks are handed out (the end of its share of the front's work, in its statistics)."""
+        self.t_submit = time.perf_counter_ns()
+
+    def when_answered(self, callback: Callable[[asyncio.Future], None]) -> None:
+        """Call ``callback(future)`` inside ``answer``, not a loop turn later (the native front answers
+        its call there); forgotten once called."""
+        self.on_answer = callback
+
     def add_parts(self, n: int) -> None:
         """``n`` more tasks will answer for it (a part shared out over idle replicas)."""
         self.outstanding += n
@@ -170,7 +179,7 @@ class Deadlines:
         if request.deadline < self.armed_at:
             self._arm(request.deadline)
 
-    def answered(self) -> None:
+    def note_answered(self) -> None:
         """A request in the heap was answered before its deadline."""
         self.stale += 1
         if self.stale > self.COMPACT_AT and 2 * self.stale > len(self.heap):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from enserve.server.config import ServeOptions
 from enserve.server.placement import Placement, WorkerGroup
+from enserve.server.protocol import Task
 from enserve.server.repository import Repository
 from enserve.server.shm import OWNER, SharedMemoryError, shm_free_bytes
 from enserve.server.slots import InputRing, OutputSlots, ring_rows, slot_row_bytes
@@ -27,7 +28,7 @@ class GroupRuntime:
     spec: WorkerGroup
     ring: InputRing
     workers: list[WorkerProcess] = field(default_factory=list)
-    held: list = field(default_factory=list)  # dispatch's Tasks waiting for a replica to be ready
+    held: list[Task] = field(default_factory=list)  # tasks waiting for a replica to be ready (dispatch's)
     batch_ns: float = 0.0  # moving average of one batch's compute time
     member_ns: tuple[float, ...] = ()  # one image's compute per member, as its first ready replica measured
 

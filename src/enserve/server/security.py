@@ -19,6 +19,10 @@ ADMIN_GRPC = {
 STREAMING_GRPC = {"ModelStreamInfer"}
 
 
+NEEDS_TOKEN = "this call needs an 'authorization: Bearer <token>' header"
+NOT_VALID = "the bearer token is not valid for this call"
+
+
 @dataclass(frozen=True)
 class Tokens:
     user: str | None = None
@@ -38,9 +42,9 @@ class Tokens:
             header = header.encode("utf-8", "surrogatepass")
         scheme, _, token = (header or b"").partition(b" ")
         if scheme.lower() != b"bearer" or not token:
-            return "this call needs an 'authorization: Bearer <token>' header" + (" with the admin token" if admin and self.admin else "")
+            return NEEDS_TOKEN + (" with the admin token" if admin and self.admin else "")
         if not hmac.compare_digest(token, need.encode()):
-            return "the bearer token is not valid for this call" + (" (it needs the admin token)" if admin and self.admin else "")
+            return NOT_VALID + (" (it needs the admin token)" if admin and self.admin else "")
         return None
 
 

@@ -158,8 +158,7 @@ class Service:
               timeout_s: float | None = None) -> PendingInfer:
         """Validate and submit a request without waiting: its future resolves to the model's outputs,
         which ``finish`` turns into the values asked for (errors are raised here or by the future)."""
-        if not self.lifecycle.accepting:
-            raise Unavailable("the server is shutting down and accepts no new requests")
+        self.lifecycle.check_accepting()
         orchestrator, target = self._lookup(model, version)
         regions = self.regions if self.options.allow_client_shm else None
         arrays, batch = prepare(target, inputs, regions)

@@ -179,16 +179,20 @@ def _owner_gone(run: str) -> bool:
     return True
 
 
-def owner_of(name: str) -> str:
-    """The user who owns /dev/shm/``name``: 'name (uid N)'."""
-    try:
-        uid = (SHM_DIR / name).stat().st_uid
-    except OSError:
-        return "an unknown user"
+def user(uid: int) -> str:
+    """'name (uid N)', or 'uid N' for a user without a name."""
     try:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
     except KeyError:
         return f"uid {uid}"
+
+
+def owner_of(name: str) -> str:
+    """The user who owns /dev/shm/``name``."""
+    try:
+        return user((SHM_DIR / name).stat().st_uid)
+    except OSError:
+        return "an unknown user"
 
 
 def clean_leftovers(report: Callable[[str], None] | None = None) -> list[str]:
@@ -204,27 +208,23 @@ def clean_leftovers(report: Callable[[str], None] | None = None) -> list[str]:
         if OWNER.run is not None and run == f"{os.getpid()}.{OWNER.run}":
             continue
         lock = f"{PREFIX}{run}.{LOCK}"
+        gone: list[str] = []
         try:
             if not _owner_gone(run):
                 continue
             for name in sorted(names, key=lambda n: n == lock):  # the lock last
                 unlink_quietly("/" + name)
-                removed.append(name)
+                gone.append(name)
         except (posix_ipc.PermissionsError, PermissionError) as exc:
-            if report is not None:
-                report(f"shared memory: leaving {SHM_DIR}/{lock if lock in names else names[0]} "
-                       f"({len(names)} objects of run {run}) alone: it belongs to {owner_of(names[0])} and this "
-                       f"daemon runs as {owner_of_self()}, so it may not check or remove it ({exc}); its names "
+            left = [n for n in names if n not in gone]
+            if report is not None and left:
+                report(f"shared memory: leaving {SHM_DIR}/{lock if lock in left else left[0]} "
+                       f"({len(left)} objects of run {run}) alone: it belongs to {owner_of(left[0])} and this "
+                       f"daemon runs as {user(os.geteuid())}, so it may not check or remove it ({exc}); its names "
                        "never clash with this daemon's")
+        finally:
+            removed += gone
     return removed
-
-
-def owner_of_self() -> str:
-    uid = os.geteuid()
-    try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
 
 
 @dataclass

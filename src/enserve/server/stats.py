@@ -92,10 +92,12 @@ class MetricsCollector:
 
     def __init__(self, stats: Callable[[], dict[str, ModelStats]],
                  queue_depth: Callable[[], dict[str, int]] | None = None,
-                 worker_tasks: Callable[[], dict[str, int]] | None = None) -> None:
+                 worker_tasks: Callable[[], dict[str, int]] | None = None,
+                 request_bytes: Callable[[], int] | None = None) -> None:
         self.stats = stats  # read at each scrape: the models loaded then
         self.queue_depth = queue_depth
         self.worker_tasks = worker_tasks
+        self.request_bytes = request_bytes
 
     def collect(self) -> Iterable:
         labels = ["model", "version"]
@@ -148,3 +150,7 @@ class MetricsCollector:
             for group, count in self.worker_tasks().items():
                 gauge.add_metric([group], count)
             yield gauge
+        if self.request_bytes is not None:
+            yield GaugeMetricFamily("enserve_inflight_request_bytes", "Request bytes held by requests being "
+                                    "received, computed or answered (bounded by --max-inflight-bytes)",
+                                    value=self.request_bytes())

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from enserve.child import python_module
 from enserve.server.lifecycle import Lifecycle
 from enserve.server.placement import Replica
+from enserve.server.protocol import Task
 from enserve.server.slots import OutputSlots
 from enserve.server.worker import WorkerSpec
 
@@ -48,11 +49,11 @@ class WorkerProcess:
     failures: int = 0  # restarts that failed in a row (the back-off)
     retry: asyncio.TimerHandle | None = None
     # its tasks, owned by ``dispatch``: task id -> Task, until the worker says it is done or skipped it
-    tasks: dict = field(default_factory=dict)
+    tasks: dict[int, Task] = field(default_factory=dict)
     rows: int = 0  # rows of its tasks not yet answered: the load that replica choice balances
     sent_at: dict[int, float] = field(default_factory=dict)  # task id -> when it was handed over (loop clock)
     heard_at: float = 0.0  # when it last wrote a frame (loop clock): the watchdog's sign of life
-    deferred: list = field(default_factory=list)  # tasks waiting for one of its tasks on the same rows
+    deferred: list[Task] = field(default_factory=list)  # tasks waiting for one of its tasks on the same rows
     unsent: bytearray = field(default_factory=bytearray)  # descriptors its full pipe has no room for yet
     slots: OutputSlots | None = None  # where it writes its members' running sums (its own: replicas
     # of a group may run different members of one request's rows at once)

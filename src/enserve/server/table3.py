@@ -37,10 +37,8 @@ GPU_SPEEDUP = 30.0  # assumed GPU speed per image relative to one CPU core
 
 def serve_and_measure(repo: Path, plan_file: Path, seconds: float, concurrency: int, images: int) -> float:
     """Images/s of the daemon serving ``plan_file``, driven by the benchmark's closed-loop client."""
-    from enserve.loadtest.bench import (  # the client only: it speaks the protocol
-        _closed_loop,
-        signature,
-    )
+    from enserve.loadtest.bench import _closed_loop  # the client only: it speaks the protocol
+    from enserve.loadtest.signature import signature
 
     daemon = start_daemon(repo, "--plan", str(plan_file))
     try:

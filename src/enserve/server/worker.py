@@ -95,6 +95,9 @@ def collect(
     nothing is left.
     """
 
+    if skipped is None:
+        skipped = []  # (a caller passing ``live`` passes its list, to report what was skipped)
+
     def is_live(t) -> bool:
         if live is None or live[t[1]]:
             return True

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from enserve.tuning import workers as trial_workers
 from enserve.tuning.library import TrialRecord, trial_dir, write_record
 
 OBJECTIVES = ("error", "error-and-cost")
@@ -397,8 +398,6 @@ def build_library(dataset: str, library: Path, *, storage: str | None = None, st
                          "a study keeps its objective; use another library (or --storage) for the other one")
     max_epochs = schedule.max_epochs
     deadline = time.time() + time_budget_s
-    from enserve.tuning import workers as trial_workers
-
     kwargs = [dict(storage=storage, study_name=study_name, dataset=dataset, library=str(library), deadline=deadline,
                    max_epochs=max_epochs, threads=threads, seed=seed, max_trials=max_trials, input_kind=input_kind,
                    index=i) for i in range(workers)]

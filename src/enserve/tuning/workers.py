@@ -33,6 +33,7 @@ class TrialWorker:
     proc: subprocess.Popen
     tail: deque = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     reported: bool = False
+    reader: threading.Thread | None = None  # passes its standard error on; ends at its EOF
 
     def failure(self) -> str:
         said = "".join(self.tail).rstrip() or "(it printed nothing)"
@@ -54,7 +55,8 @@ def start(worker_kwargs: list[dict]) -> list[TrialWorker]:
         proc = subprocess.Popen(python_module("enserve.tuning.workers", json.dumps(kwargs)),
                                 stderr=subprocess.PIPE, text=True, errors="replace")
         worker = TrialWorker(index, proc)
-        threading.Thread(target=_pass_on, args=(worker,), daemon=True, name=f"trial-worker-{index}").start()
+        worker.reader = threading.Thread(target=_pass_on, args=(worker,), daemon=True, name=f"trial-worker-{index}")
+        worker.reader.start()
         workers.append(worker)
     return workers
 
@@ -69,8 +71,7 @@ def watch(workers: list[TrialWorker], *, progress: Callable[[], None] | None = N
         time.sleep(poll_s)
         for w in workers:
             if w.proc.poll() not in (None, 0) and not w.reported:
-                w.proc.wait()
-                time.sleep(0.05)  # its last lines
+                w.reader.join(5)  # everything it printed, up to its end
                 w.reported = True
                 report(w.failure())
         if progress is not None and time.monotonic() - last >= progress_every_s:
@@ -81,9 +82,10 @@ def watch(workers: list[TrialWorker], *, progress: Callable[[], None] | None = N
     failed = [w for w in workers if w.proc.returncode != 0]
     for w in failed:
         if not w.reported:
+            w.reader.join(5)
             w.reported = True
             report(w.failure())
-    if failed and len(failed) == len(workers):
+    if failed and len(failed) == len(workers):  # (none started: nothing failed)
         raise BuildFailed(f"every trial worker died, so nothing was trained; the first said:\n{failed[0].failure()}")
 
 
