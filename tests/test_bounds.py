@@ -149,7 +149,8 @@ def test_an_upload_that_never_comes_holds_nothing_and_times_out(tight, reference
 
 
 def held_bytes(d) -> int:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5).read().decode()
+    scrape = urllib.request.Request(f"http://127.0.0.1:{d.metrics_port}/metrics", headers={"Authorization": f"Bearer {USER}"})
+    text = urllib.request.urlopen(scrape, timeout=5).read().decode()
     return int(float(re.search(r"^enserve_inflight_request_bytes (\S+)$", text, re.M).group(1)))
 
 
