@@ -14,7 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from enserve.server import placement as placements
 from enserve.server.config import ServeOptions
 from enserve.server.errors import EnserveError, RepositoryError, Unauthenticated, message_of
-from enserve.server.grpc_frontend import make_server
+from enserve.server.grpc_frontend import build_server
 from enserve.server.http_frontend import HttpFrontend
 from enserve.server.lifecycle import Lifecycle
 from enserve.server.placement import Placement
@@ -107,6 +107,19 @@ def choose_placement(repo: Repository, options: ServeOptions, lifecycle: Lifecyc
     return placements.with_flags(placements.from_plan(repo, plan), options)
 
 
+def make_grpc_server(service: Service, address: str):
+    """The gRPC server on ``address`` with the transport the options pick (``config.transport_for``)."""
+    options = service.options
+    if options.transport == "native":
+        from enserve.server.native_front import (
+            NativeFront,  # pygrpc-native: imported only when served
+        )
+
+        return NativeFront(service, address)
+    return build_server(service, address, read_pair(options.tls_cert, options.tls_key),
+                        Tokens(options.auth_token, options.admin_token))
+
+
 async def serve(options: ServeOptions) -> None:
     # signals first: a SIGTERM at any moment of start-up (the allocator included) stops cleanly
     lifecycle = Lifecycle()  # the server's one "shutting down" state: a signal drains it
@@ -138,7 +151,7 @@ async def serve(options: ServeOptions) -> None:
         service = Service(registry, options)
         grpc_address = f"{options.host}:{options.grpc_port}"
         try:
-            grpc_server = make_server(service, grpc_address)
+            grpc_server = make_grpc_server(service, grpc_address)
         except RuntimeError as exc:
             raise OSError(f"cannot listen for gRPC on {grpc_address}: {exc}") from exc
         await grpc_server.start()

@@ -14,7 +14,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from enserve.server.codec import begin_infer, encode_response
 from enserve.server.errors import InvalidArgument
-from enserve.server.security import AuthInterceptor, Tokens, grpc_credentials, read_pair
+from enserve.server.security import AuthInterceptor, Tokens, grpc_credentials
 from enserve.server.service import Service, cuda_shm_unavailable
 from enserve.server.stats import ModelStats
 from enserve.server.status import grpc_errors, status_of
@@ -261,14 +261,3 @@ def build_server(service: Service, address: str, pair: tuple[bytes, bytes] | Non
     if port == 0:
         raise OSError(f"cannot listen for gRPC on {address}")
     return server
-
-
-def make_server(service: Service, address: str):
-    """The gRPC server on ``address`` with the transport the options ask for."""
-    options = service.options
-    pair = read_pair(options.tls_cert, options.tls_key)
-    if options.transport == "native":
-        from enserve.server.native_front import NativeFront
-
-        return NativeFront(service, address)
-    return build_server(service, address, pair, Tokens(options.auth_token, options.admin_token))
