@@ -81,29 +81,40 @@ def test_a_request_after_one_that_expired_in_the_queue_is_answered_right(shared_
     assert wrong == [], f"{len(wrong)} of 12 answers after an expired request were wrong: {wrong}"
 
 
-def test_live_answers_stay_right_beside_a_stream_of_expiring_requests(shared_group, reference):
-    """Threads of live one-image requests (their batches fill at once) beside threads whose requests
-    expire in 1 us: thousands of live answers, each equal to the members' mean."""
-    stop = time.monotonic() + 8.0
-    counts: dict[str, int] = {}
+def clients(url: str, reference, load: list[tuple[np.ndarray, dict]], seconds: float,
+            counts: dict[str, int]) -> list[threading.Thread]:
+    """Started threads, one per (input, infer keywords): each sends that request over and over for
+    ``seconds`` and counts its outcomes (``outcome``) in ``counts``, and requests with keywords (a
+    timeout) also under 'flood'."""
+    stop = time.monotonic() + seconds
     lock = threading.Lock()
 
-    def run(x: np.ndarray, **kw) -> None:
-        client = grpcclient.InferenceServerClient(shared_group.grpc_url)
+    def run(x: np.ndarray, kw: dict) -> None:
+        client = grpcclient.InferenceServerClient(url)
         expected = reference(x)
         while time.monotonic() < stop:
             key = outcome(client, x, expected, **kw)
             with lock:
                 counts[key] = counts.get(key, 0) + 1
+                if kw:
+                    counts["flood"] = counts.get("flood", 0) + 1
 
-    threads = [threading.Thread(target=run, args=(images(1, seed=i),)) for i in range(8)]
-    threads += [threading.Thread(target=run, args=(images(3, seed=50 + i),), kwargs={"timeout": 1}) for i in range(3)]
+    threads = [threading.Thread(target=run, args=(x, kw)) for x, kw in load]
     for t in threads:
         t.start()
+    return threads
+
+
+def test_live_answers_stay_right_beside_a_stream_of_expiring_requests(shared_group, reference):
+    """Threads of live one-image requests (their batches fill at once) beside threads whose requests
+    expire in 1 us: thousands of live answers, each equal to the members' mean."""
+    counts: dict[str, int] = {}
+    load = [(images(1, seed=i), {}) for i in range(8)] + [(images(3, seed=50 + i), {"timeout": 1}) for i in range(3)]
+    threads = clients(shared_group.grpc_url, reference, load, 8.0, counts)
     for t in threads:
         t.join(60)
     assert not any(t.is_alive() for t in threads), "a request hung"
-    assert set(counts) == {"ok", "expired"}, counts
+    assert set(counts) == {"ok", "expired", "flood"}, counts
     assert counts["ok"] >= 1000 and counts["expired"] >= 100, counts
 
 
@@ -171,17 +182,6 @@ def test_a_flood_of_expiring_requests_is_skipped_and_bounded(demo_repo, referenc
         stop = time.monotonic() + seconds
         counts: dict[str, int] = {}
         queued, health_ms, rss = [], [], []
-        lock = threading.Lock()
-
-        def run(x: np.ndarray, **kw) -> None:
-            client = grpcclient.InferenceServerClient(daemon.grpc_url)
-            expected = reference(x)
-            while time.monotonic() < stop:
-                key = outcome(client, x, expected, **kw)
-                with lock:
-                    counts[key] = counts.get(key, 0) + 1
-                    if kw:
-                        counts["flood"] = counts.get("flood", 0) + 1
 
         def watch() -> None:
             while time.monotonic() < stop:
@@ -192,12 +192,11 @@ def test_a_flood_of_expiring_requests_is_skipped_and_bounded(demo_repo, referenc
                 queued.append(_worker_tasks(daemon))
                 time.sleep(0.2)
 
-        threads = [threading.Thread(target=run, args=(images(1 + i, seed=i),)) for i in range(4)]
-        threads += [threading.Thread(target=run, args=(images(4, seed=10 + i),), kwargs={"timeout": 1000})
-                    for i in range(4)]
+        load = [(images(1 + i, seed=i), {}) for i in range(4)] + [(images(4, seed=10 + i), {"timeout": 1000})
+                                                                  for i in range(4)]
+        threads = clients(daemon.grpc_url, reference, load, seconds, counts)
         threads.append(threading.Thread(target=watch))
-        for t in threads:
-            t.start()
+        threads[-1].start()
         for t in threads:
             t.join(60)
         assert not any(t.is_alive() for t in threads), "a request hung"
