@@ -5,52 +5,34 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from enserve.server import combiner
 from enserve.server.config import ServeOptions
-from enserve.server.dispatch import hung_for, least_loaded, shares, split_members
+from enserve.server.dataplane.dispatch import hung_for, least_loaded, shares, split_members
+from enserve.server.dataplane.request import Deadlines, InflightRequest
+from enserve.server.dataplane.supervisor import WorkerState
 from enserve.server.errors import DeadlineExceeded, Internal, RepositoryError, Unavailable
-from enserve.server.placement import Placement, Replica, WorkerGroup, check, from_config, with_flags
 from enserve.server.protocol import BURST, WEIGHTED
-from enserve.server.repository import MemberSpec, Repository, TensorSpec
-from enserve.server.request import Deadlines, InflightRequest, Shape
-from enserve.server.supervisor import WorkerState
+from enserve.server.served.placement import (
+    Placement,
+    Replica,
+    WorkerGroup,
+    check,
+    from_config,
+    with_flags,
+)
+from enserve.server.served.repository import MemberSpec, Repository, TensorSpec
+from enserve.server.served.table import AnswerRecipe
 
 PROBS = TensorSpec("probs", "FP32", (2,))
 
 
-def test_combiner_known_answers():
-    a = np.array([[0.5, 0.5], [1.0, 0.0]])
-    b = np.array([[0.1, 0.9], [0.0, 1.0]])
-    mean = combiner.mean(a + b, 2)
-    np.testing.assert_array_equal(mean, [[0.3, 0.7], [0.5, 0.5]])
-    # entropy of [0.3, 0.7] and of [0.5, 0.5] (= ln 2)
-    expected = [-(0.3 * math.log(0.3) + 0.7 * math.log(0.7)), math.log(2)]
-    np.testing.assert_allclose(combiner.entropy(mean)[:, 0], expected)
-    # variance across the two members: ((0.5-0.3)^2 + (0.1-0.3)^2) / 2 = 0.04 for both classes;
-    # second row: 0.25 for both classes
-    var = combiner.member_variance(mean, a**2 + b**2, 2)
-    np.testing.assert_allclose(var[:, 0], [0.04, 0.25])
-    # a certain prediction has zero entropy; identical members have zero variance
-    assert combiner.entropy(np.array([[1.0, 0.0]]))[0, 0] == 0.0
-    assert combiner.member_variance(a, 2 * a**2, 2).max() == 0.0
-    np.testing.assert_allclose(combiner.weighted_sum([a, b], [0.75, 0.25]), 0.75 * a + 0.25 * b)
-    with pytest.raises(ValueError, match="2 outputs for 1 weights"):
-        combiner.weighted_sum([a, b], [1.0])
-    with pytest.raises(ValueError, match="member count is 0"):
-        combiner.mean(a, 0)
-    means, ent, var = combiner.ensemble_answer([a + b], a**2 + b**2, 2, [np.dtype(np.float32)])
-    assert means[0].dtype == np.float32 and ent.shape == (2, 1) and var.dtype == np.float32
-
-
 def _request(loop, parts: int, kind: str = "ensemble", members: int = 2, timeout: float = 60.0) -> InflightRequest:
-    return InflightRequest(7, Shape("ens", kind, (PROBS,), members), start=1, count=2, parts=parts,
+    return InflightRequest(7, AnswerRecipe("ens", kind, (PROBS,), members, 0), start=1, count=2, parts=parts,
                            future=loop.create_future(), now=loop.time(), timeout_s=timeout)
 
 
@@ -82,7 +64,7 @@ def test_request_adds_its_parts_rows_and_resolves_once():
 def test_a_request_split_over_replicas_adds_each_share_at_its_rows():
     loop = asyncio.new_event_loop()
     try:
-        r = InflightRequest(3, Shape("m", "member", (PROBS,), 1), start=2, count=3, parts=2,
+        r = InflightRequest(3, AnswerRecipe("m", "member", (PROBS,), 1, 0), start=2, count=3, parts=2,
                             future=loop.create_future(), now=loop.time(), timeout_s=60.0)
         slot = np.full((8, 2), -1.0, np.float32)
         slot[2:4] = [[1, 2], [3, 4]]  # replica A ran rows 2-3
@@ -99,7 +81,7 @@ def test_a_request_split_over_replicas_adds_each_share_at_its_rows():
 def test_uncertainty_outputs_only_when_asked_and_the_answer_callback_runs_at_once():
     loop = asyncio.new_event_loop()
     try:
-        r = InflightRequest(4, Shape("ensemble", "ensemble", (PROBS,), 2), start=0, count=1, parts=1,
+        r = InflightRequest(4, AnswerRecipe("ensemble", "ensemble", (PROBS,), 2, 0), start=0, count=1, parts=1,
                             future=loop.create_future(), now=loop.time(), timeout_s=60.0, uncertainty=False)
         seen = []
         r.on_answer = seen.append
@@ -165,7 +147,7 @@ def test_one_timer_expires_requests_in_deadline_order():
 
 
 def test_a_worker_is_hung_when_it_owes_an_answer_and_has_been_silent_beyond_the_limit():
-    from enserve.server.dispatch import Dispatch
+    from enserve.server.dataplane.dispatch import Dispatch
 
     assert hung_for(None, 100.0, 5.0) is None  # nothing in flight
     assert hung_for(98.0, 100.0, 5.0) is None
@@ -221,7 +203,7 @@ def _member(name: str, **kw) -> MemberSpec:
 
 
 def test_placement_from_config_replicas_groups_and_fair_threads(monkeypatch):
-    monkeypatch.setattr("enserve.server.placement._all_cores", lambda: (0, 1, 2, 3))
+    monkeypatch.setattr("enserve.server.served.placement._all_cores", lambda: (0, 1, 2, 3))
     repo = _repo(_member("a", devices=("cpu", "cpu"), batch_size=8), _member("b", worker_group="g"),
                  _member("c", worker_group="g", batch_size=4, queue_delay_us=100),
                  _member("d", devices=("gpu:1",), cpu_cores=(2, 3)))
@@ -248,7 +230,7 @@ def test_placement_from_config_replicas_groups_and_fair_threads(monkeypatch):
 
 
 def test_recent_load_lets_one_client_burst_but_not_a_lone_request_among_four():
-    from enserve.server.dispatch import QUIET_LOAD, recent_load
+    from enserve.server.dataplane.dispatch import QUIET_LOAD, recent_load
 
     assert recent_load(1.0, 3) == pytest.approx(1.2) and recent_load(2.0, 2) == 2.0
     load = 1.0
@@ -299,8 +281,8 @@ def test_the_deadline_heap_forgets_answered_requests():
 
 
 def _replica(index: int, task_w: int = -1, rows: int = 0):
-    from enserve.server.placement import Replica as PlacedReplica
-    from enserve.server.supervisor import WorkerProcess
+    from enserve.server.dataplane.supervisor import WorkerProcess
+    from enserve.server.served.placement import Replica as PlacedReplica
 
     w = WorkerProcess(index, 0, PlacedReplica("cpu", (0,), 1), SimpleNamespace(label=f"g{index}"))
     w.state, w.task_w, w.rows = WorkerState.READY, task_w, rows
@@ -310,7 +292,7 @@ def _replica(index: int, task_w: int = -1, rows: int = 0):
 def test_a_retried_task_never_shares_a_replica_with_its_requests_task_on_the_same_rows():
     """Request 7's members were dealt over replicas A and B (rows 10-10); A died. Its share goes to B
     only after B's own share of the same rows is done: a replica's slots hold one answer per row."""
-    from enserve.server.dispatch import Dispatch
+    from enserve.server.dataplane.dispatch import Dispatch
     from enserve.server.protocol import Task
 
     loop = asyncio.new_event_loop()
@@ -346,9 +328,9 @@ def test_descriptors_a_full_pipe_cannot_take_wait_for_room_in_order():
     import fcntl
     import os
 
-    from enserve.server.dispatch import Dispatch
+    from enserve.server.dataplane.dispatch import Dispatch
+    from enserve.server.dataplane.supervisor import F_SETPIPE_SZ
     from enserve.server.protocol import TASK, Task, TaskReader
-    from enserve.server.supervisor import F_SETPIPE_SZ
 
     async def scenario() -> list[tuple]:
         loop = asyncio.get_running_loop()

@@ -15,7 +15,12 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from enserve.server.repository import EnsembleSpec, ensemble_config, load_repository, write_config
+from enserve.server.served.repository import (
+    EnsembleSpec,
+    ensemble_config,
+    load_repository,
+    write_config,
+)
 from tests.conftest import copy_repo, images, load, shm_objects, start_daemon
 
 PAIR = ["cnn_w12", "cnn_w32"]

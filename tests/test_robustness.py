@@ -208,7 +208,7 @@ def test_a_stream_is_bounded_and_always_ends(demo_repo, reference, tmp_path):
     STREAM_INFLIGHT (64) ahead of what it has sent back, so none meets the model's in-flight limit
     (80) and every answer is right. A stream whose next message cannot be parsed ends, after the
     answers to what came before it, instead of hanging."""
-    from enserve.server.grpc_frontend import STREAM_INFLIGHT
+    from enserve.server.frontends.grpc_frontend import STREAM_INFLIGHT
 
     assert STREAM_INFLIGHT < 80
     daemon = start_daemon(demo_repo, tmp_path, "--max-inflight", "80")

@@ -98,7 +98,7 @@ def test_a_library_and_its_study_belong_to_one_data_set(library, tmp_path):
 def test_select_exports_a_servable_ensemble(library, tmp_path):
     import onnxruntime as ort
 
-    from enserve.server.repository import load_repository
+    from enserve.server.served.repository import load_repository
     from enserve.tuning.data import load_dataset
 
     lib, _ = library

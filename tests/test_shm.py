@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from enserve.server.config import parse_size
-from enserve.server.shm import OWNER, Arena, clean_leftovers, ours
-from enserve.server.slots import ring_rows
+from enserve.server.dataplane.shm import OWNER, Arena, clean_leftovers, ours
+from enserve.server.dataplane.slots import ring_rows
 
 
 def test_ring_rows_keep_what_fits_and_share_the_rest_in_proportion():
@@ -37,7 +37,7 @@ def test_bad_sizes_say_what_a_size_is(text):
 
 CRASH = """
 import os
-from enserve.server.shm import OWNER, Arena
+from enserve.server.dataplane.shm import OWNER, Arena
 Arena.create("crashed.0", 4096)
 print(OWNER.run, flush=True)
 os._exit(0)  # as a SIGKILL does: nothing is unlinked
@@ -54,7 +54,7 @@ def test_cleanup_removes_only_objects_whose_owner_lock_is_free():
         dead_run = crashed.stdout.strip()
         left = [n for n in ours() if f".{dead_run}." in n]
         assert len(left) == 2, left  # its object and its lock
-        other = subprocess.run([sys.executable, "-c", "from enserve.server.shm import clean_leftovers as c; "
+        other = subprocess.run([sys.executable, "-c", "from enserve.server.dataplane.shm import clean_leftovers as c; "
                                 "print(sorted(c()))"], capture_output=True, text=True, check=True)
         assert other.stdout.strip() == str(sorted(left))  # another process removes the dead run's ...
         assert mine.name[1:] in ours(os.getpid())  # ... and never a live one's

@@ -42,7 +42,7 @@ def test_resnet_learns_digits_and_exports(digits, tmp_path):
                 np.testing.assert_allclose(got, predict(model, digits.x_test[:n]), atol=1e-4)
     with pytest.raises(ValueError, match="exporter 'jit' is not one of"):
         export_onnx(model, digits.input_shape, tmp_path / "x.onnx", exporter="jit")
-    from enserve.server.repository import read_onnx_signature
+    from enserve.server.served.repository import read_onnx_signature
 
     inputs, outputs = read_onnx_signature(path)  # what `enserve import` accepts
     assert inputs[0].name == "input" and inputs[0].dims == (1, 8, 8) and outputs[0].dims == (10,)

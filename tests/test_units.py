@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from enserve.models.synthetic import write_tiny_cnns
+from enserve.server.dataplane.slots import InputRing, RowRing
+from enserve.server.dataplane.worker import collect
 from enserve.server.errors import InvalidArgument, RepositoryError
 from enserve.server.protocol import DONE, STATUS_OK, DoneReader, TaskReader, pack_done, pack_tasks
-from enserve.server.repository import TensorSpec, import_onnx, load_repository, parse_cores
-from enserve.server.slots import InputRing, RowRing
-from enserve.server.worker import collect
+from enserve.server.served.repository import TensorSpec, import_onnx, load_repository, parse_cores
 
 
 def test_row_ring_contiguous_wrap_and_out_of_order_free():
@@ -200,7 +200,7 @@ def test_collect_waits_for_the_task_wait_budget():
 
 
 def test_wait_budget_is_the_gap_to_the_slowest_group_capped():
-    from enserve.server.dispatch import wait_budget
+    from enserve.server.dataplane.dispatch import wait_budget
 
     assert wait_budget(3000, slowest_ns=2_500_000.0, own_ns=200_000.0) == 2300
     assert wait_budget(3000, slowest_ns=2_500_000.0, own_ns=2_500_000.0) == 0
@@ -212,7 +212,12 @@ def test_wait_budget_is_the_gap_to_the_slowest_group_capped():
 def test_the_latency_histogram_buckets_and_exports_cumulative_counts():
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from enserve.server.stats import LATENCY_BUCKETS_S, MetricsCollector, ModelStats, latency_bucket
+    from enserve.server.dataplane.stats import (
+        LATENCY_BUCKETS_S,
+        MetricsCollector,
+        ModelStats,
+        latency_bucket,
+    )
 
     assert [latency_bucket(ns) for ns in (0, 500_000, 500_001, 1_000_000, 2_500_000, 10**10, 10**10 + 1)] == \
         [0, 0, 1, 1, 3, len(LATENCY_BUCKETS_S) - 1, len(LATENCY_BUCKETS_S)]

@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from enserve.server import combiner
+from enserve import combiners
 from enserve.server.errors import RepositoryError
-from enserve.server.repository import ensemble_config, load_repository, read_config, write_config
+from enserve.server.served.repository import (
+    ensemble_config,
+    load_repository,
+    read_config,
+    write_config,
+)
 from tests.conftest import copy_repo, images, shm_objects, start_daemon
 
 WEIGHTS = (4.0, 2.0, 1.0, 1.0)  # normalised by the daemon: 0.5, 0.25, 0.125, 0.125
@@ -21,7 +26,8 @@ def test_weighted_sums_give_the_weighted_mean_entropy_and_variance():
     w = (0.75, 0.25)
     totals = [w[0] * a + w[1] * b]  # what workers write for a WEIGHTED task
     squares = w[0] * a**2 + w[1] * b**2
-    (mean,), entropy, variance = combiner.ensemble_answer(totals, squares, 1.0, [np.dtype(np.float32)])
+    (mean,), entropy, variance = combiners.answer(totals, squares, 1.0, combiners.space_id("identity"),
+                                                  [np.dtype(np.float32)])
     np.testing.assert_allclose(mean, [[0.65, 0.35]])
     np.testing.assert_allclose(entropy, [[-(0.65 * np.log(0.65) + 0.35 * np.log(0.35))]], rtol=1e-6)
     # weighted variance per class: 0.75*0.64 + 0.25*0.04 - 0.65^2 = 0.0675 (and the same for class 1)
@@ -109,7 +115,7 @@ def test_caruana_choice_keeps_its_repeats_as_weights():
 
 
 def test_import_writes_a_weighted_ensemble(demo_repo, tmp_path):
-    from enserve.server.repository import import_onnx
+    from enserve.server.served.repository import import_onnx
 
     files = sorted(demo_repo.glob("cnn_*/1/model.onnx"))[:2]
     repo = import_onnx(files, tmp_path / "repo", names=["a", "b"], weights=[0.92, 0.08])

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from enserve.optimizer.profiles import profiles_from_json
     from enserve.server.allocate import allocate, plan_table
     from enserve.server.errors import EnserveError
-    from enserve.server.repository import load_repository
+    from enserve.server.served.repository import load_repository
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

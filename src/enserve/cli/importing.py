@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from enserve.server.errors import EnserveError
-    from enserve.server.repository import import_onnx
+    from enserve.server.served.repository import import_onnx
 
     try:
         repo = import_onnx(args.files, args.model_repository, ensemble=args.ensemble,

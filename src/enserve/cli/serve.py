@@ -11,7 +11,7 @@ from dataclasses import MISSING, Field, fields
 
 from enserve.cli.common import USAGE
 from enserve.server.config import ServeOptions, check_token
-from enserve.server.security import read_pair
+from enserve.server.frontends.security import read_pair
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 TOKEN_VALUES = {"auth_token": "ENSERVE_AUTH_TOKEN", "admin_token": "ENSERVE_ADMIN_TOKEN"}  # the token itself

@@ -11,7 +11,7 @@ from enserve.models.synthetic import DEFAULT_WIDTHS, write_tiny_cnns
 def write_demo_repository(repository: Path, widths: tuple[int, ...] = DEFAULT_WIDTHS, *, force: bool = False) -> bool:
     """Write one member per width and their ensemble 'ensemble' into ``repository``; False (and
     nothing written) when it already holds an ensemble and ``force`` is off."""
-    from enserve.server.repository import import_onnx
+    from enserve.server.served.repository import import_onnx
 
     repository = Path(repository)
     if (repository / "ensemble" / "config.pbtxt").is_file() and not force:

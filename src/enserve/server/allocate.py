@@ -19,11 +19,11 @@ from enserve.optimizer.devices import hardware_fingerprint
 from enserve.optimizer.placement import proportional_start, replicated_whole, worst_fit_decreasing
 from enserve.optimizer.profiles import MemberSource, file_hash, profile_members
 from enserve.optimizer.search import SearchResult, neighbourhood_search
-from enserve.server import placement as placements
 from enserve.server.config import ServeOptions
 from enserve.server.errors import RepositoryError
-from enserve.server.placement import Placement
-from enserve.server.repository import Repository
+from enserve.server.served import placement as placements
+from enserve.server.served.placement import Placement
+from enserve.server.served.repository import Repository
 
 log = logging.getLogger("enserve")
 PER_ROUND = 4  # real-bench neighbours measured per round, most promising (cost model) first
@@ -81,7 +81,7 @@ class RealBench:
         return asyncio.run(self._measure(placement_for(self.repo, self.names, alloc, self.devices)))
 
     async def _measure(self, placement: Placement) -> float:
-        from enserve.server.orchestrator import Orchestrator
+        from enserve.server.dataplane.orchestrator import Orchestrator
 
         options = ServeOptions(model_repository=self.repo.path, max_inflight=1 << 20, request_timeout_s=120)
         orch = Orchestrator(self.repo, placement, options)

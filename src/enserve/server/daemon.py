@@ -11,20 +11,20 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from enserve.server import placement as placements
 from enserve.server.config import ServeOptions
+from enserve.server.dataplane.shm import clean_leftovers
+from enserve.server.dataplane.stats import MetricsCollector
 from enserve.server.errors import EnserveError, RepositoryError, Unauthenticated, message_of
-from enserve.server.grpc_frontend import build_server
-from enserve.server.http_frontend import HttpFrontend
+from enserve.server.frontends.grpc_frontend import build_server
+from enserve.server.frontends.http_frontend import HttpFrontend
+from enserve.server.frontends.security import Tokens, read_pair, server_ssl_context
+from enserve.server.frontends.status import status_of
 from enserve.server.lifecycle import Lifecycle
-from enserve.server.placement import Placement
-from enserve.server.registry import Registry
-from enserve.server.repository import Repository, load_repository
-from enserve.server.security import Tokens, read_pair, server_ssl_context
-from enserve.server.service import Service
-from enserve.server.shm import clean_leftovers
-from enserve.server.stats import MetricsCollector
-from enserve.server.status import status_of
+from enserve.server.served import placement as placements
+from enserve.server.served.placement import Placement
+from enserve.server.served.repository import Repository, load_repository
+from enserve.server.serving.registry import Registry
+from enserve.server.serving.service import Service
 
 log = logging.getLogger("enserve")
 FRONT_CLOSE_S = 2.0  # what closing the fronts may take once every request in flight is answered
@@ -111,7 +111,7 @@ def make_grpc_server(service: Service, address: str):
     """The gRPC server on ``address`` with the transport the options pick (``config.transport_for``)."""
     options = service.options
     if options.transport == "native":
-        from enserve.server.native_front import (
+        from enserve.server.frontends.native_front import (
             NativeFront,  # pygrpc-native: imported only when served
         )
 

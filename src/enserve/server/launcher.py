@@ -167,8 +167,8 @@ def workers(daemon_pid: int) -> dict[str, list[int]]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except FileNotFoundError:
             continue
-        if b"enserve.server.worker" in cmd:
-            spec = json.loads(cmd[cmd.index(b"enserve.server.worker") + 1])
+        if b"enserve.server.dataplane.worker" in cmd:
+            spec = json.loads(cmd[cmd.index(b"enserve.server.dataplane.worker") + 1])
             out.setdefault("+".join(name for name, _ in spec["members"]), []).append(pid)
     return out
 

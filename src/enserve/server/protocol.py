@@ -5,7 +5,8 @@ mask): rows of the shared input ring, how long the worker may hold them to fill 
 delaying the ensemble's answer (see ``dispatch.wait_budget``), and which of the worker's members
 to run on them (bit k: its k-th member; bit 31, ``BURST``: the task is alone on its worker's cores,
 run it on the worker's burst sessions, which have an intra-op thread per core; bit 30,
-``WEIGHTED``: scale each member's output by its ensemble weight).
+``WEIGHTED``: scale each member's term by its ensemble weight; bits 28-29: the combiner's space, in
+which the worker turns each member's output into the term it adds, ``enserve.combiners.term``).
 Worker -> orchestrator: a ``DONE`` header (with the worker's index), then ``n_ids`` uint32
 task ids, then ``msg_len`` bytes of UTF-8 message (errors, or the load failure). Tasks whose rows
 are no longer live (their request expired) are skipped unrun and reported as ``STATUS_CANCELLED``. All workers
@@ -22,9 +23,12 @@ from typing import NamedTuple
 
 TASK = struct.Struct("<IIIII")
 BURST = 1 << 31  # in a task's mask: run on every core of the worker (nothing else is in flight)
-WEIGHTED = 1 << 30  # in a task's mask: scale each member's output by its ensemble weight (weighted mean)
-FLAGS = BURST | WEIGHTED
-MAX_GROUP_MEMBERS = 30  # a task names its members in a 32-bit mask whose top two bits are flags
+WEIGHTED = 1 << 30  # in a task's mask: scale each member's term by its ensemble weight
+SPACE_SHIFT = 28  # bits 28-29: the combiner's space (``enserve.combiners.SPACES``) the terms are in
+SPACE_MASK = 3 << SPACE_SHIFT
+COMBINE = WEIGHTED | SPACE_MASK  # what says how the members' outputs become terms
+FLAGS = BURST | COMBINE
+MAX_GROUP_MEMBERS = 28  # a task names its members in a 32-bit mask whose top four bits are flags
 DONE = struct.Struct("<IIIIIQQQQ")  # worker, status, n_ids, msg_len, rows, queue_ns, input_ns, infer_ns, output_ns
 PIPE_BUF = 4096
 MAX_MESSAGE = 1024

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-COMBINERS = ("mean", "weighted_mean", "majority_vote")
+from enserve import combiners
+
 SMOBF_WEIGHTS = (0.1, 0.01, 0.001)
 EPS = 1e-12
 
@@ -45,21 +46,9 @@ def error_rate(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def combine(preds: np.ndarray, method: str = "mean", weights: np.ndarray | None = None) -> np.ndarray:
-    """Combine (models, samples, classes) predictions into (samples, classes)."""
-    if method == "mean":
-        return preds.mean(axis=0)
-    if method == "weighted_mean":
-        if weights is None or len(weights) != len(preds) or np.any(np.asarray(weights) < 0) or np.sum(weights) <= 0:
-            raise ValueError(f"weighted_mean needs {len(preds)} non-negative weights with a positive sum, got {weights}")
-        w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
-        return np.tensordot(w, preds, axes=1)
-    if method == "majority_vote":
-        votes = np.zeros(preds.shape[1:], dtype=np.float64)
-        winners = preds.argmax(axis=2)  # (models, samples)
-        for m in range(len(preds)):
-            votes[np.arange(preds.shape[1]), winners[m]] += 1.0
-        return votes / len(preds)
-    raise ValueError(f"combiner '{method}' is not one of {COMBINERS}")
+    """Combine (models, samples, classes) predictions into (samples, classes), as the served ensemble
+    does (``enserve.combiners``)."""
+    return combiners.get(method).combine(preds, weights)
 
 
 def ensemble_cost(members, costs: np.ndarray) -> float:

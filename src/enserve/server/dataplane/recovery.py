@@ -8,9 +8,9 @@ import logging
 import os
 import signal
 
-from enserve.server.dispatch import hung_for
+from enserve.server.dataplane.dispatch import hung_for
+from enserve.server.dataplane.supervisor import WorkerProcess, WorkerState
 from enserve.server.errors import Unavailable
-from enserve.server.supervisor import WorkerProcess, WorkerState
 
 log = logging.getLogger("enserve")
 

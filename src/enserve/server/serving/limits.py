@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from enserve.server.config import ServeOptions
 from enserve.server.errors import ResourceExhausted
-from enserve.server.repository import Repository
+from enserve.server.served.repository import Repository
 
 GRPC_ROOM = 2  # typed contents: an int64 as a varint takes up to 10 bytes
 JSON_ROOM = 8  # JSON text per tensor byte: a float32 as "-1.2345678e-05, " is 16 characters

@@ -15,33 +15,23 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
-from enserve.server import combiner
+from enserve import combiners
 from enserve.server.errors import DeadlineExceeded, EnserveError, Internal
-from enserve.server.repository import ENTROPY_OUTPUT, VARIANCE_OUTPUT, TensorSpec
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What a request needs to build its answer from its parts' sums."""
-
-    model: str
-    kind: str  # "ensemble" | "member"
-    outputs: tuple[TensorSpec, ...]  # the members' outputs (the ensemble adds its uncertainty after)
-    members: float  # what the members' (weighted) sums are divided by: their count, or 1 when weighted
+from enserve.server.served.repository import ENTROPY_OUTPUT, VARIANCE_OUTPUT
+from enserve.server.served.table import AnswerRecipe
 
 
 class InflightRequest:
-    __slots__ = ("rid", "shape", "start", "count", "outstanding", "totals", "squares", "error", "future",
+    __slots__ = ("rid", "recipe", "start", "count", "outstanding", "totals", "squares", "error", "future",
                  "t0", "t_submit", "retried", "timeout_s", "deadline", "uncertainty", "on_answer")
 
-    def __init__(self, rid: int, shape: Shape, start: int, count: int, parts: int,
+    def __init__(self, rid: int, recipe: AnswerRecipe, start: int, count: int, parts: int,
                  future: asyncio.Future, now: float, timeout_s: float, uncertainty: bool = True) -> None:
         self.rid = rid
-        self.shape = shape
+        self.recipe = recipe
         self.start = start
         self.count = count
         self.outstanding = parts
@@ -140,16 +130,16 @@ class InflightRequest:
         """The deadline passed: the caller gets DEADLINE_EXCEEDED now; the parts may still come back."""
         if not self.answered:
             self.fail(DeadlineExceeded(
-                f"request to model '{self.shape.model}' did not finish within {self.timeout_s:g} s"))
+                f"request to model '{self.recipe.model}' did not finish within {self.timeout_s:g} s"))
             self.answer()
 
     def _combine(self) -> dict[str, np.ndarray]:
-        shape = self.shape
-        if shape.kind == "member":
-            return {t.name: v for t, v in zip(shape.outputs, self.totals)}
-        means, entropy, variance = combiner.ensemble_answer(
-            self.totals, self.squares, shape.members, [t.np_dtype for t in shape.outputs], self.uncertainty)
-        out = {t.name: v for t, v in zip(shape.outputs, means)}
+        recipe = self.recipe
+        if recipe.kind == "member":
+            return {t.name: v for t, v in zip(recipe.outputs, self.totals)}
+        combined, entropy, variance = combiners.answer(self.totals, self.squares, recipe.weight_sum, recipe.space,
+                                                       [t.np_dtype for t in recipe.outputs], self.uncertainty)
+        out = {t.name: v for t, v in zip(recipe.outputs, combined)}
         if self.uncertainty:
             out[ENTROPY_OUTPUT] = entropy
             out[VARIANCE_OUTPUT] = variance

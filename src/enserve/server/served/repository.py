@@ -18,12 +18,12 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
+from enserve import combiners
 from enserve.optimizer.devices import parse_core_list
 from enserve.server.errors import RepositoryError
 
 ONNX_PLATFORM = "onnxruntime_onnx"
 ENSEMBLE_PLATFORM = "ensemble"
-COMBINERS = ("mean", "weighted_mean")
 ENTROPY_OUTPUT = "entropy"
 VARIANCE_OUTPUT = "member_variance"
 UNCERTAINTY_OUTPUTS = (ENTROPY_OUTPUT, VARIANCE_OUTPUT)
@@ -79,7 +79,7 @@ class EnsembleSpec:
     outputs: list[TensorSpec]
     max_batch_size: int
     combiner: str = "mean"
-    weights: tuple[float, ...] | None = None  # "weighted_mean": one per member, summing to 1
+    weights: tuple[float, ...] | None = None  # a weighted combiner's: one per member, summing to 1
 
     def weight_of(self) -> dict[str, float]:
         """Each member's weight (1/n each for the plain mean)."""
@@ -356,12 +356,14 @@ def _ensemble_from_config(cfg, repo: Repository, path: Path) -> EnsembleSpec:
     if twice:
         raise RepositoryError(f"ensemble '{cfg.name}': members {twice} appear in more than one step")
     combiner = cfg.parameters["enserve.combiner"].string_value if "enserve.combiner" in cfg.parameters else "mean"
-    if combiner not in COMBINERS:
-        raise RepositoryError(f"ensemble '{cfg.name}': combiner '{combiner}' is not one of {COMBINERS}")
+    try:
+        weighted = combiners.get(combiner).weighted
+    except ValueError as exc:
+        raise RepositoryError(f"ensemble '{cfg.name}': {exc}") from None
     weights = None
-    if combiner == "weighted_mean":
+    if weighted:
         if "enserve.weights" not in cfg.parameters:
-            raise RepositoryError(f"ensemble '{cfg.name}': combiner 'weighted_mean' needs parameter "
+            raise RepositoryError(f"ensemble '{cfg.name}': combiner '{combiner}' needs parameter "
                                   "enserve.weights (one weight per member, in step order)")
         weights = parse_weights(cfg.parameters["enserve.weights"].string_value, names, f"ensemble '{cfg.name}'")
     members = [repo.members[n] for n in names]

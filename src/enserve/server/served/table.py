@@ -6,11 +6,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from enserve import combiners
 from enserve.server.errors import RepositoryError
-from enserve.server.placement import Placement
-from enserve.server.protocol import WEIGHTED
-from enserve.server.repository import Repository, TensorSpec
-from enserve.server.request import Shape
+from enserve.server.protocol import SPACE_SHIFT, WEIGHTED
+from enserve.server.served.placement import Placement
+from enserve.server.served.repository import Repository, TensorSpec
+
+
+@dataclass(frozen=True)
+class AnswerRecipe:
+    """How a request's answer is made from its parts' sums (``combiners.answer``)."""
+
+    model: str
+    kind: str  # "ensemble" | "member" (a member's own output, not combined)
+    outputs: tuple[TensorSpec, ...]  # the members' outputs (an ensemble adds its uncertainty after)
+    weight_sum: float  # what the sums of the members' terms are divided by: their count, or 1 when weighted
+    space: int  # the combiner's space: index into ``combiners.SPACES``
 
 
 @dataclass(frozen=True)
@@ -23,7 +34,7 @@ class ServedModel:
     members: tuple[str, ...]
     ring: int  # index of the shared input ring of its input signature
     parts: tuple[tuple[int, int], ...]  # (worker group, mask of the group's members to run)
-    shape: Shape
+    recipe: AnswerRecipe
 
 
 @dataclass(frozen=True)
@@ -68,13 +79,15 @@ def build_table(repo: Repository, placement: Placement) -> Table:
         models[spec.name] = ServedModel(
             spec.name, "member", tuple(spec.inputs), tuple(spec.outputs), spec.max_batch_size, members,
             ring_of(spec.inputs), _parts(members, placement),
-            Shape(spec.name, "member", tuple(spec.outputs), 1))
+            AnswerRecipe(spec.name, "member", tuple(spec.outputs), 1.0, combiners.space_id("identity")))
     for ens in repo.ensembles.values():
         first = repo.members[ens.members[0]]
         members = tuple(ens.members)
-        weighted = ens.weights is not None  # workers scale each member's output by its weight (sum 1)
+        combiner = combiners.get(ens.combiner)  # workers add each member's term; weighted: scaled (sum 1)
+        flags = (WEIGHTED if combiner.weighted else 0) | combiner.space_id << SPACE_SHIFT
         models[ens.name] = ServedModel(
             ens.name, "ensemble", tuple(ens.inputs), tuple(ens.outputs), ens.max_batch_size, members,
-            ring_of(ens.inputs), _parts(members, placement, WEIGHTED if weighted else 0),
-            Shape(ens.name, "ensemble", tuple(first.outputs), 1.0 if weighted else len(members)))
+            ring_of(ens.inputs), _parts(members, placement, flags),
+            AnswerRecipe(ens.name, "ensemble", tuple(first.outputs), 1.0 if combiner.weighted else len(members),
+                         combiner.space_id))
     return Table(models, tuple(rings), tuple(group_rings))

@@ -7,7 +7,7 @@ and "algo1+algo2" (with the neighbourhood search).
     profiles of a 7-member ensemble; GPU latencies come from a stated analytic model (no GPU here).
 It also reports the cost model's error against the real measurements of (a).
 
-    python -m enserve.server.table3 [--max-combi 10] [--seconds 5]
+    python -m enserve.loadtest.table3 [--max-combi 10] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from enserve.optimizer.placement import proportional_start, replicated_whole, wo
 from enserve.optimizer.search import COST_MAX_COMBI, PAPER_MOVES, neighbourhood_search
 from enserve.server import allocate as alloc_mod
 from enserve.server.launcher import start_daemon
-from enserve.server.repository import import_onnx, load_repository
+from enserve.server.served.repository import import_onnx, load_repository
 
 GPU_LAUNCH_S = 0.0002  # assumed per-batch overhead of a GPU (launch + copies)
 GPU_SPEEDUP = 30.0  # assumed GPU speed per image relative to one CPU core

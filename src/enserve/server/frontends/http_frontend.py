@@ -12,12 +12,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from google.protobuf import json_format
 
+from enserve.server.dataplane.stats import DURATIONS, ModelStats
 from enserve.server.errors import InvalidArgument, PayloadTooLarge, RequestTimeout, Unauthenticated
-from enserve.server.security import Tokens, is_admin_path, is_open_path
-from enserve.server.service import Service, cuda_shm_unavailable, parse_timeout
-from enserve.server.stats import DURATIONS, ModelStats
-from enserve.server.status import status_of
-from enserve.server.tensors import RequestInput, RequestOutput
+from enserve.server.frontends.security import Tokens, is_admin_path, is_open_path
+from enserve.server.frontends.status import status_of
+from enserve.server.serving.service import Service, cuda_shm_unavailable, parse_timeout
+from enserve.server.serving.tensors import RequestInput, RequestOutput
 
 log = logging.getLogger("enserve")
 HEADER_LENGTH = "Inference-Header-Content-Length"

@@ -19,10 +19,22 @@ import os
 
 import numpy as np
 
-from enserve.server import health
-from enserve.server.completions import Completions
 from enserve.server.config import ServeOptions
-from enserve.server.dispatch import MAX_QUEUED_TASKS, QUIET_LOAD, Dispatch, recent_load, wait_budget
+from enserve.server.dataplane import health
+from enserve.server.dataplane.completions import Completions
+from enserve.server.dataplane.dispatch import (
+    MAX_QUEUED_TASKS,
+    QUIET_LOAD,
+    Dispatch,
+    recent_load,
+    wait_budget,
+)
+from enserve.server.dataplane.recovery import WorkerRecovery
+from enserve.server.dataplane.request import Deadlines, InflightRequest
+from enserve.server.dataplane.runtime import GroupRuntime, build_runtime, release_memory
+from enserve.server.dataplane.slots import InputRing
+from enserve.server.dataplane.stats import ModelStats, record_request
+from enserve.server.dataplane.supervisor import Supervisor, WorkerProcess, WorkerState
 from enserve.server.errors import (
     EnserveError,
     RepositoryError,
@@ -30,16 +42,10 @@ from enserve.server.errors import (
     Unavailable,
 )
 from enserve.server.lifecycle import Lifecycle
-from enserve.server.placement import Placement
 from enserve.server.protocol import BURST
-from enserve.server.recovery import WorkerRecovery
-from enserve.server.repository import Repository
-from enserve.server.request import Deadlines, InflightRequest
-from enserve.server.runtime import GroupRuntime, build_runtime, release_memory
-from enserve.server.slots import InputRing
-from enserve.server.stats import ModelStats, record_request
-from enserve.server.supervisor import Supervisor, WorkerProcess, WorkerState
-from enserve.server.table import ServedModel, build_table
+from enserve.server.served.placement import Placement
+from enserve.server.served.repository import Repository
+from enserve.server.served.table import ServedModel, build_table
 
 log = logging.getLogger("enserve")
 WORKER_STOP_S = 5.0  # how long workers get to finish their batch and exit once their pipes close
@@ -139,7 +145,7 @@ class Orchestrator(WorkerRecovery, Completions):
         self.next_id = (rid + 1) & 0xFFFFFFFF
         bound = self.options.request_timeout_s  # the server's bound; a client's deadline may be shorter
         timeout = bound if timeout_s is None else min(timeout_s, bound)
-        request = InflightRequest(rid, model.shape, start, count, len(model.parts), self.loop.create_future(),
+        request = InflightRequest(rid, model.recipe, start, count, len(model.parts), self.loop.create_future(),
                                   self.loop.time(), timeout, uncertainty)
         self.pending[rid] = request
         self.inflight[model.name] += 1
@@ -165,8 +171,8 @@ class Orchestrator(WorkerRecovery, Completions):
         self._forget(request)
         request.answer()
         self.deadlines.note_answered()
-        if request.shape.kind == "ensemble":
-            record_request(self.stats[request.shape.model], request)
+        if request.recipe.kind == "ensemble":
+            record_request(self.stats[request.recipe.model], request)
 
     def _expire(self, request: InflightRequest) -> None:
         """Its deadline passed: DEADLINE_EXCEEDED and its in-flight slot free now; its rows come back
@@ -176,7 +182,7 @@ class Orchestrator(WorkerRecovery, Completions):
 
     def _forget(self, request: InflightRequest) -> None:
         del self.pending[request.rid]
-        model = self.models[request.shape.model]
+        model = self.models[request.recipe.model]
         ring = self.rings[model.ring]
         if not request.complete:  # tasks still out: workers skip those they have not begun
             ring.cancel(request.start)

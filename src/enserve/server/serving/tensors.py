@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from tritonclient.utils import triton_to_np_dtype
 
+from enserve.server.dataplane.shm import ClientRegion, ClientRegions
 from enserve.server.errors import InvalidArgument
-from enserve.server.shm import ClientRegion, ClientRegions
 
 MAX_REQUEST_ELEMENTS = 1 << 31
 

@@ -12,12 +12,12 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from enserve.server.codec import begin_infer, encode_response
+from enserve.server.dataplane.stats import ModelStats
 from enserve.server.errors import InvalidArgument
-from enserve.server.security import AuthInterceptor, Tokens, grpc_credentials
-from enserve.server.service import Service, cuda_shm_unavailable
-from enserve.server.stats import ModelStats
-from enserve.server.status import grpc_errors, status_of
+from enserve.server.frontends.codec import begin_infer, encode_response
+from enserve.server.frontends.security import AuthInterceptor, Tokens, grpc_credentials
+from enserve.server.frontends.status import grpc_errors, status_of
+from enserve.server.serving.service import Service, cuda_shm_unavailable
 
 log = logging.getLogger("enserve")
 MAX_MESSAGE = 2**31 - 1  # as tritonclient

@@ -7,8 +7,8 @@ from __future__ import annotations
 from tritonclient.grpc import service_pb2 as pb
 
 from enserve.server.errors import InvalidArgument
-from enserve.server.service import OutputValue, PendingInfer, Service, parse_timeout
-from enserve.server.tensors import RequestInput, RequestOutput
+from enserve.server.serving.service import OutputValue, PendingInfer, Service, parse_timeout
+from enserve.server.serving.tensors import RequestInput, RequestOutput
 
 TYPED_CONTENTS = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",

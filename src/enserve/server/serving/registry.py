@@ -19,13 +19,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from enserve.server.config import ServeOptions
+from enserve.server.dataplane.orchestrator import Orchestrator
+from enserve.server.dataplane.stats import ModelStats
 from enserve.server.errors import InvalidArgument, NotFound, Unavailable, message_of
 from enserve.server.lifecycle import Lifecycle
-from enserve.server.orchestrator import Orchestrator
-from enserve.server.placement import Placement, describe
-from enserve.server.repository import Repository, load_repository, read_repository
-from enserve.server.stats import ModelStats
-from enserve.server.table import ServedModel
+from enserve.server.served.placement import Placement, describe
+from enserve.server.served.repository import Repository, load_repository, read_repository
+from enserve.server.served.table import ServedModel
 
 log = logging.getLogger("enserve")
 MODES = ("none", "explicit", "poll")

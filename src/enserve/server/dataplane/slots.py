@@ -20,9 +20,9 @@ from collections import deque
 
 import numpy as np
 
+from enserve.server.dataplane.shm import Arena
 from enserve.server.errors import InvalidArgument
-from enserve.server.repository import TensorSpec
-from enserve.server.shm import Arena
+from enserve.server.served.repository import TensorSpec
 
 
 def ring_rows(wanted: list[int], minimum: list[int], row_bytes: list[int], budget: int) -> list[int] | None:

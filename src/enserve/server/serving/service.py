@@ -9,22 +9,22 @@ import numpy as np
 
 from enserve.server import __version__
 from enserve.server.config import ServeOptions
+from enserve.server.dataplane.orchestrator import Orchestrator
+from enserve.server.dataplane.request import InflightRequest
+from enserve.server.dataplane.shm import ClientRegions
 from enserve.server.errors import InvalidArgument, NotFound, Unavailable
 from enserve.server.lifecycle import Lifecycle
-from enserve.server.limits import RequestLimits
-from enserve.server.orchestrator import Orchestrator
-from enserve.server.registry import Registry
-from enserve.server.repository import (
+from enserve.server.served.repository import (
     ENTROPY_OUTPUT,
     VARIANCE_OUTPUT,
     Repository,
     ensemble_config,
     member_config,
 )
-from enserve.server.request import InflightRequest
-from enserve.server.shm import ClientRegions
-from enserve.server.table import ServedModel
-from enserve.server.tensors import (
+from enserve.server.served.table import ServedModel
+from enserve.server.serving.limits import RequestLimits
+from enserve.server.serving.registry import Registry
+from enserve.server.serving.tensors import (
     RequestInput,
     RequestOutput,
     check_shm_outputs,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from enserve.server.runtime import GroupRuntime
-from enserve.server.supervisor import WorkerState
-from enserve.server.table import ServedModel
+from enserve.server.dataplane.runtime import GroupRuntime
+from enserve.server.dataplane.supervisor import WorkerState
+from enserve.server.served.table import ServedModel
 
 
 def unavailable(model: ServedModel, groups: Sequence[GroupRuntime]) -> str | None:

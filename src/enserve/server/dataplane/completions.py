@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+from enserve.server.dataplane.stats import record_batch
+from enserve.server.dataplane.supervisor import WorkerProcess
 from enserve.server.errors import Internal
 from enserve.server.protocol import (
     STATUS_CANCELLED,
@@ -15,8 +17,6 @@ from enserve.server.protocol import (
     STATUS_READY,
     Done,
 )
-from enserve.server.stats import record_batch
-from enserve.server.supervisor import WorkerProcess
 
 
 class Completions:

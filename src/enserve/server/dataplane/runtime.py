@@ -8,14 +8,14 @@ import mmap
 from dataclasses import dataclass, field
 
 from enserve.server.config import ServeOptions
-from enserve.server.placement import Placement, WorkerGroup
+from enserve.server.dataplane.shm import OWNER, SharedMemoryError, shm_free_bytes
+from enserve.server.dataplane.slots import InputRing, OutputSlots, ring_rows, slot_row_bytes
+from enserve.server.dataplane.supervisor import WorkerProcess
+from enserve.server.dataplane.worker import WorkerSpec
 from enserve.server.protocol import Task
-from enserve.server.repository import Repository
-from enserve.server.shm import OWNER, SharedMemoryError, shm_free_bytes
-from enserve.server.slots import InputRing, OutputSlots, ring_rows, slot_row_bytes
-from enserve.server.supervisor import WorkerProcess
-from enserve.server.table import Table
-from enserve.server.worker import WorkerSpec
+from enserve.server.served.placement import Placement, WorkerGroup
+from enserve.server.served.repository import Repository
+from enserve.server.served.table import Table
 
 MAX_RING_ROWS = 16384
 RUNTIMES = itertools.count()

@@ -16,7 +16,7 @@ from enserve.optimizer import plan as plans
 from enserve.server.config import ServeOptions
 from enserve.server.errors import RepositoryError
 from enserve.server.protocol import MAX_GROUP_MEMBERS
-from enserve.server.repository import MemberSpec, Repository
+from enserve.server.served.repository import MemberSpec, Repository
 
 
 @dataclass(frozen=True)

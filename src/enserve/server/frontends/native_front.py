@@ -28,12 +28,12 @@ import threading
 from pygrpc_native import EVENT_CANCEL, NativeGrpcFront
 from tritonclient.grpc import service_pb2 as pb
 
-from enserve.server.codec import begin_infer, encode_response
 from enserve.server.errors import InvalidArgument, PayloadTooLarge, Unauthenticated
-from enserve.server.grpc_frontend import build_server
-from enserve.server.security import NEEDS_TOKEN, NOT_VALID, Tokens
-from enserve.server.service import Service
-from enserve.server.status import status_of
+from enserve.server.frontends.codec import begin_infer, encode_response
+from enserve.server.frontends.grpc_frontend import build_server
+from enserve.server.frontends.security import NEEDS_TOKEN, NOT_VALID, Tokens
+from enserve.server.frontends.status import status_of
+from enserve.server.serving.service import Service
 
 log = logging.getLogger("enserve")
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"

@@ -15,10 +15,10 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 
-from enserve.server.protocol import BURST, FLAGS, TASK, WEIGHTED, Done, DoneReader, Task
-from enserve.server.request import InflightRequest
-from enserve.server.runtime import GroupRuntime
-from enserve.server.supervisor import WorkerProcess, WorkerState
+from enserve.server.dataplane.request import InflightRequest
+from enserve.server.dataplane.runtime import GroupRuntime
+from enserve.server.dataplane.supervisor import WorkerProcess, WorkerState
+from enserve.server.protocol import BURST, COMBINE, FLAGS, TASK, Done, DoneReader, Task
 
 log = logging.getLogger("enserve")
 MAX_QUEUED_TASKS = 4096  # per replica: beyond this on every replica of a group, new requests are refused
@@ -83,7 +83,7 @@ def shares(start: int, count: int, idle: int, costs: Sequence[float], mask: int,
         return out
     if idle >= 2 and costs and alone:
         masks = split_members(costs, mask & ~FLAGS, idle)
-        return [(start, count, m | (mask & WEIGHTED) | (mask & BURST if k == 0 else 0)) for k, m in enumerate(masks)]
+        return [(start, count, m | (mask & COMBINE) | (mask & BURST if k == 0 else 0)) for k, m in enumerate(masks)]
     return [(start, count, mask)]
 
 

@@ -6,7 +6,7 @@ their running sum (and the first output's sum of squares) into its own shared ou
 It talks to the orchestrator only through fixed-size descriptors (``server.protocol``); its ready
 frame carries one image's compute per member, which balances a lone request's members over
 idle replicas.
-Run as ``python -m enserve.server.worker '<json spec>'``.
+Run as ``python -m enserve.server.dataplane.worker '<json spec>'``.
 """
 
 from __future__ import annotations
@@ -22,10 +22,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from enserve import combiners
 from enserve.optimizer.sessions import session_for
+from enserve.server.dataplane.shm import Arena
 from enserve.server.protocol import (
     BURST,
     FLAGS,
+    SPACE_MASK,
+    SPACE_SHIFT,
     STATUS_CANCELLED,
     STATUS_ERROR,
     STATUS_LOAD_FAILED,
@@ -36,7 +40,6 @@ from enserve.server.protocol import (
     pack_done,
     write_done,
 )
-from enserve.server.shm import Arena
 
 Slot = tuple[str, str, list[int], str]  # name, numpy dtype, dims, arena name
 
@@ -170,6 +173,7 @@ class Runner:
             sessions = self.burst if flagged & BURST and len(batch) == 1 else self.sessions
             mask = flagged & ~FLAGS
             weights = self.spec.weights if flagged & WEIGHTED else None
+            space = (flagged & SPACE_MASK) >> SPACE_SHIFT
             t1 = time.perf_counter_ns()
             first, total = tasks[0][1], sum(t[2] for t in tasks)
             contiguous = all(tasks[i][1] == tasks[i - 1][1] + tasks[i - 1][2] for i in range(1, len(tasks)))
@@ -186,7 +190,7 @@ class Runner:
                 t2 = time.perf_counter_ns()
                 values = self._infer(session, feeds, total)
                 t3 = time.perf_counter_ns()
-                self._store(values, tasks, first, total, contiguous, add=written,
+                self._store(values, tasks, first, total, contiguous, add=written, space=space,
                             scale=None if weights is None else weights[k])
                 written = True
                 t4 = time.perf_counter_ns()
@@ -207,12 +211,15 @@ class Runner:
         return values
 
     def _store(self, values: list[np.ndarray], tasks: list, first: int, total: int, contiguous: bool,
-               add: bool, scale: float | None = None) -> None:
-        """Write (first member) or add (the others) each output and the first one's square; with
-        ``scale`` (a weighted mean's member weight w): w y and w y^2."""
+               add: bool, space: int = 0, scale: float | None = None) -> None:
+        """Write (first member) or add (the others) each output's term in the combiner's ``space``
+        (``combiners.term``: the output itself for a mean) and the first term's square; with ``scale``
+        (the member's weight w): w t and w t^2."""
+        if space:
+            values = [combiners.term(v, space) for v in values]
         square = np.square(values[0])
         if scale is not None:
-            values = [v * v.dtype.type(scale) if v.dtype.kind == "f" else v * scale for v in values]
+            values = [combiners.term(v, 0, scale) for v in values]
             square = square * square.dtype.type(scale)
         pairs = [*zip(self.sums, values), (self.squares, square)]
         for slot, v in pairs:

@@ -1,0 +1,146 @@
+"""How an ensemble combines its members' outputs: the one registry that every stage reads. The
+selection combines cached predictions with it, the repository takes the names it knows, the workers
+add each member's term to the running sums, and the answer finishes those sums.
+
+A combiner works in a *space*: each member's output y becomes a term ``forward(y)`` (weighted by the
+member's weight when the combiner is weighted), the terms are summed (the workers do that, in shared
+memory), and the sum divided by the sum of the weights goes back through ``inverse``:
+
+    combined = inverse(sum_i w_i forward(y_i) / sum_i w_i)
+
+The arithmetic mean works in the identity space, a majority vote in the space of one-hot votes.
+The uncertainty outputs come from the same sums: the predictive entropy of the combined output, and
+the members' variance, E_w[t^2] - E_w[t]^2 of their terms t, averaged over the classes.
+
+Adding a combiner means adding it (and, if it needs one, its space) here; nothing else changes.
+Pure numpy, no I/O: every stage can import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+EPS = 1e-12
+
+
+def _identity(y: np.ndarray) -> np.ndarray:
+    return y
+
+
+def _one_hot_vote(y: np.ndarray) -> np.ndarray:
+    """1 at each sample's largest output, 0 elsewhere (ties: the first)."""
+    flat = y.reshape(len(y), -1)
+    votes = np.zeros_like(flat)
+    votes[np.arange(len(flat)), flat.argmax(axis=1)] = 1
+    return votes.reshape(y.shape)
+
+
+@dataclass(frozen=True)
+class Space:
+    """Where a combiner averages: members' outputs go in through ``forward``, the average comes out
+    through ``inverse``. Its index in ``SPACES`` is what a task's flags carry to the workers."""
+
+    name: str
+    forward: Callable[[np.ndarray], np.ndarray]
+    inverse: Callable[[np.ndarray], np.ndarray]
+
+
+SPACES: tuple[Space, ...] = (
+    Space("identity", _identity, _identity),
+    Space("vote", _one_hot_vote, _identity),
+)
+
+
+@dataclass(frozen=True)
+class Combiner:
+    name: str
+    space: str  # the name of its ``Space``
+    weighted: bool = False  # members carry weights (``enserve.weights``, normalised to sum 1)
+    doc: str = ""
+
+    @property
+    def space_id(self) -> int:
+        return space_id(self.space)
+
+    def combine(self, preds: np.ndarray, weights: Sequence[float] | None = None) -> np.ndarray:
+        """(members, samples, ...) predictions combined into (samples, ...): what the served ensemble
+        answers for the same members, from the same sums."""
+        if self.weighted:
+            if weights is None or len(weights) != len(preds) or np.any(np.asarray(weights) < 0) \
+                    or np.sum(weights) <= 0:
+                raise ValueError(f"combiner '{self.name}' needs {len(preds)} non-negative weights with a positive "
+                                 f"sum, got {weights}")
+            w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        else:
+            w = np.ones(len(preds))
+        space = SPACES[self.space_id]
+        total = sum(wi * space.forward(np.asarray(p, dtype=np.float64)) for wi, p in zip(w, preds))
+        return finish(total, float(w.sum()), self.space_id)
+
+
+COMBINERS: dict[str, Combiner] = {c.name: c for c in (
+    Combiner("mean", "identity", doc="the arithmetic mean of the members' outputs (the default)"),
+    Combiner("weighted_mean", "identity", weighted=True,
+             doc="sum of w_i y_i with weights from enserve.weights (Caruana's selection writes them)"),
+    Combiner("majority_vote", "vote", doc="the share of members whose largest output is each class"),
+)}
+
+
+def get(name: str) -> Combiner:
+    """The combiner called ``name``; ValueError naming the ones there are."""
+    try:
+        return COMBINERS[name]
+    except KeyError:
+        raise ValueError(f"combiner '{name}' is not one of {sorted(COMBINERS)}") from None
+
+
+def space_id(name: str) -> int:
+    for k, space in enumerate(SPACES):
+        if space.name == name:
+            return k
+    raise ValueError(f"space '{name}' is not one of {[s.name for s in SPACES]}")
+
+
+def term(y: np.ndarray, space: int, weight: float | None = None) -> np.ndarray:
+    """What one member with output ``y`` adds to its group's running sum (a worker's work)."""
+    t = SPACES[space].forward(y)
+    if weight is None:
+        return t
+    return t * t.dtype.type(weight) if t.dtype.kind == "f" else t * weight
+
+
+def finish(total: np.ndarray, weight_sum: float, space: int) -> np.ndarray:
+    """The combined output from the sum of the members' terms and the sum of their weights."""
+    if weight_sum <= 0:
+        raise ValueError(f"the members' weights add up to {weight_sum}, but must be > 0")
+    return SPACES[space].inverse(total / weight_sum)
+
+
+def entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Predictive entropy per sample, -sum p log p over the classes: shape (batch, 1)."""
+    p = probabilities.reshape(len(probabilities), -1)
+    return -(p * np.log(np.clip(p, EPS, None))).sum(axis=1, keepdims=True)
+
+
+def member_variance(total: np.ndarray, total_squares: np.ndarray, weight_sum: float) -> np.ndarray:
+    """The members' variance in the combiner's space, E_w[t^2] - E_w[t]^2 from the sums of their
+    terms and squared terms, averaged over the classes: shape (batch, 1)."""
+    mean_t = total.reshape(len(total), -1) / weight_sum
+    var = total_squares.reshape(len(total_squares), -1) / weight_sum - np.square(mean_t)
+    return np.clip(var, 0.0, None).mean(axis=1, keepdims=True)
+
+
+def answer(totals: Sequence[np.ndarray], total_squares: np.ndarray, weight_sum: float, space: int,
+           dtypes: Sequence[np.dtype], uncertainty: bool = True,
+           ) -> tuple[list[np.ndarray], np.ndarray | None, np.ndarray | None]:
+    """Every output combined (in its dtype), and the entropy and member variance of the first (None
+    for both when ``uncertainty`` is off: nobody asked for them)."""
+    combined = [finish(t, weight_sum, space) for t in totals]
+    cast = [c.astype(d, copy=False) for c, d in zip(combined, dtypes)]
+    if not uncertainty:
+        return cast, None, None
+    return (cast, entropy(combined[0]).astype(np.float32),
+            member_variance(totals[0], total_squares, weight_sum).astype(np.float32))

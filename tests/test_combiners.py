@@ -1,0 +1,80 @@
+"""The combiner registry with exact answers: what each combiner makes of member outputs, the same
+whether computed at once (selection) or from the workers' running sums of terms (the answer)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from enserve import combiners
+
+A = np.array([[0.5, 0.5], [1.0, 0.0]])
+B = np.array([[0.1, 0.9], [0.0, 1.0]])
+
+
+def served(name: str, preds: list[np.ndarray], weights: list[float] | None = None):
+    """What the daemon answers: workers add each member's term (scaled by its weight), the answer
+    finishes the sums (as ``request._combine`` does)."""
+    c = combiners.get(name)
+    terms = [combiners.term(p, c.space_id, w if c.weighted else None)
+             for p, w in zip(preds, weights or [None] * len(preds))]
+    squares = [combiners.term(p, c.space_id) ** 2 * (w if c.weighted else 1)
+               for p, w in zip(preds, weights or [1] * len(preds))]
+    weight_sum = 1.0 if c.weighted else len(preds)
+    (out,), entropy, variance = combiners.answer([sum(terms)], sum(squares), weight_sum, c.space_id,
+                                                 [np.dtype(np.float64)])
+    return out, entropy, variance
+
+
+def test_the_mean_its_entropy_and_the_members_variance():
+    out, entropy, variance = served("mean", [A, B])
+    np.testing.assert_allclose(out, [[0.3, 0.7], [0.5, 0.5]])
+    # entropy of [0.3, 0.7] and of [0.5, 0.5] (= ln 2)
+    np.testing.assert_allclose(entropy[:, 0], [-(0.3 * math.log(0.3) + 0.7 * math.log(0.7)), math.log(2)])
+    # ((0.5-0.3)^2 + (0.1-0.3)^2) / 2 = 0.04 for both classes; second row 0.25
+    np.testing.assert_allclose(variance[:, 0], [0.04, 0.25])
+    np.testing.assert_allclose(combiners.get("mean").combine(np.stack([A, B])), out)
+    assert combiners.entropy(np.array([[1.0, 0.0]]))[0, 0] == 0.0  # certain: no entropy
+    assert served("mean", [A, A])[2].max() == 0.0  # identical members: no variance
+
+
+def test_the_weighted_mean_normalises_its_weights():
+    out, _, variance = served("weighted_mean", [A, B], [0.75, 0.25])
+    np.testing.assert_allclose(out, 0.75 * A + 0.25 * B)
+    # E_w[y^2] - E_w[y]^2 with w = (0.75, 0.25): row 1, class 0: 0.75*0.25 + 0.25*0.01 - 0.4^2 = 0.03
+    np.testing.assert_allclose(variance[0, 0], 0.03)
+    np.testing.assert_allclose(combiners.get("weighted_mean").combine(np.stack([A, B]), [3, 1]), out)
+    with pytest.raises(ValueError, match="needs 2 non-negative weights"):
+        combiners.get("weighted_mean").combine(np.stack([A, B]), [1.0])
+
+
+def test_the_majority_vote_is_the_share_of_members_voting_for_each_class():
+    c = np.array([[0.2, 0.8], [0.9, 0.1]])
+    out, _, _ = served("majority_vote", [A, B, c])
+    # sample 1: A ties (first: class 0), B class 1, C class 1; sample 2: class 0, 1, 0
+    np.testing.assert_allclose(out, [[1 / 3, 2 / 3], [2 / 3, 1 / 3]])
+    np.testing.assert_allclose(combiners.get("majority_vote").combine(np.stack([A, B, c])), out)
+
+
+def test_unknown_names_are_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match=r"combiner 'median' is not one of \['majority_vote', 'mean', "):
+        combiners.get("median")
+    with pytest.raises(ValueError, match="weights add up to 0"):
+        combiners.finish(A, 0.0, 0)
+    with pytest.raises(ValueError, match="space 'cube' is not one of"):
+        combiners.space_id("cube")
+
+
+def test_every_combiner_answers_from_sums_what_it_computes_at_once():
+    """For each registered combiner: the served answer (terms summed, then finished) equals the
+    selection's ``combine`` on the same predictions: the build selects what is served."""
+    rng = np.random.default_rng(0)
+    preds = rng.dirichlet(np.ones(5), size=(4, 7))  # 4 members, 7 samples, 5 classes
+    weights = [0.1, 0.2, 0.3, 0.4]
+    for name, c in combiners.COMBINERS.items():
+        out, entropy, variance = served(name, list(preds), weights if c.weighted else None)
+        np.testing.assert_allclose(out, c.combine(preds, weights if c.weighted else None), atol=1e-12,
+                                   err_msg=name)
+        assert entropy.shape == variance.shape == (7, 1) and (variance >= 0).all(), name
