@@ -58,9 +58,23 @@ def test_the_majority_vote_is_the_share_of_members_voting_for_each_class():
     np.testing.assert_allclose(combiners.get("majority_vote").combine(np.stack([A, B, c])), out)
 
 
+def test_the_geometric_mean_is_normalised_and_its_variance_is_of_the_log_probabilities():
+    out, entropy, variance = served("geometric_mean", [A, B])
+    g = np.sqrt(A * B) + 0.0
+    g[1] = [math.sqrt(1.0 * 1e-12), math.sqrt(1e-12 * 1.0)]  # log clips 0 at 1e-12
+    np.testing.assert_allclose(out, g / g.sum(axis=1, keepdims=True), rtol=1e-9)
+    np.testing.assert_allclose(out[0], [math.sqrt(0.05) / (math.sqrt(0.05) + math.sqrt(0.45)),
+                                        math.sqrt(0.45) / (math.sqrt(0.05) + math.sqrt(0.45))])
+    # the variance of the log-probabilities, averaged over the classes; sample 1:
+    # class 0 (ln .5 - ln .1)^2 / 4 = (ln 5)^2 / 4, class 1 (ln .5 - ln .9)^2 / 4 = (ln 1.8)^2 / 4
+    np.testing.assert_allclose(variance[0, 0], (math.log(5) ** 2 + math.log(1.8) ** 2) / 8, rtol=1e-6)
+    np.testing.assert_allclose(combiners.get("geometric_mean").combine(np.stack([A, B])), out)
+
+
 def test_unknown_names_are_refused_with_the_known_ones():
-    with pytest.raises(ValueError, match=r"combiner 'median' is not one of \['majority_vote', 'mean', "):
+    with pytest.raises(ValueError, match="combiner 'median' is not one of") as refused:
         combiners.get("median")
+    assert all(f"'{name}'" in str(refused.value) for name in combiners.COMBINERS)
     with pytest.raises(ValueError, match="weights add up to 0"):
         combiners.finish(A, 0.0, 0)
     with pytest.raises(ValueError, match="space 'cube' is not one of"):
@@ -78,3 +92,38 @@ def test_every_combiner_answers_from_sums_what_it_computes_at_once():
         np.testing.assert_allclose(out, c.combine(preds, weights if c.weighted else None), atol=1e-12,
                                    err_msg=name)
         assert entropy.shape == variance.shape == (7, 1) and (variance >= 0).all(), name
+
+
+@pytest.mark.parametrize("name", ["geometric_mean", "majority_vote"])
+def test_a_served_ensemble_answers_with_its_combiner(name, demo_repo, member_sessions, tmp_path):
+    """The daemon serves a combiner named in the ensemble's config: its answer equals the combination
+    of the members run directly with ONNX Runtime (numpy, not this module), its uncertainty outputs
+    are there, and a member alone is still its own output."""
+    import tritonclient.grpc as grpcclient
+
+    from enserve.server.served.repository import read_config, write_config
+    from tests.conftest import copy_repo, images, start_daemon
+
+    repo = copy_repo(demo_repo, tmp_path)
+    cfg = read_config(repo / "ensemble" / "config.pbtxt")
+    cfg.parameters["enserve.combiner"].string_value = name
+    write_config(repo / "ensemble", cfg)
+    daemon = start_daemon(repo, tmp_path)
+    try:
+        x = images(5, seed=3)
+        outs = np.stack([s.run(None, {"input": x})[0] for s in member_sessions.values()]).astype(np.float64)
+        if name == "geometric_mean":
+            g = np.exp(np.log(outs).mean(axis=0))
+            expected = g / g.sum(axis=1, keepdims=True)
+        else:
+            expected = np.stack([np.eye(outs.shape[2])[o.argmax(axis=1)] for o in outs]).mean(axis=0)
+        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        client = grpcclient.InferenceServerClient(daemon.grpc_url)
+        result = client.infer("ensemble", [inp])
+        np.testing.assert_allclose(result.as_numpy("probs"), expected, atol=1e-5)
+        assert result.as_numpy("entropy").shape == result.as_numpy("member_variance").shape == (5, 1)
+        member = next(iter(member_sessions))
+        np.testing.assert_allclose(client.infer(member, [inp]).as_numpy("probs"), outs[0], atol=1e-6)
+    finally:
+        assert daemon.stop() == 0

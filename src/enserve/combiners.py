@@ -30,6 +30,16 @@ def _identity(y: np.ndarray) -> np.ndarray:
     return y
 
 
+def _log(y: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(y, EPS, None))
+
+
+def _normalised_exp(mean_log: np.ndarray) -> np.ndarray:
+    """exp of the mean log, rescaled so that each sample's outputs sum to 1 (a distribution again)."""
+    flat = np.exp(mean_log.reshape(len(mean_log), -1))
+    return (flat / flat.sum(axis=1, keepdims=True)).reshape(mean_log.shape)
+
+
 def _one_hot_vote(y: np.ndarray) -> np.ndarray:
     """1 at each sample's largest output, 0 elsewhere (ties: the first)."""
     flat = y.reshape(len(y), -1)
@@ -51,6 +61,7 @@ class Space:
 SPACES: tuple[Space, ...] = (
     Space("identity", _identity, _identity),
     Space("vote", _one_hot_vote, _identity),
+    Space("log", _log, _normalised_exp),
 )
 
 
@@ -86,6 +97,8 @@ COMBINERS: dict[str, Combiner] = {c.name: c for c in (
     Combiner("weighted_mean", "identity", weighted=True,
              doc="sum of w_i y_i with weights from enserve.weights (Caruana's selection writes them)"),
     Combiner("majority_vote", "vote", doc="the share of members whose largest output is each class"),
+    Combiner("geometric_mean", "log", doc="the normalised geometric mean of the members' probabilities (its "
+                                          "member_variance is that of their log-probabilities)"),
 )}
 
 
