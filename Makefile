@@ -30,6 +30,7 @@ serve: install-tune $(REPO)/ensemble/config.pbtxt
 
 test: install-dev
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: install-serve $(REPO)/ensemble/config.pbtxt
