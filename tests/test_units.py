@@ -13,8 +13,13 @@ from enserve.models.synthetic import write_tiny_cnns
 from enserve.server.dataplane.slots import InputRing, RowRing
 from enserve.server.dataplane.worker import collect
 from enserve.server.errors import InvalidArgument, RepositoryError
-from enserve.server.protocol import DONE, STATUS_OK, DoneReader, TaskReader, pack_done, pack_tasks
+from enserve.server.protocol import DONE, STATUS_OK, TASK, DoneReader, TaskReader, pack_done
 from enserve.server.served.repository import TensorSpec, import_onnx, load_repository, parse_cores
+
+
+def pack_tasks(tasks: list[tuple[int, int, int, int, int]]) -> bytes:
+    """Descriptors as dispatch writes them (``TASK.pack`` each)."""
+    return b"".join(TASK.pack(*t) for t in tasks)
 
 
 def test_row_ring_contiguous_wrap_and_out_of_order_free():

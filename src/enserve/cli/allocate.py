@@ -8,19 +8,25 @@ from pathlib import Path
 from enserve.cli.common import fail, int_list, positive_int
 from enserve.optimizer.search import COST_MAX_COMBI, REAL_MAX_COMBI
 
+ALLOCATOR_OPTIONS = ("cpu_devices", "max_combi", "optimize_time_s", "optimize_metric", "bench_concurrency",
+                     "bench_images")
+
 
 def add_allocator_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cpu-devices", default=None,
-                   help="CPU devices as core sets, e.g. '0;1' (two devices of one core) or '0-1' "
-                        "(default: all cores but core 0 on machines with 4 or more, else all)")
-    p.add_argument("--max-combi", type=positive_int, default=None,
-                   help=f"most allocations the search scores (default: {REAL_MAX_COMBI} measured on the real "
-                        f"bench, {COST_MAX_COMBI} computed by the cost model)")
-    p.add_argument("--optimize-time", type=float, default=120.0, help="time budget of the search in seconds")
-    p.add_argument("--optimize-metric", choices=("throughput", "latency"), default="throughput",
-                   help="what the search maximises: images/s, or minus the p99 latency under the bench load")
-    p.add_argument("--bench-concurrency", type=int, default=16, help="the real bench's load: requests kept in flight")
-    p.add_argument("--bench-images", type=int, default=8, help="the real bench's load: images per request")
+    """The allocator's flags, from the same ``ServeOptions`` fields as ``enserve serve``'s: one home
+    for each flag's name, type, choices and default."""
+    from dataclasses import fields
+
+    from enserve.server.config import ServeOptions
+
+    by_name = {f.name: f for f in fields(ServeOptions)}
+    for name in ALLOCATOR_OPTIONS:
+        f, m = by_name[name], by_name[name].metadata
+        default = None if name == "max_combi" else f.default  # by bench: measured or computed
+        shown = (f"{REAL_MAX_COMBI} measured on the real bench, {COST_MAX_COMBI} computed by the cost model"
+                 if name == "max_combi" else f.default)
+        p.add_argument(m["flag"], dest=name, type=positive_int if name == "max_combi" else m["parse"],
+                       choices=m["choices"], default=default, help=f"{m['help']} (default: {shown})")
 
 
 def add_parser(sub) -> None:
@@ -48,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
     from enserve.optimizer import plan as plans
     from enserve.optimizer.allocation import Device, PlacementError
     from enserve.optimizer.devices import inventory
+    from enserve.optimizer.plan import plan_table
     from enserve.optimizer.profiles import profiles_from_json
-    from enserve.server.allocate import allocate, plan_table
+    from enserve.server.allocate import allocate
     from enserve.server.errors import EnserveError
     from enserve.server.served.repository import load_repository
 
@@ -65,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         profiles = profiles_from_json(json.loads(args.profiles.read_text())) if args.profiles else None
         max_combi = args.max_combi if args.max_combi is not None else (COST_MAX_COMBI if bench == "cost" else REAL_MAX_COMBI)
         done = allocate(repo, devices, ensemble=args.ensemble, metric=args.optimize_metric,
-                        batch_sizes=args.batch_sizes, max_combi=max_combi, time_budget_s=args.optimize_time,
+                        batch_sizes=args.batch_sizes, max_combi=max_combi, time_budget_s=args.optimize_time_s,
                         bench=bench, profiles=profiles, bench_load=(args.bench_concurrency, args.bench_images),
                         progress=print)
         print(plan_table(done.plan))

@@ -122,12 +122,12 @@ def run(args: argparse.Namespace) -> int:
 
     library = args.library
     if args.command == "build":
-        from enserve.tuning.search import build_library, running_trials
+        from enserve.tuning.search import build_library, default_storage, running_trials
         from enserve.tuning.workers import BuildFailed
 
         print(f"building a library in {library} for {args.time_budget:g} s with {args.workers} workers "
               f"({args.sampler} sampler, {args.pruner} pruner); interrupt and rerun to continue", flush=True)
-        storage = args.storage or str(library / "study.journal")
+        storage = args.storage or default_storage(library)
 
         progress = BuildProgress(lambda: build.progress_line(library, running=running_trials(storage),
                                                              budget=args.budget), args.time_budget)

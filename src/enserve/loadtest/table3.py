@@ -29,7 +29,7 @@ from enserve.optimizer.placement import proportional_start, replicated_whole, wo
 from enserve.optimizer.search import COST_MAX_COMBI, PAPER_MOVES, neighbourhood_search
 from enserve.server import allocate as alloc_mod
 from enserve.server.launcher import start_daemon
-from enserve.server.served.repository import import_onnx, load_repository
+from enserve.server.served.repository import ensemble_members, import_onnx, load_repository
 
 GPU_LAUNCH_S = 0.0002  # assumed per-batch overhead of a GPU (launch + copies)
 GPU_SPEEDUP = 30.0  # assumed GPU speed per image relative to one CPU core
@@ -63,7 +63,7 @@ def part_a(repo: Path, args) -> tuple[list[tuple], list[float]]:
         devices = inventory(spec, use_gpus=False)
         done = alloc_mod.allocate(load_repository(repo), devices, max_combi=args.max_combi, time_budget_s=None,
                                   bench_seconds=args.bench_seconds, progress=lambda m: print("  " + m, flush=True))
-        _, names = alloc_mod.ensemble_members(load_repository(repo), None)
+        _, names = ensemble_members(load_repository(repo), None)
         model = CostModelBench(done.profiles, devices)
         for alloc, real in done.result.history:
             errors.append((model(alloc) - real) / real)
@@ -102,7 +102,7 @@ def part_b(repo7: Path, args) -> list[tuple]:
     from enserve.optimizer.profiles import profile_members
 
     repo = load_repository(repo7)
-    _, names = alloc_mod.ensemble_members(repo, None)
+    _, names = ensemble_members(repo, None)
     cpu = inventory(f"0-{len(os.sched_getaffinity(0)) - 1}", use_gpus=False)
     measured = profile_members(alloc_mod.member_sources(repo, names), cpu, hardware_fingerprint(cpu),
                                cache_path=repo7 / ".enserve" / "profiles.json",

@@ -104,3 +104,21 @@ def load(path: Path) -> Plan:
 
 def now() -> float:
     return time.time()
+
+
+def plan_table(plan: Plan) -> str:
+    """The start and the refined plan: per group its members, batch size, and replicas with threads."""
+    def rows(groups: list[PlanGroup]) -> list[str]:
+        out = []
+        for g in groups:
+            reps: dict[tuple[str, int], int] = {}
+            for r in g.replicas:
+                reps[(r.device, r.threads)] = reps.get((r.device, r.threads), 0) + 1
+            where = ", ".join(f"{n} x {d} ({t} thread{'s' if t > 1 else ''})" for (d, t), n in sorted(reps.items()))
+            out.append(f"  {'+'.join(g.members):<32} batch {g.batch_size:>3}   {len(g.replicas)} replica(s): {where}")
+        return out
+
+    unit = "images/s" if plan.metric.startswith("throughput") else "-p99 ms"
+    return "\n".join([f"start ({plan.start_score:.1f} {unit}):", *rows(plan.start),
+                      f"refined ({plan.score:.1f} {unit}, {plan.metric}, after {plan.evaluated} allocations scored):",
+                      *rows(plan.groups)])

@@ -18,27 +18,15 @@ from enserve.optimizer.costmodel import CostModelBench
 from enserve.optimizer.devices import hardware_fingerprint
 from enserve.optimizer.placement import proportional_start, replicated_whole, worst_fit_decreasing
 from enserve.optimizer.profiles import MemberSource, file_hash, profile_members
-from enserve.optimizer.search import SearchResult, neighbourhood_search
+from enserve.optimizer.search import METRICS, REAL_MAX_COMBI, SearchResult, neighbourhood_search
 from enserve.server.config import ServeOptions
 from enserve.server.errors import RepositoryError
 from enserve.server.served import placement as placements
 from enserve.server.served.placement import Placement
-from enserve.server.served.repository import Repository
+from enserve.server.served.repository import Repository, ensemble_members
 
 log = logging.getLogger("enserve")
 PER_ROUND = 4  # real-bench neighbours measured per round, most promising (cost model) first
-
-
-def ensemble_members(repo: Repository, ensemble: str | None) -> tuple[str, list[str]]:
-    if ensemble is None:
-        if len(repo.ensembles) != 1:
-            raise RepositoryError(
-                f"the repository has ensembles {sorted(repo.ensembles)}; name one with --ensemble"
-            )
-        ensemble = next(iter(repo.ensembles))
-    if ensemble not in repo.ensembles:
-        raise RepositoryError(f"unknown ensemble '{ensemble}'; the repository has {sorted(repo.ensembles)}")
-    return ensemble, list(repo.ensembles[ensemble].members)
 
 
 def member_sources(repo: Repository, names: list[str]) -> list[MemberSource]:
@@ -133,7 +121,7 @@ def allocate(
     metric: str = "throughput",
     batch_sizes: tuple[int, ...] = (1, 8, 32, 64),
     start_batch: int = 32,
-    max_combi: int = 12,
+    max_combi: int = REAL_MAX_COMBI,
     time_budget_s: float | None = 120.0,
     bench: str = "real",
     profiles: list[MemberProfile] | None = None,
@@ -156,8 +144,8 @@ def allocate(
         if progress:
             progress(message)
 
-    if metric not in ("throughput", "latency"):
-        raise RepositoryError(f"metric '{metric}' is not one of ('throughput', 'latency')")
+    if metric not in METRICS:
+        raise RepositoryError(f"metric '{metric}' is not one of {METRICS}")
     ensemble, names = ensemble_members(repo, ensemble)
     hardware = hardware_fingerprint(devices)
     if profiles is None:
@@ -236,21 +224,3 @@ def confirm_against_start(result: SearchResult, score: Callable[[Allocation], fl
 def describe(alloc: Allocation, names: list[str]) -> str:
     return "; ".join("+".join(names[i] for i in g.members) + f"/b{g.batch}@"
                      + ",".join(f"{r.device}x{r.threads}t" for r in g.replicas) for g in alloc.groups)
-
-
-def plan_table(plan: plans.Plan) -> str:
-    """The start and the refined plan: per group its members, batch size, and replicas with threads."""
-    def rows(groups: list[plans.PlanGroup]) -> list[str]:
-        out = []
-        for g in groups:
-            reps: dict[tuple[str, int], int] = {}
-            for r in g.replicas:
-                reps[(r.device, r.threads)] = reps.get((r.device, r.threads), 0) + 1
-            where = ", ".join(f"{n} x {d} ({t} thread{'s' if t > 1 else ''})" for (d, t), n in sorted(reps.items()))
-            out.append(f"  {'+'.join(g.members):<32} batch {g.batch_size:>3}   {len(g.replicas)} replica(s): {where}")
-        return out
-
-    unit = "images/s" if plan.metric.startswith("throughput") else "-p99 ms"
-    return "\n".join([f"start ({plan.start_score:.1f} {unit}):", *rows(plan.start),
-                      f"refined ({plan.score:.1f} {unit}, {plan.metric}, after {plan.evaluated} allocations scored):",
-                      *rows(plan.groups)])

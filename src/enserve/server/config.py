@@ -7,7 +7,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from enserve.optimizer.devices import parse_core_list
-from enserve.optimizer.search import REAL_MAX_COMBI
+from enserve.optimizer.search import METRICS, REAL_MAX_COMBI
+
+TRANSPORTS = ("auto", "native", "grpcio")
+MODEL_CONTROL_MODES = ("none", "explicit", "poll")  # Triton's
 
 
 def read_token(path: str) -> str:
@@ -63,7 +66,7 @@ class ServeOptions:
         "Rust outside the GIL; the other RPCs go to a grpcio server behind it; it reads a whole message before "
         "its size can be refused), 'grpcio' (needed for TLS; refuses an oversized message from its length), or "
         "'auto': native on a loopback --host or with an auth token (which it checks before reading a message), "
-        "else grpcio", str, choices=("auto", "native", "grpcio"))
+        "else grpcio", str, choices=TRANSPORTS)
     batch_size: int | None = option(None, "--batch-size", "batch size of every member (default: the plan or "
                                     "config.pbtxt)", int, minimum=1)
     queue_delay_us: int | None = option(None, "--max-queue-delay-us", "longest a member waits to fill a batch "
@@ -109,7 +112,7 @@ class ServeOptions:
     model_control_mode: str = option(
         "none", "--model-control-mode", "Triton's: 'none' serves the whole repository and refuses load/unload; "
         "'explicit' serves the --load-model names and obeys load/unload calls (admin); 'poll' follows the "
-        "repository, re-read every --repository-poll-secs", str, choices=("none", "explicit", "poll"))
+        "repository, re-read every --repository-poll-secs", str, choices=MODEL_CONTROL_MODES)
     load_model: tuple[str, ...] = option((), "--load-model", "explicit mode: an ensemble (with its members) or "
                                          "member to serve from the start; repeat it, or '*' for everything "
                                          "(in ENSERVE_LOAD_MODEL: comma-separated)", str, repeat=True)
@@ -137,7 +140,7 @@ class ServeOptions:
     optimize_time_s: float = option(120.0, "--optimize-time", "time budget of the search in seconds", float, above=0)
     optimize_metric: str = option("throughput", "--optimize-metric", "what the search maximises: images/s, or "
                                   "minus the p99 latency under the bench load", str,
-                                  choices=("throughput", "latency"))
+                                  choices=METRICS)
     bench_concurrency: int = option(16, "--bench-concurrency", "the real bench's load: requests kept in flight",
                                     int, minimum=1)
     bench_images: int = option(8, "--bench-images", "the real bench's load: images per request", int, minimum=1)
@@ -175,7 +178,6 @@ class ServeOptions:
         return self.device is not None or self.cpu_cores is not None or self.batch_size is not None
 
 
-TRANSPORTS = ("auto", "native", "grpcio")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 

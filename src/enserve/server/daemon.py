@@ -14,7 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from enserve.server.config import ServeOptions
 from enserve.server.dataplane.shm import clean_leftovers
 from enserve.server.dataplane.stats import MetricsCollector
-from enserve.server.errors import EnserveError, RepositoryError, Unauthenticated, message_of
+from enserve.server.errors import EnserveError, Unauthenticated, message_of
 from enserve.server.frontends.grpc_frontend import build_server
 from enserve.server.frontends.http_frontend import HttpFrontend
 from enserve.server.frontends.security import Tokens, read_pair, server_ssl_context
@@ -58,53 +58,19 @@ async def _site(app: web.Application, host: str, port: int, what: str, ssl_conte
 
 
 def choose_placement(repo: Repository, options: ServeOptions, lifecycle: Lifecycle | None = None) -> Placement:
-    """Placement of one unit (an ensemble and its members, or members alone): a forced plan for its
-    ensemble, a saved plan for this ensemble and hardware, a new one, or the configs; then the
-    manual flags on top. Units share the machine's cores; a plan is made for the machine."""
-    from enserve.optimizer import plan as plans
-    from enserve.optimizer.devices import hardware_fingerprint, inventory
-    from enserve.optimizer.profiles import file_hash
-    from enserve.server.allocate import allocate, ensemble_members, plan_table
+    """Placement of one unit (``placement.resolve``), running the allocator when no plan fits."""
+    from enserve.server.allocate import allocate
 
-    if options.plan_path is not None:
-        try:
-            plan = plans.load(options.plan_path)
-        except ValueError as exc:
-            raise RepositoryError(str(exc)) from exc
-        if plan.ensemble in repo.ensembles or not repo.ensembles:
-            log.info("placement from plan %s (score %.1f, %s)", options.plan_path, plan.score, plan.metric)
-            return placements.with_flags(placements.from_plan(repo, plan), options)
-    if not options.optimize or options.manual_placement or not repo.ensembles:
-        return placements.with_flags(placements.from_config(repo), options)
-    if len(repo.ensembles) > 1:
-        log.info("several ensembles %s: placement from config.pbtxt (run 'enserve allocate --ensemble E' "
-                 "and serve with --plan)", sorted(repo.ensembles))
-        return placements.with_flags(placements.from_config(repo), options)
-    try:
-        devices = inventory(options.cpu_devices)
-    except ValueError as exc:
-        raise RepositoryError(str(exc)) from exc
-    ensemble, names = ensemble_members(repo, None)
-    key = plans.plan_key(ensemble, [file_hash(str(repo.members[n].path)) for n in names],
-                         hardware_fingerprint(devices))
-    path = plans.plan_path(repo.path, ensemble, key)
-    if path.is_file():
-        plan = plans.load(path)
-        log.info("reusing the plan for this ensemble and hardware: %s", path)
-    else:
+    def make_plan(devices, ensemble: str):
         log.info("no plan for this ensemble and hardware yet: running the allocator (at most %d "
                  "allocations or %g s; --no-optimize skips it)", options.max_combi, options.optimize_time_s)
-        plan = allocate(repo, devices, ensemble=ensemble, metric=options.optimize_metric,
+        return allocate(repo, devices, ensemble=ensemble, metric=options.optimize_metric,
                         max_combi=options.max_combi, time_budget_s=options.optimize_time_s,
                         bench_load=(options.bench_concurrency, options.bench_images),
                         progress=lambda msg: log.info("allocator: %s", msg),
                         stopped=None if lifecycle is None else lambda: lifecycle.draining).plan
-        try:
-            plans.save(plan, path)
-        except OSError as exc:
-            log.warning("could not save the plan to %s: %s", path, exc)
-    log.info("placement:\n%s", plan_table(plan))
-    return placements.with_flags(placements.from_plan(repo, plan), options)
+
+    return placements.resolve(repo, options, make_plan, log.info)
 
 
 def make_grpc_server(service: Service, address: str):

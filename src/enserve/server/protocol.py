@@ -65,10 +65,6 @@ class Done:
     output_ns: int
 
 
-def pack_tasks(tasks: list[tuple[int, int, int, int, int]]) -> bytes:
-    return b"".join(TASK.pack(*t) for t in tasks)
-
-
 def pack_done(
     worker: int,
     status: int,

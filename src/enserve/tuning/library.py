@@ -101,16 +101,6 @@ def write_index(library: Path, dataset: str) -> Path:
     return path
 
 
-def read_index(library: Path) -> dict:
-    path = Path(library) / "index.json"
-    if not path.is_file():
-        raise ValueError(f"{library} has no index.json: not a model library (enserve build writes one)")
-    index = json.loads(path.read_text())
-    if index.get("version") != LIBRARY_VERSION:
-        raise ValueError(f"{path}: version {index.get('version')!r}, but this enserve reads {LIBRARY_VERSION}")
-    return index
-
-
 @dataclass
 class Candidates:
     """What the selection needs of the usable trials: predictions, labels, costs."""

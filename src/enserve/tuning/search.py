@@ -285,6 +285,11 @@ def sampler_seed(seed: int, index: int, storage: str) -> int:
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
 
 
+def default_storage(library: Path) -> str:
+    """The study's journal file inside the library (without ``--storage``)."""
+    return str(Path(library) / "study.journal")
+
+
 def worker(storage: str, study_name: str, dataset: str, library: str, deadline: float, max_epochs: int,
            threads: int, seed: int, max_trials: int | None, input_kind: str = "auto", index: int = 0) -> None:
     """One worker process: pull trials from the shared study until the deadline, with the sampler
@@ -365,7 +370,7 @@ def build_library(dataset: str, library: Path, *, storage: str | None = None, st
     data = load_dataset(dataset, seed=seed, input_kind=input_kind)
     fp = fingerprint(data, seed)
     claim_library(library, fp, data.y_val, data.y_test)  # refuses another data set's library
-    storage = storage or str(library / "study.journal")
+    storage = storage or default_storage(library)
     study = optuna.create_study(study_name=study_name, storage=make_storage(storage), direction="minimize",
                                 sampler=make_sampler(sampler, seed), load_if_exists=True)
     ran_on = study.user_attrs.get("dataset")

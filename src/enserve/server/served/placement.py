@@ -10,6 +10,7 @@ member with k replicas is what Triton's python backend with k instances does.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from enserve.optimizer import plan as plans
@@ -126,6 +127,52 @@ def with_flags(placement: Placement, options: ServeOptions) -> Placement:
                 batch_size=g.batch_size if options.batch_size is None else options.batch_size,
                 queue_delay_us=g.queue_delay_us if options.queue_delay_us is None else options.queue_delay_us)
         for g, reps in zip(placement.groups, per_group))))
+
+
+def resolve(repo: Repository, options: ServeOptions, make_plan: Callable[[list, str], plans.Plan],
+            say: Callable[..., None] = lambda *args: None) -> Placement:
+    """The placement of one unit (an ensemble and its members, or members alone), in one place: a
+    forced plan (``--plan``) for its ensemble; the configs when the allocator is off, the placement
+    manual, or there is no single ensemble; else the plan saved for this ensemble and hardware, or a
+    new one from ``make_plan(devices, ensemble)`` (saved beside the repository); then the manual flags
+    on top. ``say`` hears what was chosen and why."""
+    from enserve.optimizer.devices import hardware_fingerprint, inventory
+    from enserve.optimizer.profiles import file_hash
+    from enserve.server.served.repository import ensemble_members
+
+    if options.plan_path is not None:
+        try:
+            plan = plans.load(options.plan_path)
+        except ValueError as exc:
+            raise RepositoryError(str(exc)) from exc
+        if plan.ensemble in repo.ensembles or not repo.ensembles:
+            say("placement from plan %s (score %.1f, %s)", options.plan_path, plan.score, plan.metric)
+            return with_flags(from_plan(repo, plan), options)
+    if not options.optimize or options.manual_placement or not repo.ensembles:
+        return with_flags(from_config(repo), options)
+    if len(repo.ensembles) > 1:
+        say("several ensembles %s: placement from config.pbtxt (run 'enserve allocate --ensemble E' and serve "
+            "with --plan)", sorted(repo.ensembles))
+        return with_flags(from_config(repo), options)
+    try:
+        devices = inventory(options.cpu_devices)
+    except ValueError as exc:
+        raise RepositoryError(str(exc)) from exc
+    ensemble, names = ensemble_members(repo, None)
+    key = plans.plan_key(ensemble, [file_hash(str(repo.members[n].path)) for n in names],
+                         hardware_fingerprint(devices))
+    path = plans.plan_path(repo.path, ensemble, key)
+    if path.is_file():
+        plan = plans.load(path)
+        say("reusing the plan for this ensemble and hardware: %s", path)
+    else:
+        plan = make_plan(devices, ensemble)
+        try:
+            plans.save(plan, path)
+        except OSError as exc:
+            say("could not save the plan to %s: %s", path, exc)
+    say("placement:\n%s", plans.plan_table(plan))
+    return with_flags(from_plan(repo, plan), options)
 
 
 def check(placement: Placement) -> Placement:

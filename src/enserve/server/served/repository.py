@@ -28,7 +28,16 @@ ENTROPY_OUTPUT = "entropy"
 VARIANCE_OUTPUT = "member_variance"
 UNCERTAINTY_OUTPUTS = (ENTROPY_OUTPUT, VARIANCE_OUTPUT)
 DEFAULT_MAX_BATCH_SIZE = 64
-_NAME_RULE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")  # no path: no '/', no leading '.' or '-'
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if it can only be a model name (letters, digits, '_', '.' and '-'; no path, no '..');
+    else RepositoryError, which the registry turns into INVALID_ARGUMENT."""
+    if not MODEL_NAME.match(name) or ".." in name:
+        raise RepositoryError(f"model name {name!r} is not a name: use letters, digits, '_', '.' and '-', "
+                              "no path")
+    return name
 
 
 @dataclass(frozen=True)
@@ -379,6 +388,19 @@ def _ensemble_from_config(cfg, repo: Repository, path: Path) -> EnsembleSpec:
     )
 
 
+def ensemble_members(repo: Repository, ensemble: str | None) -> tuple[str, list[str]]:
+    """The ensemble named (or the only one) and its members' names; RepositoryError naming the choices."""
+    if ensemble is None:
+        if len(repo.ensembles) != 1:
+            raise RepositoryError(
+                f"the repository has ensembles {sorted(repo.ensembles)}; name one with --ensemble"
+            )
+        ensemble = next(iter(repo.ensembles))
+    if ensemble not in repo.ensembles:
+        raise RepositoryError(f"unknown ensemble '{ensemble}'; the repository has {sorted(repo.ensembles)}")
+    return ensemble, list(repo.ensembles[ensemble].members)
+
+
 def ensemble_outputs(member_outputs: list[TensorSpec]) -> list[TensorSpec]:
     """The members' outputs (averaged) plus one uncertainty value per sample of each kind."""
     return list(member_outputs) + [TensorSpec(n, "FP32", (1,)) for n in UNCERTAINTY_OUTPUTS]
@@ -431,8 +453,7 @@ def import_onnx(
     if len(names) != len(files):
         raise RepositoryError(f"{len(names)} names given for {len(files)} files")
     for n in [*names, ensemble]:
-        if not _NAME_RULE.match(n):
-            raise RepositoryError(f"model name '{n}' is invalid: use letters, digits, '_', '.', '-'")
+        check_model_name(n)
     if ensemble in names:
         raise RepositoryError(f"ensemble name '{ensemble}' is also a member name")
     members = []

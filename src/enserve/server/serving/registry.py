@@ -14,30 +14,36 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from enserve.server.config import ServeOptions
+from enserve.server.config import MODEL_CONTROL_MODES, ServeOptions
 from enserve.server.dataplane.orchestrator import Orchestrator
 from enserve.server.dataplane.stats import ModelStats
-from enserve.server.errors import InvalidArgument, NotFound, Unavailable, message_of
+from enserve.server.errors import (
+    InvalidArgument,
+    NotFound,
+    RepositoryError,
+    Unavailable,
+    message_of,
+)
 from enserve.server.lifecycle import Lifecycle
 from enserve.server.served.placement import Placement, describe
-from enserve.server.served.repository import Repository, load_repository, read_repository
+from enserve.server.served.repository import (
+    Repository,
+    check_model_name,
+    load_repository,
+    read_repository,
+)
 from enserve.server.served.table import ServedModel
 
 log = logging.getLogger("enserve")
-MODES = ("none", "explicit", "poll")
-MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
-
-
 def check_name(name: str) -> str:
-    """``name`` if it can only be a model name (no path, no '..'); else INVALID_ARGUMENT."""
-    if not MODEL_NAME.match(name) or ".." in name:
-        raise InvalidArgument(f"model name {name!r} is not a name: use letters, digits, '_', '.' and '-', "
-                              "no path")
-    return name
+    """``name`` if it can only be a model name (``repository.check_model_name``); else INVALID_ARGUMENT."""
+    try:
+        return check_model_name(name)
+    except RepositoryError as exc:
+        raise InvalidArgument(exc.message) from None
 
 
 def unit_names(repo: Repository) -> list[str]:
@@ -86,8 +92,8 @@ class Registry:
         self.lifecycle = lifecycle or Lifecycle()  # the server's; each unit's lives under it
         self.place = place  # the placement of a unit's sub-repository (plan, allocator or config)
         self.mode = options.model_control_mode
-        if self.mode not in MODES:
-            raise ValueError(f"model control mode '{self.mode}' is not one of {MODES}")
+        if self.mode not in MODEL_CONTROL_MODES:
+            raise ValueError(f"model control mode '{self.mode}' is not one of {MODEL_CONTROL_MODES}")
         self.units: dict[str, Unit] = {}
         self.models: dict[str, Unit] = {}
         self.lock = asyncio.Lock()  # one load or unload at a time

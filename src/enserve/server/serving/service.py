@@ -15,8 +15,7 @@ from enserve.server.dataplane.shm import ClientRegions
 from enserve.server.errors import InvalidArgument, NotFound, Unavailable
 from enserve.server.lifecycle import Lifecycle
 from enserve.server.served.repository import (
-    ENTROPY_OUTPUT,
-    VARIANCE_OUTPUT,
+    UNCERTAINTY_OUTPUTS,
     Repository,
     ensemble_config,
     member_config,
@@ -33,7 +32,6 @@ from enserve.server.serving.tensors import (
     write_shm_output,
 )
 
-UNCERTAINTY_OUTPUTS = (ENTROPY_OUTPUT, VARIANCE_OUTPUT)
 EXTENSIONS = ["model_configuration", "system_shared_memory", "statistics", "binary_tensor_data"]
 
 

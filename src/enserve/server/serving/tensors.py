@@ -16,8 +16,6 @@ from tritonclient.utils import triton_to_np_dtype
 from enserve.server.dataplane.shm import ClientRegion, ClientRegions
 from enserve.server.errors import InvalidArgument
 
-MAX_REQUEST_ELEMENTS = 1 << 31
-
 
 @dataclass
 class RequestInput:
