@@ -259,6 +259,6 @@ def test_what_the_dockerfile_copies_builds_the_serving_package(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     (wheel,) = (tmp_path / "wheels").glob("enserve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("enserve/cli/serve.py", "enserve/server/daemon.py", "enserve/server/worker.py",
+    for module in ("enserve/cli/serve.py", "enserve/server/daemon.py", "enserve/server/dataplane/worker.py",
                    "enserve/optimizer/placement.py", "enserve/deploy.py"):
         assert module in names, module

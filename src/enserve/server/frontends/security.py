@@ -9,6 +9,9 @@ from pathlib import Path
 
 import grpc
 
+from enserve.server.errors import Unauthenticated
+from enserve.server.frontends.status import status_of
+
 # gRPC methods (the last part of the path) that never need a token: liveness and readiness probes
 OPEN_GRPC = {"ServerLive", "ServerReady"}
 # calls that change server state or expose memory: the admin token when one is set
@@ -64,11 +67,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _deny(reason: str, *, streaming: bool):
+    code, _, message = status_of(Unauthenticated(reason))
+
     async def unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+        await context.abort(code, message)
 
     async def stream(request_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+        await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
     if streaming:
