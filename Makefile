@@ -30,11 +30,11 @@ serve: install-tune $(REPO)/ensemble/config.pbtxt
 
 test: install-dev
 	$(BIN)/ruff check .
-	$(BIN)/lint-imports
+	PYTHONPATH=src $(BIN)/lint-imports
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: install-serve $(REPO)/ensemble/config.pbtxt
 	$(BIN)/enserve bench --model-repository $(REPO) $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(REPO) library *.egg-info
+	rm -rf $(VENV) $(REPO) library *.egg-info src/*.egg-info

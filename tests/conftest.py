@@ -18,7 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from enserve.server import launcher
+from enserve.loadtest import launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 

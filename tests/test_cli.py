@@ -10,9 +10,9 @@ from dataclasses import fields
 
 import pytest
 
+from enserve import __version__
 from enserve.cli import parser
 from enserve.cli.serve import env_name, options_from
-from enserve.server import __version__
 from enserve.server.config import ServeOptions
 from tests.conftest import ROOT
 
@@ -47,6 +47,8 @@ def test_an_unknown_flag_is_a_usage_error(command):
     (["bench", "--concurrency", "1,two"], {}, "'1,two' is not a comma-separated list"),
     (["bench", "--repeat", "0"], {}, "--repeat: must be an integer >= 1, not '0'"),
     (["allocate", "--max-combi", "many"], {}, "--max-combi: must be an integer >= 1, not 'many'"),
+    (["allocate", "--bench-concurrency", "0"], {}, "--bench-concurrency is 0, but must be >= 1"),
+    (["allocate", "--optimize-time", "nan"], {}, "--optimize-time is nan, but must be > 0"),
 ])
 def test_bad_values_are_usage_errors_that_name_the_flag(args, env, message):
     out = enserve(*args, env=env)

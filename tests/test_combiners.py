@@ -18,13 +18,11 @@ def served(name: str, preds: list[np.ndarray], weights: list[float] | None = Non
     """What the daemon answers: workers add each member's term (scaled by its weight), the answer
     finishes the sums (as ``request._combine`` does)."""
     c = combiners.get(name)
-    terms = [combiners.term(p, c.space_id, w if c.weighted else None)
+    added = [combiners.member_terms([p], c.space_id, w if c.weighted else None)
              for p, w in zip(preds, weights or [None] * len(preds))]
-    squares = [combiners.term(p, c.space_id) ** 2 * (w if c.weighted else 1)
-               for p, w in zip(preds, weights or [1] * len(preds))]
     weight_sum = 1.0 if c.weighted else len(preds)
-    (out,), entropy, variance = combiners.answer([sum(terms)], sum(squares), weight_sum, c.space_id,
-                                                 [np.dtype(np.float64)])
+    (out,), entropy, variance = combiners.answer([sum(t[0] for t, _ in added)], sum(sq for _, sq in added),
+                                                 weight_sum, c.space_id, [np.dtype(np.float64)])
     return out, entropy, variance
 
 
@@ -53,9 +51,12 @@ def test_the_weighted_mean_normalises_its_weights():
 def test_the_majority_vote_is_the_share_of_members_voting_for_each_class():
     c = np.array([[0.2, 0.8], [0.9, 0.1]])
     out, _, _ = served("majority_vote", [A, B, c])
-    # sample 1: A ties (first: class 0), B class 1, C class 1; sample 2: class 0, 1, 0
-    np.testing.assert_allclose(out, [[1 / 3, 2 / 3], [2 / 3, 1 / 3]])
+    # sample 1: A ties (its vote is split, 1/2 each), B class 1, C class 1; sample 2: class 0, 1, 0
+    np.testing.assert_allclose(out, [[0.5 / 3, 2.5 / 3], [2 / 3, 1 / 3]])
     np.testing.assert_allclose(combiners.get("majority_vote").combine(np.stack([A, B, c])), out)
+    nan = np.array([[np.nan, 0.2], [0.3, 0.7]])  # a member that outputs NaN does not cast a plausible vote
+    out, _, _ = served("majority_vote", [nan, B])
+    assert np.isnan(out[0]).all() and np.allclose(out[1], [0, 1])
 
 
 def test_the_geometric_mean_is_normalised_and_its_variance_is_of_the_log_probabilities():
@@ -69,6 +70,33 @@ def test_the_geometric_mean_is_normalised_and_its_variance_is_of_the_log_probabi
     # class 0 (ln .5 - ln .1)^2 / 4 = (ln 5)^2 / 4, class 1 (ln .5 - ln .9)^2 / 4 = (ln 1.8)^2 / 4
     np.testing.assert_allclose(variance[0, 0], (math.log(5) ** 2 + math.log(1.8) ** 2) / 8, rtol=1e-6)
     np.testing.assert_allclose(combiners.get("geometric_mean").combine(np.stack([A, B])), out)
+
+
+def test_the_geometric_mean_of_half_precision_members_with_zeros_is_finite():
+    """float16 outputs with exact zeros: the log is taken in float64 (float16 has no 1e-12), and the
+    mean log is exponentiated after taking out the row's largest value (nothing underflows)."""
+    a = np.array([[0.0, 0.0, 1.0], [0.25, 0.25, 0.5]], np.float16)
+    b = np.array([[0.0, 0.5, 0.5], [0.5, 0.25, 0.25]], np.float16)
+    out, entropy, variance = served("geometric_mean", [a, b])
+    assert np.isfinite(out).all() and np.isfinite(entropy).all() and np.isfinite(variance).all()
+    np.testing.assert_allclose(out.sum(axis=1), 1.0)
+    g = np.sqrt(np.clip(a.astype(np.float64), 1e-12, None) * np.clip(b.astype(np.float64), 1e-12, None))
+    np.testing.assert_allclose(out, g / g.sum(axis=1, keepdims=True), rtol=1e-3)
+    assert out[0].argmax() == 2
+
+
+def test_a_task_carries_every_space_of_the_registry():
+    """The space bits of a task's flags can name every registered space (a new one that did not fit
+    would be refused, never read as another flag)."""
+    from enserve.server.protocol import COMBINE, SPACE_MASK, SPACE_SHIFT, WEIGHTED, combine_flags
+
+    for k in range(len(combiners.SPACES)):
+        for weighted in (False, True):
+            flags = combine_flags(k, weighted)
+            assert flags & ~COMBINE == 0 and (flags & SPACE_MASK) >> SPACE_SHIFT == k
+            assert bool(flags & WEIGHTED) == weighted
+    with pytest.raises(ValueError, match="does not fit"):
+        combine_flags((SPACE_MASK >> SPACE_SHIFT) + 1, False)
 
 
 def test_unknown_names_are_refused_with_the_known_ones():
@@ -97,8 +125,8 @@ def test_every_combiner_answers_from_sums_what_it_computes_at_once():
 @pytest.mark.parametrize("name", ["geometric_mean", "majority_vote"])
 def test_a_served_ensemble_answers_with_its_combiner(name, demo_repo, member_sessions, tmp_path):
     """The daemon serves a combiner named in the ensemble's config: its answer equals the combination
-    of the members run directly with ONNX Runtime (numpy, not this module), its uncertainty outputs
-    are there, and a member alone is still its own output."""
+    of the members run directly with ONNX Runtime (numpy, not this module), and so do its uncertainty
+    outputs; a member alone is still its own output."""
     import tritonclient.grpc as grpcclient
 
     from enserve.server.served.repository import read_config, write_config
@@ -113,17 +141,56 @@ def test_a_served_ensemble_answers_with_its_combiner(name, demo_repo, member_ses
         x = images(5, seed=3)
         outs = np.stack([s.run(None, {"input": x})[0] for s in member_sessions.values()]).astype(np.float64)
         if name == "geometric_mean":
-            g = np.exp(np.log(outs).mean(axis=0))
+            terms = np.log(np.clip(outs, 1e-12, None))
+            g = np.exp(terms.mean(axis=0))
             expected = g / g.sum(axis=1, keepdims=True)
         else:
-            expected = np.stack([np.eye(outs.shape[2])[o.argmax(axis=1)] for o in outs]).mean(axis=0)
+            terms = np.stack([np.eye(outs.shape[2])[o.argmax(axis=1)] for o in outs])
+            expected = terms.mean(axis=0)
+        entropy = -(expected * np.log(np.clip(expected, 1e-12, None))).sum(axis=1, keepdims=True)
+        variance = terms.var(axis=0).mean(axis=1, keepdims=True)  # of the members' terms, over the classes
         inp = grpcclient.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         client = grpcclient.InferenceServerClient(daemon.grpc_url)
         result = client.infer("ensemble", [inp])
         np.testing.assert_allclose(result.as_numpy("probs"), expected, atol=1e-5)
-        assert result.as_numpy("entropy").shape == result.as_numpy("member_variance").shape == (5, 1)
+        np.testing.assert_allclose(result.as_numpy("entropy"), entropy, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(result.as_numpy("member_variance"), variance, rtol=1e-3, atol=1e-5)
         member = next(iter(member_sessions))
         np.testing.assert_allclose(client.infer(member, [inp]).as_numpy("probs"), outs[0], atol=1e-6)
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_combiner_over_classes_refuses_an_output_of_one_value(tmp_path):
+    """A vote or a geometric mean reads an output as a probability vector: a single sigmoid output
+    (one value a sample) would always answer 1, so such an ensemble is refused, naming the output."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from enserve.server.errors import RepositoryError
+    from enserve.server.served.repository import (
+        import_onnx,
+        load_repository,
+        read_config,
+        write_config,
+    )
+
+    graph = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["prob"])], "sigmoid",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+                              [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    files = []
+    for k in range(2):
+        files.append(tmp_path / f"s{k}.onnx")
+        onnx.save(model, files[-1])
+    repo = tmp_path / "repo"
+    import_onnx(files, repo)  # the mean of one value a sample is fine
+    for name in ("majority_vote", "geometric_mean"):
+        cfg = read_config(repo / "ensemble" / "config.pbtxt")
+        cfg.parameters["enserve.combiner"].string_value = name
+        write_config(repo / "ensemble", cfg)
+        with pytest.raises(RepositoryError, match=f"combiner '{name}' reads each output as a probability vector "
+                                                  "over classes, but output 'prob' has 1 value"):
+            load_repository(repo)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from enserve.server.launcher import container_command, mount_tmpfs, namespace_pid1
+from enserve.loadtest.launcher import container_command, mount_tmpfs, namespace_pid1
 from tests.conftest import load, start_daemon
 
 pytestmark = pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare")

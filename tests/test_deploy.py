@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 import yaml
 
 from enserve.deploy import Backend, BalancerPorts, HealthCheck, haproxy_config, parse_backend
-from enserve.server import launcher
+from enserve.loadtest import launcher
 from tests.conftest import ROOT, apt_install, images, install_plainly
 
 DEPLOY = ROOT / "deploy"

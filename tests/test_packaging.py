@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from enserve.server import launcher
+from enserve.loadtest import launcher
 from tests.conftest import ROOT, copy_repo, images, install_plainly, shm_objects
 
 GENERIC = ("server", "models", "tuning", "optimizer", "loadtest")

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("optuna", reason="the 'tune' extra is not installed")
 pytest.importorskip("psycopg2", reason="psycopg2 (the 'tune' extra) is not installed")
 
-from enserve.server.launcher import free_ports  # noqa: E402
+from enserve.loadtest.launcher import free_ports  # noqa: E402
 
 
 def _pg_bin(name: str) -> str | None:

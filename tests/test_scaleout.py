@@ -19,8 +19,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from enserve.deploy import HealthCheck, prometheus_config
+from enserve.loadtest import launcher
 from enserve.loadtest.balancer import Cluster, haproxy_binary, metric
-from enserve.server import launcher
 from tests.conftest import apt_install, images, timed_infer
 
 CLIENTS = 16

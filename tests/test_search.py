@@ -335,7 +335,7 @@ def test_the_library_study_opens_in_optuna_dashboard(library):
     import time
     import urllib.request
 
-    from enserve.server.launcher import free_ports
+    from enserve.loadtest.launcher import free_ports
 
     pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is in the 'tune' extra")
     lib, storage = library

@@ -9,7 +9,6 @@ import pytest
 
 from enserve.tuning.selection import (
     caruana,
-    combine,
     cross_entropy,
     forward_greedy,
     prune_top,
@@ -88,16 +87,21 @@ def test_caruana_with_replacement():
     assert sel.loss == pytest.approx(nll(0.725, 0.525))
 
 
-def test_combiners():
-    preds = np.stack([two_class([0.9, 0.4], [0, 1]), two_class([0.6, 0.2], [0, 1]),
-                      two_class([0.3, 0.7], [0, 1])])
-    np.testing.assert_allclose(combine(preds, "mean")[:, 0], [0.6, (0.6 + 0.8 + 0.3) / 3])
-    np.testing.assert_allclose(combine(preds, "weighted_mean", np.array([2, 1, 1]))[:, 0],
-                               [(1.8 + 0.6 + 0.3) / 4, (1.2 + 0.8 + 0.3) / 4])
-    # votes for class 0: sample 1 -> models 1,2 (2 of 3); sample 2 -> models 1,2 (p0 = .6, .8)
-    np.testing.assert_allclose(combine(preds, "majority_vote"), [[2 / 3, 1 / 3], [2 / 3, 1 / 3]])
+def test_the_selection_scores_candidates_as_the_combiner_serves_them():
+    """The same library, two combiners, two ensembles: forward greedy adds the second member that
+    makes the best mean, or the best geometric mean (computed here with numpy, not the registry)."""
+    p0 = np.array([[0.3, 0.7, 0.2], [0.8, 0.1, 0.8], [0.2, 0.4, 0.3]])  # P(class 0) per model and sample
+    preds = np.stack([p0, 1 - p0], axis=-1)
+    labels = np.array([0, 0, 1])
+    by_mean = forward_greedy(preds, labels, 2)
+    by_geometric = forward_greedy(preds, labels, 2, combiner="geometric_mean")
+    assert by_mean.members == (0, 1) and by_geometric.members == (0, 2)
+    assert by_mean.loss == pytest.approx(nll(*((preds[0] + preds[1]) / 2)[np.arange(3), labels]))
+    g = np.sqrt(preds[0] * preds[2])
+    g /= g.sum(axis=1, keepdims=True)
+    assert by_geometric.loss == pytest.approx(nll(*g[np.arange(3), labels]))
     with pytest.raises(ValueError, match="combiner 'median' is not one of"):
-        combine(preds, "median")
+        forward_greedy(preds, labels, 2, combiner="median")
 
 
 def test_prune_top_fraction():

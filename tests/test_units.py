@@ -13,7 +13,20 @@ from enserve.models.synthetic import write_tiny_cnns
 from enserve.server.dataplane.slots import InputRing, RowRing
 from enserve.server.dataplane.worker import collect
 from enserve.server.errors import InvalidArgument, RepositoryError
-from enserve.server.protocol import DONE, STATUS_OK, TASK, DoneReader, TaskReader, pack_done
+from enserve.server.protocol import (
+    BURST,
+    DONE,
+    FLAGS,
+    MAX_GROUP_MEMBERS,
+    STATUS_OK,
+    TASK,
+    WEIGHTED,
+    DoneReader,
+    TaskReader,
+    combine_flags,
+    pack_done,
+)
+from enserve.server.served.placement import Placement, Replica, WorkerGroup, check
 from enserve.server.served.repository import TensorSpec, import_onnx, load_repository, parse_cores
 
 
@@ -78,7 +91,8 @@ def test_a_request_larger_than_the_ring_is_a_clear_invalid_argument():
 
 
 def test_descriptor_framing_survives_arbitrary_chunks():
-    tasks = [(1, 0, 3, 0, 1), (2, 3, 1, 500, 5), (4294967295, 100, 64, 0, 0xFFFFFFFF)]
+    tasks = [(1, 0, 3, 0, 1), (2, 3, 1, 500, 5), (4294967295, 100, 64, 0, 0xFFFFFFFF),
+             (5, 7, 2, 0, BURST | WEIGHTED | combine_flags(2, True) | (1 << MAX_GROUP_MEMBERS) - 1)]
     blob = pack_tasks(tasks)
     reader = TaskReader()
     got = []
@@ -91,6 +105,18 @@ def test_descriptor_framing_survives_arbitrary_chunks():
     assert [(f.worker, f.status, f.ids, f.message, f.rows) for f in out] == [
         (3, 0, (7, 8), "", 4), (0, 1, (9,), "boom", 1)]
     assert (out[0].queue_ns, out[0].input_ns, out[0].infer_ns, out[0].output_ns) == (1, 2, 3, 4)
+
+
+def test_a_group_has_as_many_members_as_a_task_mask_names():
+    """A task's mask names up to MAX_GROUP_MEMBERS members below its flags (a larger group is refused
+    by ``check``, which every placement passes through: configs, plans, the allocator's bench)."""
+    assert ((1 << MAX_GROUP_MEMBERS) - 1) & FLAGS == 0
+    group = [f"m{k}" for k in range(MAX_GROUP_MEMBERS)]
+    one = (Replica("cpu", (0,), 1),)
+    check(Placement((WorkerGroup(tuple(group), one, 8),)))
+    with pytest.raises(RepositoryError, match=f"has {MAX_GROUP_MEMBERS + 1} members, but must have 1 to "
+                                              f"{MAX_GROUP_MEMBERS}"):
+        check(Placement((WorkerGroup((*group, "one_more"), one, 8),)))
 
 
 def test_done_frames_fit_pipe_buf_so_shared_pipe_writes_stay_atomic():

@@ -54,6 +54,16 @@ def test_bad_weights_are_named(demo_repo, tmp_path, weights, message):
         load_repository(weighted_repo(demo_repo, tmp_path, weights))
 
 
+def test_weights_for_a_combiner_that_takes_none_are_refused(demo_repo, tmp_path):
+    repo = weighted_repo(demo_repo, tmp_path, "1,1,1,1")
+    cfg = read_config(repo / "ensemble" / "config.pbtxt")
+    cfg.parameters["enserve.combiner"].string_value = "majority_vote"
+    write_config(repo / "ensemble", cfg)
+    with pytest.raises(RepositoryError, match="combiner 'majority_vote' takes no weights, but the config sets "
+                                              "enserve.weights; use one of \\['weighted_mean'\\]"):
+        load_repository(repo)
+
+
 def test_weights_round_trip_through_config(demo_repo, tmp_path):
     repo = load_repository(weighted_repo(demo_repo, tmp_path, ",".join(map(str, WEIGHTS))))
     spec = repo.ensembles["ensemble"]

@@ -12,7 +12,8 @@ The arithmetic mean works in the identity space, a majority vote in the space of
 The uncertainty outputs come from the same sums: the predictive entropy of the combined output, and
 the members' variance, E_w[t^2] - E_w[t]^2 of their terms t, averaged over the classes.
 
-Adding a combiner means adding it (and, if it needs one, its space) here; nothing else changes.
+Adding a combiner means adding it (and, if it needs one, its space) here; nothing else changes
+(a task's flags carry a space's index to the workers in ``protocol.SPACE_BITS`` bits).
 Pure numpy, no I/O: every stage can import it.
 """
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 EPS = 1e-12
+DEFAULT = "mean"  # an ensemble's combiner when its config names none
 
 
 def _identity(y: np.ndarray) -> np.ndarray:
@@ -31,20 +33,25 @@ def _identity(y: np.ndarray) -> np.ndarray:
 
 
 def _log(y: np.ndarray) -> np.ndarray:
-    return np.log(np.clip(y, EPS, None))
+    """log y in float64 (float16's log of ``EPS`` would be -inf), 0 clipped at ``EPS``."""
+    return np.log(np.clip(np.asarray(y, dtype=np.float64), EPS, None))
 
 
 def _normalised_exp(mean_log: np.ndarray) -> np.ndarray:
-    """exp of the mean log, rescaled so that each sample's outputs sum to 1 (a distribution again)."""
-    flat = np.exp(mean_log.reshape(len(mean_log), -1))
-    return (flat / flat.sum(axis=1, keepdims=True)).reshape(mean_log.shape)
+    """exp of the mean log, rescaled so that each sample's outputs sum to 1 (a distribution again);
+    the row's largest value is taken out first, so nothing underflows (in float64)."""
+    flat = np.asarray(mean_log, dtype=np.float64).reshape(len(mean_log), -1)
+    e = np.exp(flat - flat.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).reshape(mean_log.shape)
 
 
 def _one_hot_vote(y: np.ndarray) -> np.ndarray:
-    """1 at each sample's largest output, 0 elsewhere (ties: the first)."""
-    flat = y.reshape(len(y), -1)
-    votes = np.zeros_like(flat)
-    votes[np.arange(len(flat)), flat.argmax(axis=1)] = 1
+    """Each sample's vote: 1 at its largest output, shared equally between tied largest outputs; a
+    sample with a NaN output votes NaN (as it would show in a mean), never a plausible class."""
+    flat = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    top = flat == flat.max(axis=1, keepdims=True)  # a NaN row: its max is NaN, nothing equals it
+    with np.errstate(invalid="ignore", divide="ignore"):
+        votes = top / top.sum(axis=1, keepdims=True)
     return votes.reshape(y.shape)
 
 
@@ -56,12 +63,13 @@ class Space:
     name: str
     forward: Callable[[np.ndarray], np.ndarray]
     inverse: Callable[[np.ndarray], np.ndarray]
+    over_classes: bool = False  # reads each output as one probability vector (needs >= 2 classes)
 
 
 SPACES: tuple[Space, ...] = (
     Space("identity", _identity, _identity),
-    Space("vote", _one_hot_vote, _identity),
-    Space("log", _log, _normalised_exp),
+    Space("vote", _one_hot_vote, _identity, over_classes=True),
+    Space("log", _log, _normalised_exp, over_classes=True),
 )
 
 
@@ -76,6 +84,21 @@ class Combiner:
     def space_id(self) -> int:
         return space_id(self.space)
 
+    @property
+    def over_classes(self) -> bool:
+        """Whether it reads each output as a probability vector over classes (a vote, a geometric
+        mean), rather than value by value (a mean)."""
+        return SPACES[self.space_id].over_classes
+
+    def terms(self, preds: np.ndarray) -> np.ndarray:
+        """(members, samples, ...) predictions as terms of its space, in float64: what the selection
+        sums (``finish`` turns a sum of them back into an answer)."""
+        forward = SPACES[self.space_id].forward
+        return np.stack([np.asarray(forward(np.asarray(p, dtype=np.float64)), dtype=np.float64) for p in preds])
+
+    def finish(self, total: np.ndarray, weight_sum: float) -> np.ndarray:
+        return finish(total, weight_sum, self.space_id)
+
     def combine(self, preds: np.ndarray, weights: Sequence[float] | None = None) -> np.ndarray:
         """(members, samples, ...) predictions combined into (samples, ...): what the served ensemble
         answers for the same members, from the same sums."""
@@ -87,16 +110,15 @@ class Combiner:
             w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
         else:
             w = np.ones(len(preds))
-        space = SPACES[self.space_id]
-        total = sum(wi * space.forward(np.asarray(p, dtype=np.float64)) for wi, p in zip(w, preds))
-        return finish(total, float(w.sum()), self.space_id)
+        return self.finish(np.tensordot(w, self.terms(preds), axes=1), float(w.sum()))
 
 
 COMBINERS: dict[str, Combiner] = {c.name: c for c in (
     Combiner("mean", "identity", doc="the arithmetic mean of the members' outputs (the default)"),
     Combiner("weighted_mean", "identity", weighted=True,
              doc="sum of w_i y_i with weights from enserve.weights (Caruana's selection writes them)"),
-    Combiner("majority_vote", "vote", doc="the share of members whose largest output is each class"),
+    Combiner("majority_vote", "vote", doc="the share of members whose largest output is each class (a member "
+                                          "whose largest outputs tie splits its vote)"),
     Combiner("geometric_mean", "log", doc="the normalised geometric mean of the members' probabilities (its "
                                           "member_variance is that of their log-probabilities)"),
 )}
@@ -110,6 +132,22 @@ def get(name: str) -> Combiner:
         raise ValueError(f"combiner '{name}' is not one of {sorted(COMBINERS)}") from None
 
 
+def unweighted() -> list[str]:
+    """The combiners whose members carry no weights: what a user names for a selection."""
+    return sorted(c.name for c in COMBINERS.values() if not c.weighted)
+
+
+def weighted_twin(name: str) -> Combiner:
+    """The weighted combiner in the space of ``name`` (a selection that repeats members weighs
+    them); ValueError if that space has none."""
+    space = get(name).space
+    for c in COMBINERS.values():
+        if c.space == space and c.weighted:
+            return c
+    raise ValueError(f"combiner '{name}' has no weighted form (a weighted combiner in space '{space}'), so members "
+                     f"cannot carry weights; weighted combiners: {sorted(c.name for c in COMBINERS.values() if c.weighted)}")
+
+
 def space_id(name: str) -> int:
     for k, space in enumerate(SPACES):
         if space.name == name:
@@ -117,12 +155,16 @@ def space_id(name: str) -> int:
     raise ValueError(f"space '{name}' is not one of {[s.name for s in SPACES]}")
 
 
-def term(y: np.ndarray, space: int, weight: float | None = None) -> np.ndarray:
-    """What one member with output ``y`` adds to its group's running sum (a worker's work)."""
-    t = SPACES[space].forward(y)
-    if weight is None:
-        return t
-    return t * t.dtype.type(weight) if t.dtype.kind == "f" else t * weight
+def member_terms(values: Sequence[np.ndarray], space: int, weight: float | None = None,
+                 ) -> tuple[list[np.ndarray], np.ndarray]:
+    """What one member adds to its group's running sums (a worker's work): each output's term in
+    ``space`` and the first one's square, both times ``weight`` when the combiner is weighted."""
+    terms = [SPACES[space].forward(v) for v in values]
+    square = np.square(terms[0])
+    if weight is not None:
+        terms = [t * t.dtype.type(weight) for t in terms]
+        square = square * square.dtype.type(weight)
+    return terms, square
 
 
 def finish(total: np.ndarray, weight_sum: float, space: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The ``enserve`` command: one module per subcommand, each importing only what it needs (``serve``
+"""The ``enserve`` command: one module per subcommand, each importing its heavy parts in ``run`` (``serve``
 never imports torch). Exit codes, the same everywhere: 0 done, 2 a usage or validation error
 (bad flags or values, caught before any work), 1 a failure while working."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from enserve import __version__
 from enserve.cli import allocate, bench, build, demo, deploy, importing, serve
-from enserve.server import __version__
 
 SUBCOMMANDS = (serve, importing, demo, bench, allocate, build, deploy)
 

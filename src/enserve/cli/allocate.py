@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from enserve.cli.common import fail, int_list, positive_int
-from enserve.optimizer.search import COST_MAX_COMBI, REAL_MAX_COMBI
+from enserve.cli.common import USAGE, fail, int_list, positive_int
+from enserve.optimizer.profiles import DEFAULT_BATCH_SIZES
+from enserve.optimizer.search import BENCHES, COST_MAX_COMBI, REAL_MAX_COMBI
 
 ALLOCATOR_OPTIONS = ("cpu_devices", "max_combi", "optimize_time_s", "optimize_metric", "bench_concurrency",
                      "bench_images")
@@ -26,7 +27,19 @@ def add_allocator_flags(p: argparse.ArgumentParser) -> None:
         shown = (f"{REAL_MAX_COMBI} measured on the real bench, {COST_MAX_COMBI} computed by the cost model"
                  if name == "max_combi" else f.default)
         p.add_argument(m["flag"], dest=name, type=positive_int if name == "max_combi" else m["parse"],
-                       choices=m["choices"], default=default, help=f"{m['help']} (default: {shown})")
+                       choices=m["choices"], default=default,
+                       help=m["help"] + ("" if shown is None else f" (default: {shown})"))
+
+
+def checked_options(args: argparse.Namespace):
+    """The allocator's flags as ``ServeOptions``, validated by the same rules as ``enserve serve``'s
+    (ValueError naming the flag, the value and the rule)."""
+    from enserve.server.config import ServeOptions
+
+    given = {n: getattr(args, n) for n in ALLOCATOR_OPTIONS if getattr(args, n) is not None}
+    options = ServeOptions(**given)
+    options.validate()
+    return options
 
 
 def add_parser(sub) -> None:
@@ -34,9 +47,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     p.add_argument("--ensemble", default=None, help="the ensemble to place (default: the only one)")
     add_allocator_flags(p)
-    p.add_argument("--batch-sizes", type=int_list, default=(1, 8, 32, 64),
-                   help="batch sizes the search may choose from")
-    p.add_argument("--bench", choices=("real", "cost"), default="real",
+    p.add_argument("--batch-sizes", type=int_list, default=DEFAULT_BATCH_SIZES,
+                   help=f"batch sizes the search may choose from (default: {','.join(map(str, DEFAULT_BATCH_SIZES))})")
+    p.add_argument("--bench", choices=BENCHES, default=BENCHES[0],
                    help="score allocations on the real pipeline, or with the cost model from profiles")
     p.add_argument("--profiles", type=Path, default=None,
                    help="member profiles (JSON) instead of measuring them, e.g. for machines we do not have")
@@ -61,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
     from enserve.server.served.repository import load_repository
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        checked_options(args)
+    except ValueError as exc:  # caught before any work, as enserve serve's
+        return fail("allocate", exc, USAGE)
     try:
         repo = load_repository(args.model_repository)
         devices = inventory(args.cpu_devices, use_gpus=not args.simulate_gpus)

@@ -9,16 +9,23 @@ import sys
 import time
 from pathlib import Path
 
+from enserve import combiners
 from enserve.cli.common import FAILURE, USAGE, fail
+from enserve.tuning.build import METHODS
+from enserve.tuning.data import INPUT_KINDS
+from enserve.tuning.search import OBJECTIVES, PRUNERS, SAMPLERS
 
 
 def _selection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=None,
                    help="largest total inference cost of the ensemble, in seconds per 2000 samples on one core "
                         "(default: 3 x the best single model's)")
-    p.add_argument("--method", choices=("smobf", "greedy", "caruana"), default="smobf",
+    p.add_argument("--method", choices=METHODS, default=METHODS[0],
                    help="SMOBF greedy (w in 0.1, 0.01, 0.001), forward greedy with --n-models, or Caruana's selection "
-                        "with replacement (served as a weighted mean)")
+                        "with replacement (served by the combiner's weighted form)")
+    p.add_argument("--combiner", choices=combiners.unweighted(), default=combiners.DEFAULT,
+                   help="how the ensemble combines its members, served and scored in the selection alike: "
+                        + "; ".join(f"{n}: {combiners.get(n).doc}" for n in combiners.unweighted()))
     p.add_argument("--n-models", type=int, default=5, help="models of the forward-greedy baseline")
     p.add_argument("--prune", type=float, default=0.2, help="select among the top fraction of the library")
     p.add_argument("--ensemble", default="ensemble", help="name of the ensemble model in the repository")
@@ -40,18 +47,18 @@ def add_parser(sub) -> None:
                    help="Optuna storage shared by the workers: an RDB URL (postgresql://...) for several "
                         "machines; default: a journal file in the library")
     p.add_argument("--workers", type=int, default=2, help="worker processes on this machine")
-    p.add_argument("--sampler", choices=("random", "tpe", "gp", "nsga2"), default="random")
-    p.add_argument("--pruner", choices=("asha", "hyperband", "none"), default="asha",
+    p.add_argument("--sampler", choices=SAMPLERS, default=SAMPLERS[0])
+    p.add_argument("--pruner", choices=PRUNERS, default=PRUNERS[0],
                    help="asynchronous successive halving over epochs, Hyperband, or none")
     p.add_argument("--max-epochs", type=int, default=None,
                    help="epochs of a trial that is never stopped (default: from the data set's size and the "
                         "time budget, printed at the start; ASHA's rungs at 1/27, 1/9, 1/3 of it)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--objective", choices=("error", "error-and-cost"), default="error",
+    p.add_argument("--objective", choices=OBJECTIVES, default=OBJECTIVES[0],
                    help="what the search minimises: the validation loss, or the loss plus --cost-weight x the "
                         "trial's inference cost over a middle-sized network's (ASHA compares that sum at every rung)")
     p.add_argument("--cost-weight", type=float, default=0.1, help="weight of the cost for --objective error-and-cost")
-    p.add_argument("--input-kind", choices=("auto", "image", "signal", "tabular"), default="auto",
+    p.add_argument("--input-kind", choices=INPUT_KINDS, default=INPUT_KINDS[0],
                    help="how inputs are read: 4-D arrays are images, 3-D (N, C, L) signals, 2-D rows tabular "
                         "unless 'signal' (one channel); signals search a 1-D residual CNN family")
     _selection_flags(p)
@@ -147,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         write_index(library, args.dataset)
     try:
         chosen, budget = build.select_and_export(library, args.model_repository, args.ensemble, budget=args.budget,
-                                                 method=args.method, prune=args.prune, n_models=args.n_models)
+                                                 method=args.method, prune=args.prune, n_models=args.n_models,
+                                                 combiner=args.combiner)
     except (ValueError, OSError, RuntimeError, EnserveError) as exc:
         return fail(args.command, exc)
     print(f"ensemble '{args.ensemble}' of {build.plural(len(chosen.numbers), 'model')} (cost {chosen.cost:.4f} s <= budget "

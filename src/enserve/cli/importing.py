@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from enserve import combiners
 from enserve.cli.common import fail
+from enserve.server.served.repository import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_SIZE
 
 
 def add_parser(sub) -> None:
@@ -13,8 +15,11 @@ def add_parser(sub) -> None:
     p.add_argument("files", nargs="+", type=Path, help="ONNX classifiers with the same inputs and outputs")
     p.add_argument("--model-repository", type=Path, required=True, help="repository to create or add to")
     p.add_argument("--ensemble", default="ensemble", help="name of the ensemble model over all the files")
-    p.add_argument("--max-batch-size", type=int, default=64, help="largest batch a request may carry")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size each member runs at")
+    p.add_argument("--combiner", choices=combiners.unweighted(), default=combiners.DEFAULT,
+                   help="how the ensemble combines its members: "
+                        + "; ".join(f"{n}: {combiners.get(n).doc}" for n in combiners.unweighted()))
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="largest batch a request may carry")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="batch size each member runs at")
     p.add_argument("--max-queue-delay-us", type=int, default=0,
                    help="batch window after the first request (0: batch only what is already queued)")
     p.set_defaults(run=run, parser=p)
@@ -27,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         repo = import_onnx(args.files, args.model_repository, ensemble=args.ensemble,
                            max_batch_size=args.max_batch_size, batch_size=args.batch_size,
-                           queue_delay_us=args.max_queue_delay_us)
+                           queue_delay_us=args.max_queue_delay_us, combiner=args.combiner)
     except (EnserveError, OSError) as exc:
         return fail("import", exc)
     print(f"wrote {args.model_repository}: members {sorted(repo.members)}, ensemble '{args.ensemble}'")

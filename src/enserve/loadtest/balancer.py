@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from enserve.deploy import Backend, BalancerPorts, HealthCheck, haproxy_config
-from enserve.server import launcher
+from enserve.loadtest import launcher
 
 
 def haproxy_binary() -> str | None:

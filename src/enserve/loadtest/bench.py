@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from enserve.child import python_module
+from enserve.loadtest.launcher import free_ports, start_server
 from enserve.loadtest.signature import Signature, signature
-from enserve.server.launcher import free_ports, start_server
 
 
 @dataclass
@@ -93,7 +93,7 @@ def ceiling(repository: Path, model: str = "ensemble", batch_sizes=(1, 2, 4, 8, 
     return rates, single_ms
 
 
-async def _closed_loop(url: str, model: str, concurrency: int, images: int, seconds: float,
+async def closed_loop(url: str, model: str, concurrency: int, images: int, seconds: float,
                        sig: Signature, warmup: float = 1.0,
                        pid: int | None = None) -> tuple[int, list[float], int, tuple[float, float]]:
     """``concurrency`` users over one channel; each request is serialised once, like perf_analyzer."""
@@ -144,7 +144,7 @@ async def _closed_loop(url: str, model: str, concurrency: int, images: int, seco
 def measure(server: str, url: str, model: str, concurrency: int, images: int, seconds: float,
             sig: Signature, pid: int | None = None) -> Cell:
     n, lat, errors, (front, total) = asyncio.run(
-        _closed_loop(url, model, concurrency, images, seconds, sig, pid=pid))
+        closed_loop(url, model, concurrency, images, seconds, sig, pid=pid))
     return Cell(server, concurrency, images, n, seconds, np.array(lat), errors, front, total)
 
 

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from enserve.server.launcher import (
+from enserve.loadtest.launcher import (
     Server,
     container_command,
     free_ports,
@@ -38,6 +38,7 @@ from enserve.server.launcher import (
     start_daemon,
     workers,
 )
+from enserve.server.dataplane.shm import PREFIX
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 FAULTS = ("kill worker", "stop worker", "kill daemon")
@@ -73,7 +74,7 @@ def rss_mib(pid: int) -> float | None:
 def shm_state(shm: Path) -> tuple[int, float]:
     """(enserve objects, MiB used) of the container's /dev/shm."""
     st = os.statvfs(shm)
-    return len([p for p in shm.iterdir() if p.name.startswith("enserve.")]), \
+    return len([p for p in shm.iterdir() if p.name.startswith(PREFIX)]), \
         (st.f_blocks - st.f_bfree) * st.f_frsize / 2**20
 
 

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from enserve.loadtest.launcher import start_daemon
 from enserve.optimizer.allocation import Device, MemberProfile
 from enserve.optimizer.costmodel import CostModelBench, predicted_throughput
 from enserve.optimizer.devices import inventory
 from enserve.optimizer.placement import proportional_start, replicated_whole, worst_fit_decreasing
+from enserve.optimizer.profiles import DEFAULT_BATCH_SIZES
 from enserve.optimizer.search import COST_MAX_COMBI, PAPER_MOVES, neighbourhood_search
 from enserve.server import allocate as alloc_mod
-from enserve.server.launcher import start_daemon
 from enserve.server.served.repository import ensemble_members, import_onnx, load_repository
 
 GPU_LAUNCH_S = 0.0002  # assumed per-batch overhead of a GPU (launch + copies)
@@ -37,12 +38,12 @@ GPU_SPEEDUP = 30.0  # assumed GPU speed per image relative to one CPU core
 
 def serve_and_measure(repo: Path, plan_file: Path, seconds: float, concurrency: int, images: int) -> float:
     """Images/s of the daemon serving ``plan_file``, driven by the benchmark's closed-loop client."""
-    from enserve.loadtest.bench import _closed_loop  # the client only: it speaks the protocol
+    from enserve.loadtest.bench import closed_loop  # the client only: it speaks the protocol
     from enserve.loadtest.signature import signature
 
     daemon = start_daemon(repo, "--plan", str(plan_file))
     try:
-        n, _, errors, _ = asyncio.run(_closed_loop(daemon.grpc_url, "ensemble", concurrency, images, seconds,
+        n, _, errors, _ = asyncio.run(closed_loop(daemon.grpc_url, "ensemble", concurrency, images, seconds,
                                                    signature(daemon.grpc_url, "ensemble")))
     finally:
         daemon.stop()
@@ -92,12 +93,13 @@ def with_gpu_model(profiles: list[MemberProfile]) -> list[MemberProfile]:
     out = []
     for p in profiles:
         one = p.latency("cpu1", 1)
-        gpu = {b: GPU_LAUNCH_S + b * one / GPU_SPEEDUP for b in (1, 8, 32, 64)}
+        gpu = {b: GPU_LAUNCH_S + b * one / GPU_SPEEDUP for b in DEFAULT_BATCH_SIZES}
         out.append(MemberProfile(p.name, p.memory_bytes, {**p.latency_s, "gpu": gpu}))
     return out
 
 
 def part_b(repo7: Path, args) -> list[tuple]:
+    from enserve.optimizer import plan as plans
     from enserve.optimizer.devices import hardware_fingerprint
     from enserve.optimizer.profiles import profile_members
 
@@ -105,7 +107,7 @@ def part_b(repo7: Path, args) -> list[tuple]:
     _, names = ensemble_members(repo, None)
     cpu = inventory(f"0-{len(os.sched_getaffinity(0)) - 1}", use_gpus=False)
     measured = profile_members(alloc_mod.member_sources(repo, names), cpu, hardware_fingerprint(cpu),
-                               cache_path=repo7 / ".enserve" / "profiles.json",
+                               cache_path=plans.profiles_path(repo7),
                                progress=lambda m: print("  " + m, flush=True))
     profiles = with_gpu_model(measured)
     rows = []
@@ -113,11 +115,11 @@ def part_b(repo7: Path, args) -> list[tuple]:
         devices = [Device(f"gpu:{i}", "gpu", 16 * 2**30, index=i) for i in range(g)] + cpu
         start = worst_fit_decreasing(profiles, devices, 32)
         bench = CostModelBench(profiles, devices)
-        paper = neighbourhood_search(start, profiles, devices, [1, 8, 32, 64], bench, max_combi=args.sim_combi,
+        paper = neighbourhood_search(start, profiles, devices, list(DEFAULT_BATCH_SIZES), bench, max_combi=args.sim_combi,
                                      moves=PAPER_MOVES)
         whole = replicated_whole(profiles, devices, 32)
         full = neighbourhood_search(proportional_start(start, profiles, devices), profiles, devices,
-                                    [1, 8, 32, 64], bench, max_combi=args.sim_combi,
+                                    list(DEFAULT_BATCH_SIZES), bench, max_combi=args.sim_combi,
                                     alternatives=(whole,) if whole is not None else ())
         rows.append((g, paper.start_score, paper.best_score, full.start_score, full.best_score,
                      paper.evaluated + full.evaluated, alloc_mod.describe(full.best, names)))

@@ -21,10 +21,11 @@ class Device:
     cores: tuple[int, ...] = ()
     index: int = 0  # GPU index
 
-    @property
-    def profile_key(self) -> str:
-        """Devices with the same key run a member equally fast."""
-        return f"cpu{len(self.cores)}" if self.kind == "cpu" else "gpu"
+
+
+def cpu_key(threads: int) -> str:
+    """The profile key of a member's latencies measured on ``threads`` CPU cores."""
+    return f"cpu{threads}"
 
 
 @dataclass(frozen=True)

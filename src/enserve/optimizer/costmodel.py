@@ -10,7 +10,7 @@ ensemble is as fast as its slowest group or busiest device.
 
 from __future__ import annotations
 
-from enserve.optimizer.allocation import Allocation, Device, MemberProfile
+from enserve.optimizer.allocation import Allocation, Device, MemberProfile, cpu_key
 
 
 def predicted_throughput(alloc: Allocation, members: list[MemberProfile], devices: list[Device]) -> float:
@@ -27,7 +27,7 @@ def predicted_throughput(alloc: Allocation, members: list[MemberProfile], device
                 replicas.append((r.device, g.batch / t, t / g.batch))
             else:
                 threads = min(r.threads, len(dev.cores))
-                t = sum(members[i].latency(f"cpu{min(threads, members[i].threads_measured())}", g.batch)
+                t = sum(members[i].latency(cpu_key(min(threads, members[i].threads_measured())), g.batch)
                         for i in g.members)
                 replicas.append((r.device, g.batch / t, threads * t / g.batch))
         group_rate = sum(x for _, x, _ in replicas)

@@ -40,7 +40,7 @@ class Plan:
     ensemble: str
     key: str
     hardware: str
-    metric: str
+    metric: str  # what the search maximised: one of ``search.METRICS``
     groups: list[PlanGroup]
     start_score: float
     score: float
@@ -48,6 +48,7 @@ class Plan:
     evaluated: int
     created: float
     version: int = PLAN_VERSION
+    bench: str = ""  # what scored the allocations: one of ``search.BENCHES`` ("" in plans from before it)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -60,6 +61,9 @@ class Plan:
             data = _upgrade_v1(data)
         elif version != PLAN_VERSION:
             raise ValueError(f"plan version {version!r}, but this enserve reads versions 1 and {PLAN_VERSION}")
+        metric, _, bench = data["metric"].partition(" (")  # before the bench field: "throughput (real bench)"
+        if bench:
+            data["metric"], data["bench"] = metric, bench.removesuffix(" bench)")
         for k in ("groups", "start"):
             data[k] = [PlanGroup(g["members"], g["batch_size"], [PlanReplica(**r) for r in g["replicas"]])
                        for g in data[k]]
@@ -86,8 +90,17 @@ def plan_key(ensemble: str, member_hashes: list[str], hardware: str) -> str:
                           .encode()).hexdigest()[:16]
 
 
+def state_dir(repository: Path) -> Path:
+    """Where enserve keeps what it measured of a repository: plans, profiles."""
+    return Path(repository) / ".enserve"
+
+
 def plan_path(repository: Path, ensemble: str, key: str) -> Path:
-    return Path(repository) / ".enserve" / "plans" / f"{ensemble}.{key}.json"
+    return state_dir(repository) / "plans" / f"{ensemble}.{key}.json"
+
+
+def profiles_path(repository: Path) -> Path:
+    return state_dir(repository) / "profiles.json"
 
 
 def save(plan: Plan, path: Path) -> None:
@@ -118,7 +131,8 @@ def plan_table(plan: Plan) -> str:
             out.append(f"  {'+'.join(g.members):<32} batch {g.batch_size:>3}   {len(g.replicas)} replica(s): {where}")
         return out
 
-    unit = "images/s" if plan.metric.startswith("throughput") else "-p99 ms"
+    unit = "images/s" if plan.metric == "throughput" else "-p99 ms"
+    how = plan.metric + (f", {plan.bench} bench" if plan.bench else "")
     return "\n".join([f"start ({plan.start_score:.1f} {unit}):", *rows(plan.start),
-                      f"refined ({plan.score:.1f} {unit}, {plan.metric}, after {plan.evaluated} allocations scored):",
+                      f"refined ({plan.score:.1f} {unit}, {how}, after {plan.evaluated} allocations scored):",
                       *rows(plan.groups)])

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from enserve.child import python_module
-from enserve.optimizer.allocation import Device, MemberProfile
+from enserve.optimizer.allocation import Device, MemberProfile, cpu_key
 from enserve.optimizer.sessions import session_for
 
 CACHE_VERSION = 1
@@ -170,7 +170,7 @@ def device_keys(devices: list[Device]) -> list[tuple[str, str, int, tuple[int, .
     max_cores = max([len(d.cores) for d in devices if d.kind == "cpu"], default=0)
     cpu = next((d for d in devices if d.kind == "cpu" and len(d.cores) == max_cores), None)
     for k in range(1, max_cores + 1):
-        keys.append((f"cpu{k}", "cpu", k, cpu.cores[:k] if cpu else None))
+        keys.append((cpu_key(k), "cpu", k, cpu.cores[:k] if cpu else None))
     if any(d.kind == "gpu" for d in devices):
         keys.append(("gpu", "gpu", 1, None))
     return keys

@@ -27,6 +27,7 @@ PAPER_MOVES = frozenset({"batch", "device"})  # Algorithm 1 as published: one me
 # default budgets (allocations scored): a real-bench score is seconds of the pipeline; a cost-model
 # score is microseconds, and a search with every move needs hundreds of them to converge
 REAL_MAX_COMBI = 12
+BENCHES = ("real", "cost")  # what scores an allocation: the real pipeline measured, or the cost model
 METRICS = ("throughput", "latency")  # what a search maximises: images/s, or minus the p99 latency
 COST_MAX_COMBI = 2000
 

@@ -8,7 +8,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -17,8 +16,8 @@ from enserve.optimizer.allocation import Allocation, Device, MemberProfile
 from enserve.optimizer.costmodel import CostModelBench
 from enserve.optimizer.devices import hardware_fingerprint
 from enserve.optimizer.placement import proportional_start, replicated_whole, worst_fit_decreasing
-from enserve.optimizer.profiles import MemberSource, file_hash, profile_members
-from enserve.optimizer.search import METRICS, REAL_MAX_COMBI, SearchResult, neighbourhood_search
+from enserve.optimizer.profiles import DEFAULT_BATCH_SIZES, MemberSource, profile_members
+from enserve.optimizer.search import BENCHES, METRICS, SearchResult, neighbourhood_search
 from enserve.server.config import ServeOptions
 from enserve.server.errors import RepositoryError
 from enserve.server.served import placement as placements
@@ -26,6 +25,7 @@ from enserve.server.served.placement import Placement
 from enserve.server.served.repository import Repository, ensemble_members
 
 log = logging.getLogger("enserve")
+DEFAULTS = ServeOptions()  # the allocator's defaults are the serving options' (one home)
 PER_ROUND = 4  # real-bench neighbours measured per round, most promising (cost model) first
 
 
@@ -59,9 +59,9 @@ class RealBench:
     ensemble: str
     names: list[str]
     devices: list[Device]
-    metric: str = "throughput"
-    concurrency: int = 16
-    images: int = 8
+    metric: str = DEFAULTS.optimize_metric
+    concurrency: int = DEFAULTS.bench_concurrency
+    images: int = DEFAULTS.bench_images
     seconds: float = 1.5
     warmup_s: float = 0.5
 
@@ -118,15 +118,15 @@ def allocate(
     devices: list[Device],
     *,
     ensemble: str | None = None,
-    metric: str = "throughput",
-    batch_sizes: tuple[int, ...] = (1, 8, 32, 64),
+    metric: str = DEFAULTS.optimize_metric,
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
     start_batch: int = 32,
-    max_combi: int = REAL_MAX_COMBI,
-    time_budget_s: float | None = 120.0,
-    bench: str = "real",
+    max_combi: int = DEFAULTS.max_combi,
+    time_budget_s: float | None = DEFAULTS.optimize_time_s,
+    bench: str = BENCHES[0],
     profiles: list[MemberProfile] | None = None,
     bench_seconds: float = 1.5,
-    bench_load: tuple[int, int] = (16, 8),
+    bench_load: tuple[int, int] = (DEFAULTS.bench_concurrency, DEFAULTS.bench_images),
     progress: Callable[[str], None] | None = None,
     stopped: Callable[[], bool] | None = None,
 ) -> Allocated:
@@ -149,7 +149,7 @@ def allocate(
     ensemble, names = ensemble_members(repo, ensemble)
     hardware = hardware_fingerprint(devices)
     if profiles is None:
-        cache = Path(repo.path) / ".enserve" / "profiles.json"
+        cache = plans.profiles_path(repo.path)
         profiles = profile_members(member_sources(repo, names), devices, hardware, cache_path=cache,
                                    batch_sizes=batch_sizes, progress=progress_or_stop)
     else:
@@ -172,7 +172,7 @@ def allocate(
             raise RepositoryError("the cost-model bench predicts throughput only; use --metric throughput")
         score = cost
     else:
-        raise RepositoryError(f"bench '{bench}' is not one of ('real', 'cost')")
+        raise RepositoryError(f"bench '{bench}' is not one of {BENCHES}")
 
     noisy = bench == "real"
 
@@ -187,12 +187,12 @@ def allocate(
                                   start_repeats=2 if noisy else 1)
     if noisy and result.best != result.start:
         confirm_against_start(result, score, progress, margin=0.03)
-    digests = [file_hash(str(repo.members[n].path)) for n in names]
     plan = plans.Plan(
         ensemble=ensemble,
-        key=plans.plan_key(ensemble, digests, hardware),
+        key=placements.plan_key(repo, ensemble, names, hardware),
         hardware=hardware,
-        metric=f"{metric} ({bench} bench)",
+        metric=metric,
+        bench=bench,
         groups=plan_groups(result.best, names, devices),
         start_score=result.start_score,
         score=result.best_score,

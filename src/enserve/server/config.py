@@ -146,16 +146,18 @@ class ServeOptions:
     bench_images: int = option(8, "--bench-images", "the real bench's load: images per request", int, minimum=1)
 
     def validate(self) -> None:
-        """Every number within its bounds, and the rules between options (TLS needs a certificate and
+        """Every choice one of its list, every number within its bounds, and the rules between options (TLS needs a certificate and
         its key, the native transport has no TLS, --load-model needs explicit model control); raises
         ValueError naming the flag, the value and the rule. Nothing is read from disk here."""
         for f in fields(self):
             value, m = getattr(self, f.name), f.metadata
+            if m.get("choices") and value not in m["choices"]:
+                raise ValueError(f"{m['flag']} is {value!r}, but must be one of {m['choices']}")
             if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            if m.get("minimum") is not None and value < m["minimum"]:
+            if m.get("minimum") is not None and not value >= m["minimum"]:  # NaN is never within bounds
                 raise ValueError(f"{m['flag']} is {value}, but must be >= {m['minimum']}")
-            if m.get("above") is not None and value <= m["above"]:
+            if m.get("above") is not None and not value > m["above"]:
                 raise ValueError(f"{m['flag']} is {value}, but must be > {m['above']}")
         if self.cpu_cores is not None and not self.cpu_cores:
             raise ValueError("--cpu-cores names no core")

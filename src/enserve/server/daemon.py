@@ -70,7 +70,7 @@ def choose_placement(repo: Repository, options: ServeOptions, lifecycle: Lifecyc
                         progress=lambda msg: log.info("allocator: %s", msg),
                         stopped=None if lifecycle is None else lambda: lifecycle.draining).plan
 
-    return placements.resolve(repo, options, make_plan, log.info)
+    return placements.resolve(repo, options, make_plan, log)
 
 
 def make_grpc_server(service: Service, address: str):

@@ -1,12 +1,13 @@
 """Fixed-size descriptors between the orchestrator and its workers (struct framing over pipes).
 
-Orchestrator -> worker: ``TASK`` = (task id, first row, row count, wait budget in us, member
-mask): rows of the shared input ring, how long the worker may hold them to fill a batch without
-delaying the ensemble's answer (see ``dispatch.wait_budget``), and which of the worker's members
-to run on them (bit k: its k-th member; bit 31, ``BURST``: the task is alone on its worker's cores,
-run it on the worker's burst sessions, which have an intra-op thread per core; bit 30,
-``WEIGHTED``: scale each member's term by its ensemble weight; bits 28-29: the combiner's space, in
-which the worker turns each member's output into the term it adds, ``enserve.combiners.term``).
+Orchestrator -> worker: ``TASK`` = (task id, first row, row count, wait budget in us, 64-bit
+member mask): rows of the shared input ring, how long the worker may hold them to fill a batch
+without delaying the ensemble's answer (see ``dispatch.wait_budget``), and which of the worker's
+members to run on them (bit k < ``MAX_GROUP_MEMBERS``: its k-th member; bit 63, ``BURST``: the task
+is alone on its worker's cores, run it on the worker's burst sessions, which have an intra-op
+thread per core; bit 62, ``WEIGHTED``: scale each member's term by its ensemble weight; the
+``SPACE_BITS`` bits from ``SPACE_SHIFT``: the combiner's space, in which the worker turns each
+member's output into the term it adds, ``enserve.combiners.member_terms``).
 Worker -> orchestrator: a ``DONE`` header (with the worker's index), then ``n_ids`` uint32
 task ids, then ``msg_len`` bytes of UTF-8 message (errors, or the load failure). Tasks whose rows
 are no longer live (their request expired) are skipped unrun and reported as ``STATUS_CANCELLED``. All workers
@@ -21,14 +22,22 @@ import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
-TASK = struct.Struct("<IIIII")
-BURST = 1 << 31  # in a task's mask: run on every core of the worker (nothing else is in flight)
-WEIGHTED = 1 << 30  # in a task's mask: scale each member's term by its ensemble weight
-SPACE_SHIFT = 28  # bits 28-29: the combiner's space (``enserve.combiners.SPACES``) the terms are in
-SPACE_MASK = 3 << SPACE_SHIFT
+TASK = struct.Struct("<IIIIQ")
+MAX_GROUP_MEMBERS = 48  # bits 0-47 of a task's mask name the group's members it runs
+SPACE_SHIFT, SPACE_BITS = 48, 8  # bits 48-55: the combiner's space (``enserve.combiners.SPACES``)
+SPACE_MASK = ((1 << SPACE_BITS) - 1) << SPACE_SHIFT
+WEIGHTED = 1 << 62  # in a task's mask: scale each member's term by its ensemble weight
+BURST = 1 << 63  # in a task's mask: run on every core of the worker (nothing else is in flight)
 COMBINE = WEIGHTED | SPACE_MASK  # what says how the members' outputs become terms
 FLAGS = BURST | COMBINE
-MAX_GROUP_MEMBERS = 28  # a task names its members in a 32-bit mask whose top four bits are flags
+
+
+def combine_flags(space: int, weighted: bool) -> int:
+    """A task's flags for a combiner in space number ``space`` (weighted or not); ValueError if the
+    registry holds more spaces than ``SPACE_BITS`` can name."""
+    if not 0 <= space < 1 << SPACE_BITS:
+        raise ValueError(f"combiner space {space} does not fit a task's {SPACE_BITS} space bits")
+    return (WEIGHTED if weighted else 0) | space << SPACE_SHIFT
 DONE = struct.Struct("<IIIIIQQQQ")  # worker, status, n_ids, msg_len, rows, queue_ns, input_ns, infer_ns, output_ns
 PIPE_BUF = 4096
 MAX_MESSAGE = 1024

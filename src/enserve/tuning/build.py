@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from enserve import combiners
 from enserve.tuning.library import Candidates, candidates, read_records
 from enserve.tuning.selection import (
     Selection,
@@ -32,14 +33,18 @@ class Chosen:
     test_error: float
     test_loss: float
     cost: float
-    weights: list[float] | None = None  # per member (Caruana's repeats): served as a weighted mean
+    weights: list[float] | None = None  # per member (Caruana's repeats): served by the weighted twin
+    combiner: str = combiners.DEFAULT  # what the ensemble is served with
 
 
 def choose(c: Candidates, budget: float, *, method: str = "smobf", prune: float = 0.2,
-           n_models: int = 5) -> Chosen:
+           n_models: int = 5, combiner: str = combiners.DEFAULT) -> Chosen:
     """The ensemble chosen within ``budget`` (seconds) among the top ``prune`` fraction (by validation
-    loss) of the models that fit the budget: a model costing more than B can never be a member, so
-    it does not take a place in the top fraction."""
+    loss) of the models that fit the budget (a model costing more than B can never be a member, so
+    it does not take a place in the top fraction), scored as ``combiner`` will serve it."""
+    if combiners.get(combiner).weighted:
+        raise ValueError(f"combiner '{combiner}' is weighted: the selection sets the weights (method caruana); name "
+                         f"an unweighted one: {combiners.unweighted()}")
     fits = np.flatnonzero(c.costs <= budget)
     if not len(fits):
         raise ValueError(f"no model fits the budget {budget:g} (cheapest costs {float(np.min(c.costs)):g})")
@@ -47,21 +52,22 @@ def choose(c: Candidates, budget: float, *, method: str = "smobf", prune: float 
     preds, costs = c.val_preds[keep], c.costs[keep]
     labels = c.labels
     if method == "smobf":
-        sel = smobf_best(preds, labels, costs, budget)
+        sel = smobf_best(preds, labels, costs, budget, combiner=combiner)
     elif method in ("greedy", "caruana"):
-        sel = (forward_greedy(preds, labels, n_models, costs, budget) if method == "greedy"
-               else caruana(preds, labels, CARUANA_ITERATIONS, costs, budget))
+        sel = (forward_greedy(preds, labels, n_models, costs, budget, combiner) if method == "greedy"
+               else caruana(preds, labels, CARUANA_ITERATIONS, costs, budget, combiner))
         if not sel.members:
             raise ValueError(f"no model fits the budget {budget:g}")
     else:
         raise ValueError(f"selection method '{method}' is not one of {METHODS}")
     picks = [int(keep[m]) for m in sel.members]  # a repeated pick weighs more (Caruana)
-    val = c.val_preds[picks].mean(axis=0)
-    test = c.test_preds[picks].mean(axis=0)
     members = list(dict.fromkeys(picks))
     weights = [picks.count(m) / len(picks) for m in members] if len(members) < len(picks) else None
+    served = combiners.get(combiner) if weights is None else combiners.weighted_twin(combiner)
+    val = served.combine(c.val_preds[members], weights)
+    test = served.combine(c.test_preds[members], weights)
     return Chosen(sel, [c.numbers[m] for m in members], error_rate(val, labels), error_rate(test, c.test_labels),
-                  cross_entropy(test, c.test_labels), float(c.costs[members].sum()), weights)
+                  cross_entropy(test, c.test_labels), float(c.costs[members].sum()), weights, served.name)
 
 
 def pareto_rows(c: Candidates, budgets: list[float], **kw) -> list[dict]:
@@ -178,6 +184,7 @@ def parse_duration(text: str) -> float:
 
 def select_and_export(library: Path, repository: Path, ensemble: str, *, budget: float | None = None,
                       method: str = "smobf", prune: float = 0.2, n_models: int = 5,
+                      combiner: str = combiners.DEFAULT,
                       progress: Callable[[str], None] = print) -> tuple[Chosen, float]:
     """The selection stage and the export: the Pareto table (SMOBF against forward greedy) and its
     plot, then the ensemble chosen under ``budget`` (default 3 x the best single model's cost)
@@ -199,6 +206,7 @@ def select_and_export(library: Path, repository: Path, ensemble: str, *, budget:
     png = plot(c, {"SMOBF": rows, f"forward greedy ({n_models} models)": baseline},
                Path(library) / "pareto.png", f"{len(c.numbers)} models: SMOBF vs forward greedy")
     progress(f"plot: {png}")
-    chosen = choose(c, budget, method=method, prune=prune, n_models=n_models)
-    export_members(library, chosen.numbers, repository, ensemble, progress=progress, weights=chosen.weights)
+    chosen = choose(c, budget, method=method, prune=prune, n_models=n_models, combiner=combiner)
+    export_members(library, chosen.numbers, repository, ensemble, progress=progress, weights=chosen.weights,
+                   combiner=chosen.combiner)
     return chosen, budget

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from enserve import combiners
+
 INPUT_NAME = "input"
 OUTPUT_NAME = "probs"
 
@@ -111,7 +113,7 @@ def build_engine(onnx_path: Path, input_dims: tuple[int, ...], max_batch_size: i
 
 
 def export_members(library: Path, numbers: list[int], repository: Path, ensemble: str,
-                   progress=print, weights: list[float] | None = None) -> None:
+                   progress=print, weights: list[float] | None = None, combiner: str = combiners.DEFAULT) -> None:
     """The export stage: optimise the chosen trials' ONNX files offline, write them into a model
     repository as members of ``ensemble``, and build their TensorRT engines (``build_engine``)
     where TensorRT and a GPU are present."""
@@ -126,7 +128,7 @@ def export_members(library: Path, numbers: list[int], repository: Path, ensemble
     with tempfile.TemporaryDirectory() as tmp:
         files = [optimise_offline(trial_dir(library, n) / "model.onnx", Path(tmp) / f"{name}.onnx", for_gpu=for_gpu)
                  for n, name in zip(numbers, names)]
-        repo = import_onnx(files, repository, ensemble=ensemble, names=names, weights=weights)
+        repo = import_onnx(files, repository, ensemble=ensemble, names=names, weights=weights, combiner=combiner)
     progress(f"members optimised offline by ONNX Runtime ({'basic level: a GPU is present' if for_gpu else 'extended level'})")
     ok, why = tensorrt_available()
     if not ok:

@@ -290,47 +290,6 @@ def default_storage(library: Path) -> str:
     return str(Path(library) / "study.journal")
 
 
-def worker(storage: str, study_name: str, dataset: str, library: str, deadline: float, max_epochs: int,
-           threads: int, seed: int, max_trials: int | None, input_kind: str = "auto", index: int = 0) -> None:
-    """One worker process: pull trials from the shared study until the deadline, with the sampler
-    seeded by ``sampler_seed``."""
-    import logging
-    import warnings
-
-    import optuna
-    import torch
-
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # the exporter's notes, once per trial
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-    from enserve.tuning.data import fingerprint, load_dataset
-
-    torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    data = load_dataset(dataset, seed=seed, input_kind=input_kind)
-    attrs = optuna.load_study(study_name=study_name, storage=make_storage(storage)).user_attrs
-    schedule = attrs.get("schedule", {})
-    max_epochs = schedule.get("max_epochs", max_epochs)
-    goal = attrs.get("objective", {})
-    settings = TrialSettings(max_epochs, seed, (schedule.get("batch_low", 8), schedule.get("batch_high", 48)),
-                             fingerprint(data, seed)["train_sha256"], goal.get("cost_weight", 0.0),
-                             goal.get("cost_ref", 1.0))
-    study = optuna.load_study(study_name=study_name, storage=make_storage(storage),
-                              sampler=make_sampler(attrs.get("sampler", "random"), sampler_seed(seed, index, storage)),
-                              pruner=make_pruner(attrs.get("pruner", "asha"), max_epochs, schedule.get("min_epochs", 1)))
-    remaining = deadline - time.time()
-    if remaining <= 0:
-        return
-    callbacks = []
-    if max_trials is not None:
-        callbacks.append(optuna.study.MaxTrialsCallback(max_trials, states=None))
-    from enserve.optimizer.profiles import Profiler
-
-    with Profiler() as profiler:
-        study.optimize(lambda t: objective(t, data, Path(library), settings, profiler), timeout=remaining,
-                       catch=(TrialFailed,), callbacks=callbacks, gc_after_trial=True)
-
-
 def running_trials(storage: str, study_name: str = "enserve") -> int | None:
     import optuna
 

@@ -2,7 +2,9 @@
 
 ``preds`` is (models, samples, classes) validation probabilities, ``labels`` (samples,) class
 ids, ``costs`` (models,) inference costs (the paper's C: time to predict a fixed number of
-samples), ``budget`` the largest total cost allowed.
+samples), ``budget`` the largest total cost allowed, ``combiner`` the name of the combiner the
+ensemble is served with (``enserve.combiners``): candidates are scored by the answer it would
+give, from the running sum of the members' terms, as the served ensemble computes it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import numpy as np
 from enserve import combiners
 
 SMOBF_WEIGHTS = (0.1, 0.01, 0.001)
-EPS = 1e-12
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,11 @@ class Selection:
 def cross_entropy(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-likelihood of the true classes."""
     picked = probs[np.arange(len(labels)), labels]
-    return float(-np.mean(np.log(np.clip(picked, EPS, 1.0))))
+    return float(-np.mean(np.log(np.clip(picked, combiners.EPS, 1.0))))
 
 
 def error_rate(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(probs, axis=1) != labels))
-
-
-def combine(preds: np.ndarray, method: str = "mean", weights: np.ndarray | None = None) -> np.ndarray:
-    """Combine (models, samples, classes) predictions into (samples, classes), as the served ensemble
-    does (``enserve.combiners``)."""
-    return combiners.get(method).combine(preds, weights)
 
 
 def ensemble_cost(members, costs: np.ndarray) -> float:
@@ -71,14 +66,16 @@ def _check(preds: np.ndarray, labels: np.ndarray, costs: np.ndarray | None) -> N
         raise ValueError(f"{len(costs)} costs for {len(preds)} models")
 
 
-def _best_addition(preds: np.ndarray, labels: np.ndarray, chosen: list[int], total: np.ndarray,
-                   costs: np.ndarray, budget: float, *, repeat: bool) -> tuple[int | None, float]:
-    """The model whose addition to ``chosen`` (running sum ``total``) gives the lowest loss within budget."""
+def _best_addition(terms: np.ndarray, labels: np.ndarray, chosen: list[int], total: np.ndarray,
+                   costs: np.ndarray, budget: float, rule: combiners.Combiner, *,
+                   repeat: bool) -> tuple[int | None, float]:
+    """The model whose addition to ``chosen`` (running sum of terms ``total``) gives the lowest loss
+    within budget."""
     best, best_loss = None, math.inf
-    for m in range(len(preds)):
+    for m in range(len(terms)):
         if (not repeat and m in chosen) or ensemble_cost(chosen + [m], costs) > budget:
             continue
-        cand = cross_entropy((total + preds[m]) / (len(chosen) + 1), labels)
+        cand = cross_entropy(rule.finish(total + terms[m], len(chosen) + 1), labels)
         if cand < best_loss:
             best, best_loss = m, cand
     return best, best_loss
@@ -90,31 +87,37 @@ def forward_greedy(
     n_models: int,
     costs: np.ndarray | None = None,
     budget: float = math.inf,
+    combiner: str = combiners.DEFAULT,
 ) -> Selection:
     """Baseline: add, without replacement, the model whose addition gives the lowest validation loss,
     until ``n_models`` models are in (or none fits the budget)."""
     _check(preds, labels, costs)
     costs = np.zeros(len(preds)) if costs is None else np.asarray(costs, dtype=np.float64)
+    rule = combiners.get(combiner)
+    terms = rule.terms(preds)
     chosen: list[int] = []
     total = np.zeros(preds.shape[1:])
     loss = math.inf
     while len(chosen) < n_models:
-        best, best_loss = _best_addition(preds, labels, chosen, total, costs, budget, repeat=False)
+        best, best_loss = _best_addition(terms, labels, chosen, total, costs, budget, rule, repeat=False)
         if best is None:
             break
         chosen.append(best)
-        total += preds[best]
+        total += terms[best]
         loss = best_loss
     return Selection(tuple(chosen), loss, ensemble_cost(chosen, costs), f"forward greedy ({n_models})")
 
 
-def smobf(preds: np.ndarray, labels: np.ndarray, costs: np.ndarray, budget: float, w: float) -> Selection:
+def smobf(preds: np.ndarray, labels: np.ndarray, costs: np.ndarray, budget: float, w: float,
+          combiner: str = combiners.DEFAULT) -> Selection:
     """SMOBF greedy with one weight: add the model minimising
     ``(1-w) E(y_a, y) + w C_a / B + P_a`` while that score improves (P_a: excluded over budget)."""
     _check(preds, labels, costs)
     if budget <= 0:
         raise ValueError(f"the budget is {budget}, but must be > 0")
     costs = np.asarray(costs, dtype=np.float64)
+    rule = combiners.get(combiner)
+    terms = rule.terms(preds)
     chosen: list[int] = []
     total = np.zeros(preds.shape[1:])
     score, loss = math.inf, math.inf
@@ -126,22 +129,22 @@ def smobf(preds: np.ndarray, labels: np.ndarray, costs: np.ndarray, budget: floa
             cost = ensemble_cost(chosen + [m], costs)
             if cost > budget:  # P_a: an arbitrarily large penalty
                 continue
-            cand_loss = cross_entropy((total + preds[m]) / (len(chosen) + 1), labels)
+            cand_loss = cross_entropy(rule.finish(total + terms[m], len(chosen) + 1), labels)
             cand = (1 - w) * cand_loss + w * cost / budget
             if cand < best_score:
                 best, best_score, best_loss = m, cand, cand_loss
         if best is None:
             break
         chosen.append(best)
-        total += preds[best]
+        total += terms[best]
         score, loss = best_score, best_loss
     return Selection(tuple(chosen), loss, ensemble_cost(chosen, costs), f"SMOBF (w={w:g})")
 
 
 def smobf_best(preds: np.ndarray, labels: np.ndarray, costs: np.ndarray, budget: float,
-               weights=SMOBF_WEIGHTS) -> Selection:
+               weights=SMOBF_WEIGHTS, combiner: str = combiners.DEFAULT) -> Selection:
     """SMOBF run for every weight; the ensemble with the lowest validation loss within budget."""
-    runs = [smobf(preds, labels, costs, budget, w) for w in weights]
+    runs = [smobf(preds, labels, costs, budget, w, combiner) for w in weights]
     runs = [r for r in runs if r.members]
     if not runs:
         raise ValueError(f"no model fits the budget {budget} (cheapest costs {float(np.min(costs)):g})")
@@ -149,20 +152,24 @@ def smobf_best(preds: np.ndarray, labels: np.ndarray, costs: np.ndarray, budget:
 
 
 def caruana(preds: np.ndarray, labels: np.ndarray, n_iterations: int = 50,
-            costs: np.ndarray | None = None, budget: float = math.inf) -> Selection:
+            costs: np.ndarray | None = None, budget: float = math.inf,
+            combiner: str = combiners.DEFAULT) -> Selection:
     """Caruana et al.'s selection with replacement: each step adds the model (possibly again) that
-    lowers the loss of the running mean most; the best prefix is returned."""
+    lowers the loss of the running combination most; the best prefix is returned (a member picked k
+    times weighs k: served by ``combiner``'s weighted twin)."""
     _check(preds, labels, costs)
     costs = np.zeros(len(preds)) if costs is None else np.asarray(costs, dtype=np.float64)
+    rule = combiners.get(combiner)
+    terms = rule.terms(preds)
     chosen: list[int] = []
     total = np.zeros(preds.shape[1:])
     best_prefix, best_loss = 0, math.inf
     for _ in range(n_iterations):
-        step, step_loss = _best_addition(preds, labels, chosen, total, costs, budget, repeat=True)
+        step, step_loss = _best_addition(terms, labels, chosen, total, costs, budget, rule, repeat=True)
         if step is None:
             break
         chosen.append(step)
-        total += preds[step]
+        total += terms[step]
         if step_loss < best_loss:
             best_prefix, best_loss = len(chosen), step_loss
     members = tuple(chosen[:best_prefix])

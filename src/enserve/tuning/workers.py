@@ -1,5 +1,5 @@
 """The build's trial workers: processes that pull trials from the shared study until the deadline,
-each started as ``python -m enserve.tuning.workers '<json>'``, watched, and heard from.
+each started as ``python -m enserve.tuning.trial_worker '<json>'``, watched, and heard from.
 
 A worker's standard error is passed on as it comes and its last lines are kept: a worker that
 dies (it cannot import enserve, load the data, reach the storage) is reported at once with what it
@@ -49,10 +49,10 @@ def _pass_on(worker: TrialWorker) -> None:
 
 
 def start(worker_kwargs: list[dict]) -> list[TrialWorker]:
-    """One process per dict of ``search.worker``'s keyword arguments."""
+    """One process per dict of ``trial_worker.worker``'s keyword arguments."""
     workers = []
     for index, kwargs in enumerate(worker_kwargs):
-        proc = subprocess.Popen(python_module("enserve.tuning.workers", json.dumps(kwargs)),
+        proc = subprocess.Popen(python_module("enserve.tuning.trial_worker", json.dumps(kwargs)),
                                 stderr=subprocess.PIPE, text=True, errors="replace")
         worker = TrialWorker(index, proc)
         worker.reader = threading.Thread(target=_pass_on, args=(worker,), daemon=True, name=f"trial-worker-{index}")
@@ -100,15 +100,3 @@ def stop(workers: list[TrialWorker]) -> None:
         except subprocess.TimeoutExpired:
             w.proc.kill()
             w.proc.wait()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from enserve.tuning.search import worker
-
-    argv = sys.argv[1:] if argv is None else argv
-    worker(**json.loads(argv[0]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from enserve.child import python_module
 from enserve.server.dataplane.slots import OutputSlots
-from enserve.server.dataplane.worker import WorkerSpec
+from enserve.server.dataplane.worker import WORKER_MODULE, WorkerSpec
 from enserve.server.lifecycle import Lifecycle
 from enserve.server.protocol import Task
 from enserve.server.served.placement import Replica
@@ -86,7 +86,7 @@ class Supervisor:
             device = "gpu:0"
         w.spec = replace(w.spec, device=device, task_fd=task_r, done_fd=self.done_w, lifeline_fd=lifeline_w)
         try:
-            w.proc = subprocess.Popen(python_module("enserve.server.dataplane.worker", w.spec.to_json()),
+            w.proc = subprocess.Popen(python_module(WORKER_MODULE, w.spec.to_json()),
                                       pass_fds=(task_r, self.done_w, lifeline_w), env=env)
         except OSError:
             os.close(task_w)

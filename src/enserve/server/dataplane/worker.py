@@ -42,6 +42,7 @@ from enserve.server.protocol import (
 )
 
 Slot = tuple[str, str, list[int], str]  # name, numpy dtype, dims, arena name
+WORKER_MODULE = "enserve.server.dataplane.worker"  # started as python -P -m WORKER_MODULE '<WorkerSpec JSON>'
 
 
 @dataclass
@@ -67,6 +68,10 @@ class WorkerSpec:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        return cls(**json.loads(text))
 
     @property
     def label(self) -> str:
@@ -213,14 +218,9 @@ class Runner:
     def _store(self, values: list[np.ndarray], tasks: list, first: int, total: int, contiguous: bool,
                add: bool, space: int = 0, scale: float | None = None) -> None:
         """Write (first member) or add (the others) each output's term in the combiner's ``space``
-        (``combiners.term``: the output itself for a mean) and the first term's square; with ``scale``
-        (the member's weight w): w t and w t^2."""
-        if space:
-            values = [combiners.term(v, space) for v in values]
-        square = np.square(values[0])
-        if scale is not None:
-            values = [combiners.term(v, 0, scale) for v in values]
-            square = square * square.dtype.type(scale)
+        (``combiners.member_terms``: the output itself for a mean) and the first term's square; with
+        ``scale`` (the member's weight w): w t and w t^2."""
+        values, square = combiners.member_terms(values, space, scale)
         pairs = [*zip(self.sums, values), (self.squares, square)]
         for slot, v in pairs:
             if contiguous:
@@ -277,7 +277,7 @@ def serve(spec: WorkerSpec, runner: Runner) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    spec = WorkerSpec(**json.loads(argv[0]))
+    spec = WorkerSpec.from_json(argv[0])
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or a stop sent to the whole process group:
         signal.signal(sig, signal.SIG_IGN)  # the orchestrator decides when we stop (EOF on our task pipe)
     try:

@@ -9,6 +9,7 @@ member with k replicas is what Triton's python backend with k instances does.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -18,6 +19,8 @@ from enserve.server.config import ServeOptions
 from enserve.server.errors import RepositoryError
 from enserve.server.protocol import MAX_GROUP_MEMBERS
 from enserve.server.served.repository import MemberSpec, Repository
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def from_plan(repo: Repository, plan: plans.Plan) -> Placement:
         batch = min([g.batch_size] + [repo.members[m].max_batch_size for m in g.members])
         groups.append(WorkerGroup(tuple(g.members), replicas, batch))
     rest = [g for g in from_config(repo).groups if not set(g.members) & planned]
-    return Placement(tuple(groups + rest))
+    return check(Placement(tuple(groups + rest)))
 
 
 def with_flags(placement: Placement, options: ServeOptions) -> Placement:
@@ -129,15 +132,21 @@ def with_flags(placement: Placement, options: ServeOptions) -> Placement:
         for g, reps in zip(placement.groups, per_group))))
 
 
+def plan_key(repo: Repository, ensemble: str, names: list[str], hardware: str) -> str:
+    """The key a plan for ``ensemble`` (its members' files) on ``hardware`` is saved and found under."""
+    from enserve.optimizer.profiles import file_hash
+
+    return plans.plan_key(ensemble, [file_hash(str(repo.members[n].path)) for n in names], hardware)
+
+
 def resolve(repo: Repository, options: ServeOptions, make_plan: Callable[[list, str], plans.Plan],
-            say: Callable[..., None] = lambda *args: None) -> Placement:
+            log: logging.Logger = LOG) -> Placement:
     """The placement of one unit (an ensemble and its members, or members alone), in one place: a
     forced plan (``--plan``) for its ensemble; the configs when the allocator is off, the placement
     manual, or there is no single ensemble; else the plan saved for this ensemble and hardware, or a
     new one from ``make_plan(devices, ensemble)`` (saved beside the repository); then the manual flags
-    on top. ``say`` hears what was chosen and why."""
+    on top. ``log`` hears what was chosen and why."""
     from enserve.optimizer.devices import hardware_fingerprint, inventory
-    from enserve.optimizer.profiles import file_hash
     from enserve.server.served.repository import ensemble_members
 
     if options.plan_path is not None:
@@ -146,32 +155,31 @@ def resolve(repo: Repository, options: ServeOptions, make_plan: Callable[[list, 
         except ValueError as exc:
             raise RepositoryError(str(exc)) from exc
         if plan.ensemble in repo.ensembles or not repo.ensembles:
-            say("placement from plan %s (score %.1f, %s)", options.plan_path, plan.score, plan.metric)
+            log.info("placement from plan %s (score %.1f, %s)", options.plan_path, plan.score, plan.metric)
             return with_flags(from_plan(repo, plan), options)
     if not options.optimize or options.manual_placement or not repo.ensembles:
         return with_flags(from_config(repo), options)
     if len(repo.ensembles) > 1:
-        say("several ensembles %s: placement from config.pbtxt (run 'enserve allocate --ensemble E' and serve "
-            "with --plan)", sorted(repo.ensembles))
+        log.info("several ensembles %s: placement from config.pbtxt (run 'enserve allocate --ensemble E' and serve "
+                 "with --plan)", sorted(repo.ensembles))
         return with_flags(from_config(repo), options)
     try:
         devices = inventory(options.cpu_devices)
     except ValueError as exc:
         raise RepositoryError(str(exc)) from exc
     ensemble, names = ensemble_members(repo, None)
-    key = plans.plan_key(ensemble, [file_hash(str(repo.members[n].path)) for n in names],
-                         hardware_fingerprint(devices))
+    key = plan_key(repo, ensemble, names, hardware_fingerprint(devices))
     path = plans.plan_path(repo.path, ensemble, key)
     if path.is_file():
         plan = plans.load(path)
-        say("reusing the plan for this ensemble and hardware: %s", path)
+        log.info("reusing the plan for this ensemble and hardware: %s", path)
     else:
         plan = make_plan(devices, ensemble)
         try:
             plans.save(plan, path)
         except OSError as exc:
-            say("could not save the plan to %s: %s", path, exc)
-    say("placement:\n%s", plans.plan_table(plan))
+            log.warning("could not save the plan to %s: %s", path, exc)
+    log.info("placement:\n%s", plans.plan_table(plan))
     return with_flags(from_plan(repo, plan), options)
 
 

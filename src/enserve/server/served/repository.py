@@ -8,6 +8,7 @@ the combiner.
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -28,7 +29,9 @@ ENTROPY_OUTPUT = "entropy"
 VARIANCE_OUTPUT = "member_variance"
 UNCERTAINTY_OUTPUTS = (ENTROPY_OUTPUT, VARIANCE_OUTPUT)
 DEFAULT_MAX_BATCH_SIZE = 64
-MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")  # no path: no '/', no leading '.' or '-'
+DEFAULT_BATCH_SIZE = 32  # what a member runs at when its config names no preferred batch size
+NAME_CHARS = r"A-Za-z0-9_.\-"  # what a model name is made of
+MODEL_NAME = re.compile(rf"[A-Za-z0-9_][{NAME_CHARS}]*\Z")  # no path: no '/', no leading '.' or '-'
 
 
 def check_model_name(name: str) -> str:
@@ -71,7 +74,7 @@ class MemberSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     max_batch_size: int
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     queue_delay_us: int = 0
     devices: tuple[str, ...] = ("cpu",)  # one per instance: Triton's instance_group count x gpus
     cpu_cores: tuple[int, ...] | None = None
@@ -87,7 +90,7 @@ class EnsembleSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     max_batch_size: int
-    combiner: str = "mean"
+    combiner: str = combiners.DEFAULT
     weights: tuple[float, ...] | None = None  # a weighted combiner's: one per member, summing to 1
 
     def weight_of(self) -> dict[str, float]:
@@ -276,7 +279,7 @@ def _member_from_config(model_dir: Path, cfg: mc.ModelConfig) -> MemberSpec:
     if "enserve.cpu_cores" in cfg.parameters:
         cores = parse_cores(cfg.parameters["enserve.cpu_cores"].string_value)
     batching = cfg.dynamic_batching
-    batch = max(batching.preferred_batch_size) if batching.preferred_batch_size else 32
+    batch = max(batching.preferred_batch_size) if batching.preferred_batch_size else DEFAULT_BATCH_SIZE
     return MemberSpec(
         name=cfg.name,
         path=version / filename,
@@ -328,6 +331,7 @@ def read_repository(path: Path, *, strict: bool = False) -> tuple[Repository, di
         if not cfg_path.is_file():
             continue
         try:
+            check_model_name(model_dir.name)  # the name model control would refuse is not served either
             cfg = read_config(cfg_path)
             if not cfg.name:
                 cfg.name = model_dir.name
@@ -364,19 +368,31 @@ def _ensemble_from_config(cfg, repo: Repository, path: Path) -> EnsembleSpec:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise RepositoryError(f"ensemble '{cfg.name}': members {twice} appear in more than one step")
-    combiner = cfg.parameters["enserve.combiner"].string_value if "enserve.combiner" in cfg.parameters else "mean"
+    combiner = cfg.parameters["enserve.combiner"].string_value if "enserve.combiner" in cfg.parameters \
+        else combiners.DEFAULT
     try:
-        weighted = combiners.get(combiner).weighted
+        rule = combiners.get(combiner)
     except ValueError as exc:
         raise RepositoryError(f"ensemble '{cfg.name}': {exc}") from None
     weights = None
-    if weighted:
+    if rule.weighted:
         if "enserve.weights" not in cfg.parameters:
             raise RepositoryError(f"ensemble '{cfg.name}': combiner '{combiner}' needs parameter "
                                   "enserve.weights (one weight per member, in step order)")
         weights = parse_weights(cfg.parameters["enserve.weights"].string_value, names, f"ensemble '{cfg.name}'")
+    elif "enserve.weights" in cfg.parameters:
+        weighted = sorted(c.name for c in combiners.COMBINERS.values() if c.weighted)
+        raise RepositoryError(f"ensemble '{cfg.name}': combiner '{combiner}' takes no weights, but the config sets "
+                              f"enserve.weights; use one of {weighted}, or remove the weights")
     members = [repo.members[n] for n in names]
     check_compatible(members)
+    if rule.over_classes:
+        for t in members[0].outputs:
+            if all(d > 0 for d in t.dims) and math.prod(t.dims) < 2:
+                raise RepositoryError(
+                    f"ensemble '{cfg.name}': combiner '{combiner}' reads each output as a probability vector over "
+                    f"classes, but output '{t.name}' has {math.prod(t.dims)} value(s) a sample (dims {list(t.dims)}); "
+                    f"use '{combiners.DEFAULT}' for it")
     return EnsembleSpec(
         name=cfg.name,
         members=names,
@@ -438,13 +454,14 @@ def import_onnx(
     *,
     ensemble: str = "ensemble",
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     queue_delay_us: int = 0,
     names: list[str] | None = None,
     weights: list[float] | None = None,
+    combiner: str = combiners.DEFAULT,
 ) -> Repository:
-    """Build (or add to) a repository from ONNX files and define ``ensemble`` over them (their
-    weighted mean when ``weights``, one per file, are given; else their mean)."""
+    """Build (or add to) a repository from ONNX files and define ``ensemble`` over them, combined by
+    ``combiner``; with ``weights`` (one per file), by the weighted combiner of the same space."""
     if not files:
         raise RepositoryError("no ONNX file given")
     if max_batch_size < 1:
@@ -473,8 +490,11 @@ def import_onnx(
         (repository / m.name / "1").mkdir(exist_ok=True)
         shutil.copyfile(m.path, repository / m.name / "1" / "model.onnx")
     ens = EnsembleSpec(ensemble, names, members[0].inputs, ensemble_outputs(members[0].outputs), max_batch_size)
+    try:
+        ens.combiner = (combiners.weighted_twin(combiner) if weights is not None else combiners.get(combiner)).name
+    except ValueError as exc:
+        raise RepositoryError(str(exc)) from None
     if weights is not None:
-        ens.combiner = "weighted_mean"
         ens.weights = parse_weights(",".join(f"{w:.17g}" for w in weights), names, f"ensemble '{ensemble}'")
     write_config(repository / ensemble, ensemble_config(ens, {m.name: m for m in members}))
     (repository / ensemble / "1").mkdir(exist_ok=True)
@@ -485,7 +505,7 @@ def _unique_names(stems: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     out = []
     for s in stems:
-        s = re.sub(r"[^A-Za-z0-9_.\-]", "_", s) or "member"
+        s = re.sub(rf"[^{NAME_CHARS}]", "_", s).lstrip(".-").replace("..", "_") or "member"
         seen[s] = seen.get(s, 0) + 1
         out.append(s if seen[s] == 1 else f"{s}_{seen[s]}")
     return out

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from enserve import combiners
 from enserve.server.errors import RepositoryError
-from enserve.server.protocol import SPACE_SHIFT, WEIGHTED
+from enserve.server.protocol import combine_flags
 from enserve.server.served.placement import Placement
 from enserve.server.served.repository import Repository, TensorSpec
 
@@ -84,7 +84,7 @@ def build_table(repo: Repository, placement: Placement) -> Table:
         first = repo.members[ens.members[0]]
         members = tuple(ens.members)
         combiner = combiners.get(ens.combiner)  # workers add each member's term; weighted: scaled (sum 1)
-        flags = (WEIGHTED if combiner.weighted else 0) | combiner.space_id << SPACE_SHIFT
+        flags = combine_flags(combiner.space_id, combiner.weighted)
         models[ens.name] = ServedModel(
             ens.name, "ensemble", tuple(ens.inputs), tuple(ens.outputs), ens.max_batch_size, members,
             ring_of(ens.inputs), _parts(members, placement, flags),

@@ -109,10 +109,6 @@ class Registry:
             raise NotFound(f"unknown model '{name}'; this server has {sorted(self.models)}")
         return unit.orchestrator, unit.orchestrator.models[name]
 
-    def unit_of(self, name: str) -> Unit:
-        self.lookup(name)
-        return self.models[name]
-
     def orchestrators(self) -> list[Orchestrator]:
         return [u.orchestrator for u in self.units.values()]
 

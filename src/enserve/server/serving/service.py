@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from enserve.server import __version__
+from enserve import __version__
 from enserve.server.config import ServeOptions
 from enserve.server.dataplane.orchestrator import Orchestrator
 from enserve.server.dataplane.request import InflightRequest

@@ -3,7 +3,6 @@ its workers. The one helper the tests, the benchmark, the soak and the Table 3 s
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -14,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from enserve.child import python_module
+from enserve.server.dataplane.shm import PREFIX
+from enserve.server.dataplane.worker import WORKER_MODULE, WorkerSpec
 
 
 def free_ports(n: int) -> list[int]:
@@ -167,13 +168,13 @@ def workers(daemon_pid: int) -> dict[str, list[int]]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except FileNotFoundError:
             continue
-        if b"enserve.server.dataplane.worker" in cmd:
-            spec = json.loads(cmd[cmd.index(b"enserve.server.dataplane.worker") + 1])
-            out.setdefault("+".join(name for name, _ in spec["members"]), []).append(pid)
+        if WORKER_MODULE.encode() in cmd:
+            spec = WorkerSpec.from_json(cmd[cmd.index(WORKER_MODULE.encode()) + 1].decode())
+            out.setdefault("+".join(name for name, _ in spec.members), []).append(pid)
     return out
 
 
 def shm_objects(pid: int | None = None) -> list[str]:
     """enserve's shared-memory objects (of the daemon ``pid``, or of any)."""
     return sorted(p for p in os.listdir("/dev/shm")
-                  if p.startswith("enserve.") and (pid is None or p.split(".")[1] == str(pid)))
+                  if p.startswith(PREFIX) and (pid is None or p.split(".")[1] == str(pid)))
