@@ -169,12 +169,8 @@ def test_a_combiner_over_classes_refuses_an_output_of_one_value(tmp_path):
     from onnx import TensorProto, helper
 
     from enserve.server.errors import RepositoryError
-    from enserve.server.served.repository import (
-        import_onnx,
-        load_repository,
-        read_config,
-        write_config,
-    )
+    from enserve.server.served.importer import import_onnx
+    from enserve.server.served.repository import load_repository, read_config, write_config
 
     graph = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["prob"])], "sigmoid",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],

@@ -189,12 +189,17 @@ def test_cost_model_known_answers():
 def test_plan_round_trip_and_version(tmp_path):
     group = plans.PlanGroup(["a", "b"], 8, [plans.PlanReplica("cpu:0", "cpu", [0, 1], 2),
                                             plans.PlanReplica("cpu:0", "cpu", [0, 1], 1)])
-    plan = plans.Plan("ens", "k", "hw", "throughput", [group], 1.0, 2.0, [group], 3, 0.0)
+    plan = plans.Plan("ens", "k", "hw", "throughput", [group], 1.0, 2.0, [group], 3, 0.0, bench="real")
     path = tmp_path / "p.json"
     plans.save(plan, path)
     assert plans.load(path) == plan
-    path.write_text(path.read_text().replace('"version": 2', '"version": 99'))
-    with pytest.raises(ValueError, match="version 99, but this enserve reads versions 1 and 2"):
+    text = path.read_text()
+    v2 = text.replace('"version": 3', '"version": 2').replace('"metric": "throughput"',
+                                                             '"metric": "throughput (real bench)"')
+    path.write_text(v2.replace('"bench": "real"', '"bench": ""'))  # version 2 said the bench in the metric
+    assert plans.load(path) == plan
+    path.write_text(text.replace('"version": 3', '"version": 99'))
+    with pytest.raises(ValueError, match="version 99, but this enserve reads versions 1 to 3"):
         plans.load(path)
 
 

@@ -26,8 +26,9 @@ from enserve.server.protocol import (
     combine_flags,
     pack_done,
 )
+from enserve.server.served.importer import import_onnx
 from enserve.server.served.placement import Placement, Replica, WorkerGroup, check
-from enserve.server.served.repository import TensorSpec, import_onnx, load_repository, parse_cores
+from enserve.server.served.repository import TensorSpec, load_repository, parse_cores
 
 
 def pack_tasks(tasks: list[tuple[int, int, int, int, int]]) -> bytes:

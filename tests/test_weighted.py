@@ -125,7 +125,7 @@ def test_caruana_choice_keeps_its_repeats_as_weights():
 
 
 def test_import_writes_a_weighted_ensemble(demo_repo, tmp_path):
-    from enserve.server.served.repository import import_onnx
+    from enserve.server.served.importer import import_onnx
 
     files = sorted(demo_repo.glob("cnn_*/1/model.onnx"))[:2]
     repo = import_onnx(files, tmp_path / "repo", names=["a", "b"], weights=[0.92, 0.08])

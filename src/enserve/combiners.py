@@ -13,7 +13,9 @@ The uncertainty outputs come from the same sums: the predictive entropy of the c
 the members' variance, E_w[t^2] - E_w[t]^2 of their terms t, averaged over the classes.
 
 Adding a combiner means adding it (and, if it needs one, its space) here; nothing else changes
-(a task's flags carry a space's index to the workers in ``protocol.SPACE_BITS`` bits).
+(a task's flags carry a space's index to the workers in ``protocol.SPACE_BITS`` bits). A combiner
+must be of that form, an inverse of a weighted mean of terms: a median or a trimmed mean would need
+every member's output kept, not a running sum.
 Pure numpy, no I/O: every stage can import it.
 """
 

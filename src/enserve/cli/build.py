@@ -11,6 +11,7 @@ from pathlib import Path
 
 from enserve import combiners
 from enserve.cli.common import FAILURE, USAGE, fail
+from enserve.server.served.repository import DEFAULT_ENSEMBLE
 from enserve.tuning.build import METHODS
 from enserve.tuning.data import INPUT_KINDS
 from enserve.tuning.search import OBJECTIVES, PRUNERS, SAMPLERS
@@ -28,7 +29,7 @@ def _selection_flags(p: argparse.ArgumentParser) -> None:
                         + "; ".join(f"{n}: {combiners.get(n).doc}" for n in combiners.unweighted()))
     p.add_argument("--n-models", type=int, default=5, help="models of the forward-greedy baseline")
     p.add_argument("--prune", type=float, default=0.2, help="select among the top fraction of the library")
-    p.add_argument("--ensemble", default="ensemble", help="name of the ensemble model in the repository")
+    p.add_argument("--ensemble", default=DEFAULT_ENSEMBLE, help="name of the ensemble model in the repository")
 
 
 def _duration(text: str) -> float:

@@ -7,14 +7,18 @@ from pathlib import Path
 
 from enserve import combiners
 from enserve.cli.common import fail
-from enserve.server.served.repository import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_SIZE
+from enserve.server.served.repository import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_ENSEMBLE,
+    DEFAULT_MAX_BATCH_SIZE,
+)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("import", help="build a model repository (and an ensemble) from ONNX files")
     p.add_argument("files", nargs="+", type=Path, help="ONNX classifiers with the same inputs and outputs")
     p.add_argument("--model-repository", type=Path, required=True, help="repository to create or add to")
-    p.add_argument("--ensemble", default="ensemble", help="name of the ensemble model over all the files")
+    p.add_argument("--ensemble", default=DEFAULT_ENSEMBLE, help="name of the ensemble model over all the files")
     p.add_argument("--combiner", choices=combiners.unweighted(), default=combiners.DEFAULT,
                    help="how the ensemble combines its members: "
                         + "; ".join(f"{n}: {combiners.get(n).doc}" for n in combiners.unweighted()))
@@ -27,7 +31,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from enserve.server.errors import EnserveError
-    from enserve.server.served.repository import import_onnx
+    from enserve.server.served.importer import import_onnx
 
     try:
         repo = import_onnx(args.files, args.model_repository, ensemble=args.ensemble,

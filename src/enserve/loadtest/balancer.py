@@ -23,6 +23,7 @@ from pathlib import Path
 
 from enserve.deploy import Backend, BalancerPorts, HealthCheck, haproxy_config
 from enserve.loadtest import launcher
+from enserve.server.served.repository import DEFAULT_ENSEMBLE
 
 
 def haproxy_binary() -> str | None:
@@ -141,7 +142,7 @@ class Cluster:
         return [d.stop() for d in self.daemons]
 
 
-def metric(daemon: launcher.Server, name: str, model: str = "ensemble") -> float:
+def metric(daemon: launcher.Server, name: str, model: str = DEFAULT_ENSEMBLE) -> float:
     """One sample of ``name`` for ``model`` from the daemon's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--model", default="ensemble")
+    p.add_argument("--model", default=DEFAULT_ENSEMBLE)
     p.add_argument("--daemons", default="1,2,3", help="cluster sizes to measure")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--images", default="1,8", help="images per request")

@@ -18,6 +18,7 @@ import numpy as np
 from enserve.child import python_module
 from enserve.loadtest.launcher import free_ports, start_server
 from enserve.loadtest.signature import Signature, signature
+from enserve.server.served.repository import DEFAULT_ENSEMBLE
 
 
 @dataclass
@@ -67,7 +68,7 @@ def cpu_sample(pid: int | None) -> tuple[float, float]:
     return _cpu_seconds(pid), sum(_cpu_seconds(p) for p in _tree(pid))
 
 
-def ceiling(repository: Path, model: str = "ensemble", batch_sizes=(1, 2, 4, 8, 16, 32, 64),
+def ceiling(repository: Path, model: str = DEFAULT_ENSEMBLE, batch_sizes=(1, 2, 4, 8, 16, 32, 64),
             seconds: float = 1.5) -> tuple[dict, float]:
     """Images/s of the members back to back in this process, per batch size; and batch-1 latency (ms)."""
     from enserve.loadtest.members import input_of, member_files

@@ -30,8 +30,9 @@ from locust import FastHttpUser, User, between, task  # noqa: E402
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # noqa: E402
 
 from enserve.loadtest.signature import Signature, signature  # noqa: E402
+from enserve.server.served.repository import DEFAULT_ENSEMBLE  # noqa: E402
 
-MODEL = os.environ.get("ENSERVE_MODEL", "ensemble")
+MODEL = os.environ.get("ENSERVE_MODEL", DEFAULT_ENSEMBLE)
 GRPC_URL = os.environ.get("ENSERVE_GRPC_URL", "127.0.0.1:8001")
 MAX_IMAGES = int(os.environ.get("ENSERVE_MAX_IMAGES", "4"))
 HEADER_LENGTH = "Inference-Header-Content-Length"

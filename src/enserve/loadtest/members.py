@@ -11,6 +11,8 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from enserve.server.served.repository import DEFAULT_ENSEMBLE
+
 ONNX_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8}
 
@@ -22,7 +24,7 @@ class InputSpec:
     np_dtype: np.dtype
 
 
-def member_files(repository: Path, ensemble: str = "ensemble") -> list[Path]:
+def member_files(repository: Path, ensemble: str = DEFAULT_ENSEMBLE) -> list[Path]:
     """``<repository>/<member>/1/model.onnx`` of every step of the ensemble (or of ``ensemble`` itself
     when it is a single model)."""
     repository = Path(repository)

@@ -39,6 +39,7 @@ from enserve.loadtest.launcher import (
     workers,
 )
 from enserve.server.dataplane.shm import PREFIX
+from enserve.server.served.repository import DEFAULT_ENSEMBLE
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 FAULTS = ("kill worker", "stop worker", "kill daemon")
@@ -122,7 +123,7 @@ def main() -> int:
     parser.add_argument("--stop-for", type=float, default=20.0, help="seconds a SIGSTOPped worker stays stopped")
     parser.add_argument("--shm-mib", type=int, default=64, help="the container's /dev/shm")
     parser.add_argument("--model-repository", type=Path, default=None, help="default: the demo ensemble")
-    parser.add_argument("--model", default="ensemble", help="the model the users ask")
+    parser.add_argument("--model", default=DEFAULT_ENSEMBLE, help="the model the users ask")
     parser.add_argument("--out", type=Path, default=Path("soak_results"), help="Locust CSV/HTML go here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("serve_flags", nargs="*", help="after --: flags for enserve serve "

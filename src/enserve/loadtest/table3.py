@@ -30,7 +30,8 @@ from enserve.optimizer.placement import proportional_start, replicated_whole, wo
 from enserve.optimizer.profiles import DEFAULT_BATCH_SIZES
 from enserve.optimizer.search import COST_MAX_COMBI, PAPER_MOVES, neighbourhood_search
 from enserve.server import allocate as alloc_mod
-from enserve.server.served.repository import ensemble_members, import_onnx, load_repository
+from enserve.server.served.importer import import_onnx
+from enserve.server.served.repository import DEFAULT_ENSEMBLE, ensemble_members, load_repository
 
 GPU_LAUNCH_S = 0.0002  # assumed per-batch overhead of a GPU (launch + copies)
 GPU_SPEEDUP = 30.0  # assumed GPU speed per image relative to one CPU core
@@ -43,8 +44,8 @@ def serve_and_measure(repo: Path, plan_file: Path, seconds: float, concurrency: 
 
     daemon = start_daemon(repo, "--plan", str(plan_file))
     try:
-        n, _, errors, _ = asyncio.run(closed_loop(daemon.grpc_url, "ensemble", concurrency, images, seconds,
-                                                   signature(daemon.grpc_url, "ensemble")))
+        n, _, errors, _ = asyncio.run(closed_loop(daemon.grpc_url, DEFAULT_ENSEMBLE, concurrency, images, seconds,
+                                                   signature(daemon.grpc_url, DEFAULT_ENSEMBLE)))
     finally:
         daemon.stop()
     if errors:
@@ -85,7 +86,7 @@ def seven_member_repo(tmp: Path) -> Path:
     from enserve.models.synthetic import write_tiny_cnns
 
     files = write_tiny_cnns(tmp / "onnx", (8, 12, 16, 24, 32, 48, 64), seed=10)
-    import_onnx(files, tmp / "repo7", ensemble="ensemble")
+    import_onnx(files, tmp / "repo7", ensemble=DEFAULT_ENSEMBLE)
     return tmp / "repo7"
 
 

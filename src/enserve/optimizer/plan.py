@@ -14,7 +14,7 @@ from pathlib import Path
 
 from enserve.optimizer.files import write_atomically
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3  # 3: the bench in its own field (2 wrote it into the metric, 1 had a group per member)
 # The allocator's rules (starts, moves, margins): part of the key, so a plan saved by an older
 # allocator is made again once instead of being served forever. Bump it when the rules change.
 SEARCH_RULES = 3
@@ -48,7 +48,7 @@ class Plan:
     evaluated: int
     created: float
     version: int = PLAN_VERSION
-    bench: str = ""  # what scored the allocations: one of ``search.BENCHES`` ("" in plans from before it)
+    bench: str = ""  # what scored the allocations: one of ``search.BENCHES``
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -59,11 +59,11 @@ class Plan:
         version = data.get("version")
         if version == 1:
             data = _upgrade_v1(data)
+        if version in (1, 2):  # the metric said its bench: "throughput (real bench)"
+            metric, _, bench = data["metric"].partition(" (")
+            data = dict(data, metric=metric, bench=bench.removesuffix(" bench)"), version=PLAN_VERSION)
         elif version != PLAN_VERSION:
-            raise ValueError(f"plan version {version!r}, but this enserve reads versions 1 and {PLAN_VERSION}")
-        metric, _, bench = data["metric"].partition(" (")  # before the bench field: "throughput (real bench)"
-        if bench:
-            data["metric"], data["bench"] = metric, bench.removesuffix(" bench)")
+            raise ValueError(f"plan version {version!r}, but this enserve reads versions 1 to {PLAN_VERSION}")
         for k in ("groups", "start"):
             data[k] = [PlanGroup(g["members"], g["batch_size"], [PlanReplica(**r) for r in g["replicas"]])
                        for g in data[k]]

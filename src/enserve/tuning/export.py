@@ -120,7 +120,7 @@ def export_members(library: Path, numbers: list[int], repository: Path, ensemble
     import tempfile
 
     from enserve.optimizer.devices import gpus
-    from enserve.server.served.repository import import_onnx
+    from enserve.server.served.importer import import_onnx
     from enserve.tuning.library import trial_dir
 
     names = [trial_dir(library, n).name for n in numbers]
