@@ -32,7 +32,7 @@ def test_an_unknown_flag_is_a_usage_error(command):
 
 
 @pytest.mark.parametrize("args, env, message", [
-    (["serve", "--http-port", "eighty"], {}, "--http-port: invalid literal for int()"),
+    (["serve", "--http-port", "eighty"], {}, "--http-port: 'eighty' is not an integer"),
     (["serve"], {"ENSERVE_GRPC_PORT": "x"}, "environment variable ENSERVE_GRPC_PORT='x'"),
     (["serve", "--grpc-transport", "carrier-pigeon"], {}, "invalid choice: 'carrier-pigeon'"),
     (["serve", "--load-model", "ensemble"], {}, "--load-model needs --model-control-mode explicit"),
@@ -46,7 +46,9 @@ def test_an_unknown_flag_is_a_usage_error(command):
     (["build", "--model-repository", "r", "--time-budget", "5q"], {}, "duration '5q' is invalid"),
     (["bench", "--concurrency", "1,two"], {}, "'1,two' is not a comma-separated list"),
     (["bench", "--repeat", "0"], {}, "--repeat: must be an integer >= 1, not '0'"),
-    (["allocate", "--max-combi", "many"], {}, "--max-combi: must be an integer >= 1, not 'many'"),
+    (["allocate", "--max-combi", "many"], {}, "--max-combi: 'many' is not an integer"),
+    (["allocate", "--max-combi", "0"], {}, "--max-combi is 0, but must be >= 1"),
+    (["allocate", "--bench", "cost", "--optimize-metric", "latency"], {}, "--bench cost predicts throughput only"),
     (["allocate", "--bench-concurrency", "0"], {}, "--bench-concurrency is 0, but must be >= 1"),
     (["allocate", "--optimize-time", "nan"], {}, "--optimize-time is nan, but must be > 0"),
 ])

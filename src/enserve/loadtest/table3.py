@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import shutil
 import sys
@@ -30,6 +31,7 @@ from enserve.optimizer.placement import proportional_start, replicated_whole, wo
 from enserve.optimizer.profiles import DEFAULT_BATCH_SIZES
 from enserve.optimizer.search import COST_MAX_COMBI, PAPER_MOVES, neighbourhood_search
 from enserve.server import allocate as alloc_mod
+from enserve.server.config import AllocateOptions
 from enserve.server.served.importer import import_onnx
 from enserve.server.served.repository import DEFAULT_ENSEMBLE, ensemble_members, load_repository
 
@@ -63,8 +65,9 @@ def part_a(repo: Path, args) -> tuple[list[tuple], list[float]]:
                (f"{n_cores} CPU devices x 1 core", ";".join(str(c) for c in range(n_cores)))]
     for label, spec in configs:
         devices = inventory(spec, use_gpus=False)
-        done = alloc_mod.allocate(load_repository(repo), devices, max_combi=args.max_combi, time_budget_s=None,
-                                  bench_seconds=args.bench_seconds, progress=lambda m: print("  " + m, flush=True))
+        options = AllocateOptions(max_combi=args.max_combi, optimize_time_s=math.inf, bench_seconds=args.bench_seconds)
+        done = alloc_mod.allocate(load_repository(repo), devices, options,
+                                  progress=lambda m: print("  " + m, flush=True))
         _, names = ensemble_members(load_repository(repo), None)
         model = CostModelBench(done.profiles, devices)
         for alloc, real in done.result.history:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,16 +17,16 @@ from enserve.optimizer.allocation import Allocation, Device, MemberProfile
 from enserve.optimizer.costmodel import CostModelBench
 from enserve.optimizer.devices import hardware_fingerprint
 from enserve.optimizer.placement import proportional_start, replicated_whole, worst_fit_decreasing
-from enserve.optimizer.profiles import DEFAULT_BATCH_SIZES, MemberSource, profile_members
-from enserve.optimizer.search import BENCHES, METRICS, SearchResult, neighbourhood_search
-from enserve.server.config import ServeOptions
+from enserve.optimizer.profiles import MemberSource, profile_members
+from enserve.optimizer.search import SearchResult, neighbourhood_search
+from enserve.server.config import AllocateOptions, ServeOptions
 from enserve.server.errors import RepositoryError
 from enserve.server.served import placement as placements
 from enserve.server.served.placement import Placement
 from enserve.server.served.repository import Repository, ensemble_members
 
 log = logging.getLogger("enserve")
-DEFAULTS = ServeOptions()  # the allocator's defaults are the serving options' (one home)
+DEFAULTS = AllocateOptions()
 PER_ROUND = 4  # real-bench neighbours measured per round, most promising (cost model) first
 
 
@@ -62,7 +63,7 @@ class RealBench:
     metric: str = DEFAULTS.optimize_metric
     concurrency: int = DEFAULTS.bench_concurrency
     images: int = DEFAULTS.bench_images
-    seconds: float = 1.5
+    seconds: float = DEFAULTS.bench_seconds
     warmup_s: float = 0.5
 
     def __call__(self, alloc: Allocation) -> float:
@@ -116,21 +117,16 @@ class Allocated:
 def allocate(
     repo: Repository,
     devices: list[Device],
+    options: AllocateOptions = DEFAULTS,
     *,
     ensemble: str | None = None,
-    metric: str = DEFAULTS.optimize_metric,
-    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
-    start_batch: int = 32,
-    max_combi: int = DEFAULTS.max_combi,
-    time_budget_s: float | None = DEFAULTS.optimize_time_s,
-    bench: str = BENCHES[0],
     profiles: list[MemberProfile] | None = None,
-    bench_seconds: float = 1.5,
-    bench_load: tuple[int, int] = (DEFAULTS.bench_concurrency, DEFAULTS.bench_images),
     progress: Callable[[str], None] | None = None,
     stopped: Callable[[], bool] | None = None,
 ) -> Allocated:
-    """Profile, place with worst-fit decreasing, refine with Algorithm 1; the plan is not saved.
+    """Profile, place with worst-fit decreasing, refine with Algorithm 1 (``options``: the metric, the
+    bench, the batch sizes, the limits); the plan is not saved. ``profiles`` given are used instead
+    of measuring.
     When ``stopped()`` turns true (the server was told to stop; it is read from the allocator's
     thread) it ends with ``AllocationStopped`` before the next profile or measurement; the one
     running finishes and cleans up first."""
@@ -144,8 +140,13 @@ def allocate(
         if progress:
             progress(message)
 
-    if metric not in METRICS:
-        raise RepositoryError(f"metric '{metric}' is not one of {METRICS}")
+    try:
+        options.validate()
+    except ValueError as exc:
+        raise RepositoryError(str(exc)) from None
+    metric, bench, batch_sizes = options.optimize_metric, options.bench, options.batch_sizes
+    max_combi = options.combi_limit
+    time_budget_s = options.optimize_time_s if math.isfinite(options.optimize_time_s) else None
     ensemble, names = ensemble_members(repo, ensemble)
     hardware = hardware_fingerprint(devices)
     if profiles is None:
@@ -158,28 +159,24 @@ def allocate(
         if missing:
             raise RepositoryError(f"the profiles given lack members {missing}")
         profiles = [by_name[n] for n in names]
-    start = proportional_start(worst_fit_decreasing(profiles, devices, start_batch), profiles, devices)
+    start = proportional_start(worst_fit_decreasing(profiles, devices, options.start_batch), profiles, devices)
     cost = CostModelBench(profiles, devices)
     if bench == "real":
-        real = RealBench(repo, ensemble, names, devices, metric, concurrency=bench_load[0], images=bench_load[1],
-                         seconds=bench_seconds)
+        real = RealBench(repo, ensemble, names, devices, metric, concurrency=options.bench_concurrency,
+                         images=options.bench_images, seconds=options.bench_seconds)
 
         def score(alloc: Allocation) -> float:
             check("the next measurement")
             return real(alloc)
-    elif bench == "cost":
-        if metric != "throughput":
-            raise RepositoryError("the cost-model bench predicts throughput only; use --metric throughput")
+    else:  # "cost" (validated)
         score = cost
-    else:
-        raise RepositoryError(f"bench '{bench}' is not one of {BENCHES}")
 
     noisy = bench == "real"
 
     def report(n: int, alloc: Allocation, s: float, best: float) -> None:
         if progress and (noisy or s >= best):  # the cost model scores hundreds: only its improvements
             progress(f"[{n}/{max_combi}] {describe(alloc, names)}: {s:.1f} (best {best:.1f})")
-    whole = replicated_whole(profiles, devices, start_batch)
+    whole = replicated_whole(profiles, devices, options.start_batch)
     result = neighbourhood_search(start, profiles, devices, list(batch_sizes), score, max_combi=max_combi,
                                   time_budget_s=time_budget_s, min_gain=0.03 if noisy else 0.0, rank=cost,
                                   per_round=PER_ROUND if noisy else None, progress=report,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from enserve.optimizer.devices import parse_core_list
-from enserve.optimizer.search import METRICS, REAL_MAX_COMBI
+from enserve.optimizer.profiles import DEFAULT_BATCH_SIZES
+from enserve.optimizer.search import BENCHES, COST_MAX_COMBI, METRICS, REAL_MAX_COMBI
+from enserve.options import check_fields, option
 
 TRANSPORTS = ("auto", "native", "grpcio")
 MODEL_CONTROL_MODES = ("none", "explicit", "poll")  # Triton's
@@ -42,18 +43,59 @@ def parse_size(text: str) -> int:
     return int(value * SIZE_UNITS[unit])
 
 
-def option(default, flag: str, help: str, parse: Callable[[str], object] | None = None,
-           choices: tuple[str, ...] | None = None, switch: bool = False, repeat: bool = False,
-           minimum: float | None = None, above: float | None = None):
-    """A serving option and its command-line flag (``enserve serve`` generates its flags from these,
-    each with an ``ENSERVE_<FLAG>`` environment fallback); ``minimum`` / ``above`` bound a number."""
-    return field(default=default, metadata={"flag": flag, "help": help, "parse": parse, "choices": choices,
-                                            "switch": switch, "repeat": repeat, "minimum": minimum,
-                                            "above": above})
+def _sizes(text: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32): batch sizes, each >= 1."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"'{text}' is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"batch sizes {text} must each be >= 1")
+    return values
 
 
 @dataclass(kw_only=True)
-class ServeOptions:
+class AllocateOptions:
+    """The allocator's knobs (paper §2.4): ``enserve allocate`` takes them, and ``enserve serve``
+    (whose options extend these) runs the allocator with them at start-up."""
+
+    cpu_devices: str | None = option(None, "--cpu-devices", "CPU devices as core sets, e.g. '0;1' (two devices "
+                                     "of one core) or '0-1' (default: all cores but core 0 on machines with 4 or "
+                                     "more, else all)", str)
+    optimize_metric: str = option("throughput", "--optimize-metric", "what the search maximises: images/s, or "
+                                  "minus the p99 latency under the bench load", str, choices=METRICS)
+    bench: str = option(BENCHES[0], "--bench", "what scores an allocation: the real pipeline measured, or the "
+                        "cost model from the profiles (throughput only)", str, choices=BENCHES)
+    max_combi: int | None = option(None, "--max-combi", "most allocations the search scores", int, minimum=1,
+                                   shown=f"{REAL_MAX_COMBI} measured on the real bench, {COST_MAX_COMBI} computed "
+                                         "by the cost model")
+    optimize_time_s: float = option(120.0, "--optimize-time", "time budget of the search in seconds", float, above=0)
+    batch_sizes: tuple[int, ...] = option(DEFAULT_BATCH_SIZES, "--batch-sizes", "batch sizes the search may "
+                                          "choose from, e.g. 1,8,32,64", _sizes)
+    start_batch: int = option(32, "--start-batch", "every group's batch size in the start allocation", int, minimum=1)
+    bench_concurrency: int = option(16, "--bench-concurrency", "the real bench's load: requests kept in flight",
+                                    int, minimum=1)
+    bench_images: int = option(8, "--bench-images", "the real bench's load: images per request", int, minimum=1)
+    bench_seconds: float = option(1.5, "--bench-seconds", "seconds the real bench measures each allocation",
+                                  float, above=0)
+
+    @property
+    def combi_limit(self) -> int:
+        """``max_combi``, or the bench's own limit when none was given."""
+        if self.max_combi is not None:
+            return self.max_combi
+        return COST_MAX_COMBI if self.bench == "cost" else REAL_MAX_COMBI
+
+    def validate(self) -> None:
+        check_fields(self)
+        if self.bench == "cost" and self.optimize_metric != "throughput":
+            raise ValueError("--bench cost predicts throughput only: use --optimize-metric throughput")
+
+
+@dataclass(kw_only=True)
+class ServeOptions(AllocateOptions):
+    """What ``enserve serve`` takes: the daemon's options, and the allocator's it runs at start-up."""
+
     model_repository: Path = option(Path("model_repository"), "--model-repository",
                                     "Triton-layout repository: <repo>/<model>/config.pbtxt + <repo>/<model>/1/model.onnx",
                                     Path)
@@ -133,32 +175,11 @@ class ServeOptions:
                             "implied by --device, --cpu-cores, --batch-size)", switch=True)
     plan_path: Path | None = option(None, "--plan", "serve with this allocation plan (from 'enserve allocate')",
                                     Path)
-    cpu_devices: str | None = option(None, "--cpu-devices", "CPU devices as core sets, e.g. '0;1' (two devices "
-                                     "of one core) or '0-1' (default: all cores but core 0 on machines with 4 or "
-                                     "more, else all)", str)
-    max_combi: int = option(REAL_MAX_COMBI, "--max-combi", "most allocations the search scores", int, minimum=1)
-    optimize_time_s: float = option(120.0, "--optimize-time", "time budget of the search in seconds", float, above=0)
-    optimize_metric: str = option("throughput", "--optimize-metric", "what the search maximises: images/s, or "
-                                  "minus the p99 latency under the bench load", str,
-                                  choices=METRICS)
-    bench_concurrency: int = option(16, "--bench-concurrency", "the real bench's load: requests kept in flight",
-                                    int, minimum=1)
-    bench_images: int = option(8, "--bench-images", "the real bench's load: images per request", int, minimum=1)
-
     def validate(self) -> None:
         """Every choice one of its list, every number within its bounds, and the rules between options (TLS needs a certificate and
         its key, the native transport has no TLS, --load-model needs explicit model control); raises
         ValueError naming the flag, the value and the rule. Nothing is read from disk here."""
-        for f in fields(self):
-            value, m = getattr(self, f.name), f.metadata
-            if m.get("choices") and value not in m["choices"]:
-                raise ValueError(f"{m['flag']} is {value!r}, but must be one of {m['choices']}")
-            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if m.get("minimum") is not None and not value >= m["minimum"]:  # NaN is never within bounds
-                raise ValueError(f"{m['flag']} is {value}, but must be >= {m['minimum']}")
-            if m.get("above") is not None and not value > m["above"]:
-                raise ValueError(f"{m['flag']} is {value}, but must be > {m['above']}")
+        super().validate()
         if self.cpu_cores is not None and not self.cpu_cores:
             raise ValueError("--cpu-cores names no core")
         if (self.tls_cert is None) != (self.tls_key is None):

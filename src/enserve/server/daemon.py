@@ -63,10 +63,8 @@ def choose_placement(repo: Repository, options: ServeOptions, lifecycle: Lifecyc
 
     def make_plan(devices, ensemble: str):
         log.info("no plan for this ensemble and hardware yet: running the allocator (at most %d "
-                 "allocations or %g s; --no-optimize skips it)", options.max_combi, options.optimize_time_s)
-        return allocate(repo, devices, ensemble=ensemble, metric=options.optimize_metric,
-                        max_combi=options.max_combi, time_budget_s=options.optimize_time_s,
-                        bench_load=(options.bench_concurrency, options.bench_images),
+                 "allocations or %g s; --no-optimize skips it)", options.combi_limit, options.optimize_time_s)
+        return allocate(repo, devices, options, ensemble=ensemble,
                         progress=lambda msg: log.info("allocator: %s", msg),
                         stopped=None if lifecycle is None else lambda: lifecycle.draining).plan
 
