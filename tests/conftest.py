@@ -191,3 +191,12 @@ def apt_install(package: str, binary: str) -> str | None:
         if found:
             return found
     return None
+
+
+def build(dataset, library, *, progress=None, on_schedule=None, **options) -> str:
+    """``build_library`` with the options as keywords (``BuildOptions``'s fields); the storage used."""
+    from enserve.tuning.options import BuildOptions
+    from enserve.tuning.search import build_library
+
+    return build_library(BuildOptions(dataset=str(dataset), library=Path(library), **options), progress=progress,
+                         on_schedule=on_schedule)

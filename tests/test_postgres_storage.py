@@ -60,10 +60,10 @@ def test_workers_share_a_study_in_postgresql(postgres_url, tmp_path):
     import optuna
 
     from enserve.tuning.library import read_records
-    from enserve.tuning.search import build_library
+    from tests.conftest import build
 
     lib = tmp_path / "library"
-    build_library("digits", lib, storage=postgres_url, workers=2, time_budget_s=25, max_epochs=2,
+    build("digits", lib, storage=postgres_url, workers=2, time_budget_s=25, max_epochs=2,
                   pruner="hyperband", sampler="tpe", seed=0, max_trials=4)
     study = optuna.load_study(study_name="enserve", storage=postgres_url)
     records = read_records(lib)

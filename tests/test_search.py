@@ -16,8 +16,11 @@ import pytest
 pytest.importorskip("optuna", reason="the 'tune' extra is not installed")
 
 from enserve.tuning.library import candidates, read_records, write_index  # noqa: E402
-from enserve.tuning.search import build_library  # noqa: E402
-from tests.conftest import ROOT, start_daemon  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    ROOT,
+    build,
+    start_daemon,
+)
 
 
 def study_trials(storage: str) -> int:
@@ -30,7 +33,7 @@ def study_trials(storage: str) -> int:
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
     lib = tmp_path_factory.mktemp("lib") / "library"
-    storage = build_library("digits", lib, workers=2, time_budget_s=25, max_epochs=3, pruner="asha",
+    storage = build("digits", lib, workers=2, time_budget_s=25, max_epochs=3, pruner="asha",
                             sampler="random", seed=0, max_trials=6)
     write_index(lib, "digits")
     return lib, storage
@@ -49,12 +52,12 @@ def test_two_workers_build_a_library_and_a_rerun_continues(library):
     c = candidates(lib)
     assert c.val_preds.shape[1:] == (360, 10) and np.allclose(c.val_preds.sum(axis=2), 1, atol=1e-4)
     from enserve.tuning.build import progress_line
-    from enserve.tuning.search import running_trials
+    from enserve.tuning.study import running_trials
 
     line = progress_line(lib, running=running_trials(storage))
     assert line.startswith("trials: 0 running, ") and "best single: trial" in line and "best ensemble:" in line
     before = study_trials(storage)
-    build_library("digits", lib, workers=1, time_budget_s=8, max_epochs=3, seed=0, max_trials=before + 1)
+    build("digits", lib, workers=1, time_budget_s=8, max_epochs=3, seed=0, max_trials=before + 1)
     assert study_trials(storage) > before  # the same study, continued
 
 
@@ -74,10 +77,10 @@ def test_a_library_and_its_study_belong_to_one_data_set(library, tmp_path):
     with pytest.raises(ValueError, match=r"the library .*library belongs to data set 'digits': \d+ training samples "
                        r"of shape \(1, 8, 8\), 10 classes, .*; this build is on 'signals': 180 training samples of "
                        r"shape \(40,\), 3 classes.* build into another one \(--library DIR"):
-        build_library(str(other), lib, workers=1, time_budget_s=5, max_epochs=1)
+        build(str(other), lib, workers=1, time_budget_s=5, max_epochs=1)
     with pytest.raises(ValueError, match=r"belongs to data set 'digits'.*split seed 0.*this build is on 'digits'.*"
                        r"split seed 1"):
-        build_library("digits", lib, workers=1, time_budget_s=5, max_epochs=1, seed=1)
+        build("digits", lib, workers=1, time_budget_s=5, max_epochs=1, seed=1)
     assert len(read_records(lib)) == before  # refused before any training
     cli = subprocess.run([sys.executable, "-m", "enserve", "build", "--dataset", str(other), "--library", str(lib),
                           "--model-repository", str(tmp_path / "repo"), "--time-budget", "5s"],
@@ -85,7 +88,7 @@ def test_a_library_and_its_study_belong_to_one_data_set(library, tmp_path):
     assert cli.returncode == 2 and "belongs to data set 'digits'" in cli.stderr and "Traceback" not in cli.stderr
     with pytest.raises(ValueError, match=r"the study 'enserve' in .* was run on data set 'digits'.*this build is on "
                        r"'signals'.*cannot be compared"):
-        build_library(str(other), tmp_path / "fresh", storage=storage, workers=1, time_budget_s=5, max_epochs=1)
+        build(str(other), tmp_path / "fresh", storage=storage, workers=1, time_budget_s=5, max_epochs=1)
     copy = tmp_path / "copy"
     shutil.copytree(lib, copy)
     record = next(f for f in sorted(copy.glob("trial_*/record.json")) if json.loads(f.read_text())["state"] != "failed")
@@ -134,7 +137,7 @@ def test_augmentation_ranges_follow_the_image_size():
     import optuna
 
     from enserve.tuning.data import load_dataset
-    from enserve.tuning.search import (
+    from enserve.tuning.space import (
         SMALL_IMAGE_AUGMENTATION,
         TABLE5_AUGMENTATION,
         augmentation_bounds,
@@ -158,7 +161,7 @@ def test_augmentation_ranges_follow_the_image_size():
 
 
 def test_build_refuses_bad_settings_with_the_value_and_the_rule(tmp_path):
-    for flags, message in ((["--max-epochs", "0"], "max_epochs is 0, but must be >= 1"),
+    for flags, message in ((["--max-epochs", "0"], "--max-epochs is 0, but must be >= 1"),
                            (["--dataset", str(tmp_path / "none.npz")], "is neither 'digits' nor an existing path")):
         out = subprocess.run([sys.executable, "-m", "enserve", "build", "--time-budget", "5s", "--library",
                               str(tmp_path / "lib"), "--model-repository", str(tmp_path / "repo"), *flags],
@@ -225,7 +228,7 @@ def test_signals_search_a_1d_residual_cnn_family(tmp_path):
     np.savez(tmp_path / "waves.npz", x_train=x.astype(np.float32), y_train=y)
     lib = tmp_path / "lib"
     schedules = []
-    build_library(str(tmp_path / "waves.npz"), lib, workers=1, time_budget_s=25, max_trials=3,
+    build(str(tmp_path / "waves.npz"), lib, workers=1, time_budget_s=25, max_trials=3,
                   input_kind="signal", on_schedule=schedules.append)
     fp = json.loads((lib / "dataset.json").read_text())
     assert fp["kind"] == "signal" and fp["shapes"]["x_train"][1:] == [1, 40]
@@ -251,12 +254,12 @@ def test_error_and_cost_objective_is_what_asha_and_the_study_see(tmp_path):
     the selection; a study keeps its objective."""
     import optuna
 
-    from enserve.tuning.search import make_storage
+    from enserve.tuning.study import make_storage
 
     rng = np.random.default_rng(2)
     np.savez(tmp_path / "rows.npz", x_train=rng.random((200, 12), dtype=np.float32), y_train=rng.integers(0, 2, 200))
     lib = tmp_path / "lib"
-    storage = build_library(str(tmp_path / "rows.npz"), lib, workers=1, time_budget_s=15, max_epochs=2,
+    storage = build(str(tmp_path / "rows.npz"), lib, workers=1, time_budget_s=15, max_epochs=2,
                             max_trials=2, pruner="none", objective="error-and-cost", cost_weight=0.5)
     study = optuna.load_study(study_name="enserve", storage=make_storage(storage))
     goal = study.user_attrs["objective"]
@@ -270,7 +273,7 @@ def test_error_and_cost_objective_is_what_asha_and_the_study_see(tmp_path):
         assert t.value == pytest.approx(r.val_loss + penalty, rel=1e-9)
         assert t.intermediate_values[r.epochs] == pytest.approx(r.curve[-1]["val_loss"] + penalty, rel=1e-9)
     with pytest.raises(ValueError, match="minimises 'error-and-cost', not 'error'"):
-        build_library(str(tmp_path / "rows.npz"), lib, workers=1, time_budget_s=5, max_epochs=2)
+        build(str(tmp_path / "rows.npz"), lib, workers=1, time_budget_s=5, max_epochs=2)
 
 
 def test_the_same_seed_with_one_worker_gives_the_same_library(tmp_path):
@@ -279,19 +282,19 @@ def test_the_same_seed_with_one_worker_gives_the_same_library(tmp_path):
     libraries = []
     for k in range(2):
         lib = tmp_path / f"lib{k}"
-        build_library(str(tmp_path / "rows.npz"), lib, workers=1, time_budget_s=30, max_epochs=2, max_trials=3,
+        build(str(tmp_path / "rows.npz"), lib, workers=1, time_budget_s=30, max_epochs=2, max_trials=3,
                       pruner="none", seed=5)
         libraries.append({r.number: (r.config["trial_params"], r.val_loss) for r in read_records(lib)})
     assert len(libraries[0]) == 3 and libraries[0] == libraries[1]
 
 
 def test_sampler_seeds_repeat_on_one_machine_and_differ_between_builders_of_a_shared_study():
-    from enserve.tuning.search import sampler_seed
+    from enserve.tuning.study import sampler_seed
 
     assert [sampler_seed(5, i, "/lib/study.journal") for i in range(3)] == [5000, 5001, 5002]
     shared = "postgresql://db/enserve"
     assert sampler_seed(5, 0, shared) == sampler_seed(5, 0, shared)  # this process
-    child = subprocess.run([sys.executable, "-c", "from enserve.tuning.search import sampler_seed; "
+    child = subprocess.run([sys.executable, "-c", "from enserve.tuning.study import sampler_seed; "
                             f"print(sampler_seed(5, 0, '{shared}'))"], capture_output=True, text=True, check=True)
     assert int(child.stdout) != sampler_seed(5, 0, shared)  # another builder, same --seed
 

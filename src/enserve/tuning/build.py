@@ -11,6 +11,7 @@ import numpy as np
 
 from enserve import combiners
 from enserve.tuning.library import Candidates, candidates, read_records
+from enserve.tuning.options import METHODS, SelectOptions
 from enserve.tuning.selection import (
     Selection,
     caruana,
@@ -21,7 +22,6 @@ from enserve.tuning.selection import (
     smobf_best,
 )
 
-METHODS = ("smobf", "greedy", "caruana")
 CARUANA_ITERATIONS = 50
 
 
@@ -169,31 +169,16 @@ def progress_line(library: Path, *, running: int | None = None, budget: float | 
 
 
 
-def parse_duration(text: str) -> float:
-    """'90', '90s', '10m', '1h' -> seconds (an argparse type: a bad one is a usage error)."""
-    import argparse
-
-    units = {"s": 1, "m": 60, "h": 3600}
-    try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"duration '{text}' is invalid: expected e.g. 90s, 10m, 1h") from None
-
-
-def select_and_export(library: Path, repository: Path, ensemble: str, *, budget: float | None = None,
-                      method: str = "smobf", prune: float = 0.2, n_models: int = 5,
-                      combiner: str = combiners.DEFAULT,
-                      progress: Callable[[str], None] = print) -> tuple[Chosen, float]:
+def select_and_export(options: SelectOptions, progress: Callable[[str], None] = print) -> tuple[Chosen, float]:
     """The selection stage and the export: the Pareto table (SMOBF against forward greedy) and its
-    plot, then the ensemble chosen under ``budget`` (default 3 x the best single model's cost)
-    written into ``repository``. Returns it and the budget used."""
+    plot, then the ensemble chosen under the budget (default 3 x the best single model's cost)
+    written into the repository. Returns it and the budget used."""
     from enserve.tuning.export import export_members
 
+    library, prune, n_models = Path(options.library), options.prune, options.n_models
     c = candidates(library)
     single = best_single(c)
-    budget = budget if budget is not None else 3 * single["cost"]
+    budget = options.budget if options.budget is not None else 3 * single["cost"]
     rows = pareto_rows(c, default_budgets(c) + [budget], prune=prune)
     progress(f"\nlibrary: {plural(len(c.numbers), 'model')}; best single model: trial {single['number']}, "
              f"test error {single['test_error']:.4f}, cost {single['cost']:.4f} s")
@@ -204,9 +189,9 @@ def select_and_export(library: Path, repository: Path, ensemble: str, *, budget:
     baseline = pareto_rows(c, default_budgets(c) + [budget], prune=prune, method="greedy", n_models=n_models)
     progress(compare_methods(c, sorted(default_budgets(c) + [budget]), prune=prune, n_models=n_models))
     png = plot(c, {"SMOBF": rows, f"forward greedy ({n_models} models)": baseline},
-               Path(library) / "pareto.png", f"{len(c.numbers)} models: SMOBF vs forward greedy")
+               library / "pareto.png", f"{len(c.numbers)} models: SMOBF vs forward greedy")
     progress(f"plot: {png}")
-    chosen = choose(c, budget, method=method, prune=prune, n_models=n_models, combiner=combiner)
-    export_members(library, chosen.numbers, repository, ensemble, progress=progress, weights=chosen.weights,
-                   combiner=chosen.combiner)
+    chosen = choose(c, budget, method=options.method, prune=prune, n_models=n_models, combiner=options.combiner)
+    export_members(library, chosen.numbers, options.model_repository, options.ensemble, progress=progress,
+                   weights=chosen.weights, combiner=chosen.combiner)
     return chosen, budget

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from enserve.tuning.build import best_single, choose, parse_duration
+from enserve.tuning.build import best_single, choose
 from enserve.tuning.library import Candidates, candidates, write_index
+from enserve.tuning.options import BuildOptions, parse_duration
 from enserve.tuning.search import build_library
 
 SEARCHES = {  # label: (sampler, pruner, objective)
@@ -78,9 +79,10 @@ def main() -> int:
                 lib = root / f"{label}_seed{seed}"
                 if not (lib / "index.json").is_file():
                     print(f"seed {seed}: building with {label} for {args.time_budget:g} s ...", flush=True)
-                    build_library(args.dataset, lib, sampler=sampler, pruner=pruner, workers=args.workers,
-                                  time_budget_s=args.time_budget, max_epochs=args.max_epochs, seed=seed,
-                                  objective=objective, input_kind=args.input_kind)
+                    build_library(BuildOptions(dataset=args.dataset, library=lib, sampler=sampler, pruner=pruner,
+                                               workers=args.workers, time_budget_s=args.time_budget,
+                                               max_epochs=args.max_epochs, seed=seed, objective=objective,
+                                               input_kind=args.input_kind))
                     write_index(lib, args.dataset)
                 runs[label].append(candidates(lib))
         # one budget scale for every column: the largest cost of a best single model over all runs

@@ -8,15 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from enserve.tuning.search import (
-    TrialFailed,
-    TrialSettings,
-    make_pruner,
-    make_sampler,
-    make_storage,
-    objective,
-    sampler_seed,
-)
+from enserve.tuning.objective import TrialFailed, TrialSettings, objective
+from enserve.tuning.study import make_pruner, make_sampler, make_storage, sampler_seed
 
 
 def worker(storage: str, study_name: str, dataset: str, library: str, deadline: float, max_epochs: int,
