@@ -90,8 +90,6 @@ def run(args: argparse.Namespace) -> int:
         from enserve.tuning.study import default_storage, running_trials
         from enserve.tuning.workers import BuildFailed
 
-        print(f"building a library in {library} for {options.time_budget_s:g} s with {options.workers} workers "
-              f"({options.sampler} sampler, {options.pruner} pruner); interrupt and rerun to continue", flush=True)
         storage = options.storage or default_storage(library)
 
         progress = BuildProgress(lambda: build.progress_line(library, running=running_trials(storage),
@@ -99,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         error: Exception | None = None
         try:
             build_library(options, progress=progress, progress_every_s=progress.every_s,
-                          on_schedule=progress.on_schedule)
+                          on_schedule=progress.on_schedule, say=lambda line: print(line, flush=True))
         except (ValueError, BuildFailed) as exc:  # bad data or settings (usage); every trial worker died
             error = exc
         finally:

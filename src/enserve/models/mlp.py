@@ -1,4 +1,6 @@
-"""An MLP family for tabular data: hidden widths, activation, dropout; ends in logits."""
+"""An MLP family for tabular data: hidden widths, activation, batch normalisation, dropout; ends
+in logits. Each hidden layer: linear, batch norm (if on), activation, dropout (as the tuned simple
+nets of Kadra et al. 2021 and the MLP baseline of Gorishniy et al. 2021)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ class MLPConfig:
     hidden: tuple[int, ...] = (64, 64)
     activation: str = "relu"
     dropout: float = 0.0
+    batch_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -31,7 +34,10 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         width = config.features
         for h in config.hidden:
-            layers += [nn.Linear(width, h), ACTIVATIONS[config.activation]()]
+            layers.append(nn.Linear(width, h))
+            if config.batch_norm:
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(ACTIVATIONS[config.activation]())
             if config.dropout:
                 layers.append(nn.Dropout(config.dropout))
             width = h

@@ -12,17 +12,28 @@ from enserve.tuning.space import middle_config
 COST_SAMPLES = 2000  # the paper's C: seconds to predict this many samples on one core
 
 
-def epoch_seconds(data, threads: int, batches: int = 20) -> float:
+def middle_member(data, preprocessing: dict | None):
+    """``middle_config``'s network as a member (its preprocessing in front, when there is one)."""
+    from enserve.tuning.preprocess import member
+    from enserve.tuning.space import timed_family
+    from enserve.tuning.train import build_model
+
+    family = timed_family(data)
+    net = build_model(middle_config(data, family, preprocessing).network)
+    if not preprocessing:
+        return net
+    return member(family, preprocessing[family], net, data.input_shape)
+
+
+def epoch_seconds(data, threads: int, batches: int = 20, preprocessing: dict | None = None) -> float:
     """Seconds one training epoch of ``middle_config`` takes here (timed over at most ``batches``
     batches, after one to warm up, and scaled to the whole epoch)."""
     import torch
     import torch.nn.functional as F
 
-    from enserve.tuning.train import build_model
-
     torch.set_num_threads(threads)
-    config = middle_config(data)
-    model = build_model(config.network)
+    config = middle_config(data, preprocessing=preprocessing)
+    model = middle_member(data, preprocessing)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     steps = math.ceil(len(x) / config.batch_size)
@@ -39,16 +50,15 @@ def epoch_seconds(data, threads: int, batches: int = 20) -> float:
     return (time.perf_counter() - t0) / timed * steps
 
 
-def middle_cost(data) -> float:
+def middle_cost(data, preprocessing: dict | None = None) -> float:
     """The inference cost of ``middle_config``: the reference that --objective error-and-cost divides by."""
     import tempfile
 
     from enserve.optimizer.profiles import Profiler
     from enserve.tuning.export import export_onnx
-    from enserve.tuning.train import build_model
 
     with tempfile.TemporaryDirectory(prefix="enserve-cost-") as tmp, Profiler() as profiler:
-        path = export_onnx(build_model(middle_config(data).network), data.input_shape, Path(tmp) / "model.onnx")
+        path = export_onnx(middle_member(data, preprocessing), data.input_shape, Path(tmp) / "model.onnx")
         return measure_cost(path, data, profiler)
 
 

@@ -35,6 +35,10 @@ class Dataset:
     y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    columns: tuple[str, ...] = ()  # a CSV's feature columns, in input order
+    class_names: tuple[str, ...] = ()  # what each class index stands for (a CSV's label values), if known
+    families: tuple[str, ...] = ()  # the network families searched (``families.families_for``)
+    why: str = ""  # why those
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -54,7 +58,8 @@ def fingerprint(data: Dataset, seed: int) -> dict:
     return {"name": data.name, "kind": data.kind, "classes": data.classes,
             "shapes": {k: list(getattr(data, k).shape) for k in SPLITS},
             "dtypes": {k: getattr(data, k).dtype.str for k in SPLITS},
-            "train_sha256": digest.hexdigest(), "split_seed": seed}
+            "train_sha256": digest.hexdigest(), "split_seed": seed,
+            "columns": list(data.columns), "class_names": list(data.class_names)}
 
 
 def same_data(a: dict, b: dict) -> bool:
@@ -183,23 +188,68 @@ def load_cifar(path: Path, seed: int = 0) -> Dataset:
     return make_dataset(name, "image", x, y, seed=seed, x_test=images(test), y_test=np.asarray(test[key]))
 
 
+MISSING = ("", "na", "nan", "n/a", "null", "none", "?")  # how a CSV says a value is missing (any case)
+
+
+def _number(text: str) -> float | None:
+    """The value of a CSV field: a float, NaN if it says 'missing', None if it is text."""
+    t = text.strip()
+    if t.lower() in MISSING:
+        return float("nan")
+    try:
+        return float(t)
+    except ValueError:
+        return None
+
+
 def load_csv(path: Path, label: str = "label", seed: int = 0) -> Dataset:
+    """A header row, then one row per sample; the label in column ``label`` (else the last). Every
+    other column must be numbers: a missing value may be empty, NA, NaN, null, none or '?', and is
+    imputed inside the served model (``preprocess``). A text column is refused with its name: the
+    served model takes one tensor of numbers, the CSV's columns in order, so a category must be
+    encoded as numbers in the file (e.g. one 0/1 column per value) or left out."""
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+        rows = [r for r in csv.reader(f) if r]
+    if len(rows) < 2:
+        raise ValueError(f"{path}: needs a header row and at least one data row")
     header, body = rows[0], rows[1:]
+    short = [k + 2 for k, r in enumerate(body) if len(r) != len(header)]
+    if short:
+        raise ValueError(f"{path}: rows {short[:5]} have not {len(header)} fields, as the header has")
     col = header.index(label) if label in header else len(header) - 1
+    features = [j for j in range(len(header)) if j != col]
+    parsed = [[_number(r[j]) for j in features] for r in body]
+    text = {}
+    for k, j in enumerate(features):
+        bad = next((r[j] for r, p in zip(body, parsed) if p[k] is None), None)
+        if bad is not None:
+            text[header[j]] = bad
+    if text:
+        named = ", ".join(f"'{n}' (e.g. {v!r})" for n, v in list(text.items())[:5])
+        raise ValueError(f"{path}: columns {named} are text, but the served model takes numbers only (one FP32 "
+                         "tensor of the CSV's columns); encode them as numbers in the file, e.g. one 0/1 column "
+                         "per category, or leave them out")
     values = sorted({r[col] for r in body})
     index = {v: i for i, v in enumerate(values)}
-    try:
-        x = np.array([[float(v) for j, v in enumerate(r) if j != col] for r in body], dtype=np.float32)
-    except ValueError as exc:
-        raise ValueError(f"{path}: feature columns must be numeric ({exc})") from None
+    x = np.array(parsed, dtype=np.float32)
     y = np.array([index[r[col]] for r in body])
-    return make_dataset(path.stem, "tabular", x, y, seed=seed)
+    data = make_dataset(path.stem, "tabular", x, y, seed=seed)
+    data.columns = tuple(header[j] for j in features)
+    data.class_names = tuple(values)
+    return data
 
 
 def load_dataset(spec: str, seed: int = 0, image_size: int = 32, input_kind: str = "auto") -> Dataset:
-    """``digits``, or a path: ``.npz``, ``.csv``, a CIFAR archive or folder, a folder of class folders."""
+    """``digits``, or a path: ``.npz``, ``.csv``, a CIFAR archive or folder, a folder of class
+    folders; with the network families it searches (``families``) and why."""
+    from enserve.tuning.families import families_for
+
+    data = _load(spec, seed, image_size, input_kind)
+    data.families, data.why = families_for(data.kind, data.x_train, input_kind)
+    return data
+
+
+def _load(spec: str, seed: int, image_size: int, input_kind: str) -> Dataset:
     if spec == "digits":
         return load_digits(seed)
     path = Path(spec)
@@ -208,7 +258,15 @@ def load_dataset(spec: str, seed: int = 0, image_size: int = 32, input_kind: str
     if path.suffix == ".npz":
         return load_npz(path, seed, input_kind)
     if path.suffix == ".csv":
-        return load_csv(path, seed=seed)
+        data = load_csv(path, seed=seed)
+        if input_kind == "signal":  # each row one signal, one channel
+            input_kind_of(data.x_train, input_kind, str(path))
+            for split in ("x_train", "x_val", "x_test"):
+                setattr(data, split, getattr(data, split)[:, None, :])
+            data.kind = "signal"
+        elif input_kind == "image":
+            input_kind_of(data.x_train, input_kind, str(path))  # refused, naming the shape
+        return data
     if path.name.endswith((".tar.gz", ".tgz")) or (path.is_dir() and any(
             (p.name in ("data_batch_1", "train")) for p in path.rglob("*"))):
         return load_cifar(path, seed)

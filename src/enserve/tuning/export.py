@@ -112,6 +112,30 @@ def build_engine(onnx_path: Path, input_dims: tuple[int, ...], max_batch_size: i
     return engines.engine_dir(onnx_path, engines.gpu_model(index), engines.tensorrt_version() or "unknown")
 
 
+def input_notes(library: Path) -> dict[str, str]:
+    """What the served ensemble's config says of its input and classes (``INPUT_NOTE``,
+    ``CLASSES_NOTE``), from the library's data set and preprocessing."""
+    from enserve.server.served.repository import CLASSES_NOTE, INPUT_NOTE
+    from enserve.tuning import preprocess
+    from enserve.tuning.library import library_dataset
+
+    fp = library_dataset(library) or {}
+    learned = preprocess.read(library) or {}
+    shape = fp.get("shapes", {}).get("x_train", [None])[1:]
+    columns = fp.get("columns") or []
+    note = f"raw values as in the training data, shape {shape}"
+    if columns:
+        note += f": {len(columns)} columns in this order: {', '.join(columns)}"
+    if any(p.kind == "per_column" for p in learned.values()):
+        note += "; a missing value is NaN (imputed with the training median inside every member)"
+    if learned:
+        note += "; centring and scaling run inside every member (learned from the training split)"
+    notes = {INPUT_NOTE: note}
+    if fp.get("class_names"):
+        notes[CLASSES_NOTE] = ",".join(fp["class_names"])
+    return notes
+
+
 def export_members(library: Path, numbers: list[int], repository: Path, ensemble: str,
                    progress=print, weights: list[float] | None = None, combiner: str = combiners.DEFAULT) -> None:
     """The export stage: optimise the chosen trials' ONNX files offline, write them into a model
@@ -128,7 +152,8 @@ def export_members(library: Path, numbers: list[int], repository: Path, ensemble
     with tempfile.TemporaryDirectory() as tmp:
         files = [optimise_offline(trial_dir(library, n) / "model.onnx", Path(tmp) / f"{name}.onnx", for_gpu=for_gpu)
                  for n, name in zip(numbers, names)]
-        repo = import_onnx(files, repository, ensemble=ensemble, names=names, weights=weights, combiner=combiner)
+        repo = import_onnx(files, repository, ensemble=ensemble, names=names, weights=weights, combiner=combiner,
+                           notes=input_notes(library))
     progress(f"members optimised offline by ONNX Runtime ({'basic level: a GPU is present' if for_gpu else 'extended level'})")
     ok, why = tensorrt_available()
     if not ok:

@@ -12,7 +12,7 @@ import numpy as np
 
 from enserve.tuning.cost import measure_cost
 from enserve.tuning.library import TrialRecord, trial_dir, write_record
-from enserve.tuning.space import suggest
+from enserve.tuning.space import family_of, suggest
 
 OBJECTIVES = ("error", "error-and-cost")
 
@@ -38,7 +38,9 @@ class TrialFailed(Exception):
     the search goes on."""
 
 
-def objective(trial, data, library: Path, settings: TrialSettings, profiler) -> float:
+def objective(trial, data, library: Path, settings: TrialSettings, profiler, preprocessing: dict | None = None) -> float:
+    """Train one suggested configuration as a member (``preprocessing[family]`` in front of its
+    network, when given), report its validation loss at every epoch, keep it in the library."""
     import optuna
     import torch
 
@@ -48,10 +50,15 @@ def objective(trial, data, library: Path, settings: TrialSettings, profiler) -> 
     from enserve.tuning.train import TrialDiverged, build_model, predict, train
 
     seed, data_sha256 = settings.seed, settings.data_sha256
-    config = suggest(trial, data, settings.batch_sizes)
+    config = suggest(trial, data, settings.batch_sizes, preprocessing)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine trained it
     torch.manual_seed(seed + trial.number)
     model = build_model(config.network)
+    family = family_of(config.network)
+    if preprocessing:
+        from enserve.tuning.preprocess import member
+
+        model = member(family, preprocessing[family], model, data.input_shape)
     penalty = 0.0
 
     def report(epoch: int, val_loss: float) -> bool:
@@ -60,7 +67,8 @@ def objective(trial, data, library: Path, settings: TrialSettings, profiler) -> 
 
     d = trial_dir(library, trial.number)
     d.mkdir(parents=True, exist_ok=True)
-    params = {"trial_params": trial.params, "network": asdict(config.network), "network_kind": type(config.network).__name__}
+    params = {"trial_params": trial.params, "network": asdict(config.network),
+              "network_kind": type(config.network).__name__, "family": family}
     try:
         if settings.cost_weight > 0:  # the cost is the architecture's: known before training, seen at every rung
             cost = measure_cost(export_onnx(model, data.input_shape, d / "model.onnx"), data, profiler)

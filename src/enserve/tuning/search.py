@@ -17,12 +17,27 @@ from enserve.tuning.schedule import Schedule
 from enserve.tuning.study import default_storage, make_sampler, make_storage
 
 
+def keep_preprocessing(library: Path, data) -> dict:
+    """The library's preprocessing per family: what it recorded (a continued build keeps it), and
+    for a family it has none of, learned now from the training split and recorded."""
+    from enserve.tuning import preprocess
+
+    kept = preprocess.read(library) or {}
+    missing = tuple(f for f in data.families if f not in kept)
+    if missing:
+        kept |= preprocess.learn_for(missing, data.x_train)
+        preprocess.write(library, kept)
+    return {f: kept[f] for f in data.families}
+
+
 def build_library(options: BuildOptions, *, progress: Callable[[], None] | None = None,
-                  progress_every_s: float = 10.0, on_schedule: Callable[[Schedule], None] | None = None) -> str:
+                  progress_every_s: float = 10.0, on_schedule: Callable[[Schedule], None] | None = None,
+                  say: Callable[[str], None] | None = None) -> str:
     """Create (or continue) the study and run ``options.workers`` processes on it until the time
     budget; returns the storage. The epoch budget, ASHA's rungs and the batch sizes follow the data
     and the time budget (``schedule``) unless ``max_epochs`` forces the budget; a continued study
-    keeps its schedule. ``on_schedule(Schedule)`` hears what was chosen. ``objective``
+    keeps its schedule. ``say`` hears first what the build chose for the data (families, preprocessing)
+    and why, ``on_schedule(Schedule)`` what schedule. ``objective``
     'error-and-cost' adds the inference cost to what the search minimises (``TrialSettings``); a
     study keeps its objective."""
     import optuna
@@ -41,6 +56,16 @@ def build_library(options: BuildOptions, *, progress: Callable[[], None] | None 
     data = load_dataset(dataset, seed=seed, input_kind=input_kind)
     fp = fingerprint(data, seed)
     claim_library(library, fp, data.y_val, data.y_test)  # refuses another data set's library
+    preprocessing = keep_preprocessing(library, data)
+    if say is not None:
+        say(f"data set '{data.name}': {len(data.x_train)} training rows of shape {data.input_shape}, {data.classes} "
+            f"classes; network {'families' if len(data.families) > 1 else 'family'} {', '.join(data.families)}: "
+            f"{data.why}; preprocessing learned from the training split ("
+            + ", ".join(f"{f}: {p.kind.replace('_', ' ')}" + (f", {len(p.indicate)} missingness columns"
+                                                             if p.indicate else "") for f, p in preprocessing.items())
+            + ") and exported inside every member")
+        say(f"building a library in {library} for {time_budget_s:g} s with {workers} workers ({sampler} sampler, "
+            f"{pruner} pruner); interrupt and rerun to continue")
     storage = o.storage or default_storage(library)
     study = optuna.create_study(study_name=study_name, storage=make_storage(storage), direction="minimize",
                                 sampler=make_sampler(sampler, seed), load_if_exists=True)
@@ -58,7 +83,7 @@ def build_library(options: BuildOptions, *, progress: Callable[[], None] | None 
     if kept is not None and max_epochs is None:
         schedule = Schedule(**kept)  # a continued study keeps its rungs
     else:
-        epoch_s = epoch_seconds(data, threads) if max_epochs is None else 0.0
+        epoch_s = epoch_seconds(data, threads, preprocessing=preprocessing) if max_epochs is None else 0.0
         schedule = choose_schedule(len(data.x_train), time_budget_s, workers, epoch_s, max_epochs)
         study.set_user_attr("schedule", asdict(schedule))
     if on_schedule is not None:
@@ -67,7 +92,7 @@ def build_library(options: BuildOptions, *, progress: Callable[[], None] | None 
     if goal is None:
         goal = {"kind": objective, "cost_weight": 0.0, "cost_ref": 1.0}
         if objective == "error-and-cost":
-            goal |= {"cost_weight": cost_weight, "cost_ref": middle_cost(data)}
+            goal |= {"cost_weight": cost_weight, "cost_ref": middle_cost(data, preprocessing)}
         study.set_user_attr("objective", goal)
     elif goal["kind"] != objective:
         raise ValueError(f"the study '{study_name}' in {storage} minimises '{goal['kind']}', not '{objective}': "

@@ -33,45 +33,76 @@ def augmentation_bounds(input_shape: tuple[int, ...]) -> AugmentationBounds:
     return TABLE5_AUGMENTATION if min(input_shape[-2:]) >= SMALL_IMAGE_PX else SMALL_IMAGE_AUGMENTATION
 
 
-def suggest(trial, data, batch_sizes: tuple[int, int] = (8, 48)):
-    """Table 5's space, scaled to what a CPU trains in minutes (filters [8, 32], 1-2 blocks a stage,
-    L2 <= 1e-3) and, for small images, narrower augmentations (``augmentation_bounds``); batch sizes
-    from ``batch_sizes`` (the schedule's, which follows the data set's size)."""
+def family_of(network) -> str:
+    """The family of a network configuration."""
     from enserve.models.mlp import MLPConfig
-    from enserve.models.resnet import ResNetConfig
+    from enserve.models.resnet1d import ResNet1dConfig
+
+    return "mlp" if isinstance(network, MLPConfig) else "cnn1d" if isinstance(network, ResNet1dConfig) else "cnn2d"
+
+
+def network_input(data, family: str, preprocessing: dict | None) -> tuple[int, ...]:
+    """What the family's network reads (no batch axis): the preprocessed view of the raw inputs."""
+    from enserve.tuning.families import network_view
+
+    view = network_view(family, data.input_shape)
+    return preprocessing[family].features_out(view) if preprocessing and family in preprocessing else view
+
+
+def suggest(trial, data, batch_sizes: tuple[int, int] = (8, 48), preprocessing: dict | None = None):
+    """One configuration: the family (when the data set searches several), then its space.
+
+    - ``mlp`` (tabular rows): width 16-512 (log), 1-4 layers, dropout 0-0.5, batch norm or not,
+      weight decay 1e-6-1e-2 (log), learning rate 1e-4-1e-2 (log): the choices the published tabular
+      MLP baselines tune (Kadra et al. 2021; Gorishniy et al. 2021), sized for a CPU.
+    - ``cnn1d`` / ``cnn2d``: Table 5's space, scaled to what a CPU trains in minutes (filters [8, 32],
+      1-2 blocks a stage, L2 <= 1e-3) and, for small images, narrower augmentations
+      (``augmentation_bounds``).
+
+    Batch sizes from ``batch_sizes`` (the schedule's, which follows the data set's size); the
+    network's input is the family's preprocessed view (``network_input``)."""
+    from enserve.models.mlp import MLPConfig
+    from enserve.models.resnet import ACTIVATIONS, ResNetConfig
     from enserve.tuning.augment import Augmentation
     from enserve.tuning.train import TrialConfig
 
-    lr = trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)
+    families = data.families or {"tabular": ("mlp",), "signal": ("cnn1d",)}.get(data.kind, ("cnn2d",))
+    family = trial.suggest_categorical("family", list(families)) if len(families) > 1 else families[0]
+    shape = network_input(data, family, preprocessing)
+    activations = list(ACTIVATIONS)
     batch = trial.suggest_int("batch_size", *batch_sizes)
-    l2 = trial.suggest_float("l2", 0.0, 1e-3)
-    if data.kind == "tabular":
-        width = trial.suggest_int("width", 16, 256, log=True)
-        depth = trial.suggest_int("depth", 1, 3)
-        net = MLPConfig(features=int(np.prod(data.input_shape)), classes=data.classes, hidden=(width,) * depth,
-                        activation=trial.suggest_categorical("activation", ["tanh", "relu", "elu"]),
-                        dropout=trial.suggest_float("dropout", 0.0, 0.5))
+    if family == "mlp":
+        lr = trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)
+        l2 = trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+        width = trial.suggest_int("width", 16, 512, log=True)
+        depth = trial.suggest_int("depth", 1, 4)
+        net = MLPConfig(features=int(np.prod(shape)), classes=data.classes, hidden=(width,) * depth,
+                        activation=trial.suggest_categorical("activation", activations),
+                        dropout=trial.suggest_float("dropout", 0.0, 0.5),
+                        batch_norm=trial.suggest_categorical("batch_norm", [False, True]))
         return TrialConfig(net, lr, batch, l2)
-    if data.kind == "signal":
+    lr = trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)
+    l2 = trial.suggest_float("l2", 0.0, 1e-3)
+    if family == "cnn1d":
         from enserve.models.resnet1d import KERNELS, ResNet1dConfig
 
         net = ResNet1dConfig(
-            in_channels=data.input_shape[0], classes=data.classes,
+            in_channels=shape[0], classes=data.classes,
             filters=trial.suggest_int("filters", 8, 32), filter_step=trial.suggest_int("filter_step", 0, 32),
             blocks=tuple(trial.suggest_int(f"blocks_{k}", 1, 2) for k in range(3)),
             kernel=trial.suggest_categorical("kernel", list(KERNELS)),
-            activation=trial.suggest_categorical("activation", ["tanh", "relu", "elu"]))
+            activation=trial.suggest_categorical("activation", activations))
         return TrialConfig(net, lr, batch, l2)
     net = ResNetConfig(
         block=trial.suggest_categorical("block", ["v1", "v2", "next"]),
-        activation=trial.suggest_categorical("activation", ["tanh", "relu", "elu"]),
+        activation=trial.suggest_categorical("activation", activations),
         filters=trial.suggest_int("filters", 8, 32),
         filter_step=trial.suggest_int("filter_step", 8, 32),
         blocks=tuple(trial.suggest_int(f"blocks_{k}", 1, 2) for k in range(4)),
-        in_channels=data.input_shape[0], classes=data.classes,
-        small_input=data.input_shape[-1] <= 64,
+        in_channels=shape[0], classes=data.classes,
+        small_input=shape[-1] <= 64,
     )
-    b = augmentation_bounds(data.input_shape)
+    b = augmentation_bounds(shape)
     aug = Augmentation(zoom=trial.suggest_float("zoom", 0.0, b.zoom),
                        translation=trial.suggest_float("translation", 0.0, b.translation),
                        shear=trial.suggest_float("shear", 0.0, b.shear),
@@ -80,18 +111,29 @@ def suggest(trial, data, batch_sizes: tuple[int, int] = (8, 48)):
     return TrialConfig(net, lr, batch, l2, aug)
 
 
-def middle_config(data):
-    """A middle-sized network of the data set's family: what the schedule times one epoch of."""
+def timed_family(data) -> str:
+    """The family the schedule times an epoch of: the costliest one searched (CNNs over the MLP)."""
+    from enserve.tuning.families import FAMILIES
+
+    families = data.families or ("mlp",)
+    return max(families, key=FAMILIES.index)
+
+
+def middle_config(data, family: str | None = None, preprocessing: dict | None = None):
+    """A middle-sized network of ``family`` (default ``timed_family``): what the schedule times one
+    epoch of, and what the cost objective's reference is."""
     from enserve.models.mlp import MLPConfig
     from enserve.models.resnet import ResNetConfig
     from enserve.models.resnet1d import ResNet1dConfig
     from enserve.tuning.train import TrialConfig
 
-    if data.kind == "tabular":
-        net = MLPConfig(features=int(np.prod(data.input_shape)), classes=data.classes, hidden=(64, 64))
-    elif data.kind == "signal":
-        net = ResNet1dConfig(in_channels=data.input_shape[0], classes=data.classes, filters=20, filter_step=16)
+    family = family or timed_family(data)
+    shape = network_input(data, family, preprocessing)
+    if family == "mlp":
+        net = MLPConfig(features=int(np.prod(shape)), classes=data.classes, hidden=(64, 64))
+    elif family == "cnn1d":
+        net = ResNet1dConfig(in_channels=shape[0], classes=data.classes, filters=20, filter_step=16)
     else:
-        net = ResNetConfig(filters=20, filter_step=20, in_channels=data.input_shape[0], classes=data.classes,
-                           small_input=data.input_shape[-1] <= 64)
+        net = ResNetConfig(filters=20, filter_step=20, in_channels=shape[0], classes=data.classes,
+                           small_input=shape[-1] <= 64)
     return TrialConfig(net, 3e-3, 28, 0.0)

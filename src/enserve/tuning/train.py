@@ -16,6 +16,7 @@ from enserve.models.mlp import MLP, MLPConfig
 from enserve.models.resnet import ResNet, ResNetConfig
 from enserve.tuning.augment import Augmentation, augment
 from enserve.tuning.data import Dataset
+from enserve.tuning.preprocess import Member
 
 
 class TrialDiverged(Exception):
@@ -94,16 +95,24 @@ def train(
     x_train = torch.from_numpy(data.x_train)
     y_train = torch.from_numpy(data.y_train)
     result = TrainResult(start_epoch)
+
+    def forward(xb: torch.Tensor) -> torch.Tensor:
+        """Logits of a training batch; images are augmented after the member's preprocessing (the
+        ranges are in the scaled units) and before its network."""
+        if isinstance(model, Member):
+            h = model.prepared(xb)
+            return model.net(augment(h, config.augmentation, generator) if data.kind == "image" else h)
+        return model(augment(xb, config.augmentation, generator) if data.kind == "image" else xb)
+
     for epoch in range(start_epoch + 1, start_epoch + epochs + 1):
         model.train()
         order = torch.randperm(len(x_train), generator=generator)
         total, seen = 0.0, 0
         for lo in range(0, len(order), config.batch_size):
             idx = order[lo : lo + config.batch_size]
-            xb = x_train[idx]
-            if data.kind == "image":
-                xb = augment(xb, config.augmentation, generator)
-            loss = F.cross_entropy(model(xb), y_train[idx])
+            if len(idx) == 1 and lo:  # a lone last sample: batch norm cannot normalise one value
+                continue
+            loss = F.cross_entropy(forward(x_train[idx]), y_train[idx])
             if not math.isfinite(loss.item()):
                 raise TrialDiverged(f"training loss became {loss.item()} at epoch {epoch}")
             optimizer.zero_grad()

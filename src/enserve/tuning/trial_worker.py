@@ -26,10 +26,12 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
     warnings.filterwarnings("ignore", category=FutureWarning)
 
     from enserve.tuning.data import fingerprint, load_dataset
+    from enserve.tuning.preprocess import read as read_preprocessing
 
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = load_dataset(dataset, seed=seed, input_kind=input_kind)
+    preprocessing = read_preprocessing(library)  # learned once by the build, from the training split
     attrs = optuna.load_study(study_name=study_name, storage=make_storage(storage)).user_attrs
     schedule = attrs.get("schedule", {})
     max_epochs = schedule.get("max_epochs", max_epochs)
@@ -49,7 +51,7 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
     from enserve.optimizer.profiles import Profiler
 
     with Profiler() as profiler:
-        study.optimize(lambda t: objective(t, data, Path(library), settings, profiler), timeout=remaining,
+        study.optimize(lambda t: objective(t, data, Path(library), settings, profiler, preprocessing), timeout=remaining,
                        catch=(TrialFailed,), callbacks=callbacks, gc_after_trial=True)
 
 

@@ -40,9 +40,11 @@ def import_onnx(
     names: list[str] | None = None,
     weights: list[float] | None = None,
     combiner: str = combiners.DEFAULT,
+    notes: dict[str, str] | None = None,
 ) -> Repository:
     """Build (or add to) a repository from ONNX files and define ``ensemble`` over them, combined by
-    ``combiner``; with ``weights`` (one per file), by the weighted combiner of the same space."""
+    ``combiner``; with ``weights`` (one per file), by the weighted combiner of the same space.
+    ``notes`` become parameters of the ensemble's config (e.g. what its input expects)."""
     if not files:
         raise RepositoryError("no ONNX file given")
     if max_batch_size < 1:
@@ -70,7 +72,8 @@ def import_onnx(
         write_config(repository / m.name, member_config(m))
         (repository / m.name / "1").mkdir(exist_ok=True)
         shutil.copyfile(m.path, repository / m.name / "1" / "model.onnx")
-    ens = EnsembleSpec(ensemble, names, members[0].inputs, ensemble_outputs(members[0].outputs), max_batch_size)
+    ens = EnsembleSpec(ensemble, names, members[0].inputs, ensemble_outputs(members[0].outputs), max_batch_size,
+                       notes=dict(notes or {}))
     try:
         ens.combiner = (combiners.weighted_twin(combiner) if weights is not None else combiners.get(combiner)).name
     except ValueError as exc:

@@ -27,6 +27,8 @@ ENSEMBLE_PLATFORM = "ensemble"
 ENTROPY_OUTPUT = "entropy"
 VARIANCE_OUTPUT = "member_variance"
 UNCERTAINTY_OUTPUTS = (ENTROPY_OUTPUT, VARIANCE_OUTPUT)
+COMBINER_PARAMETERS = ("enserve.combiner", "enserve.weights")  # an ensemble's other parameters are notes
+INPUT_NOTE, CLASSES_NOTE = "enserve.input", "enserve.classes"  # what the input expects; the outputs' classes
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_BATCH_SIZE = 32  # what a member runs at when its config names no preferred batch size
 DEFAULT_ENSEMBLE = "ensemble"  # the name of the ensemble a repository is built with, unless told
@@ -92,6 +94,7 @@ class EnsembleSpec:
     max_batch_size: int
     combiner: str = combiners.DEFAULT
     weights: tuple[float, ...] | None = None  # a weighted combiner's: one per member, summing to 1
+    notes: dict[str, str] = field(default_factory=dict)  # the config's other parameters, kept as they are
 
     def weight_of(self) -> dict[str, float]:
         """Each member's weight (1/n each for the plain mean)."""
@@ -218,6 +221,8 @@ def ensemble_config(spec: EnsembleSpec, members: dict[str, MemberSpec]) -> mc.Mo
     cfg.parameters["enserve.combiner"].string_value = spec.combiner
     if spec.weights is not None:
         cfg.parameters["enserve.weights"].string_value = ",".join(f"{w:.17g}" for w in spec.weights)
+    for key, value in spec.notes.items():
+        cfg.parameters[key].string_value = value
     return cfg
 
 
@@ -401,6 +406,7 @@ def _ensemble_from_config(cfg, repo: Repository, path: Path) -> EnsembleSpec:
         max_batch_size=min([cfg.max_batch_size or DEFAULT_MAX_BATCH_SIZE] + [m.max_batch_size for m in members]),
         combiner=combiner,
         weights=weights,
+        notes={k: v.string_value for k, v in cfg.parameters.items() if k not in COMBINER_PARAMETERS},
     )
 
 

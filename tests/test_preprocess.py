@@ -1,0 +1,114 @@
+"""Preprocessing learned from the training split and exported inside each member: known answers
+against scikit-learn's imputer and scaler, and the exported graph on raw inputs against the trained
+network on transformed inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the 'tune' extra is not installed")
+
+from enserve.tuning import preprocess  # noqa: E402
+from enserve.tuning.families import families_for  # noqa: E402
+
+
+def raw_rows(n: int = 200, seed: int = 0) -> np.ndarray:
+    """Columns of very different scales (0.001 to thousands), some values missing."""
+    rng = np.random.default_rng(seed)
+    x = np.stack([rng.normal(0.003, 0.001, n), rng.normal(1500, 400, n), rng.integers(0, 5, n),
+                  rng.normal(-20, 3, n)], axis=1).astype(np.float32)
+    x[rng.random(n) < 0.1, 1] = np.nan
+    x[rng.random(n) < 0.05, 3] = np.nan
+    return x
+
+
+def sklearn_reference(x_train: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Median imputation, then standard scaling, then a 0/1 column per column that had missing values
+    in training: scikit-learn's own classes, fitted on the training rows."""
+    from sklearn.impute import MissingIndicator, SimpleImputer
+    from sklearn.preprocessing import StandardScaler
+
+    imputer = SimpleImputer(strategy="median").fit(x_train)
+    scaler = StandardScaler().fit(imputer.transform(x_train))
+    indicator = MissingIndicator(features="missing-only").fit(x_train)
+    return np.hstack([scaler.transform(imputer.transform(x)), indicator.transform(x).astype(np.float64)])
+
+
+def test_per_column_preprocessing_is_scikit_learns_imputer_scaler_and_indicator():
+    x_train, x = raw_rows(seed=0), raw_rows(50, seed=1)
+    p = preprocess.per_column(x_train)
+    assert p.indicate == (1, 3) and p.features_out((4,)) == (6,)
+    layer = preprocess.Preprocess(p, (4,))
+    got = layer(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, sklearn_reference(x_train, x), rtol=1e-5, atol=1e-5)
+
+
+def test_per_channel_preprocessing_scales_each_channel():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(0, 255, (20, 1, 8, 8)), rng.normal(5, 0.01, (20, 1, 8, 8))], axis=1)
+    p = preprocess.per_channel(x.astype(np.float32))
+    out = preprocess.Preprocess(p, (2, 8, 8))(torch.from_numpy(x.astype(np.float32))).numpy()
+    np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), 0, atol=1e-4)
+    np.testing.assert_allclose(out.std(axis=(0, 2, 3)), 1, atol=1e-3)
+
+
+def test_the_exported_member_on_raw_inputs_is_the_network_on_transformed_inputs(tmp_path):
+    """The ONNX graph a client is served (raw features, NaN for a missing value) equals the trained
+    network applied to scikit-learn's transform of the same rows, within 1e-5."""
+    import onnxruntime as ort
+
+    from enserve.models.mlp import MLP, MLPConfig
+    from enserve.tuning.export import export_onnx
+
+    x_train, x = raw_rows(seed=0), raw_rows(64, seed=2)
+    p = preprocess.per_column(x_train)
+    torch.manual_seed(0)
+    net = MLP(MLPConfig(features=6, classes=3, hidden=(16,), batch_norm=True)).eval()
+    model = preprocess.member("mlp", p, net, (4,))
+    path = export_onnx(model, (4,), tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    served = session.run(None, {"input": x})[0]
+    with torch.no_grad():
+        want = torch.softmax(net(torch.from_numpy(sklearn_reference(x_train, x).astype(np.float32))), dim=1).numpy()
+    assert np.isnan(x).any() and np.isfinite(served).all()
+    np.testing.assert_allclose(served, want, atol=1e-5)
+
+
+def test_a_signal_family_reads_rows_as_one_channel(tmp_path):
+    import onnxruntime as ort
+
+    from enserve.models.resnet1d import ResNet1d, ResNet1dConfig
+    from enserve.tuning.export import export_onnx
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(30, 40)) * 7 + 3).astype(np.float32)
+    p = preprocess.learn_for(("cnn1d",), x)["cnn1d"]
+    assert p.kind == "per_channel" and len(p.mean) == 1
+    net = ResNet1d(ResNet1dConfig(in_channels=1, classes=3)).eval()
+    model = preprocess.member("cnn1d", p, net, (40,))
+    path = export_onnx(model, (40,), tmp_path / "m.onnx")
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    with torch.no_grad():
+        want = torch.softmax(net(torch.from_numpy(((x - x.mean()) / x.std())[:, None, :])), dim=1).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_families_follow_the_data_and_say_why():
+    rows = np.zeros((10, 40), np.float32)
+    assert families_for("tabular", rows, "auto")[0] == ("mlp", "cnn1d")  # could be either: both searched
+    assert families_for("tabular", rows, "tabular") == (("mlp",), "--input-kind tabular")
+    assert families_for("tabular", rows[:, :13], "auto")[0] == ("mlp",)  # too short for a signal
+    with_gaps = rows.copy()
+    with_gaps[0, 0] = np.nan
+    families, why = families_for("tabular", with_gaps, "auto")
+    assert families == ("mlp",) and "missing values" in why
+    assert families_for("image", np.zeros((2, 1, 8, 8)), "auto")[0] == ("cnn2d",)
+    assert families_for("signal", np.zeros((2, 1, 40)), "signal")[0] == ("cnn1d",)
+
+
+def test_a_column_missing_in_every_training_row_is_refused():
+    x = raw_rows()
+    x[:, 2] = np.nan
+    with pytest.raises(ValueError, match=r"columns \[2\] have no value in any training row"):
+        preprocess.per_column(x)
