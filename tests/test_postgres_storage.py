@@ -64,7 +64,7 @@ def test_workers_share_a_study_in_postgresql(postgres_url, tmp_path):
 
     lib = tmp_path / "library"
     build("digits", lib, storage=postgres_url, workers=2, time_budget_s=25, max_epochs=2,
-                  pruner="hyperband", sampler="tpe", seed=0, max_trials=4)
+                  pruner="hyperband", sampler="tpe", seed=0, max_trials=4, finish_fraction=0.0)  # the search alone
     study = optuna.load_study(study_name="enserve", storage=postgres_url)
     records = read_records(lib)
     assert len(study.trials) == len(records) >= 2
@@ -90,7 +90,7 @@ def test_two_builders_share_only_the_database_and_the_library(postgres_url, tmp_
     builders = [subprocess.Popen(
         [sys.executable, "-m", "enserve", "build", "--dataset", "digits", "--storage", postgres_url,
          "--library", str(lib), "--model-repository", str(tmp_path / f"repo{i}"), "--workers", "1",
-         "--time-budget", "15s", "--max-epochs", "2", "--seed", "0"],
+         "--time-budget", "15s", "--max-epochs", "2", "--seed", "0", "--finish-fraction", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [b.communicate(timeout=240)[0] for b in builders]
     assert [b.returncode for b in builders] == [0, 0], outputs

@@ -40,9 +40,16 @@ def library(tmp_path_factory):
 
 
 def test_two_workers_build_a_library_and_a_rerun_continues(library):
+    from enserve.tuning.finish import FINISHED_OFFSET
+
     lib, storage = library
     records = read_records(lib)
-    assert len(records) == study_trials(storage) >= 2
+    searched = [r for r in records if r.number < FINISHED_OFFSET]
+    assert len(searched) == study_trials(storage) >= 2
+    for r in records[len(searched):]:  # finishing: a configuration the search stopped early, trained to the end
+        origin = next(s for s in searched if s.number == r.number - FINISHED_OFFSET)
+        assert origin.state == "pruned" and r.state == "complete" and r.epochs == 3
+        assert r.config == origin.config and r.message == f"trial {origin.number} trained to the end"
     assert {r.state for r in records} <= {"complete", "pruned", "failed"}
     for r in (r for r in records if r.state != "failed"):
         assert 1 <= r.epochs <= 3 and len(r.curve) == r.epochs and r.cost_s > 0 and r.parameters > 0

@@ -37,7 +37,8 @@ def wine_with_gaps(tmp: Path) -> tuple[Path, np.ndarray]:
 
 def build(tmp: Path, dataset: Path, library: str = "lib", *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "enserve", "build", "--dataset", str(dataset), "--time-budget",
-                           "12s", "--workers", "1", "--max-epochs", "6", "--library", str(tmp / library),
+                           "14s", "--workers", "1", "--max-epochs", "6", "--finish-fraction", "0.5",
+                           "--library", str(tmp / library),
                            "--model-repository", str(tmp / "repo"), *flags],
                           capture_output=True, text=True, timeout=300, cwd=tmp)
 
@@ -56,6 +57,14 @@ def test_a_csv_with_missing_values_is_served_from_its_raw_rows(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     first = out.stdout.splitlines()[0]
     assert first.startswith("data set 'wine': ") and "network family mlp" in first and "missingness" in first
+    # 142 rows: the selection compared the finished configurations on out-of-fold predictions, and
+    # serves each chosen one as its 5 fold models
+    assert "selection on out-of-fold predictions for all 142 training and validation rows" in out.stdout
+    served_members = sorted(p.parent.parent.name for p in (tmp_path / "repo").glob("trial_*/1/model.onnx"))
+    assert served_members and len(served_members) % 5 == 0, served_members
+    for m in served_members:
+        config, fold = m.rsplit("_fold_", 1)
+        assert (tmp_path / "lib" / "finished" / config / f"fold_{fold}.onnx").is_file()
     learned = json.loads((tmp_path / "lib" / "preprocessing.json").read_text())["mlp"]
     assert learned["kind"] == "per_column" and len(learned["median"]) == 13
     rows = x[:40].astype(np.float32)

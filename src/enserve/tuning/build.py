@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from enserve import combiners
-from enserve.tuning.library import Candidates, candidates, read_records
+from enserve.tuning.library import Candidates, candidates, read_records, trial_dir
 from enserve.tuning.options import METHODS, SelectOptions
 from enserve.tuning.selection import (
     Selection,
@@ -174,9 +174,16 @@ def select_and_export(options: SelectOptions, progress: Callable[[str], None] = 
     plot, then the ensemble chosen under the budget (default 3 x the best single model's cost)
     written into the repository. Returns it and the budget used."""
     from enserve.tuning.export import export_members
+    from enserve.tuning.finish import kfold_candidates
 
     library, prune, n_models = Path(options.library), options.prune, options.n_models
-    c = candidates(library)
+    c = kfold_candidates(library)
+    if c is not None:
+        prune = 1.0  # the finished configurations are the library's best already
+        progress(f"\nselection on out-of-fold predictions for all {len(c.labels)} training and validation rows "
+                 f"({plural(len(c.numbers), 'configuration')} trained on every fold, each served as its fold models)")
+    else:
+        c = candidates(library)
     single = best_single(c)
     budget = options.budget if options.budget is not None else 3 * single["cost"]
     rows = pareto_rows(c, default_budgets(c) + [budget], prune=prune)
@@ -192,6 +199,24 @@ def select_and_export(options: SelectOptions, progress: Callable[[str], None] = 
                library / "pareto.png", f"{len(c.numbers)} models: SMOBF vs forward greedy")
     progress(f"plot: {png}")
     chosen = choose(c, budget, method=options.method, prune=prune, n_models=n_models, combiner=options.combiner)
-    export_members(library, chosen.numbers, options.model_repository, options.ensemble, progress=progress,
-                   weights=chosen.weights, combiner=chosen.combiner)
+    for line in report(c, chosen, single):
+        progress(line)
+    files = [c.model_files(library, c.numbers.index(n)) for n in chosen.numbers]
+    names = [f"{trial_dir(library, n).name}" + (f"_{p.stem}" if len(fs) > 1 else "")
+             for n, fs in zip(chosen.numbers, files) for p in fs]
+    weights = None if chosen.weights is None else [w / len(fs) for w, fs in zip(chosen.weights, files) for _ in fs]
+    export_members(library, names, [p for fs in files for p in fs], options.model_repository, options.ensemble,
+                   progress=progress, weights=weights, combiner=chosen.combiner)
     return chosen, budget
+
+
+def report(c: Candidates, chosen: Chosen, single: dict) -> list[str]:
+    """What the chosen ensemble does on the held-out test split against its best member (k-fold: on
+    the test rows' out-of-fold predictions), and why it has one member, if it does."""
+    at = [c.numbers.index(n) for n in chosen.numbers]
+    lines = [f"held out: ensemble test error {chosen.test_error:.4f}, log loss {chosen.test_loss:.4f}; its best single "
+             f"candidate (trial {single['number']}) {single['test_error']:.4f}, {single['test_loss']:.4f}"]
+    if len(at) == 1:
+        lines.append(f"the selection kept one member: no other candidate lowered the validation log loss on the "
+                     f"{len(c.labels)} validation predictions when averaged in (within the budget)")
+    return lines

@@ -136,22 +136,18 @@ def input_notes(library: Path) -> dict[str, str]:
     return notes
 
 
-def export_members(library: Path, numbers: list[int], repository: Path, ensemble: str,
+def export_members(library: Path, names: list[str], models: list[Path], repository: Path, ensemble: str,
                    progress=print, weights: list[float] | None = None, combiner: str = combiners.DEFAULT) -> None:
     """The export stage: optimise the chosen trials' ONNX files offline, write them into a model
     repository as members of ``ensemble``, and build their TensorRT engines (``build_engine``)
-    where TensorRT and a GPU are present."""
+    where TensorRT and a GPU are present. ``names`` and ``models``: each member's name and ONNX file."""
     import tempfile
 
     from enserve.optimizer.devices import gpus
     from enserve.server.served.importer import import_onnx
-    from enserve.tuning.library import trial_dir
-
-    names = [trial_dir(library, n).name for n in numbers]
     for_gpu = bool(gpus())
     with tempfile.TemporaryDirectory() as tmp:
-        files = [optimise_offline(trial_dir(library, n) / "model.onnx", Path(tmp) / f"{name}.onnx", for_gpu=for_gpu)
-                 for n, name in zip(numbers, names)]
+        files = [optimise_offline(m, Path(tmp) / f"{name}.onnx", for_gpu=for_gpu) for m, name in zip(models, names)]
         repo = import_onnx(files, repository, ensemble=ensemble, names=names, weights=weights, combiner=combiner,
                            notes=input_notes(library))
     progress(f"members optimised offline by ONNX Runtime ({'basic level: a GPU is present' if for_gpu else 'extended level'})")

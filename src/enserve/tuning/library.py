@@ -110,8 +110,13 @@ class Candidates:
     test_preds: np.ndarray
     costs: np.ndarray
     val_losses: np.ndarray
-    labels: np.ndarray  # validation labels
+    labels: np.ndarray  # validation labels (for k-fold candidates: of every training and validation row)
     test_labels: np.ndarray
+    models: list[list[Path]] | None = None  # each candidate's ONNX files (default: ``trial_dir``/model.onnx)
+
+    def model_files(self, library: Path, k: int) -> list[Path]:
+        """What candidate ``k`` is served as: its ONNX files (k-fold: one per fold), averaged."""
+        return self.models[k] if self.models is not None else [trial_dir(library, self.numbers[k]) / "model.onnx"]
 
 
 def write_labels(library: Path, y_val: np.ndarray, y_test: np.ndarray) -> None:

@@ -11,6 +11,7 @@ from enserve import combiners
 from enserve.options import check_fields, option
 from enserve.server.served.repository import DEFAULT_ENSEMBLE
 from enserve.tuning.data import INPUT_KINDS
+from enserve.tuning.finish import FOLDS, SMALL_ROWS, VALIDATIONS
 from enserve.tuning.objective import OBJECTIVES
 from enserve.tuning.study import PRUNERS, SAMPLERS
 
@@ -78,6 +79,19 @@ class BuildOptions(SelectOptions):
                             "(ASHA compares that sum at every rung)", str, choices=OBJECTIVES)
     cost_weight: float = option(0.1, "--cost-weight", "weight of the cost for --objective error-and-cost", float,
                                 above=0)
+    validation: str = option(VALIDATIONS[0], "--validation", "what the selection compares members on: the "
+                             "validation split (holdout), or out-of-fold predictions for every training and validation "
+                             f"row (kfold; the served members refit on all of them); auto: kfold below {SMALL_ROWS} "
+                             "rows", str, choices=VALIDATIONS)
+    folds: int = option(FOLDS, "--folds", "folds of --validation kfold", int, minimum=2)
+    finish_fraction: float = option(0.4, "--finish-fraction", "share of the time budget that trains the best "
+                                    "configurations to the end (and, for kfold, on every fold) after the search; "
+                                    "0: none", float, minimum=0)
     input_kind: str = option(INPUT_KINDS[0], "--input-kind", "how inputs are read: 4-D arrays are images, 3-D "
                              "(N, C, L) signals, 2-D rows tabular unless 'signal' (one channel); signals search a "
                              "1-D residual CNN family", str, choices=INPUT_KINDS)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.finish_fraction >= 1:
+            raise ValueError(f"--finish-fraction is {self.finish_fraction}, but must be < 1 (the search needs time)")

@@ -98,13 +98,57 @@ def build_library(options: BuildOptions, *, progress: Callable[[], None] | None 
         raise ValueError(f"the study '{study_name}' in {storage} minimises '{goal['kind']}', not '{objective}': "
                          "a study keeps its objective; use another library (or --storage) for the other one")
     max_epochs = schedule.max_epochs
-    deadline = time.time() + time_budget_s
+    start = time.time()
+    deadline = start + time_budget_s * (1 - o.finish_fraction)
     kwargs = [dict(storage=storage, study_name=study_name, dataset=dataset, library=str(library), deadline=deadline,
                    max_epochs=max_epochs, threads=threads, seed=seed, max_trials=max_trials, input_kind=input_kind,
                    index=i) for i in range(workers)]
-    started = trial_workers.start(kwargs)
+    run_workers("enserve.tuning.trial_worker", kwargs, progress, progress_every_s)
+    if o.finish_fraction > 0:
+        finish_library(o, data, max_epochs, threads, start + time_budget_s, progress, progress_every_s, say)
+    return storage
+
+
+def run_workers(module: str, kwargs: list[dict], progress, progress_every_s: float) -> None:
+    started = trial_workers.start(kwargs, module)
     try:
         trial_workers.watch(started, progress=progress, progress_every_s=progress_every_s)
     finally:
         trial_workers.stop(started)  # on an interrupt or a failure: none is left running
-    return storage
+
+
+def finish_library(o: BuildOptions, data, epochs: int, threads: int, deadline: float, progress,
+                   progress_every_s: float, say: Callable[[str], None] | None) -> None:
+    """The finishing stage (``finish``): the best configurations trained to the end (on every fold,
+    for k-fold validation) by the workers until ``deadline``; k-fold predictions assembled."""
+    from enserve.tuning import finish
+    from enserve.tuning.library import read_records, trial_dir
+
+    library = Path(o.library)
+    scheme = finish.validation_scheme(o.validation, len(data.x_train) + len(data.x_val))
+
+    def done(t: finish.Task) -> bool:
+        if scheme == "holdout":
+            return (trial_dir(library, finish.FINISHED_OFFSET + t.number) / "record.json").is_file()
+        d = finish.finished_dir(library, t.number)
+        return (d / f"fold_{t.fold}_pred.npy").is_file()
+
+    tasks = [t for t in finish.plan(read_records(library), scheme, folds=o.folds) if not done(t)]
+    rows = len(data.x_train) + len(data.x_val)
+    if say is not None:
+        why = (f"{rows} training and validation rows" + (f" < {finish.SMALL_ROWS}" if scheme == "kfold" and
+                                                         o.validation == "auto" else ""))
+        say(f"finishing ({why}): {scheme} validation, {len(tasks)} models to train to the end "
+            f"({epochs} epochs) in the last {o.finish_fraction:.0%} of the time budget")
+    if scheme == "kfold":
+        finish.write_scheme(library, scheme, o.folds, o.seed)
+    if tasks:
+        common = dict(dataset=str(o.dataset), library=str(library), input_kind=o.input_kind, seed=o.seed,
+                      scheme=scheme, folds=o.folds, epochs=epochs, deadline=deadline, threads=threads)
+        run_workers("enserve.tuning.finish", finish.settings_for(tasks, o.workers, **common), progress,
+                    progress_every_s)
+    if scheme == "kfold":
+        import numpy as np
+
+        finish.assemble(library, np.concatenate([data.y_train, data.y_val, data.y_test]),
+                        len(data.y_train) + len(data.y_val), o.folds, o.seed)

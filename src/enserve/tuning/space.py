@@ -137,3 +137,21 @@ def middle_config(data, family: str | None = None, preprocessing: dict | None = 
         net = ResNetConfig(filters=20, filter_step=20, in_channels=shape[0], classes=data.classes,
                            small_input=shape[-1] <= 64)
     return TrialConfig(net, 3e-3, 28, 0.0)
+
+
+def config_from_record(record):
+    """The ``TrialConfig`` a library trial was trained with, from its record (the network's fields
+    and the trial's parameters): what finishing trains again."""
+    from enserve.models.mlp import MLPConfig
+    from enserve.models.resnet import ResNetConfig
+    from enserve.models.resnet1d import ResNet1dConfig
+    from enserve.tuning.augment import Augmentation
+    from enserve.tuning.train import TrialConfig
+
+    kinds = {"MLPConfig": MLPConfig, "ResNetConfig": ResNetConfig, "ResNet1dConfig": ResNet1dConfig}
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in record.config["network"].items()}
+    network = kinds[record.config["network_kind"]](**fields)
+    p = record.config["trial_params"]
+    l2 = p.get("weight_decay", p.get("l2", 0.0))
+    aug = Augmentation(**{k: p[k] for k in ("zoom", "translation", "shear", "channel_shift", "rotation") if k in p})
+    return TrialConfig(network, p["learning_rate"], p["batch_size"], l2, aug)

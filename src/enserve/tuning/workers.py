@@ -48,11 +48,12 @@ def _pass_on(worker: TrialWorker) -> None:
     worker.proc.stderr.close()
 
 
-def start(worker_kwargs: list[dict]) -> list[TrialWorker]:
-    """One process per dict of ``trial_worker.worker``'s keyword arguments."""
+def start(worker_kwargs: list[dict], module: str = "enserve.tuning.trial_worker") -> list[TrialWorker]:
+    """One process per dict of keyword arguments (JSON on its command line) of ``module``'s main:
+    the search's trial workers, or the finishing workers."""
     workers = []
     for index, kwargs in enumerate(worker_kwargs):
-        proc = subprocess.Popen(python_module("enserve.tuning.trial_worker", json.dumps(kwargs)),
+        proc = subprocess.Popen(python_module(module, json.dumps(kwargs)),
                                 stderr=subprocess.PIPE, text=True, errors="replace")
         worker = TrialWorker(index, proc)
         worker.reader = threading.Thread(target=_pass_on, args=(worker,), daemon=True, name=f"trial-worker-{index}")

@@ -1,0 +1,257 @@
+"""Finishing: the last part of a build's time trains the best configurations to the end, so that
+the library holds several good, fully trained members for the selection (successive halving stops
+most trials at its first rungs, and the selection could only find one member worth keeping).
+
+- Holdout validation (larger data sets): each of the best configurations the search stopped early
+  is trained again on the training split for the whole epoch budget; its validation predictions
+  join the library as a trial of its own (``FINISHED_OFFSET`` + the trial's number).
+- K-fold validation (small data sets: fewer than ``SMALL_ROWS`` training and validation rows; a
+  validation split of a few dozen rows makes the selection's losses noise): each of the best
+  configurations is trained on K folds of every row the build was given (training, validation and
+  test splits: a small data set cannot spare a fifth), which gives an out-of-fold prediction for
+  every row. The selection compares configurations on the out-of-fold predictions of the training
+  and validation rows; those of the test rows (each from the one fold model that did not train on
+  it, and never seen by the selection) are what the build reports as held out. A chosen
+  configuration is served as its K fold models (K members, each trained on (K-1)/K of the rows:
+  bagging's diversity; on the held-out splits of wine and penguins they did better than one model
+  refit on every row, see the README).
+
+Planning is pure (``plan``); ``main`` is a worker process (``python -P -m enserve.tuning.finish``)
+that does its share of the tasks until the deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+SMALL_ROWS = 1000  # training + validation rows below which the selection uses k-fold predictions
+FOLDS = 5
+TOP_CONFIGS = 8  # configurations finished, best validation loss first
+FINISHED_OFFSET = 100_000  # a finished holdout trial's number: this plus its configuration's trial number
+REFIT = -1  # a holdout task's fold: the configuration trained to the end on the training split
+VALIDATIONS = ("auto", "holdout", "kfold")
+FINISHED_DIR = "finished"  # <library>/finished/trial_<n>/: k-fold members
+
+
+@dataclass(frozen=True)
+class Task:
+    number: int  # the trial whose configuration is trained
+    fold: int  # 0..K-1 (k-fold), or REFIT (holdout)
+
+
+def validation_scheme(requested: str, rows: int) -> str:
+    """'kfold' or 'holdout' for a data set of ``rows`` training and validation rows."""
+    if requested not in VALIDATIONS:
+        raise ValueError(f"validation '{requested}' is not one of {VALIDATIONS}")
+    if requested != "auto":
+        return requested
+    return "kfold" if rows < SMALL_ROWS else "holdout"
+
+
+def plan(records: list, scheme: str, *, top: int = TOP_CONFIGS, folds: int = FOLDS) -> list[Task]:
+    """The tasks, most valuable first: the ``top`` distinct configurations by validation loss
+    (records of trained trials; finished ones excluded), for k-fold each one's folds,
+    for holdout only the ones the search stopped before the end."""
+    trained = [r for r in records if r.state in ("complete", "pruned") and r.number < FINISHED_OFFSET]
+    seen, best = set(), []
+    for r in sorted(trained, key=lambda r: (r.val_loss, r.number)):
+        key = json.dumps(r.config.get("trial_params", {}), sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        best.append(r)
+        if len(best) == top:
+            break
+    if scheme == "kfold":
+        return [Task(r.number, f) for r in best for f in range(folds)]
+    return [Task(r.number, REFIT) for r in best if r.state == "pruned"]
+
+
+def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each row's fold (stratified, shuffled with ``seed``)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(labels)
+    k = min(folds, int(counts[counts > 0].min())) if counts.max() else folds
+    out = np.zeros(len(labels), dtype=np.int64)
+    if k < 2:  # a class with one row: plain shuffled folds
+        rng = np.random.default_rng(seed)
+        out[rng.permutation(len(labels))] = np.arange(len(labels)) % folds
+        return out
+    for f, (_, rows) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(labels, labels)):
+        out[rows] = f
+    return out
+
+
+SCHEME_FILE = "scheme.json"
+
+
+def write_scheme(library: Path, scheme: str, folds: int, seed: int) -> None:
+    """Record how the finished members were validated (the selection reads it)."""
+    d = Path(library) / FINISHED_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    (d / SCHEME_FILE).write_text(json.dumps({"scheme": scheme, "folds": folds, "seed": seed}))
+
+
+def read_scheme(library: Path) -> dict | None:
+    path = Path(library) / FINISHED_DIR / SCHEME_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finished_dir(library: Path, number: int) -> Path:
+    return Path(library) / FINISHED_DIR / f"trial_{number:05d}"
+
+
+def run_task(task: Task, data, library: Path, scheme: str, folds: int, epochs: int, seed: int,
+             preprocessing: dict | None, profiler) -> None:
+    """Train one task's model and write what it predicts, and the model."""
+    import torch
+
+    from enserve.tuning.cost import measure_cost
+    from enserve.tuning.data import Dataset
+    from enserve.tuning.export import export_onnx
+    from enserve.tuning.library import TrialRecord, read_records, trial_dir, write_record
+    from enserve.tuning.preprocess import member
+    from enserve.tuning.selection import cross_entropy, error_rate
+    from enserve.tuning.space import config_from_record
+    from enserve.tuning.train import build_model, predict, train
+
+    record = next(r for r in read_records(library) if r.number == task.number)
+    config = config_from_record(record)
+    torch.manual_seed(seed + task.number * 7 + task.fold)
+
+    def make():
+        net = build_model(config.network)
+        family = record.config.get("family")
+        return member(family, preprocessing[family], net, data.input_shape) if preprocessing and family else net
+
+    if scheme == "holdout":  # the configuration trained to the end on the training split
+        model = make()
+        result = train(model, data, config, epochs=epochs, seed=seed + task.number)
+        number = FINISHED_OFFSET + task.number
+        d = trial_dir(library, number)
+        d.mkdir(parents=True, exist_ok=True)
+        val_pred, test_pred = predict(model, data.x_val), predict(model, data.x_test)
+        np.save(d / "val_pred.npy", val_pred, allow_pickle=False)
+        np.save(d / "test_pred.npy", test_pred, allow_pickle=False)
+        path = export_onnx(model, data.input_shape, d / "model.onnx", check=data.x_test[:32])
+        write_record(library, TrialRecord(
+            number, "complete", record.config, result.epochs, result.curve, cross_entropy(val_pred, data.y_val),
+            error_rate(val_pred, data.y_val), error_rate(test_pred, data.y_test), measure_cost(path, data, profiler),
+            record.parameters, record.flops, d.name, f"trial {task.number} trained to the end", record.data_sha256))
+        return
+    x = np.concatenate([data.x_train, data.x_val, data.x_test])
+    y = np.concatenate([data.y_train, data.y_val, data.y_test])
+    where = fold_of(y, folds, seed)
+    d = finished_dir(library, task.number)
+    d.mkdir(parents=True, exist_ok=True)
+    keep, held = where != task.fold, where == task.fold
+    # no validation rows to stop on: the model trains the search's whole epoch budget (the held fold
+    # is what its curve reports)
+    part = Dataset(data.name, data.kind, data.classes, x[keep], y[keep], x[held], y[held], x[held], y[held],
+                   data.columns, data.class_names, data.families)
+    model = make()
+    train(model, part, config, epochs=epochs, seed=seed + task.number + 1000 * (task.fold + 1))
+    path = export_onnx(model, data.input_shape, d / f"fold_{task.fold}.onnx", check=x[held][:32])
+    if task.fold == 0:
+        (d / "cost.json").write_text(json.dumps({"number": task.number, "cost_s": measure_cost(path, data, profiler)}))
+    np.save(d / f"fold_{task.fold}_pred.npy", predict(model, x[held]), allow_pickle=False)  # last: it marks done
+
+
+def assemble(library: Path, y: np.ndarray, trainval: int, folds: int, seed: int) -> list[int]:
+    """Write each k-fold configuration's out-of-fold predictions for every row (``oof_pred.npy``;
+    ``y`` the labels of the training, validation and test rows, the first ``trainval`` of them what
+    the selection compares on) where all its folds are done; the trial numbers."""
+    where = fold_of(y, folds, seed)
+    done = []
+    for d in sorted((Path(library) / FINISHED_DIR).glob("trial_*")):
+        parts = [d / f"fold_{f}_pred.npy" for f in range(folds)]
+        if not all(p.is_file() for p in parts) or not (d / "cost.json").is_file():
+            continue
+        first = np.load(parts[0])
+        oof = np.zeros((len(y), first.shape[1]), first.dtype)
+        for f, p in enumerate(parts):
+            oof[where == f] = np.load(p)
+        np.save(d / "oof_pred.npy", oof, allow_pickle=False)
+        done.append(int(d.name.split("_")[1]))
+    np.savez(Path(library) / FINISHED_DIR / "labels.npz", y=y, trainval=trainval)
+    return done
+
+
+def kfold_candidates(library: Path):
+    """The k-fold configurations as the selection's candidates (out-of-fold predictions: of the
+    training and validation rows to select on, of the test rows to report; the cost of K fold
+    models), or None if the library has none."""
+    from enserve.tuning.library import Candidates
+    from enserve.tuning.selection import cross_entropy
+
+    root = Path(library) / FINISHED_DIR
+    dirs = [d for d in sorted(root.glob("trial_*")) if (d / "oof_pred.npy").is_file()] if root.is_dir() else []
+    if not dirs or not (root / "labels.npz").is_file():
+        return None
+    saved = np.load(root / "labels.npz")
+    y, n = saved["y"], int(saved["trainval"])
+    oof = np.stack([np.load(d / "oof_pred.npy") for d in dirs])
+    costs = [json.loads((d / "cost.json").read_text()) for d in dirs]
+    folds = [sorted(d.glob("fold_*.onnx"), key=lambda p: int(p.stem.split("_")[1])) for d in dirs]
+    return Candidates([c["number"] for c in costs], oof[:, :n], oof[:, n:],
+                      np.array([c["cost_s"] * len(f) for c, f in zip(costs, folds)]),
+                      np.array([cross_entropy(p, y[:n]) for p in oof[:, :n]]), y[:n], y[n:], models=folds)
+
+
+@dataclass(frozen=True)
+class FinishSettings:
+    """What every finishing worker shares (JSON on its command line)."""
+
+    dataset: str
+    library: str
+    input_kind: str
+    seed: int
+    scheme: str
+    folds: int
+    epochs: int
+    deadline: float
+    threads: int
+    tasks: list  # [number, fold] pairs, this worker's share, most valuable first
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+    import warnings
+
+    import torch
+
+    from enserve.optimizer.profiles import Profiler
+    from enserve.tuning.data import load_dataset
+    from enserve.tuning.preprocess import read as read_preprocessing
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    argv = sys.argv[1:] if argv is None else argv
+    s = FinishSettings(**json.loads(argv[0]))
+    torch.set_num_threads(s.threads)
+    data = load_dataset(s.dataset, seed=s.seed, input_kind=s.input_kind)
+    preprocessing = read_preprocessing(s.library)
+    with Profiler() as profiler:
+        for number, fold in s.tasks:
+            if time.time() >= s.deadline:
+                break
+            run_task(Task(number, fold), data, Path(s.library), s.scheme, s.folds, s.epochs, s.seed, preprocessing,
+                     profiler)
+    return 0
+
+
+def settings_for(tasks: list[Task], workers: int, **common) -> list[dict]:
+    """Each worker's settings: the tasks dealt round-robin (so every worker starts on the best)."""
+    shares = [[[t.number, t.fold] for t in tasks[i::workers]] for i in range(workers)]
+    return [asdict(FinishSettings(tasks=share, **common)) for share in shares if share]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

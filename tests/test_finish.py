@@ -1,0 +1,45 @@
+"""Finishing the best configurations: which tasks (known answers), the folds, and a small data set
+built with out-of-fold predictions whose selection compares members on every row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from enserve.tuning.finish import FINISHED_OFFSET, REFIT, Task, fold_of, plan, validation_scheme
+from enserve.tuning.library import TrialRecord
+
+
+def record(number: int, state: str, val_loss: float, params: dict) -> TrialRecord:
+    return TrialRecord(number, state, {"trial_params": params}, 3, [], val_loss, 0.1, 0.1, 0.01, 10, 10, "", "", "")
+
+
+RECORDS = [record(0, "pruned", 0.50, {"w": 1}), record(1, "complete", 0.20, {"w": 2}),
+           record(2, "pruned", 0.10, {"w": 3}), record(3, "failed", 0.01, {"w": 4}),
+           record(4, "pruned", 0.15, {"w": 3}),  # the same configuration as trial 2: finished once
+           record(FINISHED_OFFSET + 9, "complete", 0.05, {"w": 9})]  # already finished: not again
+
+
+def test_kfold_trains_every_fold_of_the_best_configurations():
+    assert plan(RECORDS, "kfold", top=2, folds=3) == [Task(2, 0), Task(2, 1), Task(2, 2),
+                                                      Task(1, 0), Task(1, 1), Task(1, 2)]
+
+
+def test_holdout_trains_to_the_end_the_best_configurations_the_search_stopped_early():
+    assert plan(RECORDS, "holdout", top=3) == [Task(2, REFIT), Task(0, REFIT)]  # trial 1 is complete already
+
+
+def test_the_scheme_follows_the_rows_unless_told():
+    assert validation_scheme("auto", 142) == "kfold" and validation_scheme("auto", 1437) == "holdout"
+    assert validation_scheme("holdout", 10) == "holdout"
+    with pytest.raises(ValueError, match="validation 'loo' is not one of"):
+        validation_scheme("loo", 10)
+
+
+def test_folds_are_stratified_and_cover_every_row_once():
+    y = np.repeat([0, 1, 2], [10, 20, 30])
+    where = fold_of(y, 5, seed=0)
+    assert sorted(np.unique(where)) == [0, 1, 2, 3, 4]
+    for f in range(5):
+        assert np.bincount(y[where == f], minlength=3).tolist() == [2, 4, 6]
+    assert (fold_of(y, 5, seed=0) == where).all()
