@@ -235,7 +235,7 @@ def test_signals_search_a_1d_residual_cnn_family(tmp_path):
     np.savez(tmp_path / "waves.npz", x_train=x.astype(np.float32), y_train=y)
     lib = tmp_path / "lib"
     schedules = []
-    build(str(tmp_path / "waves.npz"), lib, workers=1, time_budget_s=25, max_trials=3,
+    build(str(tmp_path / "waves.npz"), lib, workers=1, time_budget_s=25, max_trials=3, finish_fraction=0.0,
                   input_kind="signal", on_schedule=schedules.append)
     fp = json.loads((lib / "dataset.json").read_text())
     assert fp["kind"] == "signal" and fp["shapes"]["x_train"][1:] == [1, 40]
@@ -266,7 +266,7 @@ def test_error_and_cost_objective_is_what_asha_and_the_study_see(tmp_path):
     rng = np.random.default_rng(2)
     np.savez(tmp_path / "rows.npz", x_train=rng.random((200, 12), dtype=np.float32), y_train=rng.integers(0, 2, 200))
     lib = tmp_path / "lib"
-    storage = build(str(tmp_path / "rows.npz"), lib, workers=1, time_budget_s=15, max_epochs=2,
+    storage = build(str(tmp_path / "rows.npz"), lib, workers=1, time_budget_s=15, max_epochs=2, finish_fraction=0.0,
                             max_trials=2, pruner="none", objective="error-and-cost", cost_weight=0.5)
     study = optuna.load_study(study_name="enserve", storage=make_storage(storage))
     goal = study.user_attrs["objective"]
@@ -289,7 +289,7 @@ def test_the_same_seed_with_one_worker_gives_the_same_library(tmp_path):
     libraries = []
     for k in range(2):
         lib = tmp_path / f"lib{k}"
-        build(str(tmp_path / "rows.npz"), lib, workers=1, time_budget_s=30, max_epochs=2, max_trials=3,
+        build(str(tmp_path / "rows.npz"), lib, workers=1, time_budget_s=30, max_epochs=2, max_trials=3, finish_fraction=0.0,
                       pruner="none", seed=5)
         libraries.append({r.number: (r.config["trial_params"], r.val_loss) for r in read_records(lib)})
     assert len(libraries[0]) == 3 and libraries[0] == libraries[1]
