@@ -74,34 +74,18 @@ def plan(records: list, scheme: str, *, top: int = TOP_CONFIGS, folds: int = FOL
 
 
 def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Each row's fold (stratified, shuffled with ``seed``)."""
+    """Each row's fold, 0..folds-1 (stratified, shuffled with ``seed``; a class with fewer rows than
+    folds is simply missing from some of them)."""
+    import warnings
+
     from sklearn.model_selection import StratifiedKFold
 
-    counts = np.bincount(labels)
-    k = min(folds, int(counts[counts > 0].min())) if counts.max() else folds
     out = np.zeros(len(labels), dtype=np.int64)
-    if k < 2:  # a class with one row: plain shuffled folds
-        rng = np.random.default_rng(seed)
-        out[rng.permutation(len(labels))] = np.arange(len(labels)) % folds
-        return out
-    for f, (_, rows) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(labels, labels)):
-        out[rows] = f
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the least populated class has only n members"
+        for f, (_, rows) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(labels, labels)):
+            out[rows] = f
     return out
-
-
-SCHEME_FILE = "scheme.json"
-
-
-def write_scheme(library: Path, scheme: str, folds: int, seed: int) -> None:
-    """Record how the finished members were validated (the selection reads it)."""
-    d = Path(library) / FINISHED_DIR
-    d.mkdir(parents=True, exist_ok=True)
-    (d / SCHEME_FILE).write_text(json.dumps({"scheme": scheme, "folds": folds, "seed": seed}))
-
-
-def read_scheme(library: Path) -> dict | None:
-    path = Path(library) / FINISHED_DIR / SCHEME_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def finished_dir(library: Path, number: int) -> Path:
@@ -113,6 +97,7 @@ def run_task(task: Task, data, library: Path, scheme: str, folds: int, epochs: i
     """Train one task's model and write what it predicts, and the model."""
     import torch
 
+    from enserve.optimizer.files import write_atomically
     from enserve.tuning.cost import measure_cost
     from enserve.tuning.data import Dataset
     from enserve.tuning.export import export_onnx
@@ -159,8 +144,9 @@ def run_task(task: Task, data, library: Path, scheme: str, folds: int, epochs: i
     model = make()
     train(model, part, config, epochs=epochs, seed=seed + task.number + 1000 * (task.fold + 1))
     path = export_onnx(model, data.input_shape, d / f"fold_{task.fold}.onnx", check=x[held][:32])
-    if task.fold == 0:
-        (d / "cost.json").write_text(json.dumps({"number": task.number, "cost_s": measure_cost(path, data, profiler)}))
+    if task.fold == 0:  # every fold model has the configuration's architecture: measured once
+        write_atomically(d / "cost.json", json.dumps({"number": task.number,
+                                                      "cost_s": measure_cost(path, data, profiler)}).encode())
     np.save(d / f"fold_{task.fold}_pred.npy", predict(model, x[held]), allow_pickle=False)  # last: it marks done
 
 

@@ -140,8 +140,6 @@ def finish_library(o: BuildOptions, data, epochs: int, threads: int, deadline: f
                                                          o.validation == "auto" else ""))
         say(f"finishing ({why}): {scheme} validation, {len(tasks)} models to train to the end "
             f"({epochs} epochs) in the last {o.finish_fraction:.0%} of the time budget")
-    if scheme == "kfold":
-        finish.write_scheme(library, scheme, o.folds, o.seed)
     if tasks:
         common = dict(dataset=str(o.dataset), library=str(library), input_kind=o.input_kind, seed=o.seed,
                       scheme=scheme, folds=o.folds, epochs=epochs, deadline=deadline, threads=threads)
