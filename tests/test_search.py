@@ -330,9 +330,9 @@ def test_on_a_terminal_a_build_shows_a_bar_over_its_time_budget(tmp_path):
         if not chunk:
             break
         chunks.append(chunk)
-    assert proc.wait(120) == 0
     os.close(leader)
     out = b"".join(chunks).decode(errors="replace")
+    assert proc.wait(120) == 0, out[-3000:]
     assert "schedule: up to 1 epochs a trial" in out
     assert re.search(r"\r\[#*\.*\] \d/6 s, \d s left; ", out), out[-2000:]  # redrawn in place
     assert re.search(r"\] \d/6 s, \d s left; trials: (\d+ running, )?\d+ finished, \d+ stopped early, \d+ failed",

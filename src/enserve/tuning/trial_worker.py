@@ -44,7 +44,10 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
                               pruner=make_pruner(attrs.get("pruner", "asha"), max_epochs, schedule.get("min_epochs", 1)))
     remaining = deadline - time.time()
     if remaining <= 0:
-        return
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if complete:
+            return
+        remaining = 1e-3  # a build with no trained trial has nothing to select: one trial, however late
     callbacks = []
     if max_trials is not None:
         callbacks.append(optuna.study.MaxTrialsCallback(max_trials, states=None))
