@@ -72,6 +72,16 @@ def wait_ready(daemon: Daemon, timeout: float = 90) -> None:
     daemon.wait_ready(timeout)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_socket_left():
+    """The tests SIGKILL daemons on purpose (an OOM kill, a failover); a later daemon would remove
+    their socket folders only once a minute old: at the end the suite removes them itself."""
+    yield
+    from enserve.server.frontends.native_front import remove_dead_sockets
+
+    remove_dead_sockets(older_than_s=0.0)
+
+
 @pytest.fixture(scope="session")
 def demo_repo(tmp_path_factory) -> Path:
     from enserve.models.demo import write_demo_repository

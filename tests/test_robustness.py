@@ -355,3 +355,32 @@ def test_typed_contents_are_counted_before_they_are_converted(demo_repo, tmp_pat
         assert grown_mib < 650, grown_mib
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_starting_daemon_removes_only_dead_daemons_socket_folders(tmp_path):
+    """A SIGKILLed daemon leaves its fallback socket's folder: the next one removes it once it is a
+    minute old and nothing listens on it, and leaves a live daemon's, and one just made, alone."""
+    import socket
+
+    from enserve.server.frontends import native_front
+
+    old = time.time() - native_front.STALE_AFTER_S - 5
+    folders = {name: tmp_path / f"{native_front.SOCKET_PREFIX}{name}" for name in ("dead", "empty", "live", "young")}
+    for folder in folders.values():
+        folder.mkdir()
+    bound = []
+    for name in ("dead", "live", "young"):
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(folders[name] / "fallback.sock"))
+        bound.append(s)
+    bound[1].listen()  # only the live one accepts
+    bound[0].close()  # the dead one's file stays, as a SIGKILL leaves it
+    for name in ("dead", "empty", "live"):
+        os.utime(folders[name], (old, old))
+    try:
+        removed = native_front.remove_dead_sockets(str(tmp_path))
+    finally:
+        for s in bound[1:]:
+            s.close()
+    assert sorted(removed) == sorted(str(folders[n]) for n in ("dead", "empty"))
+    assert [n for n, f in folders.items() if f.exists()] == ["live", "young"]

@@ -22,8 +22,11 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import threading
+import time
+from pathlib import Path
 
 from pygrpc_native import EVENT_CANCEL, NativeGrpcFront
 from tritonclient.grpc import service_pb2 as pb
@@ -38,6 +41,29 @@ from enserve.server.serving.service import Service
 log = logging.getLogger("enserve")
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 UNAUTHENTICATED = f"{NEEDS_TOKEN}: none was given, or {NOT_VALID}"  # the front's own refusal
+SOCKET_PREFIX = "enserve-grpc-"  # a temporary folder holding the fallback server's unix socket
+STALE_AFTER_S = 60.0  # a younger folder may belong to a daemon still starting
+
+
+def remove_dead_sockets(root: str | None = None, older_than_s: float = STALE_AFTER_S) -> list[str]:
+    """Remove the socket folders of daemons that died without stopping (SIGKILL, an OOM kill):
+    this user's, older than ``older_than_s``, whose socket is gone or refuses a connection; the
+    folders removed. Called by every daemon as it starts."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{SOCKET_PREFIX}*"):
+        try:
+            if folder.stat().st_uid != os.geteuid() or time.time() - folder.stat().st_mtime < older_than_s:
+                continue
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.settimeout(1.0)
+                probe.connect(str(folder / "fallback.sock"))
+            continue  # a live daemon's
+        except (ConnectionRefusedError, FileNotFoundError):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(str(folder))
+        except OSError:
+            continue
+    return removed
 
 
 class NativeFront:
@@ -47,7 +73,8 @@ class NativeFront:
         options = service.options
         self.service = service
         tokens = self.tokens = Tokens(options.auth_token, options.admin_token)
-        self.socket_dir = tempfile.mkdtemp(prefix="enserve-grpc-")
+        remove_dead_sockets()
+        self.socket_dir = tempfile.mkdtemp(prefix=SOCKET_PREFIX)
         self.fallback = build_server(service, f"unix:{os.path.join(self.socket_dir, 'fallback.sock')}", None, tokens)
         # with a user token every call needs a token: the front checks it before reading the body
         # (the fallback's interceptor still tells the admin calls' token from the user's)
