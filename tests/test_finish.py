@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from enserve.tuning.finish import FINISHED_OFFSET, REFIT, Task, fold_of, plan, validation_scheme
+from enserve.tuning.finish import (
+    FINISHED_OFFSET,
+    REFIT,
+    Task,
+    finished_number,
+    fold_of,
+    plan,
+    validation_scheme,
+)
 from enserve.tuning.library import TrialRecord
 
 
@@ -26,7 +34,15 @@ def test_kfold_trains_every_fold_of_the_best_configurations():
 
 
 def test_holdout_trains_to_the_end_the_best_configurations_the_search_stopped_early():
-    assert plan(RECORDS, "holdout", top=3) == [Task(2, REFIT), Task(0, REFIT)]  # trial 1 is complete already
+    assert plan(RECORDS, "holdout", top=3, replicas=0) == [Task(2, REFIT), Task(0, REFIT)]  # trial 1 is complete
+
+
+def test_holdout_trains_other_seeds_of_the_best_configurations():
+    # best 2 (pruned): its run and 2 more seeds; 1 (complete): one more seed; 0 (pruned): its run;
+    # a configuration's n-th seed comes after the next configuration's first
+    assert plan(RECORDS, "holdout", top=3, replicas=2) == [
+        Task(2, REFIT), Task(1, REFIT, 1), Task(2, REFIT, 1), Task(0, REFIT), Task(2, REFIT, 2)]
+    assert finished_number(Task(2, REFIT, 1)) == 2 * FINISHED_OFFSET + 2
 
 
 def test_the_scheme_follows_the_rows_unless_told():

@@ -3,8 +3,10 @@ the library holds several good, fully trained members for the selection (success
 most trials at its first rungs, and the selection could only find one member worth keeping).
 
 - Holdout validation (larger data sets): each of the best configurations the search stopped early
-  is trained again on the training split for the whole epoch budget; its validation predictions
-  join the library as a trial of its own (``FINISHED_OFFSET`` + the trial's number).
+  is trained again on the training split for the whole epoch budget, and the best ones also with
+  other seeds (``REPLICAS`` more for the best, one fewer for each next: deep ensembles' diversity,
+  which averaging needs and which configurations alone did not give: the selection kept one member
+  on digits and MNIST-1D); each joins the library as a trial of its own (``finished_number``).
 - K-fold validation (small data sets: fewer than ``SMALL_ROWS`` training and validation rows; a
   validation split of a few dozen rows makes the selection's losses noise): each of the best
   configurations is trained on K folds of every row the build was given (training, validation and
@@ -33,7 +35,8 @@ import numpy as np
 SMALL_ROWS = 1000  # training + validation rows below which the selection uses k-fold predictions
 FOLDS = 5
 TOP_CONFIGS = 8  # configurations finished, best validation loss first
-FINISHED_OFFSET = 100_000  # a finished holdout trial's number: this plus its configuration's trial number
+FINISHED_OFFSET = 100_000  # a finished holdout trial's number: (1 + replica) x this + its configuration's number
+REPLICAS = 2  # holdout: more seeds of the best configuration, one fewer for each next
 REFIT = -1  # a holdout task's fold: the configuration trained to the end on the training split
 VALIDATIONS = ("auto", "holdout", "kfold")
 FINISHED_DIR = "finished"  # <library>/finished/trial_<n>/: k-fold members
@@ -43,6 +46,12 @@ FINISHED_DIR = "finished"  # <library>/finished/trial_<n>/: k-fold members
 class Task:
     number: int  # the trial whose configuration is trained
     fold: int  # 0..K-1 (k-fold), or REFIT (holdout)
+    replica: int = 0  # holdout: 0 the search's seed, 1.. other seeds
+
+
+def finished_number(task: Task) -> int:
+    """The library trial number of a finished holdout task."""
+    return FINISHED_OFFSET * (1 + task.replica) + task.number
 
 
 def validation_scheme(requested: str, rows: int) -> str:
@@ -54,10 +63,12 @@ def validation_scheme(requested: str, rows: int) -> str:
     return "kfold" if rows < SMALL_ROWS else "holdout"
 
 
-def plan(records: list, scheme: str, *, top: int = TOP_CONFIGS, folds: int = FOLDS) -> list[Task]:
+def plan(records: list, scheme: str, *, top: int = TOP_CONFIGS, folds: int = FOLDS,
+         replicas: int = REPLICAS) -> list[Task]:
     """The tasks, most valuable first: the ``top`` distinct configurations by validation loss
-    (records of trained trials; finished ones excluded), for k-fold each one's folds,
-    for holdout only the ones the search stopped before the end."""
+    (records of trained trials; finished ones excluded), for k-fold each one's folds; for holdout
+    the ones the search stopped before the end, and ``replicas`` other seeds of the best (one fewer
+    for each next), a configuration's n-th seed after the next configuration's first."""
     trained = [r for r in records if r.state in ("complete", "pruned") and r.number < FINISHED_OFFSET]
     seen, best = set(), []
     for r in sorted(trained, key=lambda r: (r.val_loss, r.number)):
@@ -70,7 +81,11 @@ def plan(records: list, scheme: str, *, top: int = TOP_CONFIGS, folds: int = FOL
             break
     if scheme == "kfold":
         return [Task(r.number, f) for r in best for f in range(folds)]
-    return [Task(r.number, REFIT) for r in best if r.state == "pruned"]
+    ordered = []  # (rank + the task's place among its configuration's, that place, the task)
+    for rank, r in enumerate(best):
+        seeds = range(0 if r.state == "pruned" else 1, max(0, replicas - rank) + 1)
+        ordered += [(rank + place, place, Task(r.number, REFIT, k)) for place, k in enumerate(seeds)]
+    return [task for *_, task in sorted(ordered, key=lambda o: o[:2])]
 
 
 def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -109,7 +124,7 @@ def run_task(task: Task, data, library: Path, scheme: str, folds: int, epochs: i
 
     record = next(r for r in read_records(library) if r.number == task.number)
     config = config_from_record(record)
-    torch.manual_seed(seed + task.number * 7 + task.fold)
+    torch.manual_seed(seed + task.number * 7 + task.fold + 7919 * task.replica)
 
     def make():
         net = build_model(config.network)
@@ -118,8 +133,8 @@ def run_task(task: Task, data, library: Path, scheme: str, folds: int, epochs: i
 
     if scheme == "holdout":  # the configuration trained to the end on the training split
         model = make()
-        result = train(model, data, config, epochs=epochs, seed=seed + task.number)
-        number = FINISHED_OFFSET + task.number
+        result = train(model, data, config, epochs=epochs, seed=seed + task.number + 7919 * task.replica)
+        number = finished_number(task)
         d = trial_dir(library, number)
         d.mkdir(parents=True, exist_ok=True)
         val_pred, test_pred = predict(model, data.x_val), predict(model, data.x_test)
@@ -129,7 +144,8 @@ def run_task(task: Task, data, library: Path, scheme: str, folds: int, epochs: i
         write_record(library, TrialRecord(
             number, "complete", record.config, result.epochs, result.curve, cross_entropy(val_pred, data.y_val),
             error_rate(val_pred, data.y_val), error_rate(test_pred, data.y_test), measure_cost(path, data, profiler),
-            record.parameters, record.flops, d.name, f"trial {task.number} trained to the end", record.data_sha256))
+            record.parameters, record.flops, d.name, f"trial {task.number} trained to the end"
+            + (f" with seed {task.replica}" if task.replica else ""), record.data_sha256))
         return
     x = np.concatenate([data.x_train, data.x_val, data.x_test])
     y = np.concatenate([data.y_train, data.y_val, data.y_test])
@@ -204,7 +220,7 @@ class FinishSettings:
     epochs: int
     deadline: float
     threads: int
-    tasks: list  # [number, fold] pairs, this worker's share, most valuable first
+    tasks: list  # [number, fold, replica], this worker's share, most valuable first
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,17 +241,17 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset(s.dataset, seed=s.seed, input_kind=s.input_kind)
     preprocessing = read_preprocessing(s.library)
     with Profiler() as profiler:
-        for number, fold in s.tasks:
+        for number, fold, replica in s.tasks:
             if time.time() >= s.deadline:
                 break
-            run_task(Task(number, fold), data, Path(s.library), s.scheme, s.folds, s.epochs, s.seed, preprocessing,
+            run_task(Task(number, fold, replica), data, Path(s.library), s.scheme, s.folds, s.epochs, s.seed, preprocessing,
                      profiler)
     return 0
 
 
 def settings_for(tasks: list[Task], workers: int, **common) -> list[dict]:
     """Each worker's settings: the tasks dealt round-robin (so every worker starts on the best)."""
-    shares = [[[t.number, t.fold] for t in tasks[i::workers]] for i in range(workers)]
+    shares = [[[t.number, t.fold, t.replica] for t in tasks[i::workers]] for i in range(workers)]
     return [asdict(FinishSettings(tasks=share, **common)) for share in shares if share]
 
 

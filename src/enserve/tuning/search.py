@@ -129,7 +129,7 @@ def finish_library(o: BuildOptions, data, epochs: int, threads: int, deadline: f
 
     def done(t: finish.Task) -> bool:
         if scheme == "holdout":
-            return (trial_dir(library, finish.FINISHED_OFFSET + t.number) / "record.json").is_file()
+            return (trial_dir(library, finish.finished_number(t)) / "record.json").is_file()
         d = finish.finished_dir(library, t.number)
         return (d / f"fold_{t.fold}_pred.npy").is_file()
 

@@ -1,14 +1,22 @@
-"""Tabular data as users have it, measured: public data sets that ship inside installable packages,
-each split once into the rows the build may see and held-out rows it never sees; ``enserve build``
-on a CSV of the former; the served ensemble asked over gRPC with the held-out rows' raw features;
-scikit-learn's first tries on the same split beside it.
+"""Accuracy as users get it, measured: public data sets that ship inside installable packages, as
+users have them (raw values), each split once into the rows the build may see and held-out rows it
+never sees; ``enserve build`` on a file of the former (a CSV for tabular rows, an ``.npz`` else);
+the served ensemble and each member asked over gRPC with the held-out rows; scikit-learn's first
+tries on the same split beside them; the build's choices (validation scheme, members) quoted.
 
-    python -m enserve.loadtest.tabular --time-budget 3m [--datasets wine,penguins] [--out DIR]
+    python -m enserve.loadtest.accuracy --time-budget 3m [--datasets wine,penguins,...] [--out DIR]
 
-Data sets: ``wine`` (scikit-learn: 178 rows, 13 columns from 0.1 to 1680) and ``penguins``
+Data sets: ``wine`` (scikit-learn: 178 rows, 13 columns from 0.1 to 1680), ``penguins``
 (palmerpenguins: 344 rows, 4 measurements from 13 mm to 6300 g, the year, island and sex as 0/1
-columns, sex missing in 11 rows and every measurement in 2). Baselines, fitted on the build's rows
-with scikit-learn's defaults: ``StandardScaler`` + ``LogisticRegression`` (after ``SimpleImputer``,
+columns, sex missing in 11 rows and every measurement in 2), ``digits`` (scikit-learn's 8x8 images
+in their raw 0-16, as (N, 1, 8, 8)), ``mnist1d`` (the ``mnist1d`` package's generated 4000 training
+and 1000 test rows of 40 values, as (N, 40) with no input kind; published MLP 0.68, CNN 0.94) and
+``gunpoint`` (the UCR archive's GunPoint inside ``aeon``: 50 training and 150 test series of 150
+values; the published 1-NN error 0.087; without aeon here, write it with ``tuning/public_data.py``
+where aeon is and pass ``gunpoint=PATH``). ``NAME=PATH`` measures any ``.npz`` with ``x_train``,
+``y_train``, ``x_test`` and ``y_test``. Held out: 25 % of the rows (stratified, seed 0), or the
+published test split where there is one. Baselines, fitted on the build's rows (flattened) with
+scikit-learn's defaults: ``StandardScaler`` + ``LogisticRegression`` (after ``SimpleImputer``,
 which missing values need) and ``HistGradientBoostingClassifier`` (takes them as they are).
 """
 
@@ -27,6 +35,19 @@ import numpy as np
 from enserve.loadtest.launcher import start_daemon
 
 HELD_OUT = 0.25  # of the rows, stratified, seed 0: never given to the build
+
+
+Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_build, y_build, x_held, y_held (labels 0..k-1)
+
+
+def held_out(x: np.ndarray, labels: np.ndarray) -> Split:
+    """25 % of the rows held out, stratified, seed 0; the labels as 0..k-1 in sorted order."""
+    from sklearn.model_selection import train_test_split
+
+    classes = sorted(set(labels))
+    y = np.array([classes.index(v) for v in labels])
+    x_build, x_held, y_build, y_held = train_test_split(x, y, test_size=HELD_OUT, random_state=0, stratify=y)
+    return x_build, y_build, x_held, y_held
 
 
 def wine() -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -49,7 +70,37 @@ def penguins() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return np.hstack([x, one_hot, sex[:, None]]), df["species"].to_numpy(dtype=str), columns
 
 
-DATASETS = {"wine": wine, "penguins": penguins}
+def digits() -> Split:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return held_out(d.images[:, None].astype(np.float32), d.target)  # raw 0-16
+
+
+def mnist1d() -> Split:
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise SystemExit("mnist1d: pip install mnist1d (it generates the data set offline)") from None
+    d = make_dataset(get_dataset_args())
+    return (d["x"].astype(np.float32), np.asarray(d["y"]), d["x_test"].astype(np.float32), np.asarray(d["y_test"]))
+
+
+def gunpoint() -> Split:
+    from enserve.tuning.public_data import load
+
+    d = load("GunPoint")  # needs aeon
+    return d["x_train"], d["y_train"], d["x_test"], d["y_test"]
+
+
+def npz(path: str) -> Split:
+    d = np.load(path)
+    return d["x_train"], d["y_train"], d["x_test"], d["y_test"]
+
+
+TABULAR = {"wine": wine, "penguins": penguins}  # given to the build as a CSV
+ARRAYS = {"digits": digits, "mnist1d": mnist1d, "gunpoint": gunpoint}  # as an .npz of x_train, y_train
+DATASETS = [*TABULAR, *ARRAYS]
 
 
 def write_csv(path: Path, x: np.ndarray, y: np.ndarray, columns: list[str]) -> Path:
@@ -75,7 +126,8 @@ def baselines(x: np.ndarray, y: np.ndarray, x_held: np.ndarray) -> dict[str, np.
     models = {"StandardScaler+LogisticRegression": make_pipeline(SimpleImputer(), StandardScaler(),
                                                                  LogisticRegression()),
               "HistGradientBoosting": HistGradientBoostingClassifier()}
-    return {name: m.fit(x, y).predict_proba(x_held) for name, m in models.items()}
+    flat = x.reshape(len(x), -1)
+    return {name: m.fit(flat, y).predict_proba(x_held.reshape(len(x_held), -1)) for name, m in models.items()}
 
 
 def served(repo: Path, x_held: np.ndarray, log: Path) -> dict[str, np.ndarray]:
@@ -101,15 +153,19 @@ def served(repo: Path, x_held: np.ndarray, log: Path) -> dict[str, np.ndarray]:
 
 
 def measure(name: str, budget: str, workers: int, out: Path, reuse: bool = False) -> list[tuple]:
-    from sklearn.model_selection import train_test_split
-
-    x, labels, columns = DATASETS[name]()
-    classes = sorted(set(labels))
-    y = np.array([classes.index(v) for v in labels])
-    x_build, x_held, y_build, y_held = train_test_split(x, y, test_size=HELD_OUT, random_state=0, stratify=y)
+    name, _, path = name.partition("=")
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
-    dataset = write_csv(d / f"{name}.csv", x_build, np.array(classes)[y_build], columns)
+    if path or name in ARRAYS:
+        x_build, y_build, x_held, y_held = npz(path) if path else ARRAYS[name]()
+        dataset = d / f"{name}.npz"
+        np.savez(dataset, x_train=x_build, y_train=y_build)
+    elif name in TABULAR:
+        x, labels, columns = TABULAR[name]()
+        x_build, y_build, x_held, y_held = held_out(x, labels)
+        dataset = write_csv(d / f"{name}.csv", x_build, np.array(sorted(set(labels)))[y_build], columns)
+    else:
+        raise SystemExit(f"data set '{name}' is not one of {DATASETS}")
     t0 = time.monotonic()
     if reuse and (d / "build.log").is_file() and (d / "repo").is_dir():
         build = subprocess.CompletedProcess([], 0, (d / "build.log").read_text(), "")
@@ -122,13 +178,15 @@ def measure(name: str, budget: str, workers: int, out: Path, reuse: bool = False
         raise SystemExit(f"{name}: the build failed, see {d / 'build.log'}:\n{build.stderr[-2000:]}")
     print(f"{name}: built in {time.monotonic() - t0:.0f} s; {build.stdout.splitlines()[0]}", flush=True)
     for line in build.stdout.splitlines():
-        if line.startswith(("finishing", "selection on", "held out", "the selection kept", "the members refit")):
+        if line.startswith(("finishing", "selection on", "held out", "the selection kept", "ensemble '")):
             print(f"  {line}")
     answers = served(d / "repo", x_held, d / "daemon.log")
     rows = [(f"{name}: {m}", *score(p, y_held)) for m, p in baselines(x_build, y_build, x_held).items()]
     members = sorted(k for k in answers if k != "ensemble")
     rows.append((f"{name}: enserve ensemble ({len(members)} members)", *score(answers["ensemble"], y_held)))
     rows += [(f"{name}:   member {m}", *score(answers[m], y_held)) for m in members]
+    best = min(members, key=lambda m: score(answers[m], y_held)[1])
+    rows.append((f"{name}:   its best member by held-out log loss ({best})", *score(answers[best], y_held)))
     return rows
 
 
@@ -138,13 +196,13 @@ def score(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", default="wine,penguins")
+    parser.add_argument("--datasets", default="wine,penguins", help=f"comma-separated, of {', '.join(DATASETS)}")
     parser.add_argument("--time-budget", default="3m")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="keep the builds here (default: a temporary folder)")
     parser.add_argument("--reuse", action="store_true", help="serve the builds already in --out instead of building")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="enserve-tabular-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="enserve-accuracy-") as tmp:
         out = args.out or Path(tmp)
         rows = []
         for name in args.datasets.split(","):
