@@ -59,3 +59,21 @@ def test_folds_are_stratified_and_cover_every_row_once():
     for f in range(5):
         assert np.bincount(y[where == f], minlength=3).tolist() == [2, 4, 6]
     assert (fold_of(y, 5, seed=0) == where).all()
+
+
+def test_a_library_keeps_its_fold_count(tmp_path):
+    from enserve.tuning.finish import claim_folds
+
+    claim_folds(tmp_path, 5)
+    claim_folds(tmp_path, 5)  # a continued build with the same folds
+    with pytest.raises(ValueError, match="holds models of 5 folds; --folds 3 would mix them"):
+        claim_folds(tmp_path, 3)
+
+
+def test_every_finishing_task_trains_with_its_own_seed():
+    from enserve.tuning.finish import seed_of
+
+    tasks = [Task(n, f, r) for n in range(0, 3000, 7) for f in (REFIT, *range(10)) for r in range(3)]
+    seeds = {seed_of(0, t) for t in tasks}
+    assert len(seeds) == len(tasks) and all(0 <= s < 2**31 for s in seeds)
+    assert seed_of(1, tasks[0]) != seed_of(0, tasks[0])

@@ -112,3 +112,18 @@ def test_a_column_missing_in_every_training_row_is_refused():
     x[:, 2] = np.nan
     with pytest.raises(ValueError, match=r"columns \[2\] have no value in any training row"):
         preprocess.per_column(x)
+
+
+def test_a_missing_value_in_any_split_keeps_rows_tabular(tmp_path):
+    """Rows that could be a signal, with a missing value only in the test rows: the signal family,
+    which does not impute, is not searched (it would meet NaN in its predictions)."""
+    from enserve.tuning.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    x_test = rng.normal(size=(20, 40)).astype(np.float32)
+    x_test[3, 7] = np.nan
+    np.savez(tmp_path / "rows.npz", x_train=rng.normal(size=(60, 40)).astype(np.float32),
+             y_train=np.arange(60) % 2, x_test=x_test, y_test=np.arange(20) % 2)
+    data = load_dataset(str(tmp_path / "rows.npz"))
+    assert not np.isnan(data.x_train).any()
+    assert data.families == ("mlp",) and "missing values" in data.why

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,22 @@ def test_a_csv_with_missing_values_is_served_from_its_raw_rows(tmp_path):
     for m in served_members:
         config, fold = m.rsplit("_fold_", 1)
         assert (tmp_path / "lib" / "finished" / config / f"fold_{fold}.onnx").is_file()
+    # the held-out line: the test rows' out-of-fold predictions of the ensemble and of its best member
+    said = re.search(r"held out: ensemble test error (\S+), log loss (\S+); its best member \(trial (\d+)\) (\S+), "
+                     r"(\S+);", out.stdout)
+    assert said, out.stdout[-2000:]
+    labels = np.load(tmp_path / "lib" / "finished" / "labels.npz")
+    y, n = labels["y"], int(labels["trainval"])
+    held = {int(c.split("_")[1]): np.load(tmp_path / "lib" / "finished" / c / "oof_pred.npy")[n:]
+            for c in {m.rsplit("_fold_", 1)[0] for m in served_members}}
+
+    def log_loss(p):
+        return float(-np.mean(np.log(np.clip(p[np.arange(len(p)), y[n:]], 1e-12, 1))))
+
+    best = min(held, key=lambda k: log_loss(held[k]))
+    assert int(said[3]) == best and float(said[5]) == pytest.approx(log_loss(held[best]), abs=2e-4)
+    assert float(said[4]) == pytest.approx(np.mean(held[best].argmax(1) != y[n:]), abs=1e-4)
+    assert float(said[2]) == pytest.approx(log_loss(np.mean(list(held.values()), axis=0)), abs=2e-4)
     learned = json.loads((tmp_path / "lib" / "preprocessing.json").read_text())["mlp"]
     assert learned["kind"] == "per_column" and len(learned["median"]) == 13
     rows = x[:40].astype(np.float32)

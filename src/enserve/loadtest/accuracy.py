@@ -12,7 +12,7 @@ columns, sex missing in 11 rows and every measurement in 2), ``digits`` (scikit-
 in their raw 0-16, as (N, 1, 8, 8)), ``mnist1d`` (the ``mnist1d`` package's generated 4000 training
 and 1000 test rows of 40 values, as (N, 40) with no input kind; published MLP 0.68, CNN 0.94) and
 ``gunpoint`` (the UCR archive's GunPoint inside ``aeon``: 50 training and 150 test series of 150
-values; the published 1-NN error 0.087; without aeon here, write it with ``tuning/public_data.py``
+values; the published 1-NN error 0.087; without aeon here, write it with ``loadtest/public_data.py``
 where aeon is and pass ``gunpoint=PATH``). ``NAME=PATH`` measures any ``.npz`` with ``x_train``,
 ``y_train``, ``x_test`` and ``y_test``. Held out: 25 % of the rows (stratified, seed 0), or the
 published test split where there is one. Baselines, fitted on the build's rows (flattened) with
@@ -87,7 +87,7 @@ def mnist1d() -> Split:
 
 
 def gunpoint() -> Split:
-    from enserve.tuning.public_data import load
+    from enserve.loadtest.public_data import load
 
     d = load("GunPoint")  # needs aeon
     return d["x_train"], d["y_train"], d["x_test"], d["y_test"]

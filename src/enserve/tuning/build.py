@@ -220,7 +220,9 @@ def report(c: Candidates, chosen: Chosen, single: dict) -> list[str]:
     lines = [f"held out: ensemble test error {chosen.test_error:.4f}, log loss {chosen.test_loss:.4f}; its best member "
              f"(trial {number}) {error:.4f}, {loss:.4f}; the best single candidate (trial {single['number']}, "
              f"by validation loss) {single['test_error']:.4f}, {single['test_loss']:.4f}"]
-    if len(at) == 1:
+    if len(c.numbers) == 1:
+        lines.append("the selection kept one member: the library has no other candidate")
+    elif len(at) == 1:
         lines.append(f"the selection kept one member: no other candidate lowered the validation log loss on the "
                      f"{len(c.labels)} validation predictions when averaged in (within the budget)")
     return lines

@@ -126,8 +126,11 @@ def input_notes(library: Path) -> dict[str, str]:
     note = f"raw values as in the training data, shape {shape}"
     if columns:
         note += f": {len(columns)} columns in this order: {', '.join(columns)}"
-    if any(p.kind == "per_column" for p in learned.values()):
+    kinds = {p.kind for p in learned.values()}
+    if kinds == {"per_column"}:
         note += "; a missing value is NaN (imputed with the training median inside every member)"
+    elif "per_column" in kinds:  # rows searched as a signal too: the data had no missing value
+        note += "; no value may be missing (NaN): the signal networks do not impute"
     if learned:
         note += "; centring and scaling run inside every member (learned from the training split)"
     notes = {INPUT_NOTE: note}

@@ -17,7 +17,8 @@ SIGNAL_MIN_LENGTH = 16  # a 1-D CNN's three stages halve the length twice: short
 
 
 def families_for(kind: str, x_train: np.ndarray, requested: str) -> tuple[tuple[str, ...], str]:
-    """(families to search, why) for inputs of ``kind`` read with input kind ``requested``."""
+    """(families to search, why) for inputs of ``kind`` read with input kind ``requested``;
+    ``x_train`` the rows looked at (for 2-D data, every split's)."""
     if kind == "image":
         return ("cnn2d",), "4-D inputs (N, C, H, W) are images"
     if kind == "signal":

@@ -107,6 +107,39 @@ def finished_dir(library: Path, number: int) -> Path:
     return Path(library) / FINISHED_DIR / f"trial_{number:05d}"
 
 
+def claim_folds(library: Path, folds: int) -> None:
+    """A library keeps its fold count: fold models of another count would mix with its own (the
+    split seed is the data set's, which the library keeps already)."""
+    from enserve.optimizer.files import write_atomically
+
+    path = Path(library) / FINISHED_DIR / "folds.json"
+    if path.is_file():
+        kept = json.loads(path.read_text())["folds"]
+        if kept != folds:
+            raise ValueError(f"the library {library} holds models of {kept} folds; --folds {folds} would mix them "
+                             f"with another split: use --folds {kept}, or another library")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps({"folds": folds}).encode())
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file: a reader (the build's rerun, ``enserve select`` on
+    another machine) never sees half of one."""
+    import io
+
+    from enserve.optimizer.files import write_atomically
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_atomically(path, buffer.getvalue())
+
+
+def seed_of(seed: int, task: Task) -> int:
+    """A task's training seed: distinct for every (configuration, fold, replica) of a build."""
+    return int(np.random.SeedSequence([seed, task.number, task.fold + 1, task.replica]).generate_state(1)[0] >> 1)
+
+
 def run_task(task: Task, data, library: Path, scheme: str, folds: int, epochs: int, seed: int,
              preprocessing: dict | None, profiler) -> None:
     """Train one task's model and write what it predicts, and the model."""
@@ -124,7 +157,7 @@ def run_task(task: Task, data, library: Path, scheme: str, folds: int, epochs: i
 
     record = next(r for r in read_records(library) if r.number == task.number)
     config = config_from_record(record)
-    torch.manual_seed(seed + task.number * 7 + task.fold + 7919 * task.replica)
+    torch.manual_seed(seed_of(seed, task))
 
     def make():
         net = build_model(config.network)
@@ -133,13 +166,13 @@ def run_task(task: Task, data, library: Path, scheme: str, folds: int, epochs: i
 
     if scheme == "holdout":  # the configuration trained to the end on the training split
         model = make()
-        result = train(model, data, config, epochs=epochs, seed=seed + task.number + 7919 * task.replica)
+        result = train(model, data, config, epochs=epochs, seed=seed_of(seed, task))
         number = finished_number(task)
         d = trial_dir(library, number)
         d.mkdir(parents=True, exist_ok=True)
         val_pred, test_pred = predict(model, data.x_val), predict(model, data.x_test)
-        np.save(d / "val_pred.npy", val_pred, allow_pickle=False)
-        np.save(d / "test_pred.npy", test_pred, allow_pickle=False)
+        save_array(d / "val_pred.npy", val_pred)
+        save_array(d / "test_pred.npy", test_pred)
         path = export_onnx(model, data.input_shape, d / "model.onnx", check=data.x_test[:32])
         write_record(library, TrialRecord(
             number, "complete", record.config, result.epochs, result.curve, cross_entropy(val_pred, data.y_val),
@@ -158,12 +191,12 @@ def run_task(task: Task, data, library: Path, scheme: str, folds: int, epochs: i
     part = Dataset(data.name, data.kind, data.classes, x[keep], y[keep], x[held], y[held], x[held], y[held],
                    data.columns, data.class_names, data.families)
     model = make()
-    train(model, part, config, epochs=epochs, seed=seed + task.number + 1000 * (task.fold + 1))
+    train(model, part, config, epochs=epochs, seed=seed_of(seed, task))
     path = export_onnx(model, data.input_shape, d / f"fold_{task.fold}.onnx", check=x[held][:32])
     if task.fold == 0:  # every fold model has the configuration's architecture: measured once
         write_atomically(d / "cost.json", json.dumps({"number": task.number,
                                                       "cost_s": measure_cost(path, data, profiler)}).encode())
-    np.save(d / f"fold_{task.fold}_pred.npy", predict(model, x[held]), allow_pickle=False)  # last: it marks done
+    save_array(d / f"fold_{task.fold}_pred.npy", predict(model, x[held]))  # last: it marks done
 
 
 def assemble(library: Path, y: np.ndarray, trainval: int, folds: int, seed: int) -> list[int]:
@@ -180,9 +213,15 @@ def assemble(library: Path, y: np.ndarray, trainval: int, folds: int, seed: int)
         oof = np.zeros((len(y), first.shape[1]), first.dtype)
         for f, p in enumerate(parts):
             oof[where == f] = np.load(p)
-        np.save(d / "oof_pred.npy", oof, allow_pickle=False)
+        save_array(d / "oof_pred.npy", oof)
         done.append(int(d.name.split("_")[1]))
-    np.savez(Path(library) / FINISHED_DIR / "labels.npz", y=y, trainval=trainval)
+    import io
+
+    from enserve.optimizer.files import write_atomically
+
+    buffer = io.BytesIO()
+    np.savez(buffer, y=y, trainval=trainval)
+    write_atomically(Path(library) / FINISHED_DIR / "labels.npz", buffer.getvalue())
     return done
 
 

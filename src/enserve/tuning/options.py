@@ -60,7 +60,8 @@ class BuildOptions(SelectOptions):
     """The search that fills the library, then the selection (``SelectOptions``)."""
 
     dataset: str = option("digits", "--dataset", "digits, or a .npz, .csv, CIFAR archive or image folder", str)
-    time_budget_s: float = option(600.0, "--time-budget", "search time, e.g. 10m", parse_duration, above=0)
+    time_budget_s: float = option(600.0, "--time-budget", "the search's and the finishing's time together, e.g. "
+                                  "10m", parse_duration, above=0)
     storage: str | None = option(None, "--storage", "Optuna storage shared by the workers: an RDB URL "
                                  "(postgresql://...) for several machines", str, shown="a journal file in the library")
     study_name: str = option("enserve", "--study-name", "the Optuna study's name in the storage", str)
@@ -81,15 +82,16 @@ class BuildOptions(SelectOptions):
                                 above=0)
     validation: str = option(VALIDATIONS[0], "--validation", "what the selection compares members on: the "
                              "validation split (holdout), or out-of-fold predictions for every training and validation "
-                             f"row (kfold; the served members refit on all of them); auto: kfold below {SMALL_ROWS} "
-                             "rows", str, choices=VALIDATIONS)
-    folds: int = option(FOLDS, "--folds", "folds of --validation kfold", int, minimum=2)
+                             "row (kfold, in the finishing stage: each chosen configuration is served as its fold "
+                             f"models); auto: kfold below {SMALL_ROWS} rows", str, choices=VALIDATIONS)
+    folds: int = option(FOLDS, "--folds", "folds of --validation kfold (a library keeps its first)", int, minimum=2)
     finish_fraction: float = option(0.4, "--finish-fraction", "share of the time budget that trains the best "
                                     "configurations to the end (and, for kfold, on every fold) after the search; "
                                     "0: none", float, minimum=0)
     input_kind: str = option(INPUT_KINDS[0], "--input-kind", "how inputs are read: 4-D arrays are images, 3-D "
-                             "(N, C, L) signals, 2-D rows tabular unless 'signal' (one channel); signals search a "
-                             "1-D residual CNN family", str, choices=INPUT_KINDS)
+                             "(N, C, L) signals; 2-D rows are tabular (MLPs) below 16 columns or with a missing "
+                             "value, else both MLPs and 1-D CNNs are searched; 'tabular' or 'signal' (one channel) "
+                             "says which", str, choices=INPUT_KINDS)
 
     def validate(self) -> None:
         super().validate()

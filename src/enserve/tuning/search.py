@@ -84,7 +84,9 @@ def build_library(options: BuildOptions, *, progress: Callable[[], None] | None 
         schedule = Schedule(**kept)  # a continued study keeps its rungs
     else:
         epoch_s = epoch_seconds(data, threads, preprocessing=preprocessing) if max_epochs is None else 0.0
-        schedule = choose_schedule(len(data.x_train), time_budget_s, workers, epoch_s, max_epochs)
+        # sized for the search's share: the finishing trains the best configurations again afterwards
+        schedule = choose_schedule(len(data.x_train), time_budget_s * (1 - o.finish_fraction), workers, epoch_s,
+                                   max_epochs)
         study.set_user_attr("schedule", asdict(schedule))
     if on_schedule is not None:
         on_schedule(schedule)
@@ -126,6 +128,8 @@ def finish_library(o: BuildOptions, data, epochs: int, threads: int, deadline: f
 
     library = Path(o.library)
     scheme = finish.validation_scheme(o.validation, len(data.x_train) + len(data.x_val))
+    if scheme == "kfold":
+        finish.claim_folds(library, o.folds)
 
     def done(t: finish.Task) -> bool:
         if scheme == "holdout":
@@ -148,5 +152,9 @@ def finish_library(o: BuildOptions, data, epochs: int, threads: int, deadline: f
     if scheme == "kfold":
         import numpy as np
 
-        finish.assemble(library, np.concatenate([data.y_train, data.y_val, data.y_test]),
-                        len(data.y_train) + len(data.y_val), o.folds, o.seed)
+        assembled = finish.assemble(library, np.concatenate([data.y_train, data.y_val, data.y_test]),
+                                    len(data.y_train) + len(data.y_val), o.folds, o.seed)
+        if not assembled and say is not None:
+            say("finishing: no configuration was trained on all its folds within the time budget, so the selection "
+                "compares the search's trials on the validation split; a longer --time-budget (or rerunning the "
+                "build, which continues) finishes them")

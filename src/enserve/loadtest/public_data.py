@@ -7,7 +7,7 @@ signals and labels 0..k-1. Also prints the simple published baseline on that spl
 Needs only numpy and aeon (``pip install aeon``; it may pin its own numpy, so a separate venv is
 fine):
 
-    python tuning/public_data.py GunPoint gunpoint.npz
+    python src/enserve/loadtest/public_data.py GunPoint gunpoint.npz
 """
 
 from __future__ import annotations
