@@ -8,7 +8,7 @@ import pytest
 
 from enserve.tuning.finish import (
     FINISHED_OFFSET,
-    REFIT,
+    HOLDOUT,
     Task,
     finished_number,
     fold_of,
@@ -34,15 +34,15 @@ def test_kfold_trains_every_fold_of_the_best_configurations():
 
 
 def test_holdout_trains_to_the_end_the_best_configurations_the_search_stopped_early():
-    assert plan(RECORDS, "holdout", top=3, replicas=0) == [Task(2, REFIT), Task(0, REFIT)]  # trial 1 is complete
+    assert plan(RECORDS, "holdout", top=3, replicas=0) == [Task(2, HOLDOUT), Task(0, HOLDOUT)]  # trial 1 is complete
 
 
 def test_holdout_trains_other_seeds_of_the_best_configurations():
     # best 2 (pruned): its run and 2 more seeds; 1 (complete): one more seed; 0 (pruned): its run;
     # a configuration's n-th seed comes after the next configuration's first
     assert plan(RECORDS, "holdout", top=3, replicas=2) == [
-        Task(2, REFIT), Task(1, REFIT, 1), Task(2, REFIT, 1), Task(0, REFIT), Task(2, REFIT, 2)]
-    assert finished_number(Task(2, REFIT, 1)) == 2 * FINISHED_OFFSET + 2
+        Task(2, HOLDOUT), Task(1, HOLDOUT, 1), Task(2, HOLDOUT, 1), Task(0, HOLDOUT), Task(2, HOLDOUT, 2)]
+    assert finished_number(Task(2, HOLDOUT, 1)) == 2 * FINISHED_OFFSET + 2
 
 
 def test_the_scheme_follows_the_rows_unless_told():
@@ -73,7 +73,7 @@ def test_a_library_keeps_its_fold_count(tmp_path):
 def test_every_finishing_task_trains_with_its_own_seed():
     from enserve.tuning.finish import seed_of
 
-    tasks = [Task(n, f, r) for n in range(0, 3000, 7) for f in (REFIT, *range(10)) for r in range(3)]
+    tasks = [Task(n, f, r) for n in range(0, 3000, 7) for f in (HOLDOUT, *range(10)) for r in range(3)]
     seeds = {seed_of(0, t) for t in tasks}
     assert len(seeds) == len(tasks) and all(0 <= s < 2**31 for s in seeds)
     assert seed_of(1, tasks[0]) != seed_of(0, tasks[0])

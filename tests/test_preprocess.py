@@ -127,3 +127,28 @@ def test_a_missing_value_in_any_split_keeps_rows_tabular(tmp_path):
     data = load_dataset(str(tmp_path / "rows.npz"))
     assert not np.isnan(data.x_train).any()
     assert data.families == ("mlp",) and "missing values" in data.why
+
+
+def test_labels_are_read_as_users_write_them(tmp_path):
+    """CSV labels 1..10 keep their numeric order and lose stray spaces; an npz's labels must be class
+    numbers 0..k-1, and say so; a column with no value is refused by its name."""
+    from enserve.tuning.data import load_dataset
+    from enserve.tuning.search import keep_preprocessing
+
+    rows = ["a,b,label"] + [f"{k},{k % 3},{' ' if k % 2 else ''}{k % 10 + 1}" for k in range(60)]
+    (tmp_path / "n.csv").write_text("\n".join(rows) + "\n")
+    data = load_dataset(str(tmp_path / "n.csv"))
+    assert data.class_names == tuple(str(v) for v in range(1, 11))
+    (tmp_path / "gap.csv").write_text("a,b,label\n" + "\n".join(f"{k},,{k % 2}" for k in range(40)) + "\n")
+    with pytest.raises(ValueError, match="columns 'b' have no value in any training row"):
+        keep_preprocessing(tmp_path / "lib", load_dataset(str(tmp_path / "gap.csv")))
+    (tmp_path / "nolabel.csv").write_text("a,label\n1,x\n2,\n3,y\n")
+    with pytest.raises(ValueError, match=r"rows \[3\] have no label in column 'label'"):
+        load_dataset(str(tmp_path / "nolabel.csv"))
+    x = np.zeros((40, 3), np.float32)
+    for y, match in [(np.arange(40) % 2 + 1, r"classes \[0\] of 0..2 have no row"),
+                     (np.arange(40) % 2 + 0.5, "labels must be class numbers 0..k-1, not float64 values like"),
+                     (np.array(["a", "b"] * 20), "labels must be class numbers 0..k-1, not <U1 values")]:
+        np.savez(tmp_path / "bad.npz", x_train=x, y_train=y)
+        with pytest.raises(ValueError, match=match):
+            load_dataset(str(tmp_path / "bad.npz"))

@@ -40,8 +40,7 @@ def build(tmp: Path, dataset: Path, library: str = "lib", *flags: str) -> subpro
     """A short build: 6 epochs a trial, the search alone unless ``flags`` say otherwise."""
     return subprocess.run([sys.executable, "-m", "enserve", "build", "--dataset", str(dataset), "--time-budget",
                            "60s", "--workers", "1", "--max-epochs", "6", "--max-trials", "6", "--finish-fraction", "0",
-                           *flags, "--library", str(tmp / library),
-                           "--model-repository", str(tmp / "repo"), *flags],
+                           "--library", str(tmp / library), "--model-repository", str(tmp / "repo"), *flags],
                           capture_output=True, text=True, timeout=300, cwd=tmp)
 
 

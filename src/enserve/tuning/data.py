@@ -85,17 +85,35 @@ def carve(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.
     return x_rest, y_rest, x_part, y_part
 
 
+def labels_of(name: str, y) -> np.ndarray:
+    """Labels as int64 class numbers, or a ValueError saying what they are instead."""
+    raw = np.asarray(y)
+    if raw.ndim != 1:
+        raise ValueError(f"{name}: labels must be one class number a row, not shape {raw.shape}")
+    whole = raw.dtype.kind in "iub" or (raw.dtype.kind == "f" and bool(np.all(np.isfinite(raw)))
+                                        and bool(np.all(raw == np.round(raw))))
+    if not whole or (len(raw) and raw.min() < 0):
+        raise ValueError(f"{name}: labels must be class numbers 0..k-1, not {raw.dtype} values like "
+                         f"{raw[:3].tolist()} (a CSV may have text labels)")
+    return raw.astype(np.int64)
+
+
 def make_dataset(name: str, kind: str, x: np.ndarray, y: np.ndarray, *, seed: int = 0,
                  val_fraction: float = 0.2, test_fraction: float = 0.2,
                  x_val=None, y_val=None, x_test=None, y_test=None) -> Dataset:
-    y = np.asarray(y).astype(np.int64)
+    y = labels_of(name, y)
     if len(x) != len(y):
         raise ValueError(f"{name}: {len(x)} inputs but {len(y)} labels")
     if x_test is None:
         x, y, x_test, y_test = carve(x, y, test_fraction, seed)
     if x_val is None:
         x, y, x_val, y_val = carve(x, y, val_fraction / (1 - test_fraction), seed + 1)
+    y_val, y_test = labels_of(name, y_val), labels_of(name, y_test)
     classes = int(max(y.max(), np.max(y_val), np.max(y_test))) + 1
+    unseen = sorted(set(range(classes)) - set(y.tolist()) - set(y_val.tolist()) - set(y_test.tolist()))
+    if unseen:
+        raise ValueError(f"{name}: labels are class numbers 0..k-1, but classes {unseen[:5]} of 0..{classes - 1} have "
+                         "no row: number the classes from 0 without gaps")
     f = np.float32
     return Dataset(name, kind, classes, x.astype(f), y, np.asarray(x_val, f), np.asarray(y_val, np.int64),
                    np.asarray(x_test, f), np.asarray(y_test, np.int64))
@@ -191,6 +209,12 @@ def load_cifar(path: Path, seed: int = 0) -> Dataset:
 MISSING = ("", "na", "nan", "n/a", "null", "none", "?")  # how a CSV says a value is missing (any case)
 
 
+def label_order(label: str) -> tuple:
+    """A CSV's class order: numeric labels by value (2 before 10), then text ones alphabetically."""
+    value = _number(label)
+    return (0, value, label) if value is not None and not np.isnan(value) else (1, 0.0, label)
+
+
 def _number(text: str) -> float | None:
     """The value of a CSV field: a float, NaN if it says 'missing', None if it is text."""
     t = text.strip()
@@ -229,10 +253,14 @@ def load_csv(path: Path, label: str = "label", seed: int = 0) -> Dataset:
         raise ValueError(f"{path}: columns {named} are text, but the served model takes numbers only (one FP32 "
                          "tensor of the CSV's columns); encode them as numbers in the file, e.g. one 0/1 column "
                          "per category, or leave them out")
-    values = sorted({r[col] for r in body})
+    names = [r[col].strip() for r in body]
+    unlabelled = [k + 2 for k, v in enumerate(names) if v.lower() in MISSING]
+    if unlabelled:
+        raise ValueError(f"{path}: rows {unlabelled[:5]} have no label in column '{header[col]}'")
+    values = sorted(set(names), key=label_order)
     index = {v: i for i, v in enumerate(values)}
     x = np.array(parsed, dtype=np.float32)
-    y = np.array([index[r[col]] for r in body])
+    y = np.array([index[v] for v in names])
     data = make_dataset(path.stem, "tabular", x, y, seed=seed)
     data.columns = tuple(header[j] for j in features)
     data.class_names = tuple(values)

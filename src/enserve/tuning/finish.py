@@ -37,7 +37,7 @@ FOLDS = 5
 TOP_CONFIGS = 8  # configurations finished, best validation loss first
 FINISHED_OFFSET = 100_000  # a finished holdout trial's number: (1 + replica) x this + its configuration's number
 REPLICAS = 2  # holdout: more seeds of the best configuration, one fewer for each next
-REFIT = -1  # a holdout task's fold: the configuration trained to the end on the training split
+HOLDOUT = -1  # a holdout task's fold: the configuration trained to the end on the training split
 VALIDATIONS = ("auto", "holdout", "kfold")
 FINISHED_DIR = "finished"  # <library>/finished/trial_<n>/: k-fold members
 
@@ -45,7 +45,7 @@ FINISHED_DIR = "finished"  # <library>/finished/trial_<n>/: k-fold members
 @dataclass(frozen=True)
 class Task:
     number: int  # the trial whose configuration is trained
-    fold: int  # 0..K-1 (k-fold), or REFIT (holdout)
+    fold: int  # 0..K-1 (k-fold), or HOLDOUT (holdout)
     replica: int = 0  # holdout: 0 the search's seed, 1.. other seeds
 
 
@@ -84,7 +84,7 @@ def plan(records: list, scheme: str, *, top: int = TOP_CONFIGS, folds: int = FOL
     ordered = []  # (rank + the task's place among its configuration's, that place, the task)
     for rank, r in enumerate(best):
         seeds = range(0 if r.state == "pruned" else 1, max(0, replicas - rank) + 1)
-        ordered += [(rank + place, place, Task(r.number, REFIT, k)) for place, k in enumerate(seeds)]
+        ordered += [(rank + place, place, Task(r.number, HOLDOUT, k)) for place, k in enumerate(seeds)]
     return [task for *_, task in sorted(ordered, key=lambda o: o[:2])]
 
 
@@ -145,41 +145,58 @@ def run_task(task: Task, data, library: Path, scheme: str, folds: int, epochs: i
     """Train one task's model and write what it predicts, and the model."""
     import torch
 
-    from enserve.optimizer.files import write_atomically
-    from enserve.tuning.cost import measure_cost
-    from enserve.tuning.data import Dataset
-    from enserve.tuning.export import export_onnx
-    from enserve.tuning.library import TrialRecord, read_records, trial_dir, write_record
+    from enserve.tuning.library import read_records
     from enserve.tuning.preprocess import member
-    from enserve.tuning.selection import cross_entropy, error_rate
     from enserve.tuning.space import config_from_record
-    from enserve.tuning.train import build_model, predict, train
+    from enserve.tuning.train import build_model
 
     record = next(r for r in read_records(library) if r.number == task.number)
     config = config_from_record(record)
     torch.manual_seed(seed_of(seed, task))
+    family = record.config.get("family")
+    net = build_model(config.network)
+    model = member(family, preprocessing[family], net, data.input_shape) if preprocessing and family else net
+    if scheme == "holdout":
+        train_holdout(task, record, config, model, data, library, epochs, seed, profiler)
+    else:
+        train_fold(task, config, model, data, library, folds, epochs, seed, profiler)
 
-    def make():
-        net = build_model(config.network)
-        family = record.config.get("family")
-        return member(family, preprocessing[family], net, data.input_shape) if preprocessing and family else net
 
-    if scheme == "holdout":  # the configuration trained to the end on the training split
-        model = make()
-        result = train(model, data, config, epochs=epochs, seed=seed_of(seed, task))
-        number = finished_number(task)
-        d = trial_dir(library, number)
-        d.mkdir(parents=True, exist_ok=True)
-        val_pred, test_pred = predict(model, data.x_val), predict(model, data.x_test)
-        save_array(d / "val_pred.npy", val_pred)
-        save_array(d / "test_pred.npy", test_pred)
-        path = export_onnx(model, data.input_shape, d / "model.onnx", check=data.x_test[:32])
-        write_record(library, TrialRecord(
-            number, "complete", record.config, result.epochs, result.curve, cross_entropy(val_pred, data.y_val),
-            error_rate(val_pred, data.y_val), error_rate(test_pred, data.y_test), measure_cost(path, data, profiler),
-            record.parameters, record.flops, d.name, f"trial {task.number} trained to the end"
-            + (f" with seed {task.replica}" if task.replica else ""), record.data_sha256))
-        return
+def train_holdout(task: Task, record, config, model, data, library: Path, epochs: int, seed: int,
+                  profiler) -> None:
+    """The configuration trained to the end on the training split (with the task's seed); it joins
+    the library as trial ``finished_number(task)``."""
+    from enserve.tuning.cost import measure_cost
+    from enserve.tuning.export import export_onnx
+    from enserve.tuning.library import TrialRecord, trial_dir, write_record
+    from enserve.tuning.selection import cross_entropy, error_rate
+    from enserve.tuning.train import predict, train
+
+    result = train(model, data, config, epochs=epochs, seed=seed_of(seed, task))
+    number = finished_number(task)
+    d = trial_dir(library, number)
+    d.mkdir(parents=True, exist_ok=True)
+    val_pred, test_pred = predict(model, data.x_val), predict(model, data.x_test)
+    save_array(d / "val_pred.npy", val_pred)
+    save_array(d / "test_pred.npy", test_pred)
+    path = export_onnx(model, data.input_shape, d / "model.onnx", check=data.x_test[:32])
+    write_record(library, TrialRecord(
+        number, "complete", record.config, result.epochs, result.curve, cross_entropy(val_pred, data.y_val),
+        error_rate(val_pred, data.y_val), error_rate(test_pred, data.y_test), measure_cost(path, data, profiler),
+        record.parameters, record.flops, d.name, f"trial {task.number} trained to the end"
+        + (f" with seed {task.replica}" if task.replica else ""), record.data_sha256))
+
+
+def train_fold(task: Task, config, model, data, library: Path, folds: int, epochs: int, seed: int,
+               profiler) -> None:
+    """The configuration trained on every row but fold ``task.fold``'s; its predictions for that
+    fold are written last (they mark the task done)."""
+    from enserve.optimizer.files import write_atomically
+    from enserve.tuning.cost import measure_cost
+    from enserve.tuning.data import Dataset
+    from enserve.tuning.export import export_onnx
+    from enserve.tuning.train import predict, train
+
     x = np.concatenate([data.x_train, data.x_val, data.x_test])
     y = np.concatenate([data.y_train, data.y_val, data.y_test])
     where = fold_of(y, folds, seed)
@@ -190,7 +207,6 @@ def run_task(task: Task, data, library: Path, scheme: str, folds: int, epochs: i
     # is what its curve reports)
     part = Dataset(data.name, data.kind, data.classes, x[keep], y[keep], x[held], y[held], x[held], y[held],
                    data.columns, data.class_names, data.families)
-    model = make()
     train(model, part, config, epochs=epochs, seed=seed_of(seed, task))
     path = export_onnx(model, data.input_shape, d / f"fold_{task.fold}.onnx", check=x[held][:32])
     if task.fold == 0:  # every fold model has the configuration's architecture: measured once

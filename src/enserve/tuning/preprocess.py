@@ -146,10 +146,17 @@ def member(family: str, p: Preprocessing, net: nn.Module, input_shape: tuple[int
 PREPROCESSING_FILE = "preprocessing.json"
 
 
-def learn_for(families: tuple[str, ...], x_train: np.ndarray) -> dict[str, Preprocessing]:
-    """Each family's preprocessing, learned from the training split (seen as the family reads it)."""
+def learn_for(families: tuple[str, ...], x_train: np.ndarray,
+              columns: tuple[str, ...] = ()) -> dict[str, Preprocessing]:
+    """Each family's preprocessing, learned from the training split (seen as the family reads it);
+    ``columns`` (a CSV's names) name a column that cannot be learned."""
     from enserve.tuning.families import PREPROCESSING, network_view
 
+    if columns and x_train.ndim == 2:
+        empty = np.flatnonzero(np.isnan(x_train).all(axis=0))
+        if len(empty):
+            raise ValueError(f"columns {', '.join(repr(columns[j]) for j in empty)} have no value in any training "
+                             "row: nothing can be learned of them; fill them or leave them out of the file")
     out = {}
     for family in families:
         view = network_view(family, x_train.shape[1:])

@@ -25,7 +25,7 @@ def keep_preprocessing(library: Path, data) -> dict:
     kept = preprocess.read(library) or {}
     missing = tuple(f for f in data.families if f not in kept)
     if missing:
-        kept |= preprocess.learn_for(missing, data.x_train)
+        kept |= preprocess.learn_for(missing, data.x_train, data.columns or ())
         preprocess.write(library, kept)
     return {f: kept[f] for f in data.families}
 

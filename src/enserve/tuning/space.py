@@ -53,10 +53,10 @@ def suggest(trial, data, batch_sizes: tuple[int, int] = (8, 48), preprocessing: 
     """One configuration: the family (when the data set searches several), then its space.
 
     - ``mlp`` (tabular rows): width 16-512 (log), 0-4 hidden layers, dropout 0-0.5, batch norm or
-      not, weight decay 1e-6-1e-2 (log), learning rate 1e-4-1e-2 (log): the choices the published
-      tabular MLP baselines tune (Kadra et al. 2021; Gorishniy et al. 2021), sized for a CPU; no
-      hidden layer is multinomial logistic regression on the scaled columns, the data scientist's
-      first try, which small linear data sets (penguins) favour.
+      not, weight decay 1e-6-1e-2 (log; Adam's L2, as the other families'), learning rate
+      1e-4-1e-2 (log): the choices the published tabular MLP baselines tune (Kadra et al. 2021;
+      Gorishniy et al. 2021), sized for a CPU; no hidden layer is multinomial logistic regression
+      on the scaled columns, the data scientist's first try, which small linear data sets favour.
     - ``cnn1d`` / ``cnn2d``: Table 5's space, scaled to what a CPU trains in minutes (filters [8, 32],
       1-2 blocks a stage, L2 <= 1e-3) and, for small images, narrower augmentations
       (``augmentation_bounds``).
