@@ -77,3 +77,17 @@ def test_every_finishing_task_trains_with_its_own_seed():
     seeds = {seed_of(0, t) for t in tasks}
     assert len(seeds) == len(tasks) and all(0 <= s < 2**31 for s in seeds)
     assert seed_of(1, tasks[0]) != seed_of(0, tasks[0])
+
+
+def test_folds_a_data_set_cannot_fill_are_refused_before_the_search(tmp_path):
+    """12 rows of 3 classes of 4: 5 stratified folds cannot be made; the build says so at once
+    (the finishing workers died with scikit-learn's error after the search, leaving no ensemble)."""
+    from enserve.tuning.finish import check_folds
+    from tests.conftest import build
+
+    check_folds(np.repeat([0, 1, 2], [4, 4, 5]), 5)  # one class fills every fold
+    (tmp_path / "tiny.csv").write_text("a,b,label\n" + "".join(f"{k},{k % 5},{'xyz'[k % 3]}\n" for k in range(12)))
+    with pytest.raises(ValueError, match=r"--folds 5 needs a class of at least 5 rows; this data set's largest has "
+                                         r"4 \(of 12 rows\): use --folds 4 or fewer, or --validation holdout"):
+        build(str(tmp_path / "tiny.csv"), tmp_path / "lib", workers=1, time_budget_s=10, max_epochs=1)
+    assert not (tmp_path / "lib" / "study.journal").exists()  # refused before any trial

@@ -152,3 +152,32 @@ def test_labels_are_read_as_users_write_them(tmp_path):
         np.savez(tmp_path / "bad.npz", x_train=x, y_train=y)
         with pytest.raises(ValueError, match=match):
             load_dataset(str(tmp_path / "bad.npz"))
+
+
+def test_splits_that_cannot_train_are_refused_naming_the_split(tmp_path):
+    """The hostile review's inputs: each fails at loading, saying what is wrong, instead of killing
+    every trial worker with a traceback or training on a label."""
+    from enserve.tuning.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 1, 20)).astype(np.float32), np.arange(40) % 2
+    cases = [
+        (dict(x_val=x[:10], y_val=y[:12]), "x_val has 10 rows but 12 labels"),
+        (dict(x_test=rng.normal(size=(10, 1, 24)), y_test=y[:10]), r"x_test rows are of shape \(1, 24\), but x_train"),
+        (dict(x_test=np.where(np.arange(20) == 3, np.nan, x[:10]), y_test=y[:10]),
+         "x_test has 10 NaN or infinite values .* signals must be complete"),
+    ]
+    for extra, match in cases:
+        np.savez(tmp_path / "bad.npz", x_train=x, y_train=y, **extra)
+        with pytest.raises(ValueError, match=match):
+            load_dataset(str(tmp_path / "bad.npz"))
+    for text, match in [("a,b,label\n1,inf,x\n2,3,y\n3,4,x\n4,5,y\n", r"columns \['b'\] hold infinite values"),
+                        ("label,a,label\n1,2,3\n", r"columns \['label'\] appear more than once"),
+                        ("a,b\n" + "".join(f"{k},{k * 0.37}\n" for k in range(30)),
+                         "the last one, 'b', has 30 different values in 30 rows: it does not look like a label"),
+                        ("a,label\n1,x\n", r"1 rows \(1 classes\) are too few to set 20% of them aside")]:
+        (tmp_path / "bad.csv").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_dataset(str(tmp_path / "bad.csv"))
+    (tmp_path / "upper.csv").write_text("Label,f1,f2\n" + "".join(f"{'ab'[k % 2]},{k},{k * 0.37}\n" for k in range(30)))
+    assert load_dataset(str(tmp_path / "upper.csv")).class_names == ("a", "b")  # 'Label' is the label column

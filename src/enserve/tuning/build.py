@@ -177,7 +177,10 @@ def select_and_export(options: SelectOptions, progress: Callable[[str], None] = 
     from enserve.tuning.finish import kfold_candidates
 
     library, prune, n_models = Path(options.library), options.prune, options.n_models
-    c = kfold_candidates(library)
+    c = kfold_candidates(library) if options.validation != "holdout" else None
+    if c is None and options.validation == "kfold":
+        progress(f"--validation kfold: the library {library} holds no configuration trained on every fold yet; "
+                 "the selection compares the search's trials on the validation split")
     if c is not None:
         prune = 1.0  # the finished configurations are the library's best already
         progress(f"\nselection on out-of-fold predictions for all {len(c.labels)} training and validation rows "

@@ -80,8 +80,13 @@ def carve(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.
 
     counts = np.bincount(y)
     stratify = y if counts[counts > 0].min() >= 2 else None
-    x_rest, x_part, y_rest, y_part = train_test_split(x, y, test_size=fraction, random_state=seed,
-                                                      stratify=stratify)
+    try:
+        x_rest, x_part, y_rest, y_part = train_test_split(x, y, test_size=fraction, random_state=seed,
+                                                          stratify=stratify)
+    except ValueError as exc:
+        raise ValueError(f"{len(y)} rows ({np.count_nonzero(counts)} classes) are too few to set {fraction:.0%} "
+                         f"of them aside with every class in it ({exc}); give more rows, or your own x_val/x_test "
+                         "in an .npz") from None
     return x_rest, y_rest, x_part, y_part
 
 
@@ -98,6 +103,27 @@ def labels_of(name: str, y) -> np.ndarray:
     return raw.astype(np.int64)
 
 
+def check_splits(name: str, kind: str, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Every split as many rows as labels, rows of x_train's shape, and values a network can take:
+    finite, or NaN for a missing value in tabular rows (imputed inside every member)."""
+    shape = np.shape(splits["x_train"][0])[1:]
+    for key, (xs, ys) in splits.items():
+        xs = np.asarray(xs)
+        if len(xs) != len(ys):
+            raise ValueError(f"{name}: {key} has {len(xs)} rows but {len(ys)} labels")
+        if xs.shape[1:] != shape:
+            raise ValueError(f"{name}: {key} rows are of shape {xs.shape[1:]}, but x_train's are {shape}")
+        if xs.dtype.kind not in "iufb":
+            raise ValueError(f"{name}: {key} holds {xs.dtype} values, not numbers")
+        bad = np.isinf(xs) if kind == "tabular" else ~np.isfinite(xs)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            what = "infinite" if kind == "tabular" else "NaN or infinite"
+            raise ValueError(f"{name}: {key} has {int(bad.sum())} {what} values (the first at {at}: {xs[at]}); "
+                             + ("a missing value is NaN" if kind == "tabular" else
+                                f"{kind}s must be complete (only tabular rows may miss values)"))
+
+
 def make_dataset(name: str, kind: str, x: np.ndarray, y: np.ndarray, *, seed: int = 0,
                  val_fraction: float = 0.2, test_fraction: float = 0.2,
                  x_val=None, y_val=None, x_test=None, y_test=None) -> Dataset:
@@ -109,6 +135,7 @@ def make_dataset(name: str, kind: str, x: np.ndarray, y: np.ndarray, *, seed: in
     if x_val is None:
         x, y, x_val, y_val = carve(x, y, val_fraction / (1 - test_fraction), seed + 1)
     y_val, y_test = labels_of(name, y_val), labels_of(name, y_test)
+    check_splits(name, kind, {"x_train": (x, y), "x_val": (x_val, y_val), "x_test": (x_test, y_test)})
     classes = int(max(y.max(), np.max(y_val), np.max(y_test))) + 1
     unseen = sorted(set(range(classes)) - set(y.tolist()) - set(y_val.tolist()) - set(y_test.tolist()))
     if unseen:
@@ -240,7 +267,12 @@ def load_csv(path: Path, label: str = "label", seed: int = 0) -> Dataset:
     short = [k + 2 for k, r in enumerate(body) if len(r) != len(header)]
     if short:
         raise ValueError(f"{path}: rows {short[:5]} have not {len(header)} fields, as the header has")
-    col = header.index(label) if label in header else len(header) - 1
+    header = [h.strip() for h in header]
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:
+        raise ValueError(f"{path}: columns {twice} appear more than once in the header: name each column once")
+    named = [j for j, h in enumerate(header) if h.lower() == label.lower()]
+    col = named[0] if named else len(header) - 1  # 'label' in any case, else the last column
     features = [j for j in range(len(header)) if j != col]
     parsed = [[_number(r[j]) for j in features] for r in body]
     text = {}
@@ -253,11 +285,19 @@ def load_csv(path: Path, label: str = "label", seed: int = 0) -> Dataset:
         raise ValueError(f"{path}: columns {named} are text, but the served model takes numbers only (one FP32 "
                          "tensor of the CSV's columns); encode them as numbers in the file, e.g. one 0/1 column "
                          "per category, or leave them out")
+    infinite = [header[j] for k, j in enumerate(features) if any(p[k] in (np.inf, -np.inf) for p in parsed)]
+    if infinite:
+        raise ValueError(f"{path}: columns {infinite[:5]} hold infinite values; a network takes finite numbers "
+                         "(leave a value empty if it is missing)")
     names = [r[col].strip() for r in body]
     unlabelled = [k + 2 for k, v in enumerate(names) if v.lower() in MISSING]
     if unlabelled:
         raise ValueError(f"{path}: rows {unlabelled[:5]} have no label in column '{header[col]}'")
     values = sorted(set(names), key=label_order)
+    if not named and len(body) >= 20 and len(values) > len(body) / 2:
+        raise ValueError(f"{path}: no column is called '{label}', and the last one, '{header[col]}', has "
+                         f"{len(values)} different values in {len(body)} rows: it does not look like a label; "
+                         f"call the label column '{label}'")
     index = {v: i for i, v in enumerate(values)}
     x = np.array(parsed, dtype=np.float32)
     y = np.array([index[v] for v in names])

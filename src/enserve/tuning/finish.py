@@ -107,20 +107,33 @@ def finished_dir(library: Path, number: int) -> Path:
     return Path(library) / FINISHED_DIR / f"trial_{number:05d}"
 
 
-def claim_folds(library: Path, folds: int) -> None:
-    """A library keeps its fold count: fold models of another count would mix with its own (the
-    split seed is the data set's, which the library keeps already)."""
+def check_folds(labels: np.ndarray, folds: int) -> None:
+    """K folds need at least K rows of some class (stratified folds of rarer classes are only
+    missing from some folds)."""
+    largest = int(np.bincount(labels).max()) if len(labels) else 0
+    if largest < folds:
+        raise ValueError(f"--folds {folds} needs a class of at least {folds} rows; this data set's largest has "
+                         f"{largest} (of {len(labels)} rows): use --folds {max(2, largest)} or fewer, or "
+                         "--validation holdout")
+
+
+def claim_folds(library: Path, folds: int, epochs: int) -> None:
+    """A library keeps its folds and their epochs once it holds a fold model: models of another
+    split, or trained longer, would mix with its own in one configuration's predictions (the split
+    seed is the data set's, which the library keeps already)."""
     from enserve.optimizer.files import write_atomically
 
     path = Path(library) / FINISHED_DIR / "folds.json"
-    if path.is_file():
-        kept = json.loads(path.read_text())["folds"]
-        if kept != folds:
-            raise ValueError(f"the library {library} holds models of {kept} folds; --folds {folds} would mix them "
-                             f"with another split: use --folds {kept}, or another library")
+    if path.is_file() and any((Path(library) / FINISHED_DIR).glob("trial_*/fold_*_pred.npy")):
+        kept = json.loads(path.read_text())
+        if kept != {"folds": folds, "epochs": epochs}:
+            raise ValueError(f"the library {library} holds fold models of {kept['folds']} folds trained "
+                             f"{kept['epochs']} epochs; {folds} folds of {epochs} epochs would mix with them: use "
+                             f"--folds {kept['folds']} (and the schedule the study keeps, without --max-epochs), "
+                             "or another library")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps({"folds": folds}).encode())
+    write_atomically(path, json.dumps({"folds": folds, "epochs": epochs}).encode())
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
@@ -203,11 +216,12 @@ def train_fold(task: Task, config, model, data, library: Path, folds: int, epoch
     d = finished_dir(library, task.number)
     d.mkdir(parents=True, exist_ok=True)
     keep, held = where != task.fold, where == task.fold
-    # no validation rows to stop on: the model trains the search's whole epoch budget (the held fold
-    # is what its curve reports)
+    # no validation rows to stop on: the model trains the search's optimizer steps (its epochs over
+    # the training split, fewer over the fold's larger share; the held fold is what its curve reports)
     part = Dataset(data.name, data.kind, data.classes, x[keep], y[keep], x[held], y[held], x[held], y[held],
                    data.columns, data.class_names, data.families)
-    train(model, part, config, epochs=epochs, seed=seed_of(seed, task))
+    train(model, part, config, epochs=max(1, round(epochs * len(data.x_train) / int(keep.sum()))),
+          seed=seed_of(seed, task))
     path = export_onnx(model, data.input_shape, d / f"fold_{task.fold}.onnx", check=x[held][:32])
     if task.fold == 0:  # every fold model has the configuration's architecture: measured once
         write_atomically(d / "cost.json", json.dumps({"number": task.number,

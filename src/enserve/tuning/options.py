@@ -48,6 +48,11 @@ class SelectOptions:
                            str, choices=tuple(combiners.unweighted()))
     n_models: int = option(5, "--n-models", "models of the forward-greedy baseline", int, minimum=1)
     prune: float = option(0.2, "--prune", "select among the top fraction of the library", float, above=0)
+    validation: str = option(VALIDATIONS[0], "--validation", "what the selection compares members on: the "
+                             "validation split (holdout), or out-of-fold predictions for every training and validation "
+                             "row (kfold: trained in the build's finishing stage, each chosen configuration served as "
+                             f"its fold models); auto: kfold below {SMALL_ROWS} rows (for select: when the library "
+                             "has them)", str, choices=VALIDATIONS)
 
     def validate(self) -> None:
         check_fields(self)
@@ -80,10 +85,6 @@ class BuildOptions(SelectOptions):
                             "(ASHA compares that sum at every rung)", str, choices=OBJECTIVES)
     cost_weight: float = option(0.1, "--cost-weight", "weight of the cost for --objective error-and-cost", float,
                                 above=0)
-    validation: str = option(VALIDATIONS[0], "--validation", "what the selection compares members on: the "
-                             "validation split (holdout), or out-of-fold predictions for every training and validation "
-                             "row (kfold, in the finishing stage: each chosen configuration is served as its fold "
-                             f"models); auto: kfold below {SMALL_ROWS} rows", str, choices=VALIDATIONS)
     folds: int = option(FOLDS, "--folds", "folds of --validation kfold (a library keeps its first)", int, minimum=2)
     finish_fraction: float = option(0.4, "--finish-fraction", "share of the time budget that trains the best "
                                     "configurations to the end (and, for kfold, on every fold) after the search; "

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from enserve.tuning import finish
 from enserve.tuning import workers as trial_workers
 from enserve.tuning.cost import epoch_seconds, middle_cost
 from enserve.tuning.options import BuildOptions
@@ -54,6 +55,10 @@ def build_library(options: BuildOptions, *, progress: Callable[[], None] | None 
     library = Path(o.library)
     library.mkdir(parents=True, exist_ok=True)
     data = load_dataset(dataset, seed=seed, input_kind=input_kind)
+    if o.finish_fraction > 0 and finish.validation_scheme(o.validation, len(data.x_train) + len(data.x_val)) == "kfold":
+        import numpy as np
+
+        finish.check_folds(np.concatenate([data.y_train, data.y_val, data.y_test]), o.folds)  # before any search
     fp = fingerprint(data, seed)
     claim_library(library, fp, data.y_val, data.y_test)  # refuses another data set's library
     preprocessing = keep_preprocessing(library, data)
@@ -123,13 +128,12 @@ def finish_library(o: BuildOptions, data, epochs: int, threads: int, deadline: f
                    progress_every_s: float, say: Callable[[str], None] | None) -> None:
     """The finishing stage (``finish``): the best configurations trained to the end (on every fold,
     for k-fold validation) by the workers until ``deadline``; k-fold predictions assembled."""
-    from enserve.tuning import finish
     from enserve.tuning.library import read_records, trial_dir
 
     library = Path(o.library)
     scheme = finish.validation_scheme(o.validation, len(data.x_train) + len(data.x_val))
     if scheme == "kfold":
-        finish.claim_folds(library, o.folds)
+        finish.claim_folds(library, o.folds, epochs)
 
     def done(t: finish.Task) -> bool:
         if scheme == "holdout":
@@ -147,8 +151,18 @@ def finish_library(o: BuildOptions, data, epochs: int, threads: int, deadline: f
     if tasks:
         common = dict(dataset=str(o.dataset), library=str(library), input_kind=o.input_kind, seed=o.seed,
                       scheme=scheme, folds=o.folds, epochs=epochs, deadline=deadline, threads=threads)
-        run_workers("enserve.tuning.finish", finish.settings_for(tasks, o.workers, **common), progress,
-                    progress_every_s)
+        try:
+            run_workers("enserve.tuning.finish", finish.settings_for(tasks, o.workers, **common), progress,
+                        progress_every_s)
+        except trial_workers.BuildFailed as exc:  # the search's trials are still there to select from
+            if say is not None:
+                first = str(exc).split("the first said:\n", 1)[-1]
+                say(f"finishing failed, so the selection takes the search's trials as they are; a worker said:\n{first}")
+        if scheme == "holdout" and say is not None:
+            left = sum(not done(t) for t in tasks)
+            if left == len(tasks):
+                say(f"finishing: none of the {len(tasks)} models was trained to the end within the time budget "
+                    "(rerunning the build continues it)")
     if scheme == "kfold":
         import numpy as np
 
