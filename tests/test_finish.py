@@ -64,10 +64,15 @@ def test_folds_are_stratified_and_cover_every_row_once():
 def test_a_library_keeps_its_fold_count(tmp_path):
     from enserve.tuning.finish import claim_folds
 
-    claim_folds(tmp_path, 5)
-    claim_folds(tmp_path, 5)  # a continued build with the same folds
-    with pytest.raises(ValueError, match="holds models of 5 folds; --folds 3 would mix them"):
-        claim_folds(tmp_path, 3)
+    claim_folds(tmp_path, 5, 30)
+    claim_folds(tmp_path, 3, 30)  # no fold model yet (the first try's finishing failed): nothing to mix
+    (tmp_path / "finished" / "trial_00004").mkdir()
+    np.save(tmp_path / "finished" / "trial_00004" / "fold_0_pred.npy", np.zeros((4, 2)))
+    claim_folds(tmp_path, 3, 30)  # a continued build with the same folds and epochs
+    for folds, epochs in [(5, 30), (3, 90)]:
+        with pytest.raises(ValueError, match=f"holds fold models of 3 folds trained 30 epochs; {folds} folds of "
+                                             f"{epochs} epochs would mix with them"):
+            claim_folds(tmp_path, folds, epochs)
 
 
 def test_every_finishing_task_trains_with_its_own_seed():
