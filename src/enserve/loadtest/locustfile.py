@@ -26,7 +26,7 @@ grpc_gevent.init_gevent()  # before any gRPC object exists: make gRPC cooperate 
 
 import numpy as np  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
-from locust import FastHttpUser, User, between, events, task  # noqa: E402
+from locust import FastHttpUser, User, between, task  # noqa: E402
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # noqa: E402
 
 from enserve.loadtest.signature import Signature, signature  # noqa: E402
@@ -63,13 +63,6 @@ def cases() -> list[tuple[np.ndarray, np.ndarray | None]]:
             return client.infer(member, [grpc_input(sig, x)]).as_numpy(sig.output)
 
         return [(x, np.mean([member_answer(m, x) for m in members], axis=0)) for x in inputs]
-
-
-@events.test_start.add_listener
-def ask_for_the_references(**_) -> None:
-    """The references, asked once before any user starts: a user stopped by the time limit in the
-    middle of those calls (a loaded machine takes seconds) left Locust unable to exit."""
-    cases()
 
 
 def grpc_input(sig: Signature, x: np.ndarray) -> grpcclient.InferInput:
