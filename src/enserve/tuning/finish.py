@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from enserve.tuning.library import save_arrays
+
 SMALL_ROWS = 1000  # training + validation rows below which the selection uses k-fold predictions
 FOLDS = 5
 TOP_CONFIGS = 8  # configurations finished, best validation loss first
@@ -136,18 +138,6 @@ def claim_folds(library: Path, folds: int, epochs: int) -> None:
     write_atomically(path, json.dumps({"folds": folds, "epochs": epochs}).encode())
 
 
-def save_array(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through a temporary file: a reader (the build's rerun, ``enserve select`` on
-    another machine) never sees half of one."""
-    import io
-
-    from enserve.optimizer.files import write_atomically
-
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    write_atomically(path, buffer.getvalue())
-
-
 def seed_of(seed: int, task: Task) -> int:
     """A task's training seed: distinct for every (configuration, fold, replica) of a build."""
     return int(np.random.SeedSequence([seed, task.number, task.fold + 1, task.replica]).generate_state(1)[0] >> 1)
@@ -190,8 +180,8 @@ def train_holdout(task: Task, record, config, model, data, library: Path, epochs
     d = trial_dir(library, number)
     d.mkdir(parents=True, exist_ok=True)
     val_pred, test_pred = predict(model, data.x_val), predict(model, data.x_test)
-    save_array(d / "val_pred.npy", val_pred)
-    save_array(d / "test_pred.npy", test_pred)
+    save_arrays(d / "val_pred.npy", val_pred)
+    save_arrays(d / "test_pred.npy", test_pred)
     path = export_onnx(model, data.input_shape, d / "model.onnx", check=data.x_test[:32])
     write_record(library, TrialRecord(
         number, "complete", record.config, result.epochs, result.curve, cross_entropy(val_pred, data.y_val),
@@ -226,7 +216,7 @@ def train_fold(task: Task, config, model, data, library: Path, folds: int, epoch
     if task.fold == 0:  # every fold model has the configuration's architecture: measured once
         write_atomically(d / "cost.json", json.dumps({"number": task.number,
                                                       "cost_s": measure_cost(path, data, profiler)}).encode())
-    save_array(d / f"fold_{task.fold}_pred.npy", predict(model, x[held]))  # last: it marks done
+    save_arrays(d / f"fold_{task.fold}_pred.npy", predict(model, x[held]))  # last: it marks done
 
 
 def assemble(library: Path, y: np.ndarray, trainval: int, folds: int, seed: int) -> list[int]:
@@ -243,15 +233,9 @@ def assemble(library: Path, y: np.ndarray, trainval: int, folds: int, seed: int)
         oof = np.zeros((len(y), first.shape[1]), first.dtype)
         for f, p in enumerate(parts):
             oof[where == f] = np.load(p)
-        save_array(d / "oof_pred.npy", oof)
+        save_arrays(d / "oof_pred.npy", oof)
         done.append(int(d.name.split("_")[1]))
-    import io
-
-    from enserve.optimizer.files import write_atomically
-
-    buffer = io.BytesIO()
-    np.savez(buffer, y=y, trainval=trainval)
-    write_atomically(Path(library) / FINISHED_DIR / "labels.npz", buffer.getvalue())
+    save_arrays(Path(library) / FINISHED_DIR / "labels.npz", y=y, trainval=trainval)
     return done
 
 

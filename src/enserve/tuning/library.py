@@ -119,10 +119,19 @@ class Candidates:
         return self.models[k] if self.models is not None else [trial_dir(library, self.numbers[k]) / "model.onnx"]
 
 
-def write_labels(library: Path, y_val: np.ndarray, y_test: np.ndarray) -> None:
+def save_arrays(path: Path, array: np.ndarray | None = None, **arrays: np.ndarray) -> None:
+    """``np.save`` (one array) or ``np.savez`` (named ones) through a temporary file: a reader (a
+    rerun, ``enserve select`` on another machine) never sees half of one."""
     buffer = io.BytesIO()
-    np.savez(buffer, y_val=y_val, y_test=y_test)
-    write_atomically(Path(library) / "labels.npz", buffer.getvalue())
+    if array is not None:
+        np.save(buffer, array, allow_pickle=False)
+    else:
+        np.savez(buffer, **arrays)
+    write_atomically(Path(path), buffer.getvalue())
+
+
+def write_labels(library: Path, y_val: np.ndarray, y_test: np.ndarray) -> None:
+    save_arrays(Path(library) / "labels.npz", y_val=y_val, y_test=y_test)
 
 
 def candidates(library: Path) -> Candidates:
