@@ -26,7 +26,7 @@ grpc_gevent.init_gevent()  # before any gRPC object exists: make gRPC cooperate 
 
 import numpy as np  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
-from locust import FastHttpUser, User, between, task  # noqa: E402
+from locust import FastHttpUser, User, between, events, task  # noqa: E402
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # noqa: E402
 
 from enserve.loadtest.signature import Signature, signature  # noqa: E402
@@ -40,6 +40,19 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 class WrongAnswer(Exception):
     pass
+
+
+# Each gRPC user's client, closed and dropped by the user's on_stop or, for a user stopped before
+# it could, when Locust quits. A client still alive when the interpreter exits is closed again by
+# its __del__ during the final garbage collection, which can block forever under gevent (seen as
+# Locust printing its report and never exiting): no client may outlive the run.
+_clients: dict[User, grpcclient.InferenceServerClient] = {}
+
+
+@events.quit.add_listener
+def _close_clients(**_kwargs) -> None:
+    while _clients:
+        _clients.popitem()[1].close()
 
 
 @lru_cache(maxsize=1)
@@ -90,10 +103,12 @@ class GrpcUser(User):
 
     def on_start(self) -> None:
         cases()  # an unknown model or an unreachable server fails here, and the soak says so
-        self.client = grpcclient.InferenceServerClient(GRPC_URL)
+        _clients[self] = grpcclient.InferenceServerClient(GRPC_URL)
 
     def on_stop(self) -> None:
-        self.client.close()  # an open gRPC channel keeps a gevent-patched process from exiting
+        client = _clients.pop(self, None)
+        if client is not None:
+            client.close()
 
     @task
     def infer(self) -> None:
@@ -103,7 +118,7 @@ class GrpcUser(User):
         exc: Exception | None = None
         length = 0
         try:
-            result = self.client.infer(MODEL, [grpc_input(sig, x)], client_timeout=30)
+            result = _clients[self].infer(MODEL, [grpc_input(sig, x)], client_timeout=30)
             out = result.as_numpy(sig.output)
             length = 0 if out is None else out.nbytes
             validate(out, x, expected)
