@@ -129,3 +129,18 @@ def test_choose_prunes_among_the_models_that_fit_the_budget():
     assert best_single(lib)["number"] == 10 and best_single(lib, 2.0)["number"] == 13
     assert best_single(lib, 2.0)["test_loss"] == pytest.approx(nll(0.5, 0.5, 0.99))
     assert best_single(lib, 0.5) is None
+
+
+def test_the_default_budget_leaves_room_for_about_three_good_models():
+    from enserve.tuning.build import default_budget
+    from enserve.tuning.library import Candidates
+
+    preds = np.stack([A, B, C, D])
+    losses = np.array([0.1, 0.2, 0.3, 0.4])
+    lib = Candidates([10, 11, 12, 13], preds, preds, np.array([1.0, 4.0, 8.0, 100.0]), losses, LABELS, LABELS)
+    # the best (cost 1) is the cheapest: 3 x the median cost of the top half (1, 4), not 3 x 1
+    assert default_budget(lib, prune=0.5) == pytest.approx(3 * 2.5)
+    assert default_budget(lib, prune=0.75) == pytest.approx(3 * 4.0)  # top 3: costs 1, 4, 8
+    assert default_budget(lib, prune=0.25) == pytest.approx(3 * 1.0)  # the best alone
+    costly_best = Candidates([10, 11], preds[:2], preds[:2], np.array([9.0, 1.0]), losses[:2], LABELS, LABELS)
+    assert default_budget(costly_best, prune=1.0) == pytest.approx(3 * 9.0)  # at least 3 x the best's cost

@@ -152,7 +152,7 @@ def served(repo: Path, x_held: np.ndarray, log: Path) -> dict[str, np.ndarray]:
         daemon.stop()
 
 
-def measure(name: str, budget: str, workers: int, out: Path, reuse: bool = False) -> list[tuple]:
+def measure(name: str, budget: str, workers: int, out: Path, reuse: bool = False, seed: int = 0) -> list[tuple]:
     name, _, path = name.partition("=")
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ def measure(name: str, budget: str, workers: int, out: Path, reuse: bool = False
         build = subprocess.CompletedProcess([], 0, (d / "build.log").read_text(), "")
     else:
         build = subprocess.run([sys.executable, "-m", "enserve", "build", "--dataset", str(dataset), "--time-budget",
-                                budget, "--workers", str(workers), "--library", str(d / "library"),
+                                budget, "--workers", str(workers), "--seed", str(seed), "--library", str(d / "library"),
                                 "--model-repository", str(d / "repo")], capture_output=True, text=True)
         (d / "build.log").write_text(build.stdout + build.stderr)
     if build.returncode != 0:
@@ -200,13 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", default="3m")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="keep the builds here (default: a temporary folder)")
+    parser.add_argument("--seed", type=int, default=0, help="the build's seed (its split and samplers); the held-out "
+                        "rows stay the same")
     parser.add_argument("--reuse", action="store_true", help="serve the builds already in --out instead of building")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="enserve-accuracy-") as tmp:
         out = args.out or Path(tmp)
         rows = []
         for name in args.datasets.split(","):
-            rows += measure(name, args.time_budget, args.workers, out, args.reuse)
+            rows += measure(name, args.time_budget, args.workers, out, args.reuse, args.seed)
         print(f"\n{'model (held-out rows, raw features over gRPC for enserve)':<62} {'accuracy':>8} {'log loss':>8}")
         for label, acc, loss in rows:
             print(f"{label:<62} {acc:>8.4f} {loss:>8.4f}")

@@ -108,6 +108,15 @@ def best_single(c: Candidates, budget: float = math.inf) -> dict | None:
             "test_loss": cross_entropy(c.test_preds[i], c.test_labels)}
 
 
+def default_budget(c: Candidates, prune: float = 0.2) -> float:
+    """Room for about three good models: 3 x the median cost of the top ``prune`` fraction by
+    validation loss, and at least 3 x the best single model's cost. (Three times the best model's
+    cost alone leaves no room for a costlier second member when the best is also the cheapest.)"""
+    top = prune_top(c.val_losses, prune)
+    best = int(np.argmin(c.val_losses))
+    return 3 * max(float(c.costs[best]), float(np.median(c.costs[top])))
+
+
 def default_budgets(c: Candidates, n: int = 6) -> list[float]:
     """From the cheapest model's cost to the sum of the top-20 % models' costs, geometric."""
     lo = float(np.min(c.costs))
@@ -161,7 +170,8 @@ def progress_line(library: Path, *, running: int | None = None, budget: float | 
         line += f"; best single: trial {best.number} val error {best.val_error:.3f}"
         if math.isfinite(best.cost_s):
             try:
-                chosen = choose(candidates(library), budget if budget is not None else 3 * best.cost_s)
+                c = candidates(library)
+                chosen = choose(c, budget if budget is not None else default_budget(c))
                 line += f"; best ensemble: {plural(len(chosen.numbers), 'model')}, val error {chosen.val_error:.3f}"
             except (ValueError, OSError):
                 pass  # nothing fits the budget yet, or a trial is being written
@@ -171,7 +181,7 @@ def progress_line(library: Path, *, running: int | None = None, budget: float | 
 
 def select_and_export(options: SelectOptions, progress: Callable[[str], None] = print) -> tuple[Chosen, float]:
     """The selection stage and the export: the Pareto table (SMOBF against forward greedy) and its
-    plot, then the ensemble chosen under the budget (default 3 x the best single model's cost)
+    plot, then the ensemble chosen under the budget (default: ``default_budget``)
     written into the repository. Returns it and the budget used."""
     from enserve.tuning.export import export_members
     from enserve.tuning.finish import kfold_candidates
@@ -188,7 +198,7 @@ def select_and_export(options: SelectOptions, progress: Callable[[str], None] = 
     else:
         c = candidates(library)
     single = best_single(c)
-    budget = options.budget if options.budget is not None else 3 * single["cost"]
+    budget = options.budget if options.budget is not None else default_budget(c, prune)
     rows = pareto_rows(c, default_budgets(c) + [budget], prune=prune)
     progress(f"\nlibrary: {plural(len(c.numbers), 'model')}; best single model: trial {single['number']}, "
              f"test error {single['test_error']:.4f}, cost {single['cost']:.4f} s")
