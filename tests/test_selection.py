@@ -144,3 +144,26 @@ def test_the_default_budget_leaves_room_for_about_three_good_models():
     assert default_budget(lib, prune=0.25) == pytest.approx(3 * 1.0)  # the best alone
     costly_best = Candidates([10, 11], preds[:2], preds[:2], np.array([9.0, 1.0]), losses[:2], LABELS, LABELS)
     assert default_budget(costly_best, prune=1.0) == pytest.approx(3 * 9.0)  # at least 3 x the best's cost
+
+
+def test_the_nested_order_adds_every_member_by_smobfs_score():
+    from enserve.tuning.selection import nested_order, prefix_points
+
+    costs = np.array([10.0, 1.0, 1.0, 1.0])  # B = 13
+    # 1st: A .9*.1054+.1*10/13 = .1717 beats D .4266; 2nd (cost 11): A+D .2566 < A+C .2688 < A+B .2877;
+    # 3rd (cost 12): A+D+C .2884 < A+D+B .3324; B last, though it raises the loss
+    order = nested_order(PREDS, LABELS, costs, w=0.1)
+    assert order == [0, 3, 2, 1]
+    assert nested_order(PREDS, LABELS, costs, w=1.0) == [1, 2, 3, 0]  # cost alone: cheapest first, ties by index
+    assert nested_order(PREDS, LABELS, costs, w=0.0)[:2] == [0, 3]  # loss alone: forward greedy's order
+    points = prefix_points(PREDS, LABELS, costs, order)
+    assert [p.members for p in points] == [(0,), (0, 3), (0, 3, 2), (0, 3, 2, 1)]
+    assert [p.cost for p in points] == [10.0, 11.0, 12.0, 13.0]
+    assert [p.loss for p in points] == pytest.approx([
+        nll(0.9, 0.9, 0.9), nll(0.7, 0.7, 0.945), nll(2.39 / 3, 2.39 / 3, 1.99 / 3), nll(0.7475, 0.7475, 0.6475)])
+    assert [p.error for p in points] == [0.0, 0.0, 0.0, 0.0]
+    # weighted: D weighs 3 times A, so the pair answers (0.9 + 3 x 0.5) / 4 on the first samples
+    weighted = prefix_points(PREDS, LABELS, costs, [0, 3], combiner="weighted_mean", weights=np.array([1, 0, 0, 3.0]))
+    assert weighted[1].loss == pytest.approx(nll(0.6, 0.6, (0.9 + 3 * 0.99) / 4))
+    with pytest.raises(ValueError, match=r"weights \[1.0, 2.0\] must be 4 values >= 0"):
+        nested_order(PREDS, LABELS, costs, weights=np.array([1.0, 2.0]))

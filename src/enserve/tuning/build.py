@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from enserve import combiners
+from enserve.server.served.front import FrontPoint
 from enserve.tuning.library import Candidates, candidates, read_records, trial_dir
 from enserve.tuning.options import METHODS, SelectOptions
 from enserve.tuning.selection import (
@@ -18,6 +19,8 @@ from enserve.tuning.selection import (
     cross_entropy,
     error_rate,
     forward_greedy,
+    nested_order,
+    prefix_points,
     prune_top,
     smobf_best,
 )
@@ -214,13 +217,54 @@ def select_and_export(options: SelectOptions, progress: Callable[[str], None] = 
     chosen = choose(c, budget, method=options.method, prune=prune, n_models=n_models, combiner=options.combiner)
     for line in report(c, chosen, single):
         progress(line)
+    chosen, points = in_front_order(c, chosen)
+    for line in front_report(c, chosen, points, prune, options.combiner):
+        progress(line)
     files = [c.model_files(library, c.numbers.index(n)) for n in chosen.numbers]
-    names = [f"{trial_dir(library, n).name}" + (f"_{p.stem}" if len(fs) > 1 else "")
-             for n, fs in zip(chosen.numbers, files) for p in fs]
+    names = {n: [f"{trial_dir(library, n).name}" + (f"_{p.stem}" if len(fs) > 1 else "") for p in fs]
+             for n, fs in zip(chosen.numbers, files)}
     weights = None if chosen.weights is None else [w / len(fs) for w, fs in zip(chosen.weights, files) for _ in fs]
-    export_members(library, names, [p for fs in files for p in fs], options.model_repository, options.ensemble,
-                   progress=progress, weights=weights, combiner=chosen.combiner)
+    front = [FrontPoint(tuple(x for n in chosen.numbers[:k] for x in names[n]), p.cost, p.error, p.loss)
+             for k, p in enumerate(points, 1)]
+    export_members(library, [x for n in chosen.numbers for x in names[n]], [p for fs in files for p in fs],
+                   options.model_repository, options.ensemble, progress=progress, weights=weights,
+                   combiner=chosen.combiner, front=front)
     return chosen, budget
+
+
+def in_front_order(c: Candidates, chosen: Chosen) -> tuple[Chosen, list]:
+    """``chosen`` with its members in their nested order (``selection.nested_order``) and each
+    prefix measured on the validation predictions (``selection.prefix_points``)."""
+    at = [c.numbers.index(n) for n in chosen.numbers]
+    weights = None if chosen.weights is None else np.asarray(chosen.weights)
+    order = nested_order(c.val_preds[at], c.labels, c.costs[at], combiner=chosen.combiner, weights=weights)
+    points = prefix_points(c.val_preds[at], c.labels, c.costs[at], order, chosen.combiner, weights)
+    ordered = replace(chosen, numbers=[chosen.numbers[k] for k in order],
+                      weights=None if weights is None else [chosen.weights[k] for k in order])
+    return ordered, points
+
+
+def front_report(c: Candidates, chosen: Chosen, points: list, prune: float, combiner: str) -> list[str]:
+    """The front the ensemble is served with (its nested prefixes) beside SMOBF's own choice at each
+    prefix's cost: what nesting costs in validation loss and held-out error, if anything."""
+    if len(points) < 2:
+        return []
+    at = [c.numbers.index(n) for n in chosen.numbers]
+    weights = None if chosen.weights is None else np.asarray(chosen.weights)
+    held = prefix_points(c.test_preds[at], c.test_labels, c.costs[at], list(range(len(at))), chosen.combiner,
+                         weights)
+    lines = ["front (nested: each point adds members to the one before), against SMOBF's choice at the same cost:",
+             f"{'members':>7} {'cost s':>8} {'val loss':>8} {'val err':>7} {'test err':>8} | SMOBF: "
+             f"{'members':>7} {'val loss':>8} {'test err':>8}"]
+    for p, h in zip(points, held):
+        try:
+            own = choose(c, p.cost * (1 + 1e-9), prune=prune, combiner=combiner)
+            smobf = f"{len(own.numbers):>7} {own.selection.loss:>8.4f} {own.test_error:>8.4f}"
+        except ValueError:
+            smobf = "-"
+        lines.append(f"{len(p.members):>7} {p.cost:>8.4f} {p.loss:>8.4f} {p.error:>7.4f} {h.error:>8.4f} | "
+                     f"SMOBF: {smobf}")
+    return lines
 
 
 def report(c: Candidates, chosen: Chosen, single: dict) -> list[str]:

@@ -140,10 +140,12 @@ def input_notes(library: Path) -> dict[str, str]:
 
 
 def export_members(library: Path, names: list[str], models: list[Path], repository: Path, ensemble: str,
-                   progress=print, weights: list[float] | None = None, combiner: str = combiners.DEFAULT) -> None:
+                   progress=print, weights: list[float] | None = None, combiner: str = combiners.DEFAULT,
+                   front: list | None = None) -> None:
     """The export stage: optimise the chosen trials' ONNX files offline, write them into a model
     repository as members of ``ensemble``, and build their TensorRT engines (``build_engine``)
-    where TensorRT and a GPU are present. ``names`` and ``models``: each member's name and ONNX file."""
+    where TensorRT and a GPU are present. ``names`` and ``models``: each member's name and ONNX file;
+    ``front``: the ensemble's nested points (``enserve.server.served.front.FrontPoint``)."""
     import tempfile
 
     from enserve.optimizer.devices import gpus
@@ -152,7 +154,7 @@ def export_members(library: Path, names: list[str], models: list[Path], reposito
     with tempfile.TemporaryDirectory() as tmp:
         files = [optimise_offline(m, Path(tmp) / f"{name}.onnx", for_gpu=for_gpu) for m, name in zip(models, names)]
         repo = import_onnx(files, repository, ensemble=ensemble, names=names, weights=weights, combiner=combiner,
-                           notes=input_notes(library))
+                           notes=input_notes(library), front=front)
     progress(f"members optimised offline by ONNX Runtime ({'basic level: a GPU is present' if for_gpu else 'extended level'})")
     ok, why = tensorrt_available()
     if not ok:

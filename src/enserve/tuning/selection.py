@@ -174,3 +174,61 @@ def caruana(preds: np.ndarray, labels: np.ndarray, n_iterations: int = 50,
             best_prefix, best_loss = len(chosen), step_loss
     members = tuple(chosen[:best_prefix])
     return Selection(members, best_loss, ensemble_cost(members, costs), "Caruana with replacement")
+
+
+@dataclass(frozen=True)
+class FrontPoint:
+    """One prefix of a nested order: its members (indices), cost and validation loss and error."""
+
+    members: tuple[int, ...]
+    cost: float
+    loss: float
+    error: float
+
+
+def nested_order(preds: np.ndarray, labels: np.ndarray, costs: np.ndarray, w: float = SMOBF_WEIGHTS[0],
+                 combiner: str = combiners.DEFAULT, weights: np.ndarray | None = None) -> list[int]:
+    """Every model of ``preds`` (an ensemble's members) in the order SMOBF's score adds them when the
+    budget is their total cost B: each step adds the model minimising ``(1-w) E + w C / B`` of the
+    prefix, and none is left out. Each prefix is then an ensemble the server can answer with, and a
+    richer one holds every member of a poorer one (SMOBF's own points at different budgets need not).
+    ``weights`` (a weighted ensemble's): each prefix combines its members with theirs."""
+    _check(preds, labels, costs)
+    costs = np.asarray(costs, dtype=np.float64)
+    budget = float(costs.sum()) or 1.0
+    rule, weights = combiners.get(combiner), _weights(weights, len(preds))
+    terms = rule.terms(preds) * weights.reshape(-1, *[1] * (preds.ndim - 1))
+    chosen: list[int] = []
+    total = np.zeros(preds.shape[1:])
+    while len(chosen) < len(preds):
+        scores = {m: (1 - w) * cross_entropy(rule.finish(total + terms[m], weights[chosen + [m]].sum()), labels)
+                  + w * ensemble_cost(chosen + [m], costs) / budget for m in range(len(preds)) if m not in chosen}
+        best = min(scores, key=lambda m: (scores[m], m))
+        chosen.append(best)
+        total += terms[best]
+    return chosen
+
+
+def _weights(weights: np.ndarray | None, n: int) -> np.ndarray:
+    if weights is None:
+        return np.ones(n)
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (n,) or np.any(weights < 0):
+        raise ValueError(f"weights {weights.tolist()} must be {n} values >= 0")
+    return weights
+
+
+def prefix_points(preds: np.ndarray, labels: np.ndarray, costs: np.ndarray, order: list[int],
+                  combiner: str = combiners.DEFAULT, weights: np.ndarray | None = None) -> list[FrontPoint]:
+    """Each prefix of ``order`` measured as the server would answer with it: cost, loss, error."""
+    _check(preds, labels, costs)
+    rule, weights = combiners.get(combiner), _weights(weights, len(preds))
+    terms = rule.terms(preds)
+    total = np.zeros(preds.shape[1:])
+    points = []
+    for k, m in enumerate(order, 1):
+        total = total + weights[m] * terms[m]
+        answer = rule.finish(total, weights[order[:k]].sum())
+        points.append(FrontPoint(tuple(order[:k]), ensemble_cost(order[:k], np.asarray(costs)),
+                                 cross_entropy(answer, labels), error_rate(answer, labels)))
+    return points

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from enserve import combiners
 from enserve.server.errors import RepositoryError
+from enserve.server.served.front import FrontPoint, front_text, parse_front
 from enserve.server.served.repository import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_ENSEMBLE,
@@ -41,10 +42,12 @@ def import_onnx(
     weights: list[float] | None = None,
     combiner: str = combiners.DEFAULT,
     notes: dict[str, str] | None = None,
+    front: list[FrontPoint] | None = None,
 ) -> Repository:
     """Build (or add to) a repository from ONNX files and define ``ensemble`` over them, combined by
     ``combiner``; with ``weights`` (one per file), by the weighted combiner of the same space.
-    ``notes`` become parameters of the ensemble's config (e.g. what its input expects)."""
+    ``notes`` become parameters of the ensemble's config (e.g. what its input expects); ``front``
+    its nested points (``front``), checked as the server reads them."""
     if not files:
         raise RepositoryError("no ONNX file given")
     if max_batch_size < 1:
@@ -80,6 +83,8 @@ def import_onnx(
         raise RepositoryError(str(exc)) from None
     if weights is not None:
         ens.weights = parse_weights(",".join(f"{w:.17g}" for w in weights), names, f"ensemble '{ensemble}'")
+    if front is not None:
+        ens.front = parse_front(front_text(front), names, f"ensemble '{ensemble}'")
     write_config(repository / ensemble, ensemble_config(ens, {m.name: m for m in members}))
     (repository / ensemble / "1").mkdir(exist_ok=True)
     return load_repository(repository)

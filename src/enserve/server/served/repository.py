@@ -21,13 +21,14 @@ from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 from enserve import combiners
 from enserve.optimizer.devices import parse_core_list
 from enserve.server.errors import RepositoryError
+from enserve.server.served.front import FRONT_PARAMETER, FrontPoint, front_text, parse_front, whole
 
 ONNX_PLATFORM = "onnxruntime_onnx"
 ENSEMBLE_PLATFORM = "ensemble"
 ENTROPY_OUTPUT = "entropy"
 VARIANCE_OUTPUT = "member_variance"
 UNCERTAINTY_OUTPUTS = (ENTROPY_OUTPUT, VARIANCE_OUTPUT)
-COMBINER_PARAMETERS = ("enserve.combiner", "enserve.weights")  # an ensemble's other parameters are notes
+SPEC_PARAMETERS = ("enserve.combiner", "enserve.weights", FRONT_PARAMETER)  # an ensemble's other parameters are notes
 INPUT_NOTE, CLASSES_NOTE = "enserve.input", "enserve.classes"  # what the input expects; the outputs' classes
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_BATCH_SIZE = 32  # what a member runs at when its config names no preferred batch size
@@ -95,6 +96,11 @@ class EnsembleSpec:
     combiner: str = combiners.DEFAULT
     weights: tuple[float, ...] | None = None  # a weighted combiner's: one per member, summing to 1
     notes: dict[str, str] = field(default_factory=dict)  # the config's other parameters, kept as they are
+    front: tuple[FrontPoint, ...] = ()  # nested subsets of members, cheapest first (``front``); () = all members
+
+    def points(self) -> tuple[FrontPoint, ...]:
+        """Its front, or the one point of all its members when it names none."""
+        return self.front or whole(self.members)
 
     def weight_of(self) -> dict[str, float]:
         """Each member's weight (1/n each for the plain mean)."""
@@ -221,6 +227,8 @@ def ensemble_config(spec: EnsembleSpec, members: dict[str, MemberSpec]) -> mc.Mo
     cfg.parameters["enserve.combiner"].string_value = spec.combiner
     if spec.weights is not None:
         cfg.parameters["enserve.weights"].string_value = ",".join(f"{w:.17g}" for w in spec.weights)
+    if spec.front:
+        cfg.parameters[FRONT_PARAMETER].string_value = front_text(spec.front)
     for key, value in spec.notes.items():
         cfg.parameters[key].string_value = value
     return cfg
@@ -389,6 +397,8 @@ def _ensemble_from_config(cfg, repo: Repository, path: Path) -> EnsembleSpec:
         weighted = sorted(c.name for c in combiners.COMBINERS.values() if c.weighted)
         raise RepositoryError(f"ensemble '{cfg.name}': combiner '{combiner}' takes no weights, but the config sets "
                               f"enserve.weights; use one of {weighted}, or remove the weights")
+    front = parse_front(cfg.parameters[FRONT_PARAMETER].string_value, names, f"ensemble '{cfg.name}'") \
+        if FRONT_PARAMETER in cfg.parameters else ()
     members = [repo.members[n] for n in names]
     check_compatible(members)
     if rule.over_classes:
@@ -406,7 +416,8 @@ def _ensemble_from_config(cfg, repo: Repository, path: Path) -> EnsembleSpec:
         max_batch_size=min([cfg.max_batch_size or DEFAULT_MAX_BATCH_SIZE] + [m.max_batch_size for m in members]),
         combiner=combiner,
         weights=weights,
-        notes={k: v.string_value for k, v in cfg.parameters.items() if k not in COMBINER_PARAMETERS},
+        notes={k: v.string_value for k, v in cfg.parameters.items() if k not in SPEC_PARAMETERS},
+        front=front,
     )
 
 
