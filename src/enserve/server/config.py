@@ -129,6 +129,11 @@ class ServeOptions(AllocateOptions):
                                     "never less than one max batch per ring and slot", parse_size, minimum=1)
     max_inflight: int = option(1024, "--max-inflight", "requests in flight per model before new ones get "
                                "RESOURCE_EXHAUSTED / HTTP 503", int, minimum=1)
+    objective_ms: float | None = option(
+        None, "--objective-ms", "latency objective of every ensemble that has a front (enserve.front), unless its "
+        "config (enserve.objective_ms) or a request (parameter objective_ms) sets one: under load each request runs "
+        "the richest front point predicted to fit it, and near it is answered with the members done (default: none)",
+        float, above=0)
     request_timeout_s: float = option(60.0, "--request-timeout", "server-side bound in seconds on every request "
                                       "(a client deadline may be shorter)", float, above=0)
     http_body_timeout_s: float = option(30.0, "--http-body-timeout", "seconds an HTTP request body may take to "

@@ -64,6 +64,7 @@ class Completions:
         if ok and frame.rows:
             per_batch = frame.input_ns + frame.infer_ns + frame.output_ns
             rt.batch_ns += 0.1 * (per_batch - rt.batch_ns)
+            rt.row_ns += 0.25 * (per_batch / frame.rows - rt.row_ns) if rt.row_ns else per_batch / frame.rows
         ran = 0
         for tid in frame.ids:
             task = self.dispatch.finished(w, tid)
@@ -76,8 +77,10 @@ class Completions:
                     self._part_failed(request, Internal(f"member '{w.spec.label}' failed on this request: "
                                                         f"{frame.message}"))
                 else:
-                    try:
-                        request.part_done(w.slots.sums, w.slots.squares, task.start, task.count)
+                    try:  # the members only matter to an answer that may come before all are in
+                        members = () if request.anytime is None else \
+                            tuple(m for k, m in enumerate(rt.spec.members) if task.mask >> k & 1)
+                        request.part_done(w.slots.sums, w.slots.squares, task.start, task.count, members)
                     except Exception as exc:  # one bad part must not strand the frame's other tasks
                         request.fail(Internal(f"adding the outputs of '{w.spec.label}' failed: "
                                               f"{type(exc).__name__}: {exc}"))

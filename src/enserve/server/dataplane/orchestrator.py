@@ -21,6 +21,7 @@ import numpy as np
 
 from enserve.server.config import ServeOptions
 from enserve.server.dataplane import health
+from enserve.server.dataplane.adaptive import ANSWER_AT, PLAN_SHARE, point_costs, richest_point
 from enserve.server.dataplane.completions import Completions
 from enserve.server.dataplane.dispatch import (
     MAX_QUEUED_TASKS,
@@ -72,6 +73,7 @@ class Orchestrator(WorkerRecovery, Completions):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.done_r = self.done_w = -1
         self.watchdog: asyncio.TimerHandle | None = None
+        self.point_runs: dict[str, tuple[int, int, int]] = {}  # per model: (point logged, point chosen, its run)
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -116,9 +118,12 @@ class Orchestrator(WorkerRecovery, Completions):
         return await self.submit(model, arrays, count, timeout_s).future
 
     def submit(self, model: ServedModel, arrays: list[np.ndarray], count: int,
-               timeout_s: float | None = None, uncertainty: bool = True) -> InflightRequest:
+               timeout_s: float | None = None, uncertainty: bool = True,
+               objective_s: float | None = None) -> InflightRequest:
         """Copy the inputs into shared rows and hand them to one replica of every group ``model`` needs;
-        ``uncertainty`` off skips the ensemble's entropy and variance outputs."""
+        ``uncertainty`` off skips the ensemble's entropy and variance outputs. With ``objective_s``
+        (a latency objective), an ensemble with a front runs only the members of the richest point
+        predicted to fit it (``adaptive``), and is answered near it with the members done by then."""
         self.lifecycle.check_accepting(f"model '{model.name}'")
         reason = self.unavailable(model)
         if reason is not None:
@@ -129,7 +134,12 @@ class Orchestrator(WorkerRecovery, Completions):
             raise ResourceExhausted(
                 f"model '{model.name}' has {self.inflight[model.name]} requests in flight, the limit is "
                 f"{self.options.max_inflight}; retry later")
-        for g, _ in model.parts:
+        point = len(model.points) - 1
+        if objective_s is not None and point > 0:
+            point = self._point_for(model, count, objective_s)
+            self._note_point(model, point)
+        served = model.points[point]
+        for g, _ in served.parts:
             if self.dispatch.saturated(self.groups[g]):
                 stats.rejected += 1
                 raise ResourceExhausted(
@@ -145,19 +155,25 @@ class Orchestrator(WorkerRecovery, Completions):
         self.next_id = (rid + 1) & 0xFFFFFFFF
         bound = self.options.request_timeout_s  # the server's bound; a client's deadline may be shorter
         timeout = bound if timeout_s is None else min(timeout_s, bound)
-        request = InflightRequest(rid, model.recipe, start, count, len(model.parts), self.loop.create_future(),
-                                  self.loop.time(), timeout, uncertainty)
+        anytime = objective_s is not None and model.kind == "ensemble" and ANSWER_AT * objective_s < timeout
+        request = InflightRequest(rid, served.recipe, start, count, len(served.parts), self.loop.create_future(),
+                                  self.loop.time(), ANSWER_AT * objective_s if anytime else timeout, uncertainty)
+        request.point, request.members = point, served.members
+        if model.kind == "ensemble":
+            request.objective_s = objective_s
+        if anytime:  # answered near the objective with the members done, if they hold the first point
+            request.anytime = frozenset(model.points[0].members)
         self.pending[rid] = request
         self.inflight[model.name] += 1
         self.deadlines.add(request)
-        wait = len(model.parts) > 1 and self.inflight[model.name] > 1 and self.options.max_adaptive_wait_us > 0
-        slowest = max(self.groups[g].batch_ns for g, _ in model.parts) if wait else 0.0
+        wait = len(served.parts) > 1 and self.inflight[model.name] > 1 and self.options.max_adaptive_wait_us > 0
+        slowest = max(self.groups[g].batch_ns for g, _ in served.parts) if wait else 0.0
         self.load = recent_load(self.load, len(self.pending))
         # alone in the server, on one group, and not just between the answers of concurrent
         # clients: its worker may use every core it is pinned to
         alone = len(self.pending) == 1
-        burst = BURST if alone and len(model.parts) == 1 and self.load < QUIET_LOAD else 0
-        for g, mask in model.parts:
+        burst = BURST if alone and len(served.parts) == 1 and self.load < QUIET_LOAD else 0
+        for g, mask in served.parts:
             rt = self.groups[g]
             tasks = self.dispatch.send_part(
                 rt, request, mask | burst, alone,
@@ -166,6 +182,35 @@ class Orchestrator(WorkerRecovery, Completions):
             ring.retain(start, tasks)  # each task holds the rows until its worker is done with them
         request.submitted()
         return request
+
+    def cheapest_point_ns(self, model: ServedModel) -> float:
+        """The least time the first point of ``model``'s front takes for one row on idle replicas: its
+        slowest group's members, one image's measured cost each (0 before any is measured)."""
+        return max((sum(c for k, c in enumerate(self.groups[g].member_ns) if mask >> k & 1)
+                    for g, mask in model.points[0].parts), default=0.0)
+
+    def _point_for(self, model: ServedModel, count: int, objective_s: float) -> int:
+        """The richest point of ``model``'s front predicted to answer ``count`` rows within
+        ``PLAN_SHARE`` of the objective, from each group's backlog and measured costs."""
+        backlog, row_ns = [], []
+        for rt in self.groups:
+            ready = [w.rows for w in rt.workers if w.state is WorkerState.READY]
+            row = rt.row_ns or float(sum(rt.member_ns))
+            row_ns.append(row)
+            backlog.append(min(ready) * row if ready else float("inf"))
+        points = point_costs([rt.member_ns for rt in self.groups], row_ns, [p.parts for p in model.points])
+        return richest_point(backlog, points, count, PLAN_SHARE * objective_s * 1e9)
+
+    def _note_point(self, model: ServedModel, point: int, sustained: int = 32) -> None:
+        """One log line when the point served changes and holds for ``sustained`` requests in a row."""
+        logged, last, run = self.point_runs.get(model.name, (len(model.points) - 1, -1, 0))
+        run = run + 1 if point == last else 1
+        if run == sustained and point != logged:
+            log.info("model '%s' now answers with front point %d of %d (%d of %d members) under its latency "
+                     "objective", model.name, point + 1, len(model.points), len(model.points[point].members),
+                     len(model.members))
+            logged = point
+        self.point_runs[model.name] = (logged, point, run)
 
     def _finish(self, request: InflightRequest) -> None:
         self._forget(request)
@@ -179,6 +224,8 @@ class Orchestrator(WorkerRecovery, Completions):
         as its workers finish or skip its tasks."""
         self._forget(request)
         request.expire()
+        if request.recipe.kind == "ensemble" and request.objective_s is not None:
+            record_request(self.stats[request.recipe.model], request)
 
     def _forget(self, request: InflightRequest) -> None:
         del self.pending[request.rid]

@@ -15,6 +15,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -26,7 +27,8 @@ from enserve.server.served.table import AnswerRecipe
 
 class InflightRequest:
     __slots__ = ("rid", "recipe", "start", "count", "outstanding", "totals", "squares", "error", "future",
-                 "t0", "t_submit", "retried", "timeout_s", "deadline", "uncertainty", "on_answer")
+                 "t0", "t_submit", "retried", "timeout_s", "deadline", "uncertainty", "on_answer", "point",
+                 "members", "rows_done", "anytime", "used", "objective_s")
 
     def __init__(self, rid: int, recipe: AnswerRecipe, start: int, count: int, parts: int,
                  future: asyncio.Future, now: float, timeout_s: float, uncertainty: bool = True) -> None:
@@ -46,6 +48,12 @@ class InflightRequest:
         self.deadline = now + timeout_s  # on the event loop's clock
         self.uncertainty = uncertainty  # compute the ensemble's entropy and variance outputs
         self.on_answer: Callable[[asyncio.Future], None] | None = None  # called at once, not a loop turn later
+        self.point = 0  # the index of the front point it was given (``adaptive``)
+        self.members: tuple[str, ...] = ()  # that point's members
+        self.rows_done: dict[str, int] = {}  # per member, the rows whose terms are in ``totals``
+        self.anytime: frozenset[str] | None = None  # with an objective: the members an early answer needs
+        self.used: tuple[str, ...] | None = None  # the members its answer combined (an ensemble's)
+        self.objective_s: float | None = None  # its latency objective, when it has one
 
     @property
     def answered(self) -> bool:
@@ -80,12 +88,15 @@ class InflightRequest:
         if self.error is None:
             self.error = error
 
-    def part_done(self, sums: list[np.ndarray], squares: np.ndarray, start: int, count: int) -> None:
+    def part_done(self, sums: list[np.ndarray], squares: np.ndarray, start: int, count: int,
+                  members: tuple[str, ...] = ()) -> None:
         """Add one part's sums (views into a group's shared slots) over its rows [start, start+count),
-        all of this request's rows or a share of them that one replica ran."""
+        all of this request's rows or a share of them that one replica ran, for ``members``."""
         self.outstanding -= 1
         if self.error is not None or self.answered:
             return
+        for m in members:
+            self.rows_done[m] = self.rows_done.get(m, 0) + count
         if self.totals is None and count == self.count:  # the usual first part: all rows, one copy
             self.totals = [s[start : start + count].copy() for s in sums]
             self.squares = squares[start : start + count].copy()
@@ -127,16 +138,41 @@ class InflightRequest:
             on_answer(self.future)
 
     def expire(self) -> None:
-        """The deadline passed: the caller gets DEADLINE_EXCEEDED now; the parts may still come back."""
-        if not self.answered:
+        """The deadline passed: the caller gets DEADLINE_EXCEEDED now; the parts may still come back.
+        A request with an objective (``anytime``) is answered instead with the members done by now,
+        when they hold the front's first point and every row of each."""
+        if self.answered:
+            return
+        done = self.finished_members()
+        if self.anytime is not None and self.error is None and done is not None and self.anytime <= set(done):
+            self.used = done
+            self.recipe = replace(self.recipe, weight_sum=self.recipe.weight_of(done))
+            self.answer()
+            return
+        if self.anytime is not None:
+            have = "none" if not self.rows_done else ", ".join(sorted(self.rows_done))
+            self.fail(DeadlineExceeded(
+                f"request to model '{self.recipe.model}' could not reach the front's first point "
+                f"({', '.join(sorted(self.anytime))}) within its objective of {self.objective_s * 1e3:g} ms "
+                f"(members done: {have})"))
+        else:
             self.fail(DeadlineExceeded(
                 f"request to model '{self.recipe.model}' did not finish within {self.timeout_s:g} s"))
-            self.answer()
+        self.answer()
+
+    def finished_members(self) -> tuple[str, ...] | None:
+        """The members whose terms cover every row of the sums, in the point's order; None when some
+        member's terms cover only part of the rows (a share of a split part is still out)."""
+        if any(rows != self.count for rows in self.rows_done.values()):
+            return None
+        return tuple(m for m in self.members if m in self.rows_done)
 
     def _combine(self) -> dict[str, np.ndarray]:
         recipe = self.recipe
         if recipe.kind == "member":
             return {t.name: v for t, v in zip(recipe.outputs, self.totals)}
+        if self.used is None:
+            self.used = self.members
         combined, entropy, variance = combiners.answer(self.totals, self.squares, recipe.weight_sum, recipe.space,
                                                        [t.np_dtype for t in recipe.outputs], self.uncertainty)
         out = {t.name: v for t, v in zip(recipe.outputs, combined)}

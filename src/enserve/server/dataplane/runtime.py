@@ -31,6 +31,7 @@ class GroupRuntime:
     held: list[Task] = field(default_factory=list)  # tasks waiting for a replica to be ready (dispatch's)
     batch_ns: float = 0.0  # moving average of one batch's compute time
     member_ns: tuple[float, ...] = ()  # one image's compute per member, as its first ready replica measured
+    row_ns: float = 0.0  # moving average of a row's share of its batch's compute time (batching included)
 
 
 def shm_budget(options: ServeOptions) -> int:

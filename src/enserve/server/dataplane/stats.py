@@ -8,7 +8,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from enserve.server.protocol import STATUS_OK
 
@@ -42,6 +47,11 @@ class ModelStats:
     # successful requests by latency bucket (the last one: above every bound)
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
     latency_sum_ns: int = 0
+    # requests with a latency objective: answers by the number of members combined, answers after
+    # the objective or failed, and members not run for an answer (left out or cancelled)
+    front_answers: dict[int, int] = field(default_factory=dict)
+    objective_misses: int = 0
+    members_skipped: int = 0
 
     def touch(self) -> None:
         self.last_inference_ms = int(time.time() * 1000)
@@ -72,6 +82,12 @@ def record_request(stats: ModelStats, request) -> None:
     t_end = time.perf_counter_ns()
     stats.touch()
     d = stats.durations
+    if request.objective_s is not None:
+        if request.error is None and request.used is not None:
+            stats.front_answers[len(request.used)] = stats.front_answers.get(len(request.used), 0) + 1
+            stats.members_skipped += len(request.recipe.weights) - len(request.used)
+        if request.error is not None or t_end - request.t0 > request.objective_s * 1e9:
+            stats.objective_misses += 1
     if request.error is None:
         stats.inference_count += request.count
         stats.execution_count += 1
@@ -139,6 +155,21 @@ class MetricsCollector:
                 cumulative = list(itertools.accumulate(s.latency_counts))
                 histogram.add_metric([s.name, s.version], list(zip(bounds, cumulative)), s.latency_sum_ns / 1e9)
         yield histogram
+        answers = CounterMetricFamily("enserve_front_answers", "Answers to requests with a latency objective, by "
+                                      "the number of members they combined", labels=[*labels, "members"])
+        misses = CounterMetricFamily("enserve_objective_misses", "Requests with a latency objective answered "
+                                     "after it or failed", labels=labels)
+        skipped = CounterMetricFamily("enserve_members_skipped", "Members not run for answers to requests with a "
+                                      "latency objective (left out of their front point, or cancelled)", labels=labels)
+        for s in stats.values():
+            for members, count in sorted(s.front_answers.items()):
+                answers.add_metric([s.name, s.version, str(members)], count)
+            if s.front_answers or s.objective_misses:
+                misses.add_metric([s.name, s.version], s.objective_misses)
+                skipped.add_metric([s.name, s.version], s.members_skipped)
+        yield answers
+        yield misses
+        yield skipped
         if self.queue_depth is not None:
             gauge = GaugeMetricFamily("nv_inference_pending_request_count", "Requests in flight", labels=labels)
             for name, depth in self.queue_depth().items():

@@ -7,7 +7,14 @@ from __future__ import annotations
 from tritonclient.grpc import service_pb2 as pb
 
 from enserve.server.errors import InvalidArgument
-from enserve.server.serving.service import OutputValue, PendingInfer, Service, parse_timeout
+from enserve.server.serving.service import (
+    OBJECTIVE_PARAMETER,
+    OutputValue,
+    PendingInfer,
+    Service,
+    parse_objective,
+    parse_timeout,
+)
 from enserve.server.serving.tensors import RequestInput, RequestOutput
 
 TYPED_CONTENTS = {
@@ -76,11 +83,22 @@ def begin_infer(service: Service, request: pb.ModelInferRequest, deadline_s: flo
         timeout = parse_timeout(getattr(given, kind))
     if deadline_s is not None:
         timeout = deadline_s if timeout is None else min(timeout, deadline_s)
-    return service.begin(request.model_name, request.model_version, inputs, outputs, timeout)
+    objective = None
+    if OBJECTIVE_PARAMETER in request.parameters:
+        given = request.parameters[OBJECTIVE_PARAMETER]
+        kind = given.WhichOneof("parameter_choice")
+        if kind not in ("double_param", "int64_param", "uint64_param"):
+            raise InvalidArgument(f"parameter '{OBJECTIVE_PARAMETER}' must be a number of milliseconds "
+                                  f"(double_param or int64_param), not a {kind}")
+        objective = parse_objective(getattr(given, kind))
+    return service.begin(request.model_name, request.model_version, inputs, outputs, timeout, objective)
 
 
-def encode_response(request: pb.ModelInferRequest, values: list[OutputValue]) -> pb.ModelInferResponse:
+def encode_response(request: pb.ModelInferRequest, values: list[OutputValue],
+                    parameters: dict[str, str] | None = None) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+    for key, value in (parameters or {}).items():
+        response.parameters[key].string_param = value
     raw = []
     for v in values:
         t = response.outputs.add(name=v.request.name, datatype=v.datatype, shape=v.value.shape)

@@ -61,7 +61,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         held = limits.reserve(request.ByteSize())  # until the answer is encoded
         try:
             pending = begin_infer(self.service, request, deadline_s)
-            return encode_response(request, pending.finish(await pending.future))
+            values = pending.finish(await pending.future)
+            return encode_response(request, values, pending.parameters())
         finally:
             limits.release(held)
 

@@ -16,7 +16,13 @@ from enserve.server.dataplane.stats import DURATIONS, ModelStats
 from enserve.server.errors import InvalidArgument, PayloadTooLarge, RequestTimeout, Unauthenticated
 from enserve.server.frontends.security import Tokens, is_admin_path, is_open_path
 from enserve.server.frontends.status import status_of
-from enserve.server.serving.service import Service, cuda_shm_unavailable, parse_timeout
+from enserve.server.serving.service import (
+    OBJECTIVE_PARAMETER,
+    Service,
+    cuda_shm_unavailable,
+    parse_objective,
+    parse_timeout,
+)
 from enserve.server.serving.tensors import RequestInput, RequestOutput
 
 log = logging.getLogger("enserve")
@@ -304,11 +310,15 @@ class HttpFrontend:
             header, inputs, outputs = parse_infer_body(body, request.headers.get(HEADER_LENGTH))
             params = header.get("parameters", {})
             timeout = parse_timeout(params.get("timeout"))
-            values = await self.service.infer(model, version, inputs, outputs, timeout)
+            pending = self.service.begin(model, version, inputs, outputs, timeout,
+                                         parse_objective(params.get(OBJECTIVE_PARAMETER)))
+            values = pending.finish(await pending.future)
         finally:
             limits.release(held)
         default_binary = bool(params.get("binary_data_output", False))
         result = {"model_name": model, "model_version": "1", "outputs": []}
+        if pending.parameters():
+            result["parameters"] = pending.parameters()
         if "id" in header:
             result["id"] = header["id"]
         chunks = []

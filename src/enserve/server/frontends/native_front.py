@@ -160,7 +160,8 @@ class NativeFront:
         try:
             error = future.exception()
             if error is None:
-                self.front.respond(call_id, encode_response(message, pending.finish(future.result()))
+                self.front.respond(call_id, encode_response(message, pending.finish(future.result()),
+                                                            pending.parameters())
                                    .SerializeToString())
                 return
         except Exception as exc:  # noqa: BLE001 - encoding or writing a client's shared memory failed

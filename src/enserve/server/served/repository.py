@@ -28,7 +28,8 @@ ENSEMBLE_PLATFORM = "ensemble"
 ENTROPY_OUTPUT = "entropy"
 VARIANCE_OUTPUT = "member_variance"
 UNCERTAINTY_OUTPUTS = (ENTROPY_OUTPUT, VARIANCE_OUTPUT)
-SPEC_PARAMETERS = ("enserve.combiner", "enserve.weights", FRONT_PARAMETER)  # an ensemble's other parameters are notes
+OBJECTIVE_PARAMETER = "enserve.objective_ms"  # an ensemble's default latency objective
+SPEC_PARAMETERS = ("enserve.combiner", "enserve.weights", FRONT_PARAMETER, OBJECTIVE_PARAMETER)  # the rest: notes
 INPUT_NOTE, CLASSES_NOTE = "enserve.input", "enserve.classes"  # what the input expects; the outputs' classes
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_BATCH_SIZE = 32  # what a member runs at when its config names no preferred batch size
@@ -97,6 +98,7 @@ class EnsembleSpec:
     weights: tuple[float, ...] | None = None  # a weighted combiner's: one per member, summing to 1
     notes: dict[str, str] = field(default_factory=dict)  # the config's other parameters, kept as they are
     front: tuple[FrontPoint, ...] = ()  # nested subsets of members, cheapest first (``front``); () = all members
+    objective_ms: float | None = None  # its default latency objective (``enserve.objective_ms``)
 
     def points(self) -> tuple[FrontPoint, ...]:
         """Its front, or the one point of all its members when it names none."""
@@ -229,6 +231,8 @@ def ensemble_config(spec: EnsembleSpec, members: dict[str, MemberSpec]) -> mc.Mo
         cfg.parameters["enserve.weights"].string_value = ",".join(f"{w:.17g}" for w in spec.weights)
     if spec.front:
         cfg.parameters[FRONT_PARAMETER].string_value = front_text(spec.front)
+    if spec.objective_ms is not None:
+        cfg.parameters[OBJECTIVE_PARAMETER].string_value = f"{spec.objective_ms:g}"
     for key, value in spec.notes.items():
         cfg.parameters[key].string_value = value
     return cfg
@@ -399,6 +403,16 @@ def _ensemble_from_config(cfg, repo: Repository, path: Path) -> EnsembleSpec:
                               f"enserve.weights; use one of {weighted}, or remove the weights")
     front = parse_front(cfg.parameters[FRONT_PARAMETER].string_value, names, f"ensemble '{cfg.name}'") \
         if FRONT_PARAMETER in cfg.parameters else ()
+    objective = None
+    if OBJECTIVE_PARAMETER in cfg.parameters:
+        text = cfg.parameters[OBJECTIVE_PARAMETER].string_value
+        try:
+            objective = float(text)
+        except ValueError:
+            objective = math.nan
+        if not math.isfinite(objective) or objective <= 0:
+            raise RepositoryError(f"ensemble '{cfg.name}': {OBJECTIVE_PARAMETER} is '{text}', but must be a number of "
+                                  "milliseconds > 0")
     members = [repo.members[n] for n in names]
     check_compatible(members)
     if rule.over_classes:
@@ -418,6 +432,7 @@ def _ensemble_from_config(cfg, repo: Repository, path: Path) -> EnsembleSpec:
         weights=weights,
         notes={k: v.string_value for k, v in cfg.parameters.items() if k not in SPEC_PARAMETERS},
         front=front,
+        objective_ms=objective,
     )
 
 

@@ -4,7 +4,7 @@ and member masks) a request to it fans out to."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from enserve import combiners
 from enserve.server.errors import RepositoryError
@@ -22,6 +22,22 @@ class AnswerRecipe:
     outputs: tuple[TensorSpec, ...]  # the members' outputs (an ensemble adds its uncertainty after)
     weight_sum: float  # what the sums of the members' terms are divided by: their count, or 1 when weighted
     space: int  # the combiner's space: index into ``combiners.SPACES``
+    weights: tuple[tuple[str, float], ...] = ()  # each member's term weight (1, or its weight when weighted)
+
+    def weight_of(self, members) -> float:
+        """What the sums of ``members``' terms are divided by (an answer from some of them)."""
+        w = dict(self.weights)
+        return float(sum(w[m] for m in members))
+
+
+@dataclass(frozen=True)
+class ServedPoint:
+    """One point of an ensemble's front as served: its members, the parts they need and the recipe
+    that divides by their weight."""
+
+    members: tuple[str, ...]
+    parts: tuple[tuple[int, int], ...]
+    recipe: AnswerRecipe
 
 
 @dataclass(frozen=True)
@@ -35,6 +51,8 @@ class ServedModel:
     ring: int  # index of the shared input ring of its input signature
     parts: tuple[tuple[int, int], ...]  # (worker group, mask of the group's members to run)
     recipe: AnswerRecipe
+    points: tuple[ServedPoint, ...] = ()  # its front, cheapest first; the last is the whole model
+    objective_s: float | None = None  # its config's latency objective
 
 
 @dataclass(frozen=True)
@@ -76,18 +94,26 @@ def build_table(repo: Repository, placement: Placement) -> Table:
     models: dict[str, ServedModel] = {}
     for spec in repo.members.values():
         members = (spec.name,)
+        parts = _parts(members, placement)
+        recipe = AnswerRecipe(spec.name, "member", tuple(spec.outputs), 1.0, combiners.space_id("identity"),
+                              ((spec.name, 1.0),))
         models[spec.name] = ServedModel(
             spec.name, "member", tuple(spec.inputs), tuple(spec.outputs), spec.max_batch_size, members,
-            ring_of(spec.inputs), _parts(members, placement),
-            AnswerRecipe(spec.name, "member", tuple(spec.outputs), 1.0, combiners.space_id("identity")))
+            ring_of(spec.inputs), parts, recipe, (ServedPoint(members, parts, recipe),))
     for ens in repo.ensembles.values():
         first = repo.members[ens.members[0]]
         members = tuple(ens.members)
         combiner = combiners.get(ens.combiner)  # workers add each member's term; weighted: scaled (sum 1)
         flags = combine_flags(combiner.space_id, combiner.weighted)
+        weights = tuple((m, w if combiner.weighted else 1.0) for m, w in ens.weight_of().items())
+        recipe = AnswerRecipe(ens.name, "ensemble", tuple(first.outputs), 1.0 if combiner.weighted else len(members),
+                              combiner.space_id, weights)
+        points = tuple(ServedPoint(p.members, _parts(p.members, placement, flags),
+                                   recipe if set(p.members) == set(members)
+                                   else replace(recipe, weight_sum=recipe.weight_of(p.members)))
+                       for p in ens.points())
         models[ens.name] = ServedModel(
             ens.name, "ensemble", tuple(ens.inputs), tuple(ens.outputs), ens.max_batch_size, members,
-            ring_of(ens.inputs), _parts(members, placement, flags),
-            AnswerRecipe(ens.name, "ensemble", tuple(first.outputs), 1.0 if combiner.weighted else len(members),
-                         combiner.space_id))
+            ring_of(ens.inputs), _parts(members, placement, flags), recipe, points,
+            None if ens.objective_ms is None else ens.objective_ms / 1e3)
     return Table(models, tuple(rings), tuple(group_rings))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from enserve import __version__
 from enserve.server.config import ServeOptions
+from enserve.server.dataplane.adaptive import ANSWER_AT
 from enserve.server.dataplane.orchestrator import Orchestrator
 from enserve.server.dataplane.request import InflightRequest
 from enserve.server.dataplane.shm import ClientRegions
@@ -33,6 +35,8 @@ from enserve.server.serving.tensors import (
 )
 
 EXTENSIONS = ["model_configuration", "system_shared_memory", "statistics", "binary_tensor_data"]
+OBJECTIVE_PARAMETER = "objective_ms"  # a request's latency objective
+MEMBERS_PARAMETER = "enserve_members"  # the answer's: the members it combined (comma-separated)
 
 
 @dataclass
@@ -52,6 +56,13 @@ class PendingInfer:
     @property
     def future(self) -> asyncio.Future:
         return self.request.future
+
+    def parameters(self) -> dict[str, str]:
+        """The answer's parameters: with a latency objective, the members its answer combined."""
+        used = self.request.used
+        if self.request.objective_s is None or used is None:
+            return {}
+        return {MEMBERS_PARAMETER: ",".join(used)}
 
     def finish(self, values: dict[str, np.ndarray]) -> list[OutputValue]:
         specs = {t.name: t for t in self.target.outputs}
@@ -153,9 +164,10 @@ class Service:
         return pending.finish(await pending.future)
 
     def begin(self, model: str, version: str, inputs: list[RequestInput], outputs: list[RequestOutput],
-              timeout_s: float | None = None) -> PendingInfer:
+              timeout_s: float | None = None, objective_s: float | None = None) -> PendingInfer:
         """Validate and submit a request without waiting: its future resolves to the model's outputs,
-        which ``finish`` turns into the values asked for (errors are raised here or by the future)."""
+        which ``finish`` turns into the values asked for (errors are raised here or by the future).
+        ``objective_s``: the request's latency objective (0: none; None: the model's or the server's)."""
         self.lifecycle.check_accepting()
         orchestrator, target = self._lookup(model, version)
         regions = self.regions if self.options.allow_client_shm else None
@@ -163,8 +175,27 @@ class Service:
         wanted = select_outputs(target, outputs)
         check_shm_outputs(wanted, target, batch, regions)
         uncertainty = any(out.name in UNCERTAINTY_OUTPUTS for out in wanted)
-        request = orchestrator.submit(target, arrays, batch, timeout_s, uncertainty)
+        objective = self._objective(orchestrator, target, objective_s)
+        request = orchestrator.submit(target, arrays, batch, timeout_s, uncertainty, objective)
         return PendingInfer(request, target, wanted, regions)
+
+    def _objective(self, orchestrator: Orchestrator, target: ServedModel, given: float | None) -> float | None:
+        """The request's latency objective in seconds: its own, else its model's, else the server's;
+        None for a member or when there is none. One that even the front's cheapest point cannot
+        meet (its members' measured time for these rows) is refused."""
+        if target.kind != "ensemble":
+            return None
+        objective = given if given is not None else target.objective_s if target.objective_s is not None else \
+            None if self.options.objective_ms is None else self.options.objective_ms / 1e3
+        if not objective:
+            return None
+        floor_ns = orchestrator.cheapest_point_ns(target)
+        if ANSWER_AT * objective * 1e9 < floor_ns:
+            raise InvalidArgument(
+                f"latency objective {objective * 1e3:g} ms is below what the cheapest point of model "
+                f"'{target.name}''s front needs for one row: {floor_ns / 1e6:.3g} ms measured (an answer is "
+                f"due at {ANSWER_AT:.0%} of the objective)")
+        return objective
 
     def flush(self) -> None:
         """Hand the descriptors of the requests submitted so far to the workers now."""
@@ -197,6 +228,19 @@ def cuda_shm_unavailable() -> Unavailable:
         "CUDA shared memory is not available on this server: it needs an NVIDIA GPU with the CUDA "
         "runtime; use system shared memory (--allow-client-shm) instead"
     )
+
+
+def parse_objective(value) -> float | None:
+    """A request's 'objective_ms' parameter as seconds: None when absent, 0 for none (the model's
+    own is not used either); a number of milliseconds otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(f"{OBJECTIVE_PARAMETER} '{value}' is not a number of milliseconds")
+    if not math.isfinite(value) or value < 0:
+        raise InvalidArgument(f"{OBJECTIVE_PARAMETER} is {value}, but must be a finite number of milliseconds >= 0 "
+                              "(0: none)")
+    return value / 1e3
 
 
 def parse_timeout(value) -> float | None:

@@ -1,0 +1,42 @@
+"""The load-adaptive policy's known answers: which front point a request gets from the queues,
+the measured costs, the front and the objective."""
+
+from __future__ import annotations
+
+import pytest
+
+from enserve.server.dataplane.adaptive import point_costs, predicted_ns, richest_point
+
+MS = 1e6
+# group 0 runs a (1 ms a row); group 1 runs b and c (one image: 2 and 6 ms; 8 ms a row together)
+MEMBER_NS = [[1 * MS], [2 * MS, 6 * MS]]
+ROW_NS = [1 * MS, 8 * MS]
+FRONT = [[(0, 0b1)], [(0, 0b1), (1, 0b01)], [(0, 0b1), (1, 0b11)]]  # a; a+b; a+b+c
+
+
+def test_a_points_time_per_row_is_its_members_share_of_each_group():
+    assert point_costs(MEMBER_NS, ROW_NS, FRONT) == [
+        [(0, 1 * MS)], [(0, 1 * MS), (1, 2 * MS)], [(0, 1 * MS), (1, 8 * MS)]]
+    # a group measured at 4 ms a row under batching: b's share is a quarter of it
+    assert point_costs(MEMBER_NS, [1 * MS, 4 * MS], FRONT)[1] == [(0, 1 * MS), (1, 1 * MS)]
+    assert point_costs([[0.0], [0.0, 0.0]], ROW_NS, FRONT)[1] == [(0, 1 * MS), (1, 8 * MS)]  # not measured: all
+
+
+@pytest.mark.parametrize("backlog_ms, expected", [
+    ((0, 0), 2),  # idle: a+b+c ends at max(2, 16) = 16 ms <= 20
+    ((0, 10), 1),  # group 1 busy 10 ms: a+b+c 26 ms; a+b max(2, 10 + 4) = 14 ms
+    ((0, 30), 0),  # a+b 34 ms: only a fits
+    ((25, 0), 0),  # a itself 27 ms: nothing fits, the cheapest is served
+    ((18, 0), 2),  # group 0 busy 18 ms: a+b+c ends at max(18 + 2, 16) = 20 ms, within the objective exactly
+    ((19, 0), 0),  # 21 ms for every point: the cheapest
+])
+def test_the_richest_point_that_fits_the_objective_is_chosen(backlog_ms, expected):
+    points = point_costs(MEMBER_NS, ROW_NS, FRONT)
+    backlog = [b * MS for b in backlog_ms]
+    assert richest_point(backlog, points, 2, 20 * MS) == expected
+
+
+def test_prediction_is_the_slowest_group_and_a_front_is_not_empty():
+    assert predicted_ns([5 * MS, 1 * MS], [(0, 1 * MS), (1, 3 * MS)], 4) == 13 * MS
+    with pytest.raises(ValueError, match="at least one point"):
+        richest_point([0.0], [], 1, 1.0)
