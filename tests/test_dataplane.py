@@ -357,3 +357,39 @@ def test_descriptors_a_full_pipe_cannot_take_wait_for_room_in_order():
 
     got = asyncio.run(scenario())
     assert [t[1] for t in got] == list(range(2000))  # every descriptor, in order, none cut or lost
+
+
+def test_an_anytime_request_is_answered_at_its_deadline_with_the_members_done():
+    loop = asyncio.new_event_loop()
+    try:
+        recipe = AnswerRecipe("ens", "ensemble", (PROBS,), 3, 0, (("a", 1.0), ("b", 1.0), ("c", 1.0)))
+
+        def anytime_request() -> InflightRequest:
+            r = InflightRequest(7, recipe, start=1, count=2, parts=3, future=loop.create_future(), now=loop.time(),
+                                timeout_s=0.05)
+            r.members, r.anytime, r.objective_s = ("a", "b", "c"), frozenset({"a"}), 0.055
+            return r
+
+        sums = np.zeros((4, 2), np.float32)
+        sums[1:3] = [[0.2, 0.8], [0.6, 0.4]]  # a on rows 1-2
+        r = anytime_request()
+        r.part_done([sums], sums**2, 1, 2, ("a",))
+        sums[1:3] = [[0.4, 0.6], [0.8, 0.2]]  # b
+        r.part_done([sums], sums**2, 1, 2, ("b",))
+        r.expire()  # c is still out: the answer is a and b's mean, named
+        np.testing.assert_allclose(r.future.result()["probs"], [[0.3, 0.7], [0.7, 0.3]])
+        np.testing.assert_allclose(r.future.result()["member_variance"], [[0.01], [0.01]], atol=1e-6)  # of a and b
+        assert r.used == ("a", "b")
+        without_first = anytime_request()
+        without_first.part_done([sums], sums**2, 1, 2, ("b",))  # b alone does not hold the first point (a)
+        without_first.expire()
+        with pytest.raises(DeadlineExceeded, match=r"could not reach the front's first point \(a\) within its "
+                                                   r"objective of 55 ms \(members done: b\)"):
+            without_first.future.result()
+        split = anytime_request()
+        split.part_done([sums], sums**2, 1, 1, ("a",))  # one of a's two row shares: not every row has it
+        split.expire()
+        with pytest.raises(DeadlineExceeded, match="members done: a"):
+            split.future.result()
+    finally:
+        loop.close()

@@ -65,3 +65,30 @@ def test_an_imported_front_is_in_the_config_and_read_back(tmp_path):
     assert "enserve.front" not in spec.notes
     with pytest.raises(RepositoryError, match="last point must hold every member"):
         import_onnx(files, tmp_path / "repo2", front=front[:2])
+
+
+def test_enserve_import_orders_a_front_by_name_or_by_measured_cost(tmp_path):
+    import subprocess
+    import sys
+
+    from enserve.models.synthetic import write_tiny_cnns
+    from enserve.server.served.repository import load_repository
+
+    files = [str(f) for f in write_tiny_cnns(tmp_path / "onnx", (64, 8))]
+
+    def run(repo: str, order: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "enserve", "import", *files, "--model-repository",
+                               str(tmp_path / repo), "--front-order", order], capture_output=True, text=True,
+                              timeout=120)
+
+    done = run("cost", "cost")
+    assert done.returncode == 0, done.stderr
+    front = load_repository(tmp_path / "cost").ensembles["ensemble"].front
+    assert [p.members for p in front] == [("cnn_w8",), ("cnn_w8", "cnn_w64")]  # the narrow one is cheaper
+    assert 0 < front[0].cost_s < front[1].cost_s
+    done = run("named", "cnn_w64,cnn_w8")
+    assert done.returncode == 0, done.stderr
+    front = load_repository(tmp_path / "named").ensembles["ensemble"].front
+    assert [p.members for p in front] == [("cnn_w64",), ("cnn_w64", "cnn_w8")] and front[0].cost_s is None
+    done = run("bad", "cnn_w64")
+    assert done.returncode == 1 and "the front's order ['cnn_w64'] must name every member once" in done.stderr
