@@ -165,3 +165,32 @@ def test_a_bad_objective_is_refused_with_its_rule(served, objective, message):
         urllib.request.urlopen(req, timeout=30)
     assert http.value.code == 400
     assert "objective" in json.loads(http.value.read())["error"]
+
+
+def test_the_open_loop_bench_scores_three_servers_against_labels(front_repo, tmp_path):
+    """``enserve bench --rate``: the fixed ensemble, its cheapest point alone and the adaptive server,
+    each answer scored against labels; the labels here are the whole ensemble's own answers, so the
+    fixed server must score 1 exactly, and the cheapest point alone what its member's answers give."""
+    import subprocess
+    import sys
+
+    repo, files = front_repo
+    x = np.random.default_rng(2).random((40, 3, 32, 32), dtype=np.float32)
+    y = mean_of(files, ALL, x).argmax(1)
+    cheap_right = mean_of(files, ALL[:1], x).argmax(1) == y
+    np.savez(tmp_path / "labelled.npz", x_test=x, y_test=y)
+    done = subprocess.run([sys.executable, "-m", "enserve", "bench", "--model-repository", str(repo), "--rate", "3",
+                           "--seconds", "2", "--images", "1", "--objective-ms", "5000", "--labelled",
+                           str(tmp_path / "labelled.npz"), "--plot", str(tmp_path / "sweep.png"), "--",
+                           "--no-optimize"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()
+            if line.split() and line.split()[0] in ("fixed", "cheapest", "adaptive")}
+    assert set(rows) == {"fixed", "cheapest", "adaptive"}, done.stdout
+    assert float(rows["fixed"][8]) == 1.0 and rows["fixed"][9] == "0", rows["fixed"]
+    assert rows["fixed"][-1] == "-"  # no objective: no members named
+    asked = round(float(rows["cheapest"][2]) * 2)  # requests sent: rows 0, 1, ... of the stream, one each
+    assert float(rows["cheapest"][8]) == pytest.approx(np.mean(cheap_right[:asked]), abs=1e-4), rows["cheapest"]
+    assert rows["adaptive"][-1].startswith(("1:", "2:", "3:")), rows["adaptive"]  # e.g. 3:100%
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
