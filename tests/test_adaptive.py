@@ -9,18 +9,18 @@ import pytest
 from enserve.server.dataplane.adaptive import point_costs, predicted_ns, richest_point
 
 MS = 1e6
-# group 0 runs a (1 ms a row); group 1 runs b and c (one image: 2 and 6 ms; 8 ms a row together)
+# group 0 runs a (1 ms an image); group 1 runs b and c (2 and 6 ms an image; 8 ms together)
 MEMBER_NS = [[1 * MS], [2 * MS, 6 * MS]]
-ROW_NS = [1 * MS, 8 * MS]
+SCALE = [1.0, 1.0]  # batching has not made either group cheaper yet
 FRONT = [[(0, 0b1)], [(0, 0b1), (1, 0b01)], [(0, 0b1), (1, 0b11)]]  # a; a+b; a+b+c
 
 
-def test_a_points_time_per_row_is_its_members_share_of_each_group():
-    assert point_costs(MEMBER_NS, ROW_NS, FRONT) == [
+def test_a_points_time_per_row_is_its_members_costs_on_each_group_times_batchings_gain():
+    assert point_costs(MEMBER_NS, SCALE, FRONT) == [
         [(0, 1 * MS)], [(0, 1 * MS), (1, 2 * MS)], [(0, 1 * MS), (1, 8 * MS)]]
-    # a group measured at 4 ms a row under batching: b's share is a quarter of it
-    assert point_costs(MEMBER_NS, [1 * MS, 4 * MS], FRONT)[1] == [(0, 1 * MS), (1, 1 * MS)]
-    assert point_costs([[0.0], [0.0, 0.0]], ROW_NS, FRONT)[1] == [(0, 1 * MS), (1, 8 * MS)]  # not measured: all
+    # group 1's batches took half their images' one-by-one costs: b is 1 ms a row there
+    assert point_costs(MEMBER_NS, [1.0, 0.5], FRONT)[1] == [(0, 1 * MS), (1, 1 * MS)]
+    assert point_costs([[0.0], [0.0, 0.0]], SCALE, FRONT)[2] == [(0, 0.0), (1, 0.0)]  # not measured yet: free
 
 
 @pytest.mark.parametrize("backlog_ms, expected", [
@@ -32,7 +32,7 @@ def test_a_points_time_per_row_is_its_members_share_of_each_group():
     ((19, 0), 0),  # 21 ms for every point: the cheapest
 ])
 def test_the_richest_point_that_fits_the_objective_is_chosen(backlog_ms, expected):
-    points = point_costs(MEMBER_NS, ROW_NS, FRONT)
+    points = point_costs(MEMBER_NS, SCALE, FRONT)
     backlog = [b * MS for b in backlog_ms]
     assert richest_point(backlog, points, 2, 20 * MS) == expected
 
@@ -57,3 +57,13 @@ def test_open_loop_arrivals_follow_the_schedule():
     assert parse_rates("0.5x,2x,30", 100.0) == [50.0, 200.0, 30.0]
     with pytest.raises(ValueError, match="must have a rate and a duration >= 0"):
         arrival_times([(-1.0, 1.0)])
+
+
+def test_a_groups_batching_factor_drifts_back_to_its_idle_costs():
+    from enserve.server.dataplane.adaptive import decayed
+
+    assert decayed(3.0, 0.0) == 3.0
+    assert decayed(3.0, 1.0) == pytest.approx(2.0)  # halfway back to 1 after one half-life
+    assert decayed(3.0, 2.0) == pytest.approx(1.5)
+    assert decayed(0.5, 1.0) == pytest.approx(0.75)  # a gain from batching fades the same way
+    assert decayed(3.0, -1.0) == 3.0  # a clock that went back changes nothing

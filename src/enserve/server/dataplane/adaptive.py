@@ -2,9 +2,10 @@
 the queues, the measured costs, the front and the objective, with known-answer tests.
 
 A point's members live in some worker groups; on each, the request waits behind that group's
-backlog (its least-loaded ready replica's queued rows times the group's measured time per row)
-and then takes its own rows times the point's members' share of that time. The point is done
-when its slowest group is. The richest point predicted to finish within the objective is served;
+backlog (the compute its least-loaded ready replica holds, at its members' one-image costs, times
+how much cheaper batching has made the group's batches) and then takes its own rows times the
+point's members' one-image costs there, times the same factor. The point is done when its slowest
+group is. The richest point predicted to finish within the objective is served;
 when none is, the cheapest. Members of the points left out are never scheduled."""
 
 from __future__ import annotations
@@ -34,18 +35,21 @@ def richest_point(backlog_ns: Sequence[float], points: Sequence[Sequence[tuple[i
     return 0
 
 
-def point_costs(member_ns: Sequence[Sequence[float]], row_ns: Sequence[float],
+SCALE_HALF_LIFE_S = 1.0  # a group's batching factor drifts back to 1 (its idle costs) at this half-life
+
+
+def decayed(scale: float, age_s: float, half_life_s: float = SCALE_HALF_LIFE_S) -> float:
+    """A group's batching factor ``age_s`` after its last batch: halfway back to 1 (the one-image
+    costs its replica measured idle) every ``half_life_s``. A member left out under load runs no
+    batch, so its factor would otherwise keep the slowdown it last saw and never be chosen again."""
+    return 1.0 + (scale - 1.0) * 0.5 ** (max(0.0, age_s) / half_life_s)
+
+
+def point_costs(member_ns: Sequence[Sequence[float]], scale: Sequence[float],
                 masks: Sequence[Sequence[tuple[int, int]]]) -> list[list[tuple[int, float]]]:
     """Each point's (group, nanoseconds per row) from its parts (``masks``: pairs of group and the
-    mask of its members there): the group's measured time per row (``row_ns``, all its members)
-    times the point's members' share of the group's one-image costs (``member_ns``)."""
-    out = []
-    for parts in masks:
-        point = []
-        for g, mask in parts:
-            costs = member_ns[g]
-            total = sum(costs)
-            share = (sum(c for k, c in enumerate(costs) if mask >> k & 1) / total) if total > 0 else 1.0
-            point.append((g, row_ns[g] * share))
-        out.append(point)
-    return out
+    mask of its members there): the one-image costs of its members there (``member_ns``, as each
+    group's first replica measured them) times the group's batching factor (``scale``: a batch's
+    measured compute over the same costs of its tasks)."""
+    return [[(g, scale[g] * sum(c for k, c in enumerate(member_ns[g]) if mask >> k & 1)) for g, mask in parts]
+            for parts in masks]

@@ -64,7 +64,11 @@ class Completions:
         if ok and frame.rows:
             per_batch = frame.input_ns + frame.infer_ns + frame.output_ns
             rt.batch_ns += 0.1 * (per_batch - rt.batch_ns)
-            rt.row_ns += 0.25 * (per_batch / frame.rows - rt.row_ns) if rt.row_ns else per_batch / frame.rows
+            costs = [w.tasks[tid] for tid in frame.ids if tid in w.tasks]
+            predicted = sum(self.dispatch.task_ns(w, t) for t in costs)
+            if predicted > 0:  # how far batching makes a batch cheaper than its images one by one
+                rt.scale += 0.25 * (per_batch / predicted - rt.scale)
+                rt.scale_at = self.loop.time()
         ran = 0
         for tid in frame.ids:
             task = self.dispatch.finished(w, tid)

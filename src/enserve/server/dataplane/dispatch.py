@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from enserve.server.dataplane.request import InflightRequest
 from enserve.server.dataplane.runtime import GroupRuntime
@@ -105,14 +105,25 @@ def least_loaded(workers: Iterable[WorkerProcess]) -> WorkerProcess | None:
     return best
 
 
+def mask_ns(member_ns: Sequence[float], mask: int) -> float:
+    """One image's compute through the members ``mask`` names (flag bits ignored)."""
+    return float(sum(c for k, c in enumerate(member_ns) if mask >> k & 1))
+
+
 class Dispatch:
-    def __init__(self, loop: asyncio.AbstractEventLoop, done_r: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, done_r: int,
+                 member_ns: Callable[[int], Sequence[float]] = lambda group: ()) -> None:
         self.loop = loop
         self.done_r = done_r
         self.reader = DoneReader()
         self.outbox: dict[WorkerProcess, list[bytes]] = {}
         self.flush_scheduled = False
         self.next_task = 0
+        self.member_ns = member_ns  # a group's members' one-image costs, once measured
+
+    def task_ns(self, w: WorkerProcess, task: Task) -> float:
+        """``task``'s compute on ``w`` at its members' one-image costs (0 before they are measured)."""
+        return task.count * mask_ns(self.member_ns(w.group), task.mask & ~FLAGS)
 
     def send(self, w: WorkerProcess, task: Task, wait_us: int = 0) -> None:
         """Give ``w`` a task under a task id of its own (a request split over replicas, or retried,
@@ -123,6 +134,7 @@ class Dispatch:
         w.tasks[tid] = task
         w.sent_at[tid] = self.loop.time()
         w.rows += task.count
+        w.work_ns += self.task_ns(w, task)
         self.outbox.setdefault(w, []).append(TASK.pack(tid, task.start, task.count, wait_us, task.mask))
         if not self.flush_scheduled:
             self.flush_scheduled = True
@@ -235,6 +247,7 @@ class Dispatch:
             return None
         w.sent_at.pop(tid, None)
         w.rows -= task.count
+        w.work_ns = max(0.0, w.work_ns - self.task_ns(w, task)) if w.tasks else 0.0
         if w.deferred:
             waiting, w.deferred = w.deferred, []
             for t in waiting:
@@ -265,6 +278,7 @@ class Dispatch:
         w.deferred.clear()
         w.unsent.clear()
         w.rows = 0
+        w.work_ns = 0.0
         return tasks
 
     def completions(self) -> list[Done]:

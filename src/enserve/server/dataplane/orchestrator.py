@@ -21,7 +21,13 @@ import numpy as np
 
 from enserve.server.config import ServeOptions
 from enserve.server.dataplane import health
-from enserve.server.dataplane.adaptive import ANSWER_AT, PLAN_SHARE, point_costs, richest_point
+from enserve.server.dataplane.adaptive import (
+    ANSWER_AT,
+    PLAN_SHARE,
+    decayed,
+    point_costs,
+    richest_point,
+)
 from enserve.server.dataplane.completions import Completions
 from enserve.server.dataplane.dispatch import (
     MAX_QUEUED_TASKS,
@@ -80,7 +86,7 @@ class Orchestrator(WorkerRecovery, Completions):
         self.rings, self.groups, self.workers = build_runtime(self.repo, self.placement, self.table, self.options)
         self.done_r, self.done_w = os.pipe()
         os.set_blocking(self.done_r, False)
-        self.dispatch = Dispatch(self.loop, self.done_r)
+        self.dispatch = Dispatch(self.loop, self.done_r, lambda group: self.groups[group].member_ns)
         self.supervisor = Supervisor(self.loop, self.done_w, self._worker_exited, self.lifecycle)
         self.deadlines = Deadlines(self.loop, self._expire)
         self.loop.add_reader(self.done_r, self._on_done)
@@ -192,13 +198,12 @@ class Orchestrator(WorkerRecovery, Completions):
     def _point_for(self, model: ServedModel, count: int, objective_s: float) -> int:
         """The richest point of ``model``'s front predicted to answer ``count`` rows within
         ``PLAN_SHARE`` of the objective, from each group's backlog and measured costs."""
-        backlog, row_ns = [], []
+        backlog, scale, now = [], [], self.loop.time()
         for rt in self.groups:
-            ready = [w.rows for w in rt.workers if w.state is WorkerState.READY]
-            row = rt.row_ns or float(sum(rt.member_ns))
-            row_ns.append(row)
-            backlog.append(min(ready) * row if ready else float("inf"))
-        points = point_costs([rt.member_ns for rt in self.groups], row_ns, [p.parts for p in model.points])
+            ready = [w.work_ns for w in rt.workers if w.state is WorkerState.READY]
+            scale.append(decayed(rt.scale, now - rt.scale_at))
+            backlog.append(min(ready) * scale[-1] if ready else float("inf"))
+        points = point_costs([rt.member_ns for rt in self.groups], scale, [p.parts for p in model.points])
         return richest_point(backlog, points, count, PLAN_SHARE * objective_s * 1e9)
 
     def _note_point(self, model: ServedModel, point: int, sustained: int = 32) -> None:

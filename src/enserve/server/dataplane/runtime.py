@@ -31,7 +31,8 @@ class GroupRuntime:
     held: list[Task] = field(default_factory=list)  # tasks waiting for a replica to be ready (dispatch's)
     batch_ns: float = 0.0  # moving average of one batch's compute time
     member_ns: tuple[float, ...] = ()  # one image's compute per member, as its first ready replica measured
-    row_ns: float = 0.0  # moving average of a row's share of its batch's compute time (batching included)
+    scale: float = 1.0  # moving average of a batch's compute over its tasks' one-image costs (batching's gain)
+    scale_at: float = 0.0  # when it was last updated (loop clock)
 
 
 def shm_budget(options: ServeOptions) -> int:

@@ -51,6 +51,7 @@ class WorkerProcess:
     # its tasks, owned by ``dispatch``: task id -> Task, until the worker says it is done or skipped it
     tasks: dict[int, Task] = field(default_factory=dict)
     rows: int = 0  # rows of its tasks not yet answered: the load that replica choice balances
+    work_ns: float = 0.0  # those tasks' compute at its members' one-image costs (``Dispatch.task_ns``)
     sent_at: dict[int, float] = field(default_factory=dict)  # task id -> when it was handed over (loop clock)
     heard_at: float = 0.0  # when it last wrote a frame (loop clock): the watchdog's sign of life
     deferred: list[Task] = field(default_factory=list)  # tasks waiting for one of its tasks on the same rows
