@@ -67,3 +67,11 @@ def test_a_groups_batching_factor_drifts_back_to_its_idle_costs():
     assert decayed(3.0, 2.0) == pytest.approx(1.5)
     assert decayed(0.5, 1.0) == pytest.approx(0.75)  # a gain from batching fades the same way
     assert decayed(3.0, -1.0) == 3.0  # a clock that went back changes nothing
+
+
+def test_the_slack_rises_fast_and_falls_slowly():
+    from enserve.server.dataplane.adaptive import slack
+
+    assert slack(0.0, 30 * MS, 20 * MS) == pytest.approx(0.3 * 10 * MS)  # 10 ms over: up by 30 % of the gap
+    assert slack(10 * MS, 15 * MS, 20 * MS) == pytest.approx(10 * MS - 0.05 * 10 * MS)  # early: down by 5 %
+    assert slack(0.0, 5 * MS, 20 * MS) == 0.0

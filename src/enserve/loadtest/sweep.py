@@ -71,9 +71,11 @@ class Row:
         """Answers within the objective, per second."""
         return sum(a.latency_ms <= objective_ms for a in self.ok()) / self.seconds
 
-    def within(self, objective_ms: float) -> float:
-        """The share of requests answered within the objective (failures count as misses)."""
-        return sum(a.latency_ms <= objective_ms for a in self.ok()) / len(self.answers) if self.answers else math.nan
+    def within(self, objective_ms: float, of_answers: bool = False) -> float:
+        """The share of requests (or of answers) answered within the objective; a failed request is a
+        miss of the first."""
+        n = len(self.ok()) if of_answers else len(self.answers)
+        return sum(a.latency_ms <= objective_ms for a in self.ok()) / n if n else math.nan
 
     def pct(self, q: float) -> float:
         lat = [a.latency_ms for a in self.ok()]
@@ -208,14 +210,19 @@ def print_rows(rows: list[Row], objective_ms: float, capacity_rps: float) -> Non
     print(f"\nobjective {objective_ms:g} ms; the whole ensemble's capacity {capacity_rps:.0f} requests/s "
           f"(closed loop, {CAPACITY_CONCURRENCY} clients)")
     head = (f"{'server':<9} {'x cap':>5} {'offered/s':>9} {'answered/s':>10} {'goodput/s':>9} {'in obj':>7} "
-            f"{'p50 ms':>7} {'p99 ms':>8} {'accuracy':>8} {'errors':>6}  members: share")
+            f"{'of ans':>7} {'p50 ms':>7} {'p99 ms':>8} {'accuracy':>8} {'errors':>6}  members: share")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r.server:<9} {r.offered_rps / capacity_rps:>5.2f} {len(r.answers) / r.seconds:>9.1f} "
               f"{len(r.ok()) / r.seconds:>10.1f} {r.goodput(objective_ms):>9.1f} {r.within(objective_ms):>7.1%} "
-              f"{r.pct(50):>7.1f} {r.pct(99):>8.1f} {r.accuracy():>8.4f} {len(r.answers) - len(r.ok()):>6}  "
+              f"{r.within(objective_ms, True):>7.1%} {r.pct(50):>7.1f} {r.pct(99):>8.1f} {r.accuracy():>8.4f} "
+              f"{len(r.answers) - len(r.ok()):>6}  "
               f"{r.mix()}")
+    for r in rows:
+        failed = Counter(a.error.split(" (")[0][:120] for a in r.answers if a.error is not None)
+        for message, n in failed.most_common(2):
+            print(f"  {r.server} at {r.offered_rps / capacity_rps:.2f}x: {n} x {message}")
 
 
 def plot(rows: list[Row], capacity_rps: float, objective_ms: float, path: Path) -> Path | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 import numpy as np
 
@@ -26,7 +27,9 @@ from enserve.server.dataplane.adaptive import (
     PLAN_SHARE,
     decayed,
     point_costs,
+    predicted_ns,
     richest_point,
+    slack,
 )
 from enserve.server.dataplane.completions import Completions
 from enserve.server.dataplane.dispatch import (
@@ -49,7 +52,7 @@ from enserve.server.errors import (
     Unavailable,
 )
 from enserve.server.lifecycle import Lifecycle
-from enserve.server.protocol import BURST
+from enserve.server.protocol import BURST, FLAGS, Task
 from enserve.server.served.placement import Placement
 from enserve.server.served.repository import Repository
 from enserve.server.served.table import ServedModel, build_table
@@ -80,6 +83,7 @@ class Orchestrator(WorkerRecovery, Completions):
         self.done_r = self.done_w = -1
         self.watchdog: asyncio.TimerHandle | None = None
         self.point_runs: dict[str, tuple[int, int, int]] = {}  # per model: (point logged, point chosen, its run)
+        self.slack_ns = 0.0  # what answers under an objective took beyond their prediction (``adaptive.slack``)
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -140,9 +144,9 @@ class Orchestrator(WorkerRecovery, Completions):
             raise ResourceExhausted(
                 f"model '{model.name}' has {self.inflight[model.name]} requests in flight, the limit is "
                 f"{self.options.max_inflight}; retry later")
-        point = len(model.points) - 1
+        point, predicted = len(model.points) - 1, 0.0
         if objective_s is not None and point > 0:
-            point = self._point_for(model, count, objective_s)
+            point, predicted = self._point_for(model, count, objective_s)
             self._note_point(model, point)
         served = model.points[point]
         for g, _ in served.parts:
@@ -164,7 +168,7 @@ class Orchestrator(WorkerRecovery, Completions):
         anytime = objective_s is not None and model.kind == "ensemble" and ANSWER_AT * objective_s < timeout
         request = InflightRequest(rid, served.recipe, start, count, len(served.parts), self.loop.create_future(),
                                   self.loop.time(), ANSWER_AT * objective_s if anytime else timeout, uncertainty)
-        request.point, request.members = point, served.members
+        request.point, request.members, request.predicted_ns = point, served.members, predicted
         if model.kind == "ensemble":
             request.objective_s = objective_s
         if anytime:  # answered near the objective with the members done, if they hold the first point
@@ -179,11 +183,18 @@ class Orchestrator(WorkerRecovery, Completions):
         # clients: its worker may use every core it is pinned to
         alone = len(self.pending) == 1
         burst = BURST if alone and len(served.parts) == 1 and self.load < QUIET_LOAD else 0
+        first = dict(model.points[0].parts) if anytime else {}
         for g, mask in served.parts:
             rt = self.groups[g]
+            early, rest = (mask & ~FLAGS) & first.get(g, 0), mask & ~FLAGS & ~first.get(g, 0)
+            if early and rest:  # the first point's members apart: done, they can answer before the rest
+                mask &= ~rest
             tasks = self.dispatch.send_part(
                 rt, request, mask | burst, alone,
                 wait_budget(self.options.max_adaptive_wait_us, slowest, rt.batch_ns) if wait else 0)
+            if early and rest:  # never beside the first task on its rows on one replica (``reroute``)
+                self.dispatch.reroute(rt, Task(rid, start, count, rest | (mask & FLAGS) | burst, start))
+                tasks += 1
             request.add_parts(tasks - 1)
             ring.retain(start, tasks)  # each task holds the rows until its worker is done with them
         request.submitted()
@@ -195,16 +206,18 @@ class Orchestrator(WorkerRecovery, Completions):
         return max((sum(c for k, c in enumerate(self.groups[g].member_ns) if mask >> k & 1)
                     for g, mask in model.points[0].parts), default=0.0)
 
-    def _point_for(self, model: ServedModel, count: int, objective_s: float) -> int:
+    def _point_for(self, model: ServedModel, count: int, objective_s: float) -> tuple[int, float]:
         """The richest point of ``model``'s front predicted to answer ``count`` rows within
-        ``PLAN_SHARE`` of the objective, from each group's backlog and measured costs."""
+        ``PLAN_SHARE`` of the objective less the slack answers have shown, from each group's backlog
+        and measured costs; and when it is predicted to be done (ns from now)."""
         backlog, scale, now = [], [], self.loop.time()
         for rt in self.groups:
             ready = [w.work_ns for w in rt.workers if w.state is WorkerState.READY]
             scale.append(decayed(rt.scale, now - rt.scale_at))
             backlog.append(min(ready) * scale[-1] if ready else float("inf"))
         points = point_costs([rt.member_ns for rt in self.groups], scale, [p.parts for p in model.points])
-        return richest_point(backlog, points, count, PLAN_SHARE * objective_s * 1e9)
+        k = richest_point(backlog, points, count, PLAN_SHARE * objective_s * 1e9 - self.slack_ns)
+        return k, predicted_ns(backlog, points[k], count)
 
     def _note_point(self, model: ServedModel, point: int, sustained: int = 32) -> None:
         """One log line when the point served changes and holds for ``sustained`` requests in a row."""
@@ -217,7 +230,12 @@ class Orchestrator(WorkerRecovery, Completions):
             logged = point
         self.point_runs[model.name] = (logged, point, run)
 
+    def _learn_slack(self, request: InflightRequest) -> None:
+        if request.objective_s is not None and request.predicted_ns:
+            self.slack_ns = slack(self.slack_ns, time.perf_counter_ns() - request.t0, request.predicted_ns)
+
     def _finish(self, request: InflightRequest) -> None:
+        self._learn_slack(request)
         self._forget(request)
         request.answer()
         self.deadlines.note_answered()
@@ -227,6 +245,7 @@ class Orchestrator(WorkerRecovery, Completions):
     def _expire(self, request: InflightRequest) -> None:
         """Its deadline passed: DEADLINE_EXCEEDED and its in-flight slot free now; its rows come back
         as its workers finish or skip its tasks."""
+        self._learn_slack(request)
         self._forget(request)
         request.expire()
         if request.recipe.kind == "ensemble" and request.objective_s is not None:

@@ -28,7 +28,7 @@ from enserve.server.served.table import AnswerRecipe
 class InflightRequest:
     __slots__ = ("rid", "recipe", "start", "count", "outstanding", "totals", "squares", "error", "future",
                  "t0", "t_submit", "retried", "timeout_s", "deadline", "uncertainty", "on_answer", "point",
-                 "members", "rows_done", "anytime", "used", "objective_s")
+                 "members", "rows_done", "anytime", "used", "objective_s", "predicted_ns")
 
     def __init__(self, rid: int, recipe: AnswerRecipe, start: int, count: int, parts: int,
                  future: asyncio.Future, now: float, timeout_s: float, uncertainty: bool = True) -> None:
@@ -54,6 +54,7 @@ class InflightRequest:
         self.anytime: frozenset[str] | None = None  # with an objective: the members an early answer needs
         self.used: tuple[str, ...] | None = None  # the members its answer combined (an ensemble's)
         self.objective_s: float | None = None  # its latency objective, when it has one
+        self.predicted_ns = 0.0  # when the policy expected its point to be done (``adaptive``)
 
     @property
     def answered(self) -> bool:
