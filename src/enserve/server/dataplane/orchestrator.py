@@ -25,6 +25,7 @@ from enserve.server.dataplane import health
 from enserve.server.dataplane.adaptive import (
     ANSWER_AT,
     PLAN_SHARE,
+    RISK_SHARE,
     decayed,
     point_costs,
     predicted_ns,
@@ -183,7 +184,9 @@ class Orchestrator(WorkerRecovery, Completions):
         # clients: its worker may use every core it is pinned to
         alone = len(self.pending) == 1
         burst = BURST if alone and len(served.parts) == 1 and self.load < QUIET_LOAD else 0
-        first = dict(model.points[0].parts) if anytime else {}
+        # at risk of an early answer (predicted past half its time): the first point's members apart
+        at_risk = anytime and predicted > RISK_SHARE * ANSWER_AT * objective_s * 1e9
+        first = dict(model.points[0].parts) if at_risk else {}
         for g, mask in served.parts:
             rt = self.groups[g]
             early, rest = (mask & ~FLAGS) & first.get(g, 0), mask & ~FLAGS & ~first.get(g, 0)
