@@ -3,7 +3,6 @@ the measured costs, the front and the objective."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from enserve.server.dataplane.adaptive import point_costs, predicted_ns, richest_point
@@ -41,22 +40,6 @@ def test_prediction_is_the_slowest_group_and_a_front_is_not_empty():
     assert predicted_ns([5 * MS, 1 * MS], [(0, 1 * MS), (1, 3 * MS)], 4) == 13 * MS
     with pytest.raises(ValueError, match="at least one point"):
         richest_point([0.0], [], 1, 1.0)
-
-
-def test_open_loop_arrivals_follow_the_schedule():
-    from enserve.loadtest.sweep import arrival_times, parse_rates
-
-    times = arrival_times([(100.0, 20.0)], seed=3)
-    assert np.all(np.diff(times) > 0) and 0 <= times[0] and times[-1] < 20
-    assert abs(len(times) - 2000) < 4 * np.sqrt(2000)  # Poisson: 2000 expected, sd ~45
-    steps = arrival_times([(50.0, 10.0), (0.0, 5.0), (400.0, 10.0)], seed=1)
-    assert not np.any((steps >= 10) & (steps < 15))  # nothing sent at rate 0
-    first, last = np.sum(steps < 10), np.sum(steps >= 15)
-    assert abs(first - 500) < 4 * np.sqrt(500) and abs(last - 4000) < 4 * np.sqrt(4000)
-    np.testing.assert_array_equal(arrival_times([(10.0, 3.0)], seed=5), arrival_times([(10.0, 3.0)], seed=5))
-    assert parse_rates("0.5x,2x,30", 100.0) == [50.0, 200.0, 30.0]
-    with pytest.raises(ValueError, match="must have a rate and a duration >= 0"):
-        arrival_times([(-1.0, 1.0)])
 
 
 def test_a_groups_batching_factor_drifts_back_to_its_idle_costs():

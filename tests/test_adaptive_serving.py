@@ -199,3 +199,31 @@ def test_the_open_loop_bench_scores_three_servers_against_labels(front_repo, tmp
     assert float(rows["cheapest"][9]) == pytest.approx(np.mean(cheap_right[:asked]), abs=1e-4), rows["cheapest"]
     assert rows["adaptive"][-1].startswith(("1:", "2:", "3:")), rows["adaptive"]  # e.g. 3:100%
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_an_objective_is_ignored_without_a_front_and_taken_from_the_config(tmp_path):
+    """'plain' has no front: an objective (even one below any member's time) changes nothing;
+    'defaulted' sets enserve.objective_ms in its config: its answers name their members unasked."""
+    from enserve.models.synthetic import write_tiny_cnns
+    from enserve.server.served.front import FrontPoint
+    from enserve.server.served.importer import import_onnx
+
+    files = write_tiny_cnns(tmp_path / "onnx", (8, 16))
+    import_onnx(files, tmp_path / "repo", ensemble="plain")
+    import_onnx(files, tmp_path / "repo", ensemble="defaulted", notes={"enserve.objective_ms": "2000"},
+                front=[FrontPoint(("cnn_w8",)), FrontPoint(("cnn_w8", "cnn_w16"))])
+    daemon = start_daemon(tmp_path / "repo", tmp_path)
+    try:
+        client = grpcclient.InferenceServerClient(daemon.grpc_url)
+        x = np.random.default_rng(3).random((2, 3, 32, 32), dtype=np.float32)
+        expected = mean_of({f.stem: f for f in files}, CHEAP, x)
+        out, used = ask(client, x, objective=1e-4, model="plain")
+        assert used is None
+        np.testing.assert_allclose(out, expected, atol=1e-5)
+        out, used = ask(client, x, model="defaulted")
+        assert used == CHEAP  # the config's 2 s objective: the whole front fits, and the answer says so
+        np.testing.assert_allclose(out, expected, atol=1e-5)
+        assert ask(client, x, objective=0, model="defaulted")[1] is None  # 0: none, the config's included
+    finally:
+        assert daemon.stop() == 0
+    assert shm_objects(daemon.pid) == []

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
                            max_batch_size=args.max_batch_size, batch_size=args.batch_size,
                            queue_delay_us=args.max_queue_delay_us, combiner=args.combiner,
                            front_order=None if args.front_order is None else
-                           "cost" if args.front_order == "cost" else args.front_order.split(","))
+                           "cost" if args.front_order.strip() == "cost" else
+                           [n.strip() for n in args.front_order.split(",")])
     except (EnserveError, OSError) as exc:
         return fail("import", exc)
     print(f"wrote {args.model_repository}: members {sorted(repo.members)}, ensemble '{args.ensemble}'")

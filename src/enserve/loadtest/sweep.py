@@ -110,7 +110,9 @@ async def open_loop(url: str, model: str, input_name: str, output_name: str, dat
     batches = [(k * images) % len(x) for k in range(len(times))]
     answers: list[Answer] = []
 
-    async def one(infer, t_sent: float, lo: int) -> None:
+    async def one(infer, t_sent: float, lo: int, start: float) -> None:
+        """One request; its latency runs from its scheduled arrival ``start`` (perf_counter), so that a
+        client that falls behind does not hide the wait (coordinated omission)."""
         rows = np.take(x, range(lo, lo + images), axis=0, mode="wrap")
         request = pb.ModelInferRequest(model_name=model)
         request.inputs.add(name=input_name, datatype=datatype, shape=list(rows.shape))
@@ -118,7 +120,6 @@ async def open_loop(url: str, model: str, input_name: str, output_name: str, dat
         request.raw_input_contents.append(np.ascontiguousarray(rows).tobytes())
         if objective_ms is not None:
             request.parameters["objective_ms"].double_param = objective_ms
-        start = time.perf_counter()
         try:
             reply = pb.ModelInferResponse.FromString(await infer(request.SerializeToString(), timeout=timeout_s))
         except grpc.RpcError as exc:
@@ -140,7 +141,7 @@ async def open_loop(url: str, model: str, input_name: str, output_name: str, dat
             delay = t0 + t - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(infer, float(t), lo)))
+            tasks.append(asyncio.ensure_future(one(infer, float(t), lo, t0 + float(t))))
         await asyncio.gather(*tasks)
     return answers
 
@@ -175,20 +176,23 @@ async def capacity(url: str, model: str, input_name: str, datatype: str, x: np.n
         return done / (time.perf_counter() - t_start)
 
 
-def alone_repository(repository: Path, members: tuple[str, ...], out: Path) -> tuple[Path, str]:
-    """A repository of ``members`` only (the front's first point), and the model to ask: the member
-    itself, or an ensemble of them named 'cheapest'."""
+def alone_repository(repository: Path, model: str, out: Path) -> tuple[Path, str]:
+    """A repository of the first point of ``model``'s front only, and the model to ask: the member
+    itself, or an ensemble of them named 'cheapest' combined as ``model`` combines them."""
+    from enserve import combiners
+    from enserve.server.served.importer import import_onnx
     from enserve.server.served.repository import load_repository
 
-    repo = load_repository(repository)
-    for m in members:
-        shutil.copytree(Path(repository) / m, out / m, ignore=shutil.ignore_patterns(".enserve"))
+    ensemble = load_repository(repository).ensembles[model]
+    members = ensemble.points()[0].members
     if len(members) == 1:
+        shutil.copytree(Path(repository) / members[0], out / members[0], ignore=shutil.ignore_patterns(".enserve"))
         return out, members[0]
-    from enserve.server.served.importer import import_onnx
-
-    import_onnx([out / m / "1" / "model.onnx" for m in members], out, ensemble="cheapest", names=list(members),
-                combiner=repo.ensembles[next(iter(repo.ensembles))].combiner)
+    weight = ensemble.weight_of()
+    rule = combiners.get(ensemble.combiner)
+    import_onnx([Path(repository) / m / "1" / "model.onnx" for m in members], out, ensemble="cheapest",
+                names=list(members), combiner=ensemble.combiner if not rule.weighted else combiners.DEFAULT,
+                weights=[weight[m] for m in members] if rule.weighted else None)
     return out, "cheapest"
 
 
@@ -208,7 +212,9 @@ def parse_rates(text: str, capacity_rps: float | None) -> list[float]:
 
 def print_rows(rows: list[Row], objective_ms: float, capacity_rps: float) -> None:
     print(f"\nobjective {objective_ms:g} ms; the whole ensemble's capacity {capacity_rps:.0f} requests/s "
-          f"(closed loop, {CAPACITY_CONCURRENCY} clients)")
+          f"(closed loop, {CAPACITY_CONCURRENCY} clients); latency from each request's scheduled arrival; "
+          "'in obj': of all requests (a failure is a miss), 'of ans': of the answers; p50, p99 and accuracy: "
+          "of the answers")
     head = (f"{'server':<9} {'x cap':>5} {'offered/s':>9} {'answered/s':>10} {'goodput/s':>9} {'in obj':>7} "
             f"{'of ans':>7} {'p50 ms':>7} {'p99 ms':>8} {'accuracy':>8} {'errors':>6}  members: share")
     print(head)
@@ -272,8 +278,7 @@ def run_sweep(args) -> int:
     with tempfile.TemporaryDirectory(prefix="enserve-sweep-") as tmp:
         daemon = start_daemon(args.model_repository, *args.serve_args, log=Path(tmp) / "daemon.log",
                               timeout=900)  # the allocator profiles every member first
-        alone_repo, alone_model = alone_repository(args.model_repository, ensemble.points()[0].members,
-                                                   Path(tmp) / "alone")
+        alone_repo, alone_model = alone_repository(args.model_repository, args.model, Path(tmp) / "alone")
         cheapest: Server | None = None
         try:
             sig = signature(daemon.grpc_url, args.model)
@@ -282,7 +287,8 @@ def run_sweep(args) -> int:
             x = x.astype(np.dtype(sig.batch(np.random.default_rng(0), 1).dtype))
             cap = asyncio.run(capacity(daemon.grpc_url, args.model, sig.input, sig.datatype, x, images))
             cheapest = start_daemon(alone_repo, *args.serve_args, log=Path(tmp) / "cheapest.log", timeout=900)
-            servers = [("fixed", daemon.grpc_url, args.model, None), ("cheapest", cheapest.grpc_url, alone_model, None),
+            # 0: no objective, whatever the config or the serve flags say
+            servers = [("fixed", daemon.grpc_url, args.model, 0.0), ("cheapest", cheapest.grpc_url, alone_model, 0.0),
                        ("adaptive", daemon.grpc_url, args.model, objective)]
             if args.schedule:
                 steps = [(parse_rates(r, cap)[0], float(s)) for r, s in (item.split(":") for item in

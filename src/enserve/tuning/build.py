@@ -224,8 +224,8 @@ def select_and_export(options: SelectOptions, progress: Callable[[str], None] = 
     names = {n: [f"{trial_dir(library, n).name}" + (f"_{p.stem}" if len(fs) > 1 else "") for p in fs]
              for n, fs in zip(chosen.numbers, files)}
     weights = None if chosen.weights is None else [w / len(fs) for w, fs in zip(chosen.weights, files) for _ in fs]
-    front = [FrontPoint(tuple(x for n in chosen.numbers[:k] for x in names[n]), p.cost, p.error, p.loss)
-             for k, p in enumerate(points, 1)]
+    front = [FrontPoint(tuple(x for n in chosen.numbers[:k] for x in names[n]), cost_s=p.cost, val_error=p.error,
+                        val_loss=p.loss) for k, p in enumerate(points, 1)]
     export_members(library, [x for n in chosen.numbers for x in names[n]], [p for fs in files for p in fs],
                    options.model_repository, options.ensemble, progress=progress, weights=weights,
                    combiner=chosen.combiner, front=front)

@@ -177,8 +177,8 @@ def caruana(preds: np.ndarray, labels: np.ndarray, n_iterations: int = 50,
 
 
 @dataclass(frozen=True)
-class FrontPoint:
-    """One prefix of a nested order: its members (indices), cost and validation loss and error."""
+class Prefix:
+    """One prefix of a nested order: its members (indices), cost and loss and error on the predictions given."""
 
     members: tuple[int, ...]
     cost: float
@@ -219,7 +219,7 @@ def _weights(weights: np.ndarray | None, n: int) -> np.ndarray:
 
 
 def prefix_points(preds: np.ndarray, labels: np.ndarray, costs: np.ndarray, order: list[int],
-                  combiner: str = combiners.DEFAULT, weights: np.ndarray | None = None) -> list[FrontPoint]:
+                  combiner: str = combiners.DEFAULT, weights: np.ndarray | None = None) -> list[Prefix]:
     """Each prefix of ``order`` measured as the server would answer with it: cost, loss, error."""
     _check(preds, labels, costs)
     rule, weights = combiners.get(combiner), _weights(weights, len(preds))
@@ -229,6 +229,6 @@ def prefix_points(preds: np.ndarray, labels: np.ndarray, costs: np.ndarray, orde
     for k, m in enumerate(order, 1):
         total = total + weights[m] * terms[m]
         answer = rule.finish(total, weights[order[:k]].sum())
-        points.append(FrontPoint(tuple(order[:k]), ensemble_cost(order[:k], np.asarray(costs)),
+        points.append(Prefix(tuple(order[:k]), ensemble_cost(order[:k], np.asarray(costs)),
                                  cross_entropy(answer, labels), error_rate(answer, labels)))
     return points

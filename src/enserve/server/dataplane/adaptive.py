@@ -18,6 +18,23 @@ ANSWER_AT = 0.8  # of the objective: when a request not yet complete is answered
 # rest is for the answer's way out through a busy front: under 4x load on 2 cores it took up to ~6 ms of 50)
 
 
+SUSTAINED_RUN = 32  # requests in a row on one point before the log says the point served changed
+
+
+def mask_ns(member_ns: Sequence[float], mask: int) -> float:
+    """One image's compute through the members ``mask`` names (bits past the members are ignored)."""
+    return float(sum(c for k, c in enumerate(member_ns) if mask >> k & 1))
+
+
+def batch_factor(previous: float, infer_ns: float, one_by_one_ns: float, weight: float = 0.25) -> float:
+    """A group's batching factor after a batch: a moving average of the members' measured compute
+    (their session runs only: gathering rows and storing sums are the fronts' slack) over the same
+    images' one-image costs, kept within [0.05, 20]."""
+    if one_by_one_ns <= 0:
+        return previous
+    return min(20.0, max(0.05, previous + weight * (infer_ns / one_by_one_ns - previous)))
+
+
 def predicted_ns(backlog_ns: Sequence[float], point: Sequence[tuple[int, float]], rows: int) -> float:
     """When a request of ``rows`` rows to a point would be done: the latest of its groups, each
     ``backlog_ns[g]`` plus ``rows`` times the point's time per row on that group (``point``: pairs
@@ -26,13 +43,13 @@ def predicted_ns(backlog_ns: Sequence[float], point: Sequence[tuple[int, float]]
 
 
 def richest_point(backlog_ns: Sequence[float], points: Sequence[Sequence[tuple[int, float]]], rows: int,
-                  objective_ns: float) -> int:
+                  budget_ns: float) -> int:
     """The index of the richest point (the last of ``points`` that fits) predicted to finish within
-    ``objective_ns``; 0, the cheapest, when none does."""
+    ``budget_ns`` (the caller's share of the objective); 0, the cheapest, when none does."""
     if not points:
         raise ValueError("a front has at least one point")
     for i in range(len(points) - 1, 0, -1):
-        if predicted_ns(backlog_ns, points[i], rows) <= objective_ns:
+        if predicted_ns(backlog_ns, points[i], rows) <= budget_ns:
             return i
     return 0
 
@@ -60,5 +77,4 @@ def point_costs(member_ns: Sequence[Sequence[float]], scale: Sequence[float],
     mask of its members there): the one-image costs of its members there (``member_ns``, as each
     group's first replica measured them) times the group's batching factor (``scale``: a batch's
     measured compute over the same costs of its tasks)."""
-    return [[(g, scale[g] * sum(c for k, c in enumerate(member_ns[g]) if mask >> k & 1)) for g, mask in parts]
-            for parts in masks]
+    return [[(g, scale[g] * mask_ns(member_ns[g], mask)) for g, mask in parts] for parts in masks]

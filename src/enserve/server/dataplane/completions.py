@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+from enserve.server.dataplane.adaptive import batch_factor
 from enserve.server.dataplane.stats import record_batch
 from enserve.server.dataplane.supervisor import WorkerProcess
 from enserve.server.errors import Internal
@@ -64,10 +65,9 @@ class Completions:
         if ok and frame.rows:
             per_batch = frame.input_ns + frame.infer_ns + frame.output_ns
             rt.batch_ns += 0.1 * (per_batch - rt.batch_ns)
-            costs = [w.tasks[tid] for tid in frame.ids if tid in w.tasks]
-            predicted = sum(self.dispatch.task_ns(w, t) for t in costs)
-            if predicted > 0:  # how far batching makes a batch cheaper than its images one by one
-                rt.scale += 0.25 * (per_batch / predicted - rt.scale)
+            one_by_one = sum(self.dispatch.task_ns(w, w.tasks[tid]) for tid in frame.ids if tid in w.tasks)
+            if one_by_one > 0:  # how far batching makes a batch cheaper than its images one by one
+                rt.scale = batch_factor(rt.scale, frame.infer_ns, one_by_one)
                 rt.scale_at = self.loop.time()
         ran = 0
         for tid in frame.ids:

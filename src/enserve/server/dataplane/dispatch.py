@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 
+from enserve.server.dataplane.adaptive import mask_ns
 from enserve.server.dataplane.request import InflightRequest
 from enserve.server.dataplane.runtime import GroupRuntime
 from enserve.server.dataplane.supervisor import WorkerProcess, WorkerState
@@ -103,11 +104,6 @@ def least_loaded(workers: Iterable[WorkerProcess]) -> WorkerProcess | None:
         if w.state is WorkerState.READY and (best is None or w.rows < best.rows):
             best = w
     return best
-
-
-def mask_ns(member_ns: Sequence[float], mask: int) -> float:
-    """One image's compute through the members ``mask`` names (flag bits ignored)."""
-    return float(sum(c for k, c in enumerate(member_ns) if mask >> k & 1))
 
 
 class Dispatch:

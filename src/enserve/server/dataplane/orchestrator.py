@@ -26,7 +26,9 @@ from enserve.server.dataplane.adaptive import (
     ANSWER_AT,
     PLAN_SHARE,
     RISK_SHARE,
+    SUSTAINED_RUN,
     decayed,
+    mask_ns,
     point_costs,
     predicted_ns,
     richest_point,
@@ -206,8 +208,7 @@ class Orchestrator(WorkerRecovery, Completions):
     def cheapest_point_ns(self, model: ServedModel) -> float:
         """The least time the first point of ``model``'s front takes for one row on idle replicas: its
         slowest group's members, one image's measured cost each (0 before any is measured)."""
-        return max((sum(c for k, c in enumerate(self.groups[g].member_ns) if mask >> k & 1)
-                    for g, mask in model.points[0].parts), default=0.0)
+        return max((mask_ns(self.groups[g].member_ns, mask) for g, mask in model.points[0].parts), default=0.0)
 
     def _point_for(self, model: ServedModel, count: int, objective_s: float) -> tuple[int, float]:
         """The richest point of ``model``'s front predicted to answer ``count`` rows within
@@ -222,7 +223,7 @@ class Orchestrator(WorkerRecovery, Completions):
         k = richest_point(backlog, points, count, PLAN_SHARE * objective_s * 1e9 - self.slack_ns)
         return k, predicted_ns(backlog, points[k], count)
 
-    def _note_point(self, model: ServedModel, point: int, sustained: int = 32) -> None:
+    def _note_point(self, model: ServedModel, point: int, sustained: int = SUSTAINED_RUN) -> None:
         """One log line when the point served changes and holds for ``sustained`` requests in a row."""
         logged, last, run = self.point_runs.get(model.name, (len(model.points) - 1, -1, 0))
         run = run + 1 if point == last else 1

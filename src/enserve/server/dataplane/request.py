@@ -150,7 +150,13 @@ class InflightRequest:
             self.recipe = replace(self.recipe, weight_sum=self.recipe.weight_of(done))
             self.answer()
             return
-        if self.anytime is not None:
+        if self.anytime is not None and done is None:
+            half = sorted(m for m, rows in self.rows_done.items() if rows != self.count)
+            self.fail(DeadlineExceeded(
+                f"request to model '{self.recipe.model}' was not done within its objective of "
+                f"{self.objective_s * 1e3:g} ms, and no early answer could be made: members {half} had only "
+                f"part of its {self.count} rows"))
+        elif self.anytime is not None:
             have = "none" if not self.rows_done else ", ".join(sorted(self.rows_done))
             self.fail(DeadlineExceeded(
                 f"request to model '{self.recipe.model}' could not reach the front's first point "

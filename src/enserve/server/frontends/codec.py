@@ -8,7 +8,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from enserve.server.errors import InvalidArgument
 from enserve.server.serving.service import (
-    OBJECTIVE_PARAMETER,
+    REQUEST_OBJECTIVE,
     OutputValue,
     PendingInfer,
     Service,
@@ -84,12 +84,12 @@ def begin_infer(service: Service, request: pb.ModelInferRequest, deadline_s: flo
     if deadline_s is not None:
         timeout = deadline_s if timeout is None else min(timeout, deadline_s)
     objective = None
-    if OBJECTIVE_PARAMETER in request.parameters:
-        given = request.parameters[OBJECTIVE_PARAMETER]
+    if REQUEST_OBJECTIVE in request.parameters:
+        given = request.parameters[REQUEST_OBJECTIVE]
         kind = given.WhichOneof("parameter_choice")
         if kind not in ("double_param", "int64_param", "uint64_param"):
-            raise InvalidArgument(f"parameter '{OBJECTIVE_PARAMETER}' must be a number of milliseconds "
-                                  f"(double_param or int64_param), not a {kind}")
+            raise InvalidArgument(f"parameter '{REQUEST_OBJECTIVE}' must be a number of milliseconds "
+                                  f"(double_param, int64_param or uint64_param), not {kind or 'unset'}")
         objective = parse_objective(getattr(given, kind))
     return service.begin(request.model_name, request.model_version, inputs, outputs, timeout, objective)
 

@@ -17,7 +17,7 @@ from enserve.server.errors import InvalidArgument, PayloadTooLarge, RequestTimeo
 from enserve.server.frontends.security import Tokens, is_admin_path, is_open_path
 from enserve.server.frontends.status import status_of
 from enserve.server.serving.service import (
-    OBJECTIVE_PARAMETER,
+    REQUEST_OBJECTIVE,
     Service,
     cuda_shm_unavailable,
     parse_objective,
@@ -311,7 +311,7 @@ class HttpFrontend:
             params = header.get("parameters", {})
             timeout = parse_timeout(params.get("timeout"))
             pending = self.service.begin(model, version, inputs, outputs, timeout,
-                                         parse_objective(params.get(OBJECTIVE_PARAMETER)))
+                                         parse_objective(params.get(REQUEST_OBJECTIVE)))
             values = pending.finish(await pending.future)
         finally:
             limits.release(held)

@@ -9,8 +9,9 @@ any client reads from ``ModelConfig`` without enserve's code::
 
 Each point holds every member of the one before it and at least one more; the last holds them all.
 ``cost_s`` is the paper's C (seconds for 2000 samples on one core); ``val_error`` and ``val_loss``
-are measured on the selection's validation predictions, and absent for an imported ensemble ordered
-by cost alone. An ensemble without the parameter has one point: all its members.
+are measured on the selection's validation predictions; an imported ensemble has ``cost_s`` when
+ordered by measured cost, and none of the three when ordered by name. The server reads only the
+members: it measures costs itself. An ensemble without the parameter has one point: all its members.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def parse_front(text: str, members: list[str], where: str) -> tuple[FrontPoint, 
     except json.JSONDecodeError as exc:
         raise RepositoryError(f"{where}: {FRONT_PARAMETER} is not JSON ({exc.msg} at character {exc.pos}): "
                               f"{text[:200]!r}") from None
+    except RecursionError:
+        raise RepositoryError(f"{where}: {FRONT_PARAMETER} nests too deeply to be a list of points") from None
     if not isinstance(raw, list) or not raw:
         raise RepositoryError(f"{where}: {FRONT_PARAMETER} must be a non-empty JSON list of points, got {text[:200]!r}")
     points: list[FrontPoint] = []
@@ -80,7 +83,7 @@ def parse_front(text: str, members: list[str], where: str) -> tuple[FrontPoint, 
             value = item.get(key)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) \
                     or value < 0 or (key == "val_error" and value > 1):
                 rule = "a number in [0, 1]" if key == "val_error" else "a finite number >= 0"
                 raise RepositoryError(f"{at}: {key} is {json.dumps(value)}, but must be {rule}")
@@ -95,9 +98,8 @@ def parse_front(text: str, members: list[str], where: str) -> tuple[FrontPoint, 
     return tuple(points)
 
 
-def in_order(points: tuple[FrontPoint, ...]) -> list[str]:
-    """The members in the order the points add them."""
-    order: list[str] = []
-    for p in points:
-        order += [m for m in p.members if m not in order]
-    return order
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False

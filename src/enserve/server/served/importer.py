@@ -72,6 +72,8 @@ def import_onnx(
             MemberSpec(n, f, inputs, outputs, max_batch_size, min(batch_size, max_batch_size), queue_delay_us)
         )
     check_compatible(members)
+    if front is None and front_order is not None:  # before anything is written: a failure leaves no half repository
+        front = ordered_front(names, [Path(f) for f in files], front_order)
     repository = Path(repository)
     repository.mkdir(parents=True, exist_ok=True)
     for m in members:
@@ -86,8 +88,6 @@ def import_onnx(
         raise RepositoryError(str(exc)) from None
     if weights is not None:
         ens.weights = parse_weights(",".join(f"{w:.17g}" for w in weights), names, f"ensemble '{ensemble}'")
-    if front is None and front_order is not None:
-        front = ordered_front(names, [Path(f) for f in files], front_order)
     if front is not None:
         ens.front = parse_front(front_text(front), names, f"ensemble '{ensemble}'")
     write_config(repository / ensemble, ensemble_config(ens, {m.name: m for m in members}))
@@ -125,7 +125,13 @@ def ordered_front(names: list[str], files: list[Path], order: list[str] | str) -
     """The prefixes of ``order`` (member names, or "cost": cheapest first, each member's cost
     measured) as a front."""
     if order == "cost":
-        costs = {n: COST_SAMPLES * one_image_cost_s(f) for n, f in zip(names, files)}
+        costs = {}
+        for n, f in zip(names, files):
+            try:
+                costs[n] = COST_SAMPLES * one_image_cost_s(f)
+            except Exception as exc:  # ONNX Runtime's own errors: the member cannot be run here
+                raise RepositoryError(f"cannot measure the cost of member '{n}' ({f}) with ONNX Runtime: "
+                                      f"{type(exc).__name__}: {str(exc)[:300]}") from None
         order = sorted(names, key=lambda n: (costs[n], names.index(n)))
     else:
         costs = {}

@@ -28,8 +28,8 @@ ENSEMBLE_PLATFORM = "ensemble"
 ENTROPY_OUTPUT = "entropy"
 VARIANCE_OUTPUT = "member_variance"
 UNCERTAINTY_OUTPUTS = (ENTROPY_OUTPUT, VARIANCE_OUTPUT)
-OBJECTIVE_PARAMETER = "enserve.objective_ms"  # an ensemble's default latency objective
-SPEC_PARAMETERS = ("enserve.combiner", "enserve.weights", FRONT_PARAMETER, OBJECTIVE_PARAMETER)  # the rest: notes
+CONFIG_OBJECTIVE = "enserve.objective_ms"  # an ensemble's default latency objective
+SPEC_PARAMETERS = ("enserve.combiner", "enserve.weights", FRONT_PARAMETER, CONFIG_OBJECTIVE)  # the rest: notes
 INPUT_NOTE, CLASSES_NOTE = "enserve.input", "enserve.classes"  # what the input expects; the outputs' classes
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_BATCH_SIZE = 32  # what a member runs at when its config names no preferred batch size
@@ -232,7 +232,7 @@ def ensemble_config(spec: EnsembleSpec, members: dict[str, MemberSpec]) -> mc.Mo
     if spec.front:
         cfg.parameters[FRONT_PARAMETER].string_value = front_text(spec.front)
     if spec.objective_ms is not None:
-        cfg.parameters[OBJECTIVE_PARAMETER].string_value = f"{spec.objective_ms:g}"
+        cfg.parameters[CONFIG_OBJECTIVE].string_value = f"{spec.objective_ms:g}"
     for key, value in spec.notes.items():
         cfg.parameters[key].string_value = value
     return cfg
@@ -403,15 +403,21 @@ def _ensemble_from_config(cfg, repo: Repository, path: Path) -> EnsembleSpec:
                               f"enserve.weights; use one of {weighted}, or remove the weights")
     front = parse_front(cfg.parameters[FRONT_PARAMETER].string_value, names, f"ensemble '{cfg.name}'") \
         if FRONT_PARAMETER in cfg.parameters else ()
+    if weights is not None:
+        weight = dict(zip(names, weights))
+        for i, p in enumerate(front):
+            if sum(weight[m] for m in p.members) <= 0:
+                raise RepositoryError(f"ensemble '{cfg.name}': {FRONT_PARAMETER} point {i} ({list(p.members)}) has "
+                                      "members whose enserve.weights sum to 0: it could not answer")
     objective = None
-    if OBJECTIVE_PARAMETER in cfg.parameters:
-        text = cfg.parameters[OBJECTIVE_PARAMETER].string_value
+    if CONFIG_OBJECTIVE in cfg.parameters:
+        text = cfg.parameters[CONFIG_OBJECTIVE].string_value
         try:
             objective = float(text)
         except ValueError:
             objective = math.nan
         if not math.isfinite(objective) or objective <= 0:
-            raise RepositoryError(f"ensemble '{cfg.name}': {OBJECTIVE_PARAMETER} is '{text}', but must be a number of "
+            raise RepositoryError(f"ensemble '{cfg.name}': {CONFIG_OBJECTIVE} is '{text}', but must be a number of "
                                   "milliseconds > 0")
     members = [repo.members[n] for n in names]
     check_compatible(members)

@@ -35,7 +35,7 @@ from enserve.server.serving.tensors import (
 )
 
 EXTENSIONS = ["model_configuration", "system_shared_memory", "statistics", "binary_tensor_data"]
-OBJECTIVE_PARAMETER = "objective_ms"  # a request's latency objective
+REQUEST_OBJECTIVE = "objective_ms"  # a request's parameter: its latency objective
 MEMBERS_PARAMETER = "enserve_members"  # the answer's: the members it combined (comma-separated)
 
 
@@ -181,9 +181,10 @@ class Service:
 
     def _objective(self, orchestrator: Orchestrator, target: ServedModel, given: float | None) -> float | None:
         """The request's latency objective in seconds: its own, else its model's, else the server's;
-        None for a member or when there is none. One that even the front's cheapest point cannot
-        meet (its members' measured time for these rows) is refused."""
-        if target.kind != "ensemble":
+        None for a member, an ensemble without a front (one point: nothing to choose) or when there is
+        none. One that even the front's cheapest point cannot meet is refused: the answer is due at
+        ``ANSWER_AT`` of the objective, so that share must hold its members' measured time for one row."""
+        if target.kind != "ensemble" or len(target.points) < 2:
             return None
         objective = given if given is not None else target.objective_s if target.objective_s is not None else \
             None if self.options.objective_ms is None else self.options.objective_ms / 1e3
@@ -236,11 +237,17 @@ def parse_objective(value) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgument(f"{OBJECTIVE_PARAMETER} '{value}' is not a number of milliseconds")
-    if not math.isfinite(value) or value < 0:
-        raise InvalidArgument(f"{OBJECTIVE_PARAMETER} is {value}, but must be a finite number of milliseconds >= 0 "
+        raise InvalidArgument(f"{REQUEST_OBJECTIVE} '{value}' is not a number of milliseconds")
+    try:
+        seconds = float(value) / 1e3
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or value < 0:
+        raise InvalidArgument(f"{REQUEST_OBJECTIVE} is {value}, but must be a finite number of milliseconds >= 0 "
                               "(0: none)")
-    return value / 1e3
+    if value > 0 and seconds == 0:
+        raise InvalidArgument(f"{REQUEST_OBJECTIVE} is {value}: too small to be a number of milliseconds")
+    return seconds
 
 
 def parse_timeout(value) -> float | None:
