@@ -22,3 +22,14 @@ def test_open_loop_arrivals_follow_the_schedule():
     with pytest.raises(ValueError, match="must have a rate and a duration >= 0"):
         arrival_times([(-1.0, 1.0)])
 
+
+
+def test_bad_rates_and_schedules_are_refused_in_words():
+    from enserve.loadtest.sweep import parse_rates, parse_schedule
+
+    assert parse_schedule("1x:10,30:5", 100.0) == [(100.0, 10.0), (30.0, 5.0)]
+    for bad, message in (("fast", "rate 'fast' is not a number"), ("-2x", "rate '-2x' is not a number")):
+        with pytest.raises(SystemExit, match=message):
+            parse_rates(bad, 100.0)
+    with pytest.raises(SystemExit, match="schedule step '2x' must be 'rate:seconds'"):
+        parse_schedule("2x", 100.0)

@@ -93,7 +93,10 @@ class Row:
 
 def load_labelled(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Rows and labels from an npz: ``x_test``/``y_test``, or ``x``/``y``."""
-    data = np.load(path)
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--labelled {path}: cannot read it as an npz ({exc})") from None
     for x, y in (("x_test", "y_test"), ("x", "y")):
         if x in data and y in data:
             return data[x], data[y]
@@ -201,13 +204,33 @@ def parse_rates(text: str, capacity_rps: float | None) -> list[float]:
     out = []
     for item in text.split(","):
         item = item.strip()
-        if item.endswith("x"):
-            if capacity_rps is None:
-                raise SystemExit(f"rate '{item}' is relative to the capacity, which was not measured")
-            out.append(float(item[:-1]) * capacity_rps)
-        else:
-            out.append(float(item))
+        relative = item.endswith("x")
+        if relative and capacity_rps is None:
+            raise SystemExit(f"rate '{item}' is relative to the capacity, which was not measured")
+        try:
+            rate = float(item[:-1] if relative else item)
+        except ValueError:
+            rate = math.nan
+        if not math.isfinite(rate) or rate < 0:
+            raise SystemExit(f"rate '{item}' is not a number of requests per second >= 0, nor one followed by 'x' "
+                             "(times the measured capacity)")
+        out.append(rate * capacity_rps if relative else rate)
     return out
+
+
+def parse_schedule(text: str, capacity_rps: float) -> list[tuple[float, float]]:
+    """'1x:10,4x:5' as (requests per second, seconds) steps."""
+    steps = []
+    for item in text.split(","):
+        rate, _, seconds = item.partition(":")
+        try:
+            duration = float(seconds)
+        except ValueError:
+            duration = math.nan
+        if not math.isfinite(duration) or duration <= 0:
+            raise SystemExit(f"schedule step '{item}' must be 'rate:seconds' with seconds > 0, e.g. '2x:10'")
+        steps.append((parse_rates(rate, capacity_rps)[0], duration))
+    return steps
 
 
 def print_rows(rows: list[Row], objective_ms: float, capacity_rps: float) -> None:
@@ -269,6 +292,10 @@ def run_sweep(args) -> int:
     if ensemble is None or len(ensemble.points()) < 2:
         raise SystemExit(f"model '{args.model}' in {args.model_repository} is not an ensemble with a front "
                          "(enserve.front: written by enserve select, or enserve import --front-order)")
+    if args.schedule:  # refused before any daemon starts (the capacity only scales them)
+        parse_schedule(args.schedule, 1.0)
+    else:
+        parse_rates(args.rate, 1.0)
     if args.labelled is not None:
         x, y = load_labelled(args.labelled)
     else:
@@ -291,8 +318,7 @@ def run_sweep(args) -> int:
             servers = [("fixed", daemon.grpc_url, args.model, 0.0), ("cheapest", cheapest.grpc_url, alone_model, 0.0),
                        ("adaptive", daemon.grpc_url, args.model, objective)]
             if args.schedule:
-                steps = [(parse_rates(r, cap)[0], float(s)) for r, s in (item.split(":") for item in
-                                                                         args.schedule.split(","))]
+                steps = parse_schedule(args.schedule, cap)
             else:
                 steps = [(rate, args.seconds) for rate in parse_rates(args.rate, cap)]
             rows: list[Row] = []

@@ -65,7 +65,8 @@ class Completions:
         if ok and frame.rows:
             per_batch = frame.input_ns + frame.infer_ns + frame.output_ns
             rt.batch_ns += 0.1 * (per_batch - rt.batch_ns)
-            one_by_one = sum(self.dispatch.task_ns(w, w.tasks[tid]) for tid in frame.ids if tid in w.tasks)
+            one_by_one = 0.0 if self.dispatch.member_ns is None else \
+                sum(self.dispatch.task_ns(w, w.tasks[tid]) for tid in frame.ids if tid in w.tasks)
             if one_by_one > 0:  # how far batching makes a batch cheaper than its images one by one
                 rt.scale = batch_factor(rt.scale, frame.infer_ns, one_by_one)
                 rt.scale_at = self.loop.time()

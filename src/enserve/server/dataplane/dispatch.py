@@ -108,17 +108,22 @@ def least_loaded(workers: Iterable[WorkerProcess]) -> WorkerProcess | None:
 
 class Dispatch:
     def __init__(self, loop: asyncio.AbstractEventLoop, done_r: int,
-                 member_ns: Callable[[int], Sequence[float]] = lambda group: ()) -> None:
+                 member_ns: Callable[[int], Sequence[float]] | None = None) -> None:
         self.loop = loop
         self.done_r = done_r
         self.reader = DoneReader()
         self.outbox: dict[WorkerProcess, list[bytes]] = {}
         self.flush_scheduled = False
         self.next_task = 0
-        self.member_ns = member_ns  # a group's members' one-image costs, once measured
+        # a group's members' one-image costs, once measured; None: no served front, nothing to predict,
+        # and no work counted on the hot path
+        self.member_ns = member_ns
 
     def task_ns(self, w: WorkerProcess, task: Task) -> float:
-        """``task``'s compute on ``w`` at its members' one-image costs (0 before they are measured)."""
+        """``task``'s compute on ``w`` at its members' one-image costs (0 before they are measured, or
+        when nothing predicts)."""
+        if self.member_ns is None:
+            return 0.0
         return task.count * mask_ns(self.member_ns(w.group), task.mask & ~FLAGS)
 
     def send(self, w: WorkerProcess, task: Task, wait_us: int = 0) -> None:

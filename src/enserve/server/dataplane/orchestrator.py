@@ -93,7 +93,9 @@ class Orchestrator(WorkerRecovery, Completions):
         self.rings, self.groups, self.workers = build_runtime(self.repo, self.placement, self.table, self.options)
         self.done_r, self.done_w = os.pipe()
         os.set_blocking(self.done_r, False)
-        self.dispatch = Dispatch(self.loop, self.done_r, lambda group: self.groups[group].member_ns)
+        fronts = any(len(m.points) > 1 for m in self.models.values())  # else no latency objective applies
+        self.dispatch = Dispatch(self.loop, self.done_r,
+                                 (lambda group: self.groups[group].member_ns) if fronts else None)
         self.supervisor = Supervisor(self.loop, self.done_w, self._worker_exited, self.lifecycle)
         self.deadlines = Deadlines(self.loop, self._expire)
         self.loop.add_reader(self.done_r, self._on_done)
@@ -171,7 +173,7 @@ class Orchestrator(WorkerRecovery, Completions):
         anytime = objective_s is not None and model.kind == "ensemble" and ANSWER_AT * objective_s < timeout
         request = InflightRequest(rid, served.recipe, start, count, len(served.parts), self.loop.create_future(),
                                   self.loop.time(), ANSWER_AT * objective_s if anytime else timeout, uncertainty)
-        request.point, request.members, request.predicted_ns = point, served.members, predicted
+        request.members, request.predicted_ns = served.members, predicted
         if model.kind == "ensemble":
             request.objective_s = objective_s
         if anytime:  # answered near the objective with the members done, if they hold the first point
@@ -192,12 +194,13 @@ class Orchestrator(WorkerRecovery, Completions):
         for g, mask in served.parts:
             rt = self.groups[g]
             early, rest = (mask & ~FLAGS) & first.get(g, 0), mask & ~FLAGS & ~first.get(g, 0)
-            if early and rest:  # the first point's members apart: done, they can answer before the rest
+            apart = bool(early and rest)  # the first point's members apart: done, they answer before the rest
+            if apart:
                 mask &= ~rest
             tasks = self.dispatch.send_part(
                 rt, request, mask | burst, alone,
                 wait_budget(self.options.max_adaptive_wait_us, slowest, rt.batch_ns) if wait else 0)
-            if early and rest:  # never beside the first task on its rows on one replica (``reroute``)
+            if apart:  # never beside the first task on its rows on one replica (``reroute``)
                 self.dispatch.reroute(rt, Task(rid, start, count, rest | (mask & FLAGS) | burst, start))
                 tasks += 1
             request.add_parts(tasks - 1)

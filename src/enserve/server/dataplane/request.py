@@ -27,7 +27,7 @@ from enserve.server.served.table import AnswerRecipe
 
 class InflightRequest:
     __slots__ = ("rid", "recipe", "start", "count", "outstanding", "totals", "squares", "error", "future",
-                 "t0", "t_submit", "retried", "timeout_s", "deadline", "uncertainty", "on_answer", "point",
+                 "t0", "t_submit", "retried", "timeout_s", "deadline", "uncertainty", "on_answer",
                  "members", "rows_done", "anytime", "used", "objective_s", "predicted_ns")
 
     def __init__(self, rid: int, recipe: AnswerRecipe, start: int, count: int, parts: int,
@@ -48,8 +48,7 @@ class InflightRequest:
         self.deadline = now + timeout_s  # on the event loop's clock
         self.uncertainty = uncertainty  # compute the ensemble's entropy and variance outputs
         self.on_answer: Callable[[asyncio.Future], None] | None = None  # called at once, not a loop turn later
-        self.point = 0  # the index of the front point it was given (``adaptive``)
-        self.members: tuple[str, ...] = ()  # that point's members
+        self.members: tuple[str, ...] = ()  # the members of the front point it was given (``adaptive``)
         self.rows_done: dict[str, int] = {}  # per member, the rows whose terms are in ``totals``
         self.anytime: frozenset[str] | None = None  # with an objective: the members an early answer needs
         self.used: tuple[str, ...] | None = None  # the members its answer combined (an ensemble's)
