@@ -42,7 +42,7 @@ def test_prediction_is_the_slowest_group_and_a_front_is_not_empty():
         richest_point([0.0], [], 1, 1.0)
 
 
-def test_a_groups_batching_factor_drifts_back_to_its_idle_costs():
+def test_what_load_taught_fades_back_to_its_idle_value():
     from enserve.server.dataplane.adaptive import decayed
 
     assert decayed(3.0, 0.0) == 3.0
@@ -50,6 +50,8 @@ def test_a_groups_batching_factor_drifts_back_to_its_idle_costs():
     assert decayed(3.0, 2.0) == pytest.approx(1.5)
     assert decayed(0.5, 1.0) == pytest.approx(0.75)  # a gain from batching fades the same way
     assert decayed(3.0, -1.0) == 3.0  # a clock that went back changes nothing
+    assert decayed(8e6, 1.0, rest=0.0) == pytest.approx(4e6)  # the slack fades to 0 the same way
+    assert decayed(8e6, 3.0, rest=0.0) == pytest.approx(1e6)
 
 
 def test_the_slack_rises_fast_and_falls_slowly():

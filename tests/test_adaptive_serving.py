@@ -60,7 +60,10 @@ def ask(client, x, objective=None, model="ensemble"):
     result = client.infer(model, [inp], parameters=None if objective is None else {"objective_ms": objective})
     params = result.get_response().parameters
     used = params["enserve_members"].string_param.split(",") if "enserve_members" in params else None
-    return result.as_numpy("probs"), used
+    mask = result.as_numpy("members_used")  # per row, the members (in step order) the answer combined
+    if used is not None:
+        assert mask.tolist() == [[m in used for m in ALL[: mask.shape[1]]]] * len(x), (mask, used)
+    return result.as_numpy("probs"), used, mask
 
 
 def slow_member_ms(client, x) -> float:
@@ -78,14 +81,18 @@ def test_an_objective_below_the_slow_member_is_answered_by_the_named_cheaper_mem
     x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
     client = grpcclient.InferenceServerClient(daemon.grpc_url)
     slow = slow_member_ms(client, x[:1])
-    out, used = ask(client, x, objective=slow / 3)
+    out, used, mask = ask(client, x, objective=slow / 3)
     assert used == CHEAP, (used, slow)
+    assert mask.dtype == np.bool_ and mask.tolist() == [[True, True, False]] * 2
     np.testing.assert_allclose(out, mean_of(files, CHEAP, x), atol=1e-5)
-    out, used = ask(client, x)  # no objective: the whole ensemble, and no parameter
-    assert used is None
+    out, used, mask = ask(client, x)  # no objective: the whole ensemble, and no parameter
+    assert used is None and mask.tolist() == [[True, True, True]] * 2
     np.testing.assert_allclose(out, mean_of(files, ALL, x), atol=1e-5)
-    out, used = ask(client, x, objective=0)  # 0: none for this request
-    assert used is None
+    out, used, mask = ask(client, x, objective=0)  # 0: none for this request
+    assert used is None and mask.all()
+    meta = client.get_model_metadata("ensemble", as_json=True)
+    assert {"name": "members_used", "datatype": "BOOL", "shape": ["-1", "3"]} in meta["outputs"], meta
+    assert all(o["name"] != "members_used" for o in client.get_model_metadata("cnn_w8", as_json=True)["outputs"])
     # over HTTP: the same answer, the members named in the response's parameters
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}],
             "parameters": {"objective_ms": slow / 3}}
@@ -94,6 +101,8 @@ def test_an_objective_below_the_slow_member_is_answered_by_the_named_cheaper_mem
     with urllib.request.urlopen(req, timeout=30) as r:
         answer = json.loads(r.read())
     assert answer["parameters"] == {"enserve_members": ",".join(CHEAP)}
+    used_out = next(o for o in answer["outputs"] if o["name"] == "members_used")
+    assert (used_out["datatype"], used_out["shape"], used_out["data"]) == ("BOOL", [2, 3], [True, True, False] * 2)
     probs = np.asarray(answer["outputs"][0]["data"], np.float32).reshape(answer["outputs"][0]["shape"])
     np.testing.assert_allclose(probs, mean_of(files, CHEAP, x), atol=1e-5)
 
@@ -112,7 +121,7 @@ def test_overload_falls_back_to_cheaper_points_and_the_whole_ensemble_returns(se
         end = time.monotonic() + 3
         while time.monotonic() < end:
             try:
-                out, members = ask(c, x, objective)
+                out, members, _ = ask(c, x, objective)
                 used.append(members)
                 np.testing.assert_allclose(out, mean_of_cached(members), atol=1e-5)
             except (InferenceServerException, AssertionError) as exc:
@@ -217,10 +226,10 @@ def test_an_objective_is_ignored_without_a_front_and_taken_from_the_config(tmp_p
         client = grpcclient.InferenceServerClient(daemon.grpc_url)
         x = np.random.default_rng(3).random((2, 3, 32, 32), dtype=np.float32)
         expected = mean_of({f.stem: f for f in files}, CHEAP, x)
-        out, used = ask(client, x, objective=1e-4, model="plain")
-        assert used is None
+        out, used, mask = ask(client, x, objective=1e-4, model="plain")
+        assert used is None and mask is None  # no front: no members_used output either
         np.testing.assert_allclose(out, expected, atol=1e-5)
-        out, used = ask(client, x, model="defaulted")
+        out, used, _ = ask(client, x, model="defaulted")
         assert used == CHEAP  # the config's 2 s objective: the whole front fits, and the answer says so
         np.testing.assert_allclose(out, expected, atol=1e-5)
         assert ask(client, x, objective=0, model="defaulted")[1] is None  # 0: none, the config's included

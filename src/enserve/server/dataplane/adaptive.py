@@ -62,14 +62,16 @@ def slack(previous: float, observed_ns: float, predicted_ns: float, up: float = 
     return previous + (up if over > previous else down) * (over - previous)
 
 
-SCALE_HALF_LIFE_S = 1.0  # a group's batching factor drifts back to 1 (its idle costs) at this half-life
+FADE_HALF_LIFE_S = 1.0  # what load taught (batching factors, slack) fades back to its idle value at this half-life
 
 
-def decayed(scale: float, age_s: float, half_life_s: float = SCALE_HALF_LIFE_S) -> float:
-    """A group's batching factor ``age_s`` after its last batch: halfway back to 1 (the one-image
-    costs its replica measured idle) every ``half_life_s``. A member left out under load runs no
-    batch, so its factor would otherwise keep the slowdown it last saw and never be chosen again."""
-    return 1.0 + (scale - 1.0) * 0.5 ** (max(0.0, age_s) / half_life_s)
+def decayed(value: float, age_s: float, half_life_s: float = FADE_HALF_LIFE_S, rest: float = 1.0) -> float:
+    """What load taught, ``age_s`` after it was last learnt: halfway back to ``rest`` every
+    ``half_life_s``. A group's batching factor goes back to 1 (the one-image costs its replica
+    measured idle): a member left out under load runs no batch, so its factor would otherwise keep the
+    slowdown it last saw and never be chosen again. The slack goes back to 0: once load stops, few
+    answers come to lower it, and the richer points must return all the same."""
+    return rest + (value - rest) * 0.5 ** (max(0.0, age_s) / half_life_s)
 
 
 def point_costs(member_ns: Sequence[Sequence[float]], scale: Sequence[float],

@@ -87,6 +87,7 @@ class Orchestrator(WorkerRecovery, Completions):
         self.watchdog: asyncio.TimerHandle | None = None
         self.point_runs: dict[str, tuple[int, int, int]] = {}  # per model: (point logged, point chosen, its run)
         self.slack_ns = 0.0  # what answers under an objective took beyond their prediction (``adaptive.slack``)
+        self.slack_at = 0.0  # when it was last learnt (the loop's clock): it fades from then (``decayed``)
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -223,7 +224,8 @@ class Orchestrator(WorkerRecovery, Completions):
             scale.append(decayed(rt.scale, now - rt.scale_at))
             backlog.append(min(ready) * scale[-1] if ready else float("inf"))
         points = point_costs([rt.member_ns for rt in self.groups], scale, [p.parts for p in model.points])
-        k = richest_point(backlog, points, count, PLAN_SHARE * objective_s * 1e9 - self.slack_ns)
+        slack_ns = decayed(self.slack_ns, now - self.slack_at, rest=0.0)
+        k = richest_point(backlog, points, count, PLAN_SHARE * objective_s * 1e9 - slack_ns)
         return k, predicted_ns(backlog, points[k], count)
 
     def _note_point(self, model: ServedModel, point: int, sustained: int = SUSTAINED_RUN) -> None:
@@ -239,7 +241,10 @@ class Orchestrator(WorkerRecovery, Completions):
 
     def _learn_slack(self, request: InflightRequest) -> None:
         if request.objective_s is not None and request.predicted_ns:
-            self.slack_ns = slack(self.slack_ns, time.perf_counter_ns() - request.t0, request.predicted_ns)
+            now = self.loop.time()
+            self.slack_ns = slack(decayed(self.slack_ns, now - self.slack_at, rest=0.0),
+                                  time.perf_counter_ns() - request.t0, request.predicted_ns)
+            self.slack_at = now
 
     def _finish(self, request: InflightRequest) -> None:
         self._learn_slack(request)

@@ -21,7 +21,7 @@ import numpy as np
 
 from enserve import combiners
 from enserve.server.errors import DeadlineExceeded, EnserveError, Internal
-from enserve.server.served.repository import ENTROPY_OUTPUT, VARIANCE_OUTPUT
+from enserve.server.served.repository import ENTROPY_OUTPUT, MEMBERS_OUTPUT, VARIANCE_OUTPUT
 from enserve.server.served.table import AnswerRecipe
 
 
@@ -185,6 +185,10 @@ class InflightRequest:
         if self.uncertainty:
             out[ENTROPY_OUTPUT] = entropy
             out[VARIANCE_OUTPUT] = variance
+        if recipe.members_output:
+            used = set(self.used)
+            mask = np.array([m in used for m, _ in recipe.weights])
+            out[MEMBERS_OUTPUT] = np.repeat(mask[None], self.count, axis=0)
         return out
 
 

@@ -80,7 +80,8 @@ def import_onnx(
         write_config(repository / m.name, member_config(m))
         (repository / m.name / "1").mkdir(exist_ok=True)
         shutil.copyfile(m.path, repository / m.name / "1" / "model.onnx")
-    ens = EnsembleSpec(ensemble, names, members[0].inputs, ensemble_outputs(members[0].outputs), max_batch_size,
+    answering = len(names) if front is not None and len(front) > 1 else 0
+    ens = EnsembleSpec(ensemble, names, members[0].inputs, ensemble_outputs(members[0].outputs, answering), max_batch_size,
                        notes=dict(notes or {}))
     try:
         ens.combiner = (combiners.weighted_twin(combiner) if weights is not None else combiners.get(combiner)).name

@@ -28,6 +28,9 @@ ENSEMBLE_PLATFORM = "ensemble"
 ENTROPY_OUTPUT = "entropy"
 VARIANCE_OUTPUT = "member_variance"
 UNCERTAINTY_OUTPUTS = (ENTROPY_OUTPUT, VARIANCE_OUTPUT)
+# an ensemble with a front: per row, which of its members (in step order) the answer combined
+MEMBERS_OUTPUT = "members_used"
+RESERVED_OUTPUTS = (*UNCERTAINTY_OUTPUTS, MEMBERS_OUTPUT)
 CONFIG_OBJECTIVE = "enserve.objective_ms"  # an ensemble's default latency objective
 SPEC_PARAMETERS = ("enserve.combiner", "enserve.weights", FRONT_PARAMETER, CONFIG_OBJECTIVE)  # the rest: notes
 INPUT_NOTE, CLASSES_NOTE = "enserve.input", "enserve.classes"  # what the input expects; the outputs' classes
@@ -432,7 +435,7 @@ def _ensemble_from_config(cfg, repo: Repository, path: Path) -> EnsembleSpec:
         name=cfg.name,
         members=names,
         inputs=list(members[0].inputs),
-        outputs=ensemble_outputs(members[0].outputs),
+        outputs=ensemble_outputs(members[0].outputs, len(names) if len(front) > 1 else 0),
         max_batch_size=min([cfg.max_batch_size or DEFAULT_MAX_BATCH_SIZE] + [m.max_batch_size for m in members]),
         combiner=combiner,
         weights=weights,
@@ -455,9 +458,12 @@ def ensemble_members(repo: Repository, ensemble: str | None) -> tuple[str, list[
     return ensemble, list(repo.ensembles[ensemble].members)
 
 
-def ensemble_outputs(member_outputs: list[TensorSpec]) -> list[TensorSpec]:
-    """The members' outputs (averaged) plus one uncertainty value per sample of each kind."""
-    return list(member_outputs) + [TensorSpec(n, "FP32", (1,)) for n in UNCERTAINTY_OUTPUTS]
+def ensemble_outputs(member_outputs: list[TensorSpec], answering_members: int = 0) -> list[TensorSpec]:
+    """The members' outputs (combined) plus one uncertainty value per sample of each kind; with
+    ``answering_members`` (an ensemble whose front lets it answer with some of them), a BOOL per
+    member and sample saying which members the answer combined (``MEMBERS_OUTPUT``)."""
+    outputs = list(member_outputs) + [TensorSpec(n, "FP32", (1,)) for n in UNCERTAINTY_OUTPUTS]
+    return outputs + ([TensorSpec(MEMBERS_OUTPUT, "BOOL", (answering_members,))] if answering_members else [])
 
 
 def check_compatible(members: list[MemberSpec]) -> None:
@@ -477,7 +483,8 @@ def check_compatible(members: list[MemberSpec]) -> None:
                         f"but '{ref.name}' has {ta.datatype}{list(ta.dims)} (batch axis omitted)"
                     )
     for t in ref.outputs:
-        if t.name in UNCERTAINTY_OUTPUTS:
-            raise RepositoryError(f"member output name '{t.name}' is reserved for the ensemble's uncertainty")
+        if t.name in RESERVED_OUTPUTS:
+            raise RepositoryError(f"member output name '{t.name}' is reserved for the ensemble's own outputs "
+                                  f"{list(RESERVED_OUTPUTS)}")
         if t.datatype not in ("FP32", "FP16", "FP64"):
             raise RepositoryError(f"output '{t.name}' is {t.datatype}; averaging needs a floating-point output")
