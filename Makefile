@@ -37,4 +37,4 @@ bench: install-serve $(REPO)/ensemble/config.pbtxt
 	$(BIN)/enserve bench --model-repository $(REPO) $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(REPO) library *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(REPO) library build *.egg-info src/*.egg-info

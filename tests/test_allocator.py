@@ -14,6 +14,15 @@ from enserve.optimizer import plan as plans
 from tests.conftest import ROOT, images, start_daemon
 
 
+def profiles_to_json(profiles) -> dict:
+    """The profiles file ``enserve allocate --profiles`` reads, written from its documented form."""
+    from enserve.optimizer.profiles import CACHE_VERSION
+
+    return {"version": CACHE_VERSION, "members": [
+        {"name": p.name, "memory_bytes": p.memory_bytes,
+         "latency_s": {k: {str(b): s for b, s in t.items()} for k, t in p.latency_s.items()}} for p in profiles]}
+
+
 def test_allocate_on_two_cpu_devices_then_serve_the_plan(demo_repo, reference, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(demo_repo, repo)
@@ -70,7 +79,6 @@ def test_allocate_reports_an_impossible_fit(demo_repo, tmp_path):
     import json
 
     from enserve.optimizer.allocation import MemberProfile
-    from enserve.optimizer.profiles import profiles_to_json
 
     huge = [MemberProfile(n, 2**50, {"cpu1": {1: 0.001}}) for n in ("cnn_w12", "cnn_w20", "cnn_w32", "cnn_w56")]
     prof = tmp_path / "profiles.json"
@@ -137,7 +145,6 @@ def test_allocate_for_simulated_gpus_searches_with_the_cost_budget_and_prints_im
     import json
 
     from enserve.optimizer.allocation import MemberProfile
-    from enserve.optimizer.profiles import profiles_to_json
     from enserve.optimizer.search import COST_MAX_COMBI, REAL_MAX_COMBI
 
     per_image = {"cnn_w12": 1e-4, "cnn_w20": 2e-4, "cnn_w32": 4e-4, "cnn_w56": 1e-3}  # one core, seconds

@@ -51,6 +51,11 @@ def test_an_unknown_flag_is_a_usage_error(command):
     (["allocate", "--bench", "cost", "--optimize-metric", "latency"], {}, "--bench cost predicts throughput only"),
     (["allocate", "--bench-concurrency", "0"], {}, "--bench-concurrency is 0, but must be >= 1"),
     (["allocate", "--optimize-time", "nan"], {}, "--optimize-time is nan, but must be > 0"),
+    (["import", "m.onnx", "--batch-size", "0"], {}, "--batch-size is 0, but must be >= 1"),
+    (["import", "m.onnx", "--max-queue-delay-us", "-1"], {}, "--max-queue-delay-us is -1, but must be >= 0"),
+    (["import", "m.onnx", "--ensemble", "../up"], {}, "--ensemble: model name '../up' is not a name"),
+    (["import", "m.onnx"], {"ENSERVE_FRONT_ORDER": " "}, "--front-order is empty"),
+    (["select", "--ensemble", "a/b"], {}, "--ensemble: model name 'a/b' is not a name"),
 ])
 def test_bad_values_are_usage_errors_that_name_the_flag(args, env, message):
     out = enserve(*args, env=env)

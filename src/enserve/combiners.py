@@ -139,6 +139,11 @@ def unweighted() -> list[str]:
     return sorted(c.name for c in COMBINERS.values() if not c.weighted)
 
 
+def weighted() -> list[str]:
+    """The combiners whose members carry weights (``enserve.weights``)."""
+    return sorted(c.name for c in COMBINERS.values() if c.weighted)
+
+
 def weighted_twin(name: str) -> Combiner:
     """The weighted combiner in the space of ``name`` (a selection that repeats members weighs
     them); ValueError if that space has none."""
@@ -147,7 +152,7 @@ def weighted_twin(name: str) -> Combiner:
         if c.space == space and c.weighted:
             return c
     raise ValueError(f"combiner '{name}' has no weighted form (a weighted combiner in space '{space}'), so members "
-                     f"cannot carry weights; weighted combiners: {sorted(c.name for c in COMBINERS.values() if c.weighted)}")
+                     f"cannot carry weights; weighted combiners: {weighted()}")
 
 
 def space_id(name: str) -> int:

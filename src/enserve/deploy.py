@@ -7,9 +7,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["Backend", "BalancerPorts", "HealthCheck", "haproxy_config", "parse_backend", "prometheus_config"]
+__all__ = ["DEFAULT_PORTS", "SCRAPE_INTERVAL_S", "Backend", "BalancerPorts", "HealthCheck", "haproxy_config",
+           "parse_backend", "prometheus_config"]
 
 DEFAULT_PORTS = (8000, 8001, 8002)  # Triton's HTTP, gRPC and metrics ports
+SCRAPE_INTERVAL_S = 5  # Prometheus's seconds between scrapes
 _HOST = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)$")
 
 
@@ -111,6 +113,7 @@ defaults
     retries 2
     option redispatch 1
     retry-on conn-failure empty-response 503
+    # a daemon that stops answering is out of rotation within {check.detection_window_s():g} s
     default-server inter {check.interval_ms}ms fall {check.fall} rise {check.rise}
 
 frontend kserve_http
@@ -142,7 +145,7 @@ frontend stats
 """
 
 
-def prometheus_config(backends: list[Backend], balancers: list[str] = (), *, interval_s: int = 5,
+def prometheus_config(backends: list[Backend], balancers: list[str] = (), *, interval_s: int = SCRAPE_INTERVAL_S,
                       command: str = "") -> str:
     """A ``prometheus.yml`` scraping every daemon's metrics port and each balancer's exporter
     (``HOST:PORT``), each daemon labelled ``instance`` by its own address."""

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from enserve.cli.common import USAGE, fail
 from enserve.cli.flags import add_flags, values_from
-from enserve.server.config import AllocateOptions
+from enserve.server.config import DEFAULT_MODEL_REPOSITORY, AllocateOptions
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("allocate", help="place the members on devices and choose batch sizes; print and save the plan")
-    p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
     p.add_argument("--ensemble", default=None, help="the ensemble to place (default: the only one)")
     add_flags(p, AllocateOptions)
     p.add_argument("--profiles", type=Path, default=None,

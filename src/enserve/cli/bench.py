@@ -6,12 +6,13 @@ import argparse
 from pathlib import Path
 
 from enserve.cli.common import int_list, positive_int
+from enserve.server.config import DEFAULT_MODEL_REPOSITORY
 from enserve.server.served.repository import DEFAULT_ENSEMBLE
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="closed-loop gRPC benchmark against the bare ONNX Runtime ceiling")
-    p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
     p.add_argument("--model", default=DEFAULT_ENSEMBLE)
     p.add_argument("--url", default=None, help="host:port of a running server (default: start one)")
     p.add_argument("--concurrency", type=int_list, default=(1, 4, 16), help="comma-separated client concurrencies")

@@ -6,13 +6,15 @@ import argparse
 from pathlib import Path
 
 from enserve.cli.common import fail, int_list
+from enserve.models.synthetic import DEFAULT_WIDTHS
+from enserve.server.served.repository import DEFAULT_ENSEMBLE
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("init-demo", help="write a repository of 4 small CNNs (3x32x32, 10 classes) and their ensemble")
     p.add_argument("--model-repository", type=Path, required=True)
     p.add_argument("--force", action="store_true", help="rewrite it even if it exists")
-    p.add_argument("--widths", type=int_list, default=(12, 20, 32, 56),
+    p.add_argument("--widths", type=int_list, default=DEFAULT_WIDTHS,
                    help="first-layer widths of the members, one member each (compute grows as width^2)")
     p.set_defaults(run=run, parser=p)
 
@@ -28,5 +30,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.model_repository} already holds an ensemble; keeping it (--force rewrites it)")
         return 0
     print(f"wrote {args.model_repository}: {len(args.widths)} CNN members (widths "
-          f"{', '.join(map(str, args.widths))}) and their ensemble 'ensemble'")
+          f"{', '.join(map(str, args.widths))}) and their ensemble '{DEFAULT_ENSEMBLE}'")
     return 0

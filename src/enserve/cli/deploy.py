@@ -9,6 +9,7 @@ from pathlib import Path
 
 from enserve.cli.common import USAGE, fail
 from enserve.deploy import (
+    SCRAPE_INTERVAL_S,
     Backend,
     BalancerPorts,
     HealthCheck,
@@ -49,7 +50,7 @@ def add_parser(sub) -> None:
     m.add_argument("--backend", type=_backend, action="append", required=True, help=backend_help)
     m.add_argument("--balancer", action="append", default=[],
                    help="HOST:PORT of a balancer's Prometheus exporter (HAProxy: its --stats-port)")
-    m.add_argument("--interval", type=int, default=5, help="seconds between scrapes")
+    m.add_argument("--interval", type=int, default=SCRAPE_INTERVAL_S, help="seconds between scrapes")
     m.add_argument("--output", type=Path, default=None, help="write here (default: standard output)")
     m.set_defaults(run=run, parser=m)
 
@@ -64,7 +65,7 @@ def command_line(args: argparse.Namespace) -> str:
                     "stats_port": BalancerPorts.stats, "check_interval_ms": HealthCheck.interval_ms,
                     "fall": HealthCheck.fall, "rise": HealthCheck.rise}
     else:
-        defaults = {"interval": 5}
+        defaults = {"interval": SCRAPE_INTERVAL_S}
         for b in args.balancer:
             words += ["--balancer", b]
     for name, default in defaults.items():

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from enserve.deploy import Backend, BalancerPorts, HealthCheck, haproxy_config
 from enserve.loadtest import launcher
+from enserve.server.config import DEFAULT_MODEL_REPOSITORY
 from enserve.server.served.repository import DEFAULT_ENSEMBLE
 
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from enserve.loadtest.signature import signature
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
     p.add_argument("--model", default=DEFAULT_ENSEMBLE)
     p.add_argument("--daemons", default="1,2,3", help="cluster sizes to measure")
     p.add_argument("--concurrency", type=int, default=16)

@@ -29,11 +29,12 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 from locust import FastHttpUser, User, between, events, task  # noqa: E402
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # noqa: E402
 
+from enserve.deploy import DEFAULT_PORTS  # noqa: E402
 from enserve.loadtest.signature import Signature, signature  # noqa: E402
 from enserve.server.served.repository import DEFAULT_ENSEMBLE  # noqa: E402
 
 MODEL = os.environ.get("ENSERVE_MODEL", DEFAULT_ENSEMBLE)
-GRPC_URL = os.environ.get("ENSERVE_GRPC_URL", "127.0.0.1:8001")
+GRPC_URL = os.environ.get("ENSERVE_GRPC_URL", f"127.0.0.1:{DEFAULT_PORTS[1]}")
 MAX_IMAGES = int(os.environ.get("ENSERVE_MAX_IMAGES", "4"))
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

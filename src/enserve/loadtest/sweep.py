@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from enserve.loadtest.launcher import Server, start_daemon
+from enserve.server.serving.service import MEMBERS_PARAMETER, REQUEST_OBJECTIVE
 
 CAPACITY_CONCURRENCY = 16  # closed-loop clients that find the full ensemble's capacity
 
@@ -122,7 +123,7 @@ async def open_loop(url: str, model: str, input_name: str, output_name: str, dat
         request.outputs.add(name=output_name)
         request.raw_input_contents.append(np.ascontiguousarray(rows).tobytes())
         if objective_ms is not None:
-            request.parameters["objective_ms"].double_param = objective_ms
+            request.parameters[REQUEST_OBJECTIVE].double_param = objective_ms
         try:
             reply = pb.ModelInferResponse.FromString(await infer(request.SerializeToString(), timeout=timeout_s))
         except grpc.RpcError as exc:
@@ -133,7 +134,7 @@ async def open_loop(url: str, model: str, input_name: str, output_name: str, dat
         probs = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(images, -1)
         correct = None if y is None else int(np.sum(probs.argmax(1) == np.take(y, range(lo, lo + images),
                                                                                 mode="wrap")))
-        used = reply.parameters["enserve_members"].string_param if "enserve_members" in reply.parameters else ""
+        used = reply.parameters[MEMBERS_PARAMETER].string_param if MEMBERS_PARAMETER in reply.parameters else ""
         answers.append(Answer(t_sent, latency, correct, images, len(used.split(",")) if used else None))
 
     async with grpc.aio.insecure_channel(url) as channel:

@@ -223,13 +223,9 @@ def profile_members(
     return profiles
 
 
-def profiles_to_json(profiles: list[MemberProfile]) -> dict:
-    return {"version": CACHE_VERSION, "members": [
-        {"name": p.name, "memory_bytes": p.memory_bytes,
-         "latency_s": {k: {str(b): s for b, s in t.items()} for k, t in p.latency_s.items()}} for p in profiles]}
-
-
 def profiles_from_json(data: dict) -> list[MemberProfile]:
+    """Profiles as ``enserve allocate --profiles`` reads them: ``{"version": CACHE_VERSION, "members":
+    [{"name", "memory_bytes", "latency_s": {device key: {batch size: seconds}}}]}``."""
     if data.get("version") != CACHE_VERSION:
         raise ValueError(f"profile file version {data.get('version')!r}, but this enserve reads {CACHE_VERSION}")
     return [MemberProfile(m["name"], int(m["memory_bytes"]),

@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from enserve.deploy import DEFAULT_PORTS
 from enserve.optimizer.devices import parse_core_list
 from enserve.optimizer.profiles import DEFAULT_BATCH_SIZES
 from enserve.optimizer.search import BENCHES, COST_MAX_COMBI, METRICS, REAL_MAX_COMBI
 from enserve.options import check_fields, option
+
+DEFAULT_MODEL_REPOSITORY = Path("model_repository")  # where every command reads or writes it, unless told
 
 TRANSPORTS = ("auto", "native", "grpcio")
 MODEL_CONTROL_MODES = ("none", "explicit", "poll")  # Triton's
@@ -62,7 +65,7 @@ class AllocateOptions:
     cpu_devices: str | None = option(None, "--cpu-devices", "CPU devices as core sets, e.g. '0;1' (two devices "
                                      "of one core) or '0-1' (default: all cores but core 0 on machines with 4 or "
                                      "more, else all)", str)
-    optimize_metric: str = option("throughput", "--optimize-metric", "what the search maximises: images/s, or "
+    optimize_metric: str = option(METRICS[0], "--optimize-metric", "what the search maximises: images/s, or "
                                   "minus the p99 latency under the bench load", str, choices=METRICS)
     bench: str = option(BENCHES[0], "--bench", "what scores an allocation: the real pipeline measured, or the "
                         "cost model from the profiles (throughput only)", str, choices=BENCHES)
@@ -96,13 +99,13 @@ class AllocateOptions:
 class ServeOptions(AllocateOptions):
     """What ``enserve serve`` takes: the daemon's options, and the allocator's it runs at start-up."""
 
-    model_repository: Path = option(Path("model_repository"), "--model-repository",
+    model_repository: Path = option(DEFAULT_MODEL_REPOSITORY, "--model-repository",
                                     "Triton-layout repository: <repo>/<model>/config.pbtxt + <repo>/<model>/1/model.onnx",
                                     Path)
     host: str = option("127.0.0.1", "--host", "address the three endpoints listen on", str)
-    http_port: int = option(8000, "--http-port", "KServe v2 HTTP/REST port", int, minimum=0)
-    grpc_port: int = option(8001, "--grpc-port", "KServe v2 gRPC port", int, minimum=0)
-    metrics_port: int = option(8002, "--metrics-port", "Prometheus metrics port (GET /metrics)", int, minimum=0)
+    http_port: int = option(DEFAULT_PORTS[0], "--http-port", "KServe v2 HTTP/REST port", int, minimum=0)
+    grpc_port: int = option(DEFAULT_PORTS[1], "--grpc-port", "KServe v2 gRPC port", int, minimum=0)
+    metrics_port: int = option(DEFAULT_PORTS[2], "--metrics-port", "Prometheus metrics port (GET /metrics)", int, minimum=0)
     grpc_transport: str = option(
         "auto", "--grpc-transport", "gRPC server: 'native' (pygrpc-native's front serves ModelInfer, HTTP/2 in "
         "Rust outside the GIL; the other RPCs go to a grpcio server behind it; it reads a whole message before "

@@ -8,17 +8,13 @@ import signal
 import sys
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from enserve.server.config import ServeOptions
 from enserve.server.dataplane.shm import clean_leftovers
-from enserve.server.dataplane.stats import MetricsCollector
-from enserve.server.errors import EnserveError, Unauthenticated, message_of
+from enserve.server.errors import EnserveError, message_of
 from enserve.server.frontends.grpc_frontend import build_server
-from enserve.server.frontends.http_frontend import HttpFrontend
+from enserve.server.frontends.http_frontend import HttpFrontend, metrics_app
 from enserve.server.frontends.security import Tokens, read_pair, server_ssl_context
-from enserve.server.frontends.status import status_of
 from enserve.server.lifecycle import Lifecycle
 from enserve.server.served import placement as placements
 from enserve.server.served.placement import Placement
@@ -28,22 +24,6 @@ from enserve.server.serving.service import Service
 
 log = logging.getLogger("enserve")
 FRONT_CLOSE_S = 2.0  # what closing the fronts may take once every request in flight is answered
-
-
-def metrics_app(registry: Registry, tokens: Tokens, request_bytes) -> web.Application:
-    prometheus = CollectorRegistry()
-    prometheus.register(MetricsCollector(registry.stats, registry.queue_depth, registry.worker_tasks, request_bytes))
-
-    async def metrics(request):
-        reason = tokens.check(request.headers.get("Authorization"), admin=False)
-        if reason is not None:
-            _, http, message = status_of(Unauthenticated(reason))
-            return web.json_response({"error": message}, status=http)
-        return web.Response(body=generate_latest(prometheus), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    return app
 
 
 async def _site(app: web.Application, host: str, port: int, what: str, ssl_context=None) -> web.AppRunner:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 FAMILIES = ("mlp", "cnn1d", "cnn2d")
+KIND_FAMILY = {"tabular": "mlp", "signal": "cnn1d", "image": "cnn2d"}  # the family a data kind reads as alone
 PREPROCESSING = {"mlp": "per_column", "cnn1d": "per_channel", "cnn2d": "per_channel"}
 SIGNAL_MIN_LENGTH = 16  # a 1-D CNN's three stages halve the length twice: shorter rows leave it nothing
 
@@ -20,11 +21,12 @@ def families_for(kind: str, x_train: np.ndarray, requested: str) -> tuple[tuple[
     """(families to search, why) for inputs of ``kind`` read with input kind ``requested``;
     ``x_train`` the rows looked at (for 2-D data, every split's)."""
     if kind == "image":
-        return ("cnn2d",), "4-D inputs (N, C, H, W) are images"
+        return (KIND_FAMILY[kind],), "4-D inputs (N, C, H, W) are images"
     if kind == "signal":
-        return ("cnn1d",), ("--input-kind signal" if requested == "signal" else "3-D inputs (N, C, L) are signals")
+        return (KIND_FAMILY[kind],), ("--input-kind signal" if requested == "signal" else
+                                      "3-D inputs (N, C, L) are signals")
     if requested == "tabular":
-        return ("mlp",), "--input-kind tabular"
+        return (KIND_FAMILY["tabular"],), "--input-kind tabular"
     columns = x_train.shape[1]
     if columns < SIGNAL_MIN_LENGTH:
         return ("mlp",), f"(N, {columns}) rows with fewer than {SIGNAL_MIN_LENGTH} columns are tabular"

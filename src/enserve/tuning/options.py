@@ -9,8 +9,11 @@ from pathlib import Path
 
 from enserve import combiners
 from enserve.options import check_fields, option
-from enserve.server.served.repository import DEFAULT_ENSEMBLE
+from enserve.server.config import DEFAULT_MODEL_REPOSITORY
+from enserve.server.errors import RepositoryError
+from enserve.server.served.repository import DEFAULT_ENSEMBLE, check_model_name
 from enserve.tuning.data import INPUT_KINDS
+from enserve.tuning.families import SIGNAL_MIN_LENGTH
 from enserve.tuning.finish import FOLDS, SMALL_ROWS, VALIDATIONS
 from enserve.tuning.objective import OBJECTIVES
 from enserve.tuning.study import PRUNERS, SAMPLERS
@@ -34,7 +37,7 @@ class SelectOptions:
     """The selection from a library, and where its ensemble is written."""
 
     library: Path = option(Path("library"), "--library", "where every trained trial is kept", Path)
-    model_repository: Path = option(Path("model_repository"), "--model-repository",
+    model_repository: Path = option(DEFAULT_MODEL_REPOSITORY, "--model-repository",
                                     "the model repository the ensemble is written into", Path)
     ensemble: str = option(DEFAULT_ENSEMBLE, "--ensemble", "name of the ensemble model in the repository", str)
     budget: float | None = option(None, "--budget", "largest total inference cost of the ensemble, in seconds per "
@@ -56,6 +59,10 @@ class SelectOptions:
 
     def validate(self) -> None:
         check_fields(self)
+        try:  # before a build trains for minutes, not when it writes the ensemble
+            check_model_name(self.ensemble)
+        except RepositoryError as exc:
+            raise ValueError(f"--ensemble: {exc}") from None
         if self.prune > 1:
             raise ValueError(f"--prune is {self.prune}, but must be in (0, 1]")
 
@@ -90,7 +97,8 @@ class BuildOptions(SelectOptions):
                                     "configurations to the end (and, for kfold, on every fold) after the search; "
                                     "0: none", float, minimum=0)
     input_kind: str = option(INPUT_KINDS[0], "--input-kind", "how inputs are read: 4-D arrays are images, 3-D "
-                             "(N, C, L) signals; 2-D rows are tabular (MLPs) below 16 columns or with a missing "
+                             "(N, C, L) signals; 2-D rows are tabular (MLPs) below "
+                             f"{SIGNAL_MIN_LENGTH} columns or with a missing "
                              "value, else both MLPs and 1-D CNNs are searched; 'tabular' or 'signal' (one channel) "
                              "says which", str, choices=INPUT_KINDS)
 

@@ -66,9 +66,10 @@ def suggest(trial, data, batch_sizes: tuple[int, int] = (8, 48), preprocessing: 
     from enserve.models.mlp import MLPConfig
     from enserve.models.resnet import ACTIVATIONS, ResNetConfig
     from enserve.tuning.augment import Augmentation
+    from enserve.tuning.families import KIND_FAMILY
     from enserve.tuning.train import TrialConfig
 
-    families = data.families or {"tabular": ("mlp",), "signal": ("cnn1d",)}.get(data.kind, ("cnn2d",))
+    families = data.families or (KIND_FAMILY[data.kind],)
     family = trial.suggest_categorical("family", list(families)) if len(families) > 1 else families[0]
     shape = network_input(data, family, preprocessing)
     activations = list(ACTIVATIONS)

@@ -9,7 +9,15 @@ import time
 from pathlib import Path
 
 from enserve.tuning.objective import TrialFailed, TrialSettings, objective
-from enserve.tuning.study import make_pruner, make_sampler, make_storage, sampler_seed
+from enserve.tuning.schedule import BATCH_HIGH, BATCH_LOW
+from enserve.tuning.study import (
+    PRUNERS,
+    SAMPLERS,
+    make_pruner,
+    make_sampler,
+    make_storage,
+    sampler_seed,
+)
 
 
 def worker(storage: str, study_name: str, dataset: str, library: str, deadline: float, max_epochs: int,
@@ -36,12 +44,12 @@ def worker(storage: str, study_name: str, dataset: str, library: str, deadline: 
     schedule = attrs.get("schedule", {})
     max_epochs = schedule.get("max_epochs", max_epochs)
     goal = attrs.get("objective", {})
-    settings = TrialSettings(max_epochs, seed, (schedule.get("batch_low", 8), schedule.get("batch_high", 48)),
+    settings = TrialSettings(max_epochs, seed, (schedule.get("batch_low", BATCH_LOW), schedule.get("batch_high", BATCH_HIGH)),
                              fingerprint(data, seed)["train_sha256"], goal.get("cost_weight", 0.0),
                              goal.get("cost_ref", 1.0))
     study = optuna.load_study(study_name=study_name, storage=make_storage(storage),
-                              sampler=make_sampler(attrs.get("sampler", "random"), sampler_seed(seed, index, storage)),
-                              pruner=make_pruner(attrs.get("pruner", "asha"), max_epochs, schedule.get("min_epochs", 1)))
+                              sampler=make_sampler(attrs.get("sampler", SAMPLERS[0]), sampler_seed(seed, index, storage)),
+                              pruner=make_pruner(attrs.get("pruner", PRUNERS[0]), max_epochs, schedule.get("min_epochs", 1)))
     remaining = deadline - time.time()
     if remaining <= 0:
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))

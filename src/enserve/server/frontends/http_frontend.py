@@ -11,8 +11,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from google.protobuf import json_format
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from enserve.server.dataplane.stats import DURATIONS, ModelStats
+from enserve.server.dataplane.stats import DURATIONS, MetricsCollector, ModelStats
 from enserve.server.errors import InvalidArgument, PayloadTooLarge, RequestTimeout, Unauthenticated
 from enserve.server.frontends.security import Tokens, is_admin_path, is_open_path
 from enserve.server.frontends.status import status_of
@@ -58,6 +60,23 @@ def _json(data, status: int = 200) -> web.Response:
 def _error(e: BaseException) -> web.Response:
     _, http, message = status_of(e)
     return _json({"error": message}, http)
+
+
+def metrics_app(stats_source, tokens: Tokens, request_bytes) -> web.Application:
+    """The Prometheus endpoint (GET /metrics) over the registry's statistics, behind the user token."""
+    prometheus = CollectorRegistry()
+    prometheus.register(MetricsCollector(stats_source.stats, stats_source.queue_depth, stats_source.worker_tasks,
+                                         request_bytes))
+
+    async def metrics(request: web.Request) -> web.Response:
+        reason = tokens.check(request.headers.get("Authorization"), admin=False)
+        if reason is not None:
+            return _error(Unauthenticated(reason))
+        return web.Response(body=generate_latest(prometheus), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    return app
 
 
 def load_json(raw: bytes, what: str):

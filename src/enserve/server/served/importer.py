@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from enserve import combiners
+from enserve.options import check_fields, option
+from enserve.server.config import DEFAULT_MODEL_REPOSITORY
 from enserve.server.errors import RepositoryError
 from enserve.server.served.front import FrontPoint, front_text, parse_front
 from enserve.server.served.repository import (
@@ -28,6 +31,44 @@ from enserve.server.served.repository import (
     read_onnx_signature,
     write_config,
 )
+
+
+@dataclass(kw_only=True)
+class ImportOptions:
+    """What ``enserve import`` takes besides its ONNX files (its flags are generated from these)."""
+
+    model_repository: Path = option(DEFAULT_MODEL_REPOSITORY, "--model-repository",
+                                    "repository to create or add to", Path)
+    ensemble: str = option(DEFAULT_ENSEMBLE, "--ensemble", "name of the ensemble model over all the files", str)
+    combiner: str = option(combiners.DEFAULT, "--combiner", "how the ensemble combines its members: " + "; ".join(
+        f"{n}: {combiners.get(n).doc}" for n in combiners.unweighted()), str, choices=tuple(combiners.unweighted()))
+    max_batch_size: int = option(DEFAULT_MAX_BATCH_SIZE, "--max-batch-size", "largest batch a request may carry",
+                                 int, minimum=1)
+    batch_size: int = option(DEFAULT_BATCH_SIZE, "--batch-size", "batch size each member runs at (at most "
+                             "--max-batch-size)", int, minimum=1)
+    max_queue_delay_us: int = option(0, "--max-queue-delay-us", "batch window after the first request (0: batch "
+                                     "only what is already queued)", int, minimum=0)
+    front_order: str | None = option(None, "--front-order", "the ensemble's front (enserve.front): its members' "
+                                     "names, comma-separated, in the order they are added when a latency objective "
+                                     "leaves room, or 'cost' for cheapest first as measured here with ONNX Runtime "
+                                     "on one core (default: no front, every request runs every member)", str)
+
+    def validate(self) -> None:
+        """ValueError naming the flag and the rule (before any file is read or written)."""
+        check_fields(self)
+        try:
+            check_model_name(self.ensemble)
+        except RepositoryError as exc:
+            raise ValueError(f"--ensemble: {exc}") from None
+        if self.front_order is not None and not self.front_order.strip():
+            raise ValueError("--front-order is empty: name the members in order, or 'cost'")
+
+    def front(self) -> list[str] | str | None:
+        """``front_order`` as ``import_onnx`` takes it: 'cost', the names in order, or None."""
+        if self.front_order is None:
+            return None
+        text = self.front_order.strip()
+        return "cost" if text == "cost" else [n.strip() for n in text.split(",")]
 
 
 def import_onnx(
@@ -53,8 +94,10 @@ def import_onnx(
     first as measured here (``one_image_cost_s``)."""
     if not files:
         raise RepositoryError("no ONNX file given")
-    if max_batch_size < 1:
-        raise RepositoryError(f"max_batch_size is {max_batch_size}, but must be >= 1")
+    for what, value, least in (("max_batch_size", max_batch_size, 1), ("batch_size", batch_size, 1),
+                               ("queue_delay_us", queue_delay_us, 0)):
+        if value < least:
+            raise RepositoryError(f"{what} is {value}, but must be >= {least}")
     names = names or _unique_names([Path(f).stem for f in files])
     if len(names) != len(files):
         raise RepositoryError(f"{len(names)} names given for {len(files)} files")

@@ -401,7 +401,7 @@ def _ensemble_from_config(cfg, repo: Repository, path: Path) -> EnsembleSpec:
                                   "enserve.weights (one weight per member, in step order)")
         weights = parse_weights(cfg.parameters["enserve.weights"].string_value, names, f"ensemble '{cfg.name}'")
     elif "enserve.weights" in cfg.parameters:
-        weighted = sorted(c.name for c in combiners.COMBINERS.values() if c.weighted)
+        weighted = combiners.weighted()
         raise RepositoryError(f"ensemble '{cfg.name}': combiner '{combiner}' takes no weights, but the config sets "
                               f"enserve.weights; use one of {weighted}, or remove the weights")
     front = parse_front(cfg.parameters[FRONT_PARAMETER].string_value, names, f"ensemble '{cfg.name}'") \

@@ -17,6 +17,8 @@ from enserve.server.dataplane.shm import ClientRegions
 from enserve.server.errors import InvalidArgument, NotFound, Unavailable
 from enserve.server.lifecycle import Lifecycle
 from enserve.server.served.repository import (
+    ENSEMBLE_PLATFORM,
+    ONNX_PLATFORM,
     UNCERTAINTY_OUTPUTS,
     Repository,
     ensemble_config,
@@ -115,7 +117,7 @@ class Service:
         def tensors(specs):
             return [{"name": s.name, "datatype": s.datatype, "shape": [-1, *s.dims]} for s in specs]
 
-        platform = "ensemble" if t.kind == "ensemble" else "onnxruntime_onnx"
+        platform = ENSEMBLE_PLATFORM if t.kind == "ensemble" else ONNX_PLATFORM
         return {"name": t.name, "versions": ["1"], "platform": platform,
                 "inputs": tensors(t.inputs), "outputs": tensors(t.outputs)}
 
