@@ -34,19 +34,20 @@ import numpy as np
 
 from enserve.loadtest.launcher import start_daemon
 
-HELD_OUT = 0.25  # of the rows, stratified, seed 0: never given to the build
+HELD_OUT = 0.25  # of the rows, stratified (seed 0 unless --held-out-seed): never given to the build
 
 
 Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_build, y_build, x_held, y_held (labels 0..k-1)
 
 
-def held_out(x: np.ndarray, labels: np.ndarray) -> Split:
-    """25 % of the rows held out, stratified, seed 0; the labels as 0..k-1 in sorted order."""
+def held_out(x: np.ndarray, labels: np.ndarray, seed: int = 0) -> Split:
+    """25 % of the rows held out, stratified (``seed`` 0 unless told); the labels as 0..k-1 in sorted
+    order."""
     from sklearn.model_selection import train_test_split
 
     classes = sorted(set(labels))
     y = np.array([classes.index(v) for v in labels])
-    x_build, x_held, y_build, y_held = train_test_split(x, y, test_size=HELD_OUT, random_state=0, stratify=y)
+    x_build, x_held, y_build, y_held = train_test_split(x, y, test_size=HELD_OUT, random_state=seed, stratify=y)
     return x_build, y_build, x_held, y_held
 
 
@@ -152,7 +153,8 @@ def served(repo: Path, x_held: np.ndarray, log: Path) -> dict[str, np.ndarray]:
         daemon.stop()
 
 
-def measure(name: str, budget: str, workers: int, out: Path, reuse: bool = False, seed: int = 0) -> list[tuple]:
+def measure(name: str, budget: str, workers: int, out: Path, reuse: bool = False, seed: int = 0,
+            held_out_seed: int = 0) -> list[tuple]:
     name, _, path = name.partition("=")
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
@@ -162,7 +164,7 @@ def measure(name: str, budget: str, workers: int, out: Path, reuse: bool = False
         np.savez(dataset, x_train=x_build, y_train=y_build)
     elif name in TABULAR:
         x, labels, columns = TABULAR[name]()
-        x_build, y_build, x_held, y_held = held_out(x, labels)
+        x_build, y_build, x_held, y_held = held_out(x, labels, held_out_seed)
         dataset = write_csv(d / f"{name}.csv", x_build, np.array(sorted(set(labels)))[y_build], columns)
     else:
         raise SystemExit(f"data set '{name}' is not one of {DATASETS}")
@@ -202,13 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="keep the builds here (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0, help="the build's seed (its split and samplers); the held-out "
                         "rows stay the same")
+    parser.add_argument("--held-out-seed", type=int, default=0, help="which 25 %% of a tabular data set's rows are "
+                        "held out (repeated holdout: one build per seed)")
     parser.add_argument("--reuse", action="store_true", help="serve the builds already in --out instead of building")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="enserve-accuracy-") as tmp:
         out = args.out or Path(tmp)
         rows = []
         for name in args.datasets.split(","):
-            rows += measure(name, args.time_budget, args.workers, out, args.reuse, args.seed)
+            rows += measure(name, args.time_budget, args.workers, out, args.reuse, args.seed, args.held_out_seed)
         print(f"\n{'model (held-out rows, raw features over gRPC for enserve)':<62} {'accuracy':>8} {'log loss':>8}")
         for label, acc, loss in rows:
             print(f"{label:<62} {acc:>8.4f} {loss:>8.4f}")
