@@ -83,6 +83,14 @@ def test_a_csv_with_missing_values_is_served_from_its_raw_rows(tmp_path):
     assert int(said[3]) == best and float(said[5]) == pytest.approx(log_loss(held[best]), abs=2e-4)
     assert float(said[4]) == pytest.approx(np.mean(held[best].argmax(1) != y[n:]), abs=1e-4)
     assert float(said[2]) == pytest.approx(log_loss(np.mean(list(held.values()), axis=0)), abs=2e-4)
+    # the search began from the starting points: logistic regression, then the tabular MLP default
+    import optuna
+
+    from enserve.tuning.study import default_storage, make_storage
+
+    trials = optuna.load_study(study_name="enserve", storage=make_storage(default_storage(tmp_path / "lib"))).trials
+    assert [(t.params["depth"], t.params["weight_decay"]) for t in trials[:2]] == [(0, 1e-3), (2, 1e-5)]
+    assert trials[1].params["width"] == 256 and trials[1].params["dropout"] == 0.1
     learned = json.loads((tmp_path / "lib" / "preprocessing.json").read_text())["mlp"]
     assert learned["kind"] == "per_column" and len(learned["median"]) == 13
     rows = x[:40].astype(np.float32)

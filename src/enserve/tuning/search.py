@@ -95,6 +95,11 @@ def build_library(options: BuildOptions, *, progress: Callable[[], None] | None 
         study.set_user_attr("schedule", asdict(schedule))
     if on_schedule is not None:
         on_schedule(schedule)
+    if not study.trials:  # a new study starts from the known-good defaults (a continued one has them)
+        from enserve.tuning.space import starting_points
+
+        for params in starting_points(data, (schedule.batch_low, schedule.batch_high)):
+            study.enqueue_trial(params, skip_if_exists=True)
     goal = study.user_attrs.get("objective")
     if goal is None:
         goal = {"kind": objective, "cost_weight": 0.0, "cost_ref": 1.0}

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from enserve.tuning.families import KIND_FAMILY
+
 
 @dataclass(frozen=True)
 class AugmentationBounds:
@@ -66,7 +68,6 @@ def suggest(trial, data, batch_sizes: tuple[int, int] = (8, 48), preprocessing: 
     from enserve.models.mlp import MLPConfig
     from enserve.models.resnet import ACTIVATIONS, ResNetConfig
     from enserve.tuning.augment import Augmentation
-    from enserve.tuning.families import KIND_FAMILY
     from enserve.tuning.train import TrialConfig
 
     families = data.families or (KIND_FAMILY[data.kind],)
@@ -112,6 +113,24 @@ def suggest(trial, data, batch_sizes: tuple[int, int] = (8, 48), preprocessing: 
                        channel_shift=trial.suggest_float("channel_shift", 0.0, b.channel_shift),
                        rotation=trial.suggest_int("rotation", 0, b.rotation))
     return TrialConfig(net, lr, batch, l2, aug)
+
+
+def starting_points(data, batch_sizes: tuple[int, int]) -> list[dict]:
+    """Configurations the search tries first (Optuna's ``enqueue_trial``), as AutoML systems start
+    from a portfolio of known-good defaults; the sampler takes over after them. For tabular rows:
+    logistic regression on the scaled columns (no hidden layer, weight decay 1e-3: about
+    scikit-learn's C=1 on a few hundred rows), the data scientist's first try, and the tabular MLP
+    baselines' usual default (2 x 256, dropout 0.1, Adam at 1e-3). None for the CNN families, whose
+    space is centred already."""
+    families = data.families or (KIND_FAMILY[data.kind],)
+    if "mlp" not in families:
+        return []
+    low, high = batch_sizes
+    base = {"batch_size": min(max(32, low), high), "activation": "relu", "batch_norm": False}
+    if len(families) > 1:
+        base["family"] = "mlp"
+    return [base | {"learning_rate": 3e-3, "weight_decay": 1e-3, "width": 64, "depth": 0, "dropout": 0.0},
+            base | {"learning_rate": 1e-3, "weight_decay": 1e-5, "width": 256, "depth": 2, "dropout": 0.1}]
 
 
 def timed_family(data) -> str:
