@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from enserve.server.dataplane.adaptive import point_costs, predicted_ns, richest_point
+from enserve.server.dataplane.adaptive import PointCosts, point_costs, predicted_ns, richest_point
 
 MS = 1e6
 # group 0 runs a (1 ms an image); group 1 runs b and c (2 and 6 ms an image; 8 ms together)
@@ -34,6 +34,17 @@ def test_the_richest_point_that_fits_the_objective_is_chosen(backlog_ms, expecte
     points = point_costs(MEMBER_NS, SCALE, FRONT)
     backlog = [b * MS for b in backlog_ms]
     assert richest_point(backlog, points, 2, 20 * MS) == expected
+
+
+def test_point_costs_are_computed_only_as_the_policy_looks_at_them():
+    costs = PointCosts(MEMBER_NS, SCALE, FRONT)
+    assert richest_point([0.0, 0.0], costs, 2, 20 * MS) == 2 and set(costs.known) == {2}  # idle: the richest only
+    assert richest_point([0.0, 30 * MS], costs, 2, 20 * MS) == 0 and set(costs.known) == {1, 2}  # 0 is the fallback
+    assert list(costs) == point_costs(MEMBER_NS, SCALE, FRONT) and costs[-1] == costs[2]
+    groups = {1: MEMBER_NS[1], 0: MEMBER_NS[0]}  # the orchestrator passes only the model's groups, by number
+    assert PointCosts(groups, {0: 1.0, 1: 0.5}, FRONT)[1] == [(0, 1 * MS), (1, 1 * MS)]
+    with pytest.raises(IndexError):
+        costs[3]
 
 
 def test_prediction_is_the_slowest_group_and_a_front_is_not_empty():

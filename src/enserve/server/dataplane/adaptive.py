@@ -74,10 +74,33 @@ def decayed(value: float, age_s: float, half_life_s: float = FADE_HALF_LIFE_S, r
     return rest + (value - rest) * 0.5 ** (max(0.0, age_s) / half_life_s)
 
 
+class PointCosts(Sequence):
+    """Each point's (group, nanoseconds per row) from its parts (``masks``: pairs of group and the
+    mask of its members there): the one-image costs of its members there (``member_ns[g]``, as each
+    group's first replica measured them) times the group's batching factor (``scale[g]``: a batch's
+    measured compute over the same costs of its tasks). Computed when first asked for: under light
+    load ``richest_point`` looks at the richest point only."""
+
+    def __init__(self, member_ns, scale, masks: Sequence[Sequence[tuple[int, int]]]) -> None:
+        self.member_ns, self.scale, self.masks = member_ns, scale, masks
+        self.known: dict[int, list[tuple[int, float]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if i not in self.known:
+            self.known[i] = [(g, self.scale[g] * mask_ns(self.member_ns[g], mask)) for g, mask in self.masks[i]]
+        return self.known[i]
+
+
 def point_costs(member_ns: Sequence[Sequence[float]], scale: Sequence[float],
                 masks: Sequence[Sequence[tuple[int, int]]]) -> list[list[tuple[int, float]]]:
-    """Each point's (group, nanoseconds per row) from its parts (``masks``: pairs of group and the
-    mask of its members there): the one-image costs of its members there (``member_ns``, as each
-    group's first replica measured them) times the group's batching factor (``scale``: a batch's
-    measured compute over the same costs of its tasks)."""
-    return [[(g, scale[g] * mask_ns(member_ns[g], mask)) for g, mask in parts] for parts in masks]
+    """Every point's costs at once (``PointCosts``)."""
+    return list(PointCosts(member_ns, scale, masks))

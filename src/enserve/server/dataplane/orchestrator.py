@@ -27,9 +27,9 @@ from enserve.server.dataplane.adaptive import (
     PLAN_SHARE,
     RISK_SHARE,
     SUSTAINED_RUN,
+    PointCosts,
     decayed,
     mask_ns,
-    point_costs,
     predicted_ns,
     richest_point,
     slack,
@@ -218,12 +218,14 @@ class Orchestrator(WorkerRecovery, Completions):
         """The richest point of ``model``'s front predicted to answer ``count`` rows within
         ``PLAN_SHARE`` of the objective less the slack answers have shown, from each group's backlog
         and measured costs; and when it is predicted to be done (ns from now)."""
-        backlog, scale, now = [], [], self.loop.time()
-        for rt in self.groups:
+        backlog, scale, member_ns, now = {}, {}, {}, self.loop.time()
+        for g, _ in model.points[-1].parts:  # the whole model's groups: every point's are among them
+            rt = self.groups[g]
             ready = [w.work_ns for w in rt.workers if w.state is WorkerState.READY]
-            scale.append(decayed(rt.scale, now - rt.scale_at))
-            backlog.append(min(ready) * scale[-1] if ready else float("inf"))
-        points = point_costs([rt.member_ns for rt in self.groups], scale, [p.parts for p in model.points])
+            scale[g] = decayed(rt.scale, now - rt.scale_at)
+            backlog[g] = min(ready) * scale[g] if ready else float("inf")
+            member_ns[g] = rt.member_ns
+        points = PointCosts(member_ns, scale, [p.parts for p in model.points])
         slack_ns = decayed(self.slack_ns, now - self.slack_at, rest=0.0)
         k = richest_point(backlog, points, count, PLAN_SHARE * objective_s * 1e9 - slack_ns)
         return k, predicted_ns(backlog, points[k], count)
