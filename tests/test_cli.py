@@ -55,6 +55,11 @@ def test_an_unknown_flag_is_a_usage_error(command):
     (["import", "m.onnx", "--max-queue-delay-us", "-1"], {}, "--max-queue-delay-us is -1, but must be >= 0"),
     (["import", "m.onnx", "--ensemble", "../up"], {}, "--ensemble: model name '../up' is not a name"),
     (["import", "m.onnx"], {"ENSERVE_FRONT_ORDER": " "}, "--front-order is empty"),
+    (["import", "m.onnx", "--batch-size", "9", "--max-batch-size", "4"], {}, "--batch-size is 9, above --max-batch-size 4"),
+    (["import", "a.onnx", "b.onnx", "--front-order", "a,,b"], {}, "--front-order 'a,,b' must name every member once"),
+    (["import", "a.onnx", "b.onnx", "--front-order", "a,a"], {}, "the members are ['a', 'b']"),
+    (["import", "m.onnx", "--ensemble", "e" * 201], {}, "has 201 characters; at most 200"),
+    (["select", "--ensemble", "e" * 300], {}, "has 300 characters; at most 200"),
     (["select", "--ensemble", "a/b"], {}, "--ensemble: model name 'a/b' is not a name"),
 ])
 def test_bad_values_are_usage_errors_that_name_the_flag(args, env, message):

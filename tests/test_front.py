@@ -92,4 +92,6 @@ def test_enserve_import_orders_a_front_by_name_or_by_measured_cost(tmp_path):
     front = load_repository(tmp_path / "named").ensembles["ensemble"].front
     assert [p.members for p in front] == [("cnn_w64",), ("cnn_w64", "cnn_w8")] and front[0].cost_s is None
     done = run("bad", "cnn_w64")
-    assert done.returncode == 1 and "the front's order ['cnn_w64'] must name every member once" in done.stderr
+    # a usage error (2), refused from the file names before anything is read or written
+    assert done.returncode == 2 and "--front-order 'cnn_w64' must name every member once" in done.stderr
+    assert not (tmp_path / "bad").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from enserve.cli.common import USAGE, fail
 from enserve.cli.flags import add_flags, values_from
-from enserve.server.served.importer import ImportOptions
+from enserve.server.served.importer import ImportOptions, member_names
 
 
 def add_parser(sub) -> None:
@@ -24,13 +24,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         options = ImportOptions(**values_from(args, ImportOptions))
         options.validate()
+        front_order = options.front(member_names(args.files))
     except ValueError as exc:
         return fail("import", exc, USAGE)
     try:
         repo = import_onnx(args.files, options.model_repository, ensemble=options.ensemble,
                            max_batch_size=options.max_batch_size, batch_size=options.batch_size,
                            queue_delay_us=options.max_queue_delay_us, combiner=options.combiner,
-                           front_order=options.front())
+                           front_order=front_order)
     except (EnserveError, OSError) as exc:
         return fail("import", exc)
     print(f"wrote {options.model_repository}: members {sorted(repo.members)}, ensemble '{options.ensemble}'")

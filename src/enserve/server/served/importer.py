@@ -62,13 +62,22 @@ class ImportOptions:
             raise ValueError(f"--ensemble: {exc}") from None
         if self.front_order is not None and not self.front_order.strip():
             raise ValueError("--front-order is empty: name the members in order, or 'cost'")
+        if self.batch_size > self.max_batch_size:
+            raise ValueError(f"--batch-size is {self.batch_size}, above --max-batch-size {self.max_batch_size}")
 
-    def front(self) -> list[str] | str | None:
-        """``front_order`` as ``import_onnx`` takes it: 'cost', the names in order, or None."""
+    def front(self, names: list[str]) -> list[str] | str | None:
+        """``front_order`` as ``import_onnx`` takes it: 'cost', the members' ``names`` in order, or None;
+        ValueError when it does not name each member once."""
         if self.front_order is None:
             return None
         text = self.front_order.strip()
-        return "cost" if text == "cost" else [n.strip() for n in text.split(",")]
+        if text.lower() == "cost":
+            return "cost"
+        order = [n.strip() for n in text.split(",")]
+        if sorted(order) != sorted(names):
+            raise ValueError(f"--front-order {text!r} must name every member once, in the order they are added: "
+                             f"the members are {names} (or 'cost')")
+        return order
 
 
 def import_onnx(
@@ -98,7 +107,7 @@ def import_onnx(
                                ("queue_delay_us", queue_delay_us, 0)):
         if value < least:
             raise RepositoryError(f"{what} is {value}, but must be >= {least}")
-    names = names or _unique_names([Path(f).stem for f in files])
+    names = names or member_names(files)
     if len(names) != len(files):
         raise RepositoryError(f"{len(names)} names given for {len(files)} files")
     for n in [*names, ensemble]:
@@ -117,6 +126,8 @@ def import_onnx(
     check_compatible(members)
     if front is None and front_order is not None:  # before anything is written: a failure leaves no half repository
         front = ordered_front(names, [Path(f) for f in files], front_order)
+    if front is not None:
+        parse_front(front_text(front), names, f"ensemble '{ensemble}'")
     repository = Path(repository)
     repository.mkdir(parents=True, exist_ok=True)
     for m in members:
@@ -186,6 +197,11 @@ def ordered_front(names: list[str], files: list[Path], order: list[str] | str) -
         cost += costs.get(n, 0.0)
         points.append(FrontPoint(tuple(order[:k]), cost if costs else None))
     return points
+
+
+def member_names(files) -> list[str]:
+    """The member names ``import_onnx`` gives ``files``: their stems as model names, made unique."""
+    return _unique_names([Path(f).stem for f in files])
 
 
 def _unique_names(stems: list[str]) -> list[str]:

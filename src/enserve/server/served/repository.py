@@ -39,14 +39,17 @@ DEFAULT_BATCH_SIZE = 32  # what a member runs at when its config names no prefer
 DEFAULT_ENSEMBLE = "ensemble"  # the name of the ensemble a repository is built with, unless told
 NAME_CHARS = r"A-Za-z0-9_.\-"  # what a model name is made of
 MODEL_NAME = re.compile(rf"[A-Za-z0-9_][{NAME_CHARS}]*\Z")  # no path: no '/', no leading '.' or '-'
+MAX_NAME_CHARS = 200  # a model's folder name, with room below the file systems' 255 bytes
 
 
 def check_model_name(name: str) -> str:
-    """``name`` if it can only be a model name (letters, digits, '_', '.' and '-'; no path, no '..');
-    else RepositoryError, which the registry turns into INVALID_ARGUMENT."""
+    """``name`` if it can only be a model name (letters, digits, '_', '.' and '-'; no path, no '..';
+    at most ``MAX_NAME_CHARS``); else RepositoryError, which the registry turns into INVALID_ARGUMENT."""
     if not MODEL_NAME.match(name) or ".." in name:
         raise RepositoryError(f"model name {name!r} is not a name: use letters, digits, '_', '.' and '-', "
                               "no path")
+    if len(name) > MAX_NAME_CHARS:
+        raise RepositoryError(f"model name {name[:40]!r}... has {len(name)} characters; at most {MAX_NAME_CHARS}")
     return name
 
 
