@@ -40,7 +40,8 @@ def test_point_costs_are_computed_only_as_the_policy_looks_at_them():
     costs = PointCosts(MEMBER_NS, SCALE, FRONT)
     assert richest_point([0.0, 0.0], costs, 2, 20 * MS) == 2 and set(costs.known) == {2}  # idle: the richest only
     assert richest_point([0.0, 30 * MS], costs, 2, 20 * MS) == 0 and set(costs.known) == {1, 2}  # 0 is the fallback
-    assert list(costs) == point_costs(MEMBER_NS, SCALE, FRONT) and costs[-1] == costs[2]
+    assert list(costs) == [[(0, 1 * MS)], [(0, 1 * MS), (1, 2 * MS)], [(0, 1 * MS), (1, 8 * MS)]]  # by hand
+    assert costs[-1] == costs[2]
     groups = {1: MEMBER_NS[1], 0: MEMBER_NS[0]}  # the orchestrator passes only the model's groups, by number
     assert PointCosts(groups, {0: 1.0, 1: 0.5}, FRONT)[1] == [(0, 1 * MS), (1, 1 * MS)]
     with pytest.raises(IndexError):

@@ -93,5 +93,5 @@ def test_enserve_import_orders_a_front_by_name_or_by_measured_cost(tmp_path):
     assert [p.members for p in front] == [("cnn_w64",), ("cnn_w64", "cnn_w8")] and front[0].cost_s is None
     done = run("bad", "cnn_w64")
     # a usage error (2), refused from the file names before anything is read or written
-    assert done.returncode == 2 and "--front-order 'cnn_w64' must name every member once" in done.stderr
+    assert done.returncode == 2 and "--front-order 'cnn_w64': the front's order ['cnn_w64'] must name every member once" in done.stderr
     assert not (tmp_path / "bad").exists()

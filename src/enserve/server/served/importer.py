@@ -74,9 +74,10 @@ class ImportOptions:
         if text.lower() == "cost":
             return "cost"
         order = [n.strip() for n in text.split(",")]
-        if sorted(order) != sorted(names):
-            raise ValueError(f"--front-order {text!r} must name every member once, in the order they are added: "
-                             f"the members are {names} (or 'cost')")
+        try:
+            check_order(order, names)
+        except RepositoryError as exc:
+            raise ValueError(f"--front-order {text!r}: {exc} (or 'cost')") from None
         return order
 
 
@@ -126,15 +127,14 @@ def import_onnx(
     check_compatible(members)
     if front is None and front_order is not None:  # before anything is written: a failure leaves no half repository
         front = ordered_front(names, [Path(f) for f in files], front_order)
-    if front is not None:
-        parse_front(front_text(front), names, f"ensemble '{ensemble}'")
+    parsed = None if front is None else parse_front(front_text(front), names, f"ensemble '{ensemble}'")
     repository = Path(repository)
     repository.mkdir(parents=True, exist_ok=True)
     for m in members:
         write_config(repository / m.name, member_config(m))
         (repository / m.name / "1").mkdir(exist_ok=True)
         shutil.copyfile(m.path, repository / m.name / "1" / "model.onnx")
-    answering = len(names) if front is not None and len(front) > 1 else 0
+    answering = len(names) if parsed is not None and len(parsed) > 1 else 0
     ens = EnsembleSpec(ensemble, names, members[0].inputs, ensemble_outputs(members[0].outputs, answering), max_batch_size,
                        notes=dict(notes or {}))
     try:
@@ -143,8 +143,8 @@ def import_onnx(
         raise RepositoryError(str(exc)) from None
     if weights is not None:
         ens.weights = parse_weights(",".join(f"{w:.17g}" for w in weights), names, f"ensemble '{ensemble}'")
-    if front is not None:
-        ens.front = parse_front(front_text(front), names, f"ensemble '{ensemble}'")
+    if parsed is not None:
+        ens.front = parsed
     write_config(repository / ensemble, ensemble_config(ens, {m.name: m for m in members}))
     (repository / ensemble / "1").mkdir(exist_ok=True)
     return load_repository(repository)
@@ -190,13 +190,18 @@ def ordered_front(names: list[str], files: list[Path], order: list[str] | str) -
         order = sorted(names, key=lambda n: (costs[n], names.index(n)))
     else:
         costs = {}
-        if sorted(order) != sorted(names):
-            raise RepositoryError(f"the front's order {list(order)} must name every member once: {names}")
+        check_order(order, names)
     points, cost = [], 0.0
     for k, n in enumerate(order, 1):
         cost += costs.get(n, 0.0)
         points.append(FrontPoint(tuple(order[:k]), cost if costs else None))
     return points
+
+
+def check_order(order: list[str], names: list[str]) -> None:
+    """A front's order must name every member once; RepositoryError naming both."""
+    if sorted(order) != sorted(names):
+        raise RepositoryError(f"the front's order {list(order)} must name every member once: {names}")
 
 
 def member_names(files) -> list[str]:
