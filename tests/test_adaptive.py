@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from enserve.server.dataplane.adaptive import PointCosts, point_costs, predicted_ns, richest_point
+from enserve.server.dataplane.adaptive import (
+    PointCosts,
+    mask_ns,
+    point_costs,
+    predicted_ns,
+    richest_point,
+)
 
 MS = 1e6
 # group 0 runs a (1 ms an image); group 1 runs b and c (2 and 6 ms an image; 8 ms together)
@@ -37,13 +43,15 @@ def test_the_richest_point_that_fits_the_objective_is_chosen(backlog_ms, expecte
 
 
 def test_point_costs_are_computed_only_as_the_policy_looks_at_them():
-    costs = PointCosts(MEMBER_NS, SCALE, FRONT)
+    costs = PointCosts(lambda g, mask: mask_ns(MEMBER_NS[g], mask), SCALE, FRONT)
     assert richest_point([0.0, 0.0], costs, 2, 20 * MS) == 2 and set(costs.known) == {2}  # idle: the richest only
     assert richest_point([0.0, 30 * MS], costs, 2, 20 * MS) == 0 and set(costs.known) == {1, 2}  # 0 is the fallback
     assert list(costs) == [[(0, 1 * MS)], [(0, 1 * MS), (1, 2 * MS)], [(0, 1 * MS), (1, 8 * MS)]]  # by hand
     assert costs[-1] == costs[2]
-    groups = {1: MEMBER_NS[1], 0: MEMBER_NS[0]}  # the orchestrator passes only the model's groups, by number
-    assert PointCosts(groups, {0: 1.0, 1: 0.5}, FRONT)[1] == [(0, 1 * MS), (1, 1 * MS)]
+    asked = []  # the orchestrator's cost: each group's cached mask sums (``GroupRuntime.mask_ns``)
+    assert PointCosts(lambda g, mask: asked.append((g, mask)) or mask_ns(MEMBER_NS[g], mask), {0: 1.0, 1: 0.5},
+                      FRONT)[1] == [(0, 1 * MS), (1, 1 * MS)]
+    assert asked == [(0, 0b1), (1, 0b01)]  # the scale only from the groups the point uses
     with pytest.raises(IndexError):
         costs[3]
 
@@ -72,3 +80,12 @@ def test_the_slack_rises_fast_and_falls_slowly():
     assert slack(0.0, 30 * MS, 20 * MS) == pytest.approx(0.3 * 10 * MS)  # 10 ms over: up by 30 % of the gap
     assert slack(10 * MS, 15 * MS, 20 * MS) == pytest.approx(10 * MS - 0.05 * 10 * MS)  # early: down by 5 %
     assert slack(0.0, 5 * MS, 20 * MS) == 0.0
+
+
+def test_a_groups_mask_costs_are_its_members_sums_once_measured():
+    from enserve.server.dataplane.runtime import GroupRuntime
+
+    rt = GroupRuntime(spec=None, ring=None)
+    assert rt.mask_ns(0b11) == 0.0 and rt.mask_costs == {}  # not measured yet: free, and not remembered
+    rt.member_ns = (2.0, 5.0)
+    assert rt.mask_ns(0b11) == 7.0 and rt.mask_ns(0b10) == 5.0 and rt.mask_costs == {0b11: 7.0, 0b10: 5.0}

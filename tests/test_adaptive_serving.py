@@ -54,14 +54,19 @@ def mean_of(files, members, x):
     return np.mean(outs, axis=0)
 
 
-def ask(client, x, objective=None, model="ensemble"):
+def ask(client, x, objective=None, model="ensemble", members_used=None):
+    """probs, the members named in the answer's parameters, and the ``members_used`` output (asked for
+    by name, by default of an ensemble: a request naming no output does not get it)."""
     inp = grpcclient.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
-    result = client.infer(model, [inp], parameters=None if objective is None else {"objective_ms": objective})
+    named = model == "ensemble" if members_used is None else members_used
+    outputs = [grpcclient.InferRequestedOutput(n) for n in ("probs", "members_used")] if named else None
+    result = client.infer(model, [inp], outputs=outputs,
+                          parameters=None if objective is None else {"objective_ms": objective})
     params = result.get_response().parameters
     used = params["enserve_members"].string_param.split(",") if "enserve_members" in params else None
     mask = result.as_numpy("members_used")  # per row, the members (in step order) the answer combined
-    if used is not None:
+    if used is not None and mask is not None:
         assert mask.tolist() == [[m in used for m in ALL[: mask.shape[1]]]] * len(x), (mask, used)
     return result.as_numpy("probs"), used, mask
 
@@ -90,12 +95,14 @@ def test_an_objective_below_the_slow_member_is_answered_by_the_named_cheaper_mem
     np.testing.assert_allclose(out, mean_of(files, ALL, x), atol=1e-5)
     out, used, mask = ask(client, x, objective=0)  # 0: none for this request
     assert used is None and mask.all()
+    out, used, mask = ask(client, x, objective=slow / 3, members_used=False)  # not named: not returned
+    assert used == CHEAP and mask is None
     meta = client.get_model_metadata("ensemble", as_json=True)
     assert {"name": "members_used", "datatype": "BOOL", "shape": ["-1", "3"]} in meta["outputs"], meta
     assert all(o["name"] != "members_used" for o in client.get_model_metadata("cnn_w8", as_json=True)["outputs"])
     # over HTTP: the same answer, the members named in the response's parameters
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}],
-            "parameters": {"objective_ms": slow / 3}}
+            "outputs": [{"name": "probs"}, {"name": "members_used"}], "parameters": {"objective_ms": slow / 3}}
     req = urllib.request.Request(f"http://{daemon.http_url}/v2/models/ensemble/infer", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:

@@ -373,21 +373,21 @@ def test_an_anytime_request_is_answered_at_its_deadline_with_the_members_done():
         sums = np.zeros((4, 2), np.float32)
         sums[1:3] = [[0.2, 0.8], [0.6, 0.4]]  # a on rows 1-2
         r = anytime_request()
-        r.part_done([sums], sums**2, 1, 2, ("a",))
+        r.part_done([sums], sums**2, 1, 2, ("a", "b", "c"), 0b001)  # the group's members, and the mask run
         sums[1:3] = [[0.4, 0.6], [0.8, 0.2]]  # b
-        r.part_done([sums], sums**2, 1, 2, ("b",))
+        r.part_done([sums], sums**2, 1, 2, ("a", "b", "c"), 0b010)
         r.expire()  # c is still out: the answer is a and b's mean, named
         np.testing.assert_allclose(r.future.result()["probs"], [[0.3, 0.7], [0.7, 0.3]])
         np.testing.assert_allclose(r.future.result()["member_variance"], [[0.01], [0.01]], atol=1e-6)  # of a and b
         assert r.used == ("a", "b")
         without_first = anytime_request()
-        without_first.part_done([sums], sums**2, 1, 2, ("b",))  # b alone does not hold the first point (a)
+        without_first.part_done([sums], sums**2, 1, 2, ("b",), 1)  # b alone does not hold the first point (a)
         without_first.expire()
         with pytest.raises(DeadlineExceeded, match=r"could not reach the front's first point \(a\) within its "
                                                    r"objective of 55 ms \(members done: b\)"):
             without_first.future.result()
         split = anytime_request()
-        split.part_done([sums], sums**2, 1, 1, ("a",))  # one of a's two row shares: not every row has it
+        split.part_done([sums], sums**2, 1, 1, ("a",), 1)  # one of a's two row shares: not every row has it
         split.expire()
         with pytest.raises(DeadlineExceeded, match=r"no early answer could be made: members \['a'\] had only part of "
                                                    "its 2 rows"):

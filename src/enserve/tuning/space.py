@@ -119,7 +119,9 @@ def starting_points(data, batch_sizes: tuple[int, int]) -> list[dict]:
     """Configurations the search tries first (Optuna's ``enqueue_trial``), as AutoML systems start
     from a portfolio of known-good defaults; the sampler takes over after them. For tabular rows:
     logistic regression on the scaled columns (no hidden layer, weight decay 1e-3: about
-    scikit-learn's C=1 on a few hundred rows), the data scientist's first try, and the tabular MLP
+    scikit-learn's C=1 on a few hundred rows; Adam at the space's top rate, 1e-2, since at 3e-3 its
+    few hundred steps left it short of convergence: out-of-fold log loss on penguins 0.126 against
+    scikit-learn's 0.032, 0.042 at 1e-2), the data scientist's first try, and the tabular MLP
     baselines' usual default (2 x 256, dropout 0.1, Adam at 1e-3). None for the CNN families, whose
     space is centred already."""
     families = data.families or (KIND_FAMILY[data.kind],)
@@ -129,7 +131,7 @@ def starting_points(data, batch_sizes: tuple[int, int]) -> list[dict]:
     base = {"batch_size": min(max(32, low), high), "activation": "relu", "batch_norm": False}
     if len(families) > 1:
         base["family"] = "mlp"
-    return [base | {"learning_rate": 3e-3, "weight_decay": 1e-3, "width": 64, "depth": 0, "dropout": 0.0},
+    return [base | {"learning_rate": 1e-2, "weight_decay": 1e-3, "width": 64, "depth": 0, "dropout": 0.0},
             base | {"learning_rate": 1e-3, "weight_decay": 1e-5, "width": 256, "depth": 2, "dropout": 0.1}]
 
 

@@ -10,7 +10,7 @@ when none is, the cheapest. Members of the points left out are never scheduled."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 PLAN_SHARE = 0.5  # of the objective the prediction may fill: the rest absorbs noise and the frontends' own time
 # (0.7 kept 96-98 % of answers within 50 ms at 2-4x load on 2 cores; 0.5 kept 99.8-100 %)
@@ -76,13 +76,14 @@ def decayed(value: float, age_s: float, half_life_s: float = FADE_HALF_LIFE_S, r
 
 class PointCosts(Sequence):
     """Each point's (group, nanoseconds per row) from its parts (``masks``: pairs of group and the
-    mask of its members there): the one-image costs of its members there (``member_ns[g]``, as each
-    group's first replica measured them) times the group's batching factor (``scale[g]``: a batch's
-    measured compute over the same costs of its tasks). Computed when first asked for: under light
-    load ``richest_point`` looks at the richest point only."""
+    mask of its members there): the one-image cost of its members there (``cost(g, mask)``, the
+    sum of their costs as each group's first replica measured them, ``mask_ns``) times the group's
+    batching factor (``scale[g]``: a batch's measured compute over the same costs of its tasks).
+    Computed when first asked for: under light load ``richest_point`` looks at the richest point
+    only."""
 
-    def __init__(self, member_ns, scale, masks: Sequence[Sequence[tuple[int, int]]]) -> None:
-        self.member_ns, self.scale, self.masks = member_ns, scale, masks
+    def __init__(self, cost: Callable[[int, int], float], scale, masks: Sequence[Sequence[tuple[int, int]]]) -> None:
+        self.cost, self.scale, self.masks = cost, scale, masks
         self.known: dict[int, list[tuple[int, float]]] = {}
 
     def __len__(self) -> int:
@@ -96,11 +97,11 @@ class PointCosts(Sequence):
         if not 0 <= i < len(self):
             raise IndexError(i)
         if i not in self.known:
-            self.known[i] = [(g, self.scale[g] * mask_ns(self.member_ns[g], mask)) for g, mask in self.masks[i]]
+            self.known[i] = [(g, self.scale[g] * self.cost(g, mask)) for g, mask in self.masks[i]]
         return self.known[i]
 
 
 def point_costs(member_ns: Sequence[Sequence[float]], scale: Sequence[float],
                 masks: Sequence[Sequence[tuple[int, int]]]) -> list[list[tuple[int, float]]]:
-    """Every point's costs at once (``PointCosts``)."""
-    return list(PointCosts(member_ns, scale, masks))
+    """Every point's costs at once (``PointCosts``), from each group's members' one-image costs."""
+    return list(PointCosts(lambda g, mask: mask_ns(member_ns[g], mask), scale, masks))

@@ -65,7 +65,7 @@ class Completions:
         if ok and frame.rows:
             per_batch = frame.input_ns + frame.infer_ns + frame.output_ns
             rt.batch_ns += 0.1 * (per_batch - rt.batch_ns)
-            one_by_one = 0.0 if self.dispatch.member_ns is None else \
+            one_by_one = 0.0 if self.dispatch.mask_cost is None else \
                 sum(self.dispatch.task_ns(w, w.tasks[tid]) for tid in frame.ids if tid in w.tasks)
             if one_by_one > 0:  # how far batching makes a batch cheaper than its images one by one
                 rt.scale = batch_factor(rt.scale, frame.infer_ns, one_by_one)
@@ -83,9 +83,8 @@ class Completions:
                                                         f"{frame.message}"))
                 else:
                     try:  # the members only matter to an answer that may come before all are in
-                        members = () if request.anytime is None else \
-                            tuple(m for k, m in enumerate(rt.spec.members) if task.mask >> k & 1)
-                        request.part_done(w.slots.sums, w.slots.squares, task.start, task.count, members)
+                        request.part_done(w.slots.sums, w.slots.squares, task.start, task.count,
+                                          () if request.anytime is None else rt.spec.members, task.mask)
                     except Exception as exc:  # one bad part must not strand the frame's other tasks
                         request.fail(Internal(f"adding the outputs of '{w.spec.label}' failed: "
                                               f"{type(exc).__name__}: {exc}"))

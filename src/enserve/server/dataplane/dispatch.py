@@ -15,7 +15,6 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 
-from enserve.server.dataplane.adaptive import mask_ns
 from enserve.server.dataplane.request import InflightRequest
 from enserve.server.dataplane.runtime import GroupRuntime
 from enserve.server.dataplane.supervisor import WorkerProcess, WorkerState
@@ -108,23 +107,23 @@ def least_loaded(workers: Iterable[WorkerProcess]) -> WorkerProcess | None:
 
 class Dispatch:
     def __init__(self, loop: asyncio.AbstractEventLoop, done_r: int,
-                 member_ns: Callable[[int], Sequence[float]] | None = None) -> None:
+                 mask_cost: Callable[[int, int], float] | None = None) -> None:
         self.loop = loop
         self.done_r = done_r
         self.reader = DoneReader()
         self.outbox: dict[WorkerProcess, list[bytes]] = {}
         self.flush_scheduled = False
         self.next_task = 0
-        # a group's members' one-image costs, once measured; None: no served front, nothing to predict,
-        # and no work counted on the hot path
-        self.member_ns = member_ns
+        # (group, member mask) -> one image's compute through those members (0 until measured); None:
+        # no served front, nothing to predict, and no work counted on the hot path
+        self.mask_cost = mask_cost
 
     def task_ns(self, w: WorkerProcess, task: Task) -> float:
         """``task``'s compute on ``w`` at its members' one-image costs (0 before they are measured, or
         when nothing predicts)."""
-        if self.member_ns is None:
+        if self.mask_cost is None:
             return 0.0
-        return task.count * mask_ns(self.member_ns(w.group), task.mask & ~FLAGS)
+        return task.count * self.mask_cost(w.group, task.mask & ~FLAGS)
 
     def send(self, w: WorkerProcess, task: Task, wait_us: int = 0) -> None:
         """Give ``w`` a task under a task id of its own (a request split over replicas, or retried,

@@ -29,7 +29,6 @@ from enserve.server.dataplane.adaptive import (
     SUSTAINED_RUN,
     PointCosts,
     decayed,
-    mask_ns,
     predicted_ns,
     richest_point,
     slack,
@@ -88,6 +87,7 @@ class Orchestrator(WorkerRecovery, Completions):
         self.point_runs: dict[str, tuple[int, int, int]] = {}  # per model: (point logged, point chosen, its run)
         self.slack_ns = 0.0  # what answers under an objective took beyond their prediction (``adaptive.slack``)
         self.slack_at = 0.0  # when it was last learnt (the loop's clock): it fades from then (``decayed``)
+        self.floor_ns: dict[str, float] = {}  # per model, ``cheapest_point_ns`` once its groups are measured
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -95,8 +95,7 @@ class Orchestrator(WorkerRecovery, Completions):
         self.done_r, self.done_w = os.pipe()
         os.set_blocking(self.done_r, False)
         fronts = any(len(m.points) > 1 for m in self.models.values())  # else no latency objective applies
-        self.dispatch = Dispatch(self.loop, self.done_r,
-                                 (lambda group: self.groups[group].member_ns) if fronts else None)
+        self.dispatch = Dispatch(self.loop, self.done_r, self._mask_cost if fronts else None)
         self.supervisor = Supervisor(self.loop, self.done_w, self._worker_exited, self.lifecycle)
         self.deadlines = Deadlines(self.loop, self._expire)
         self.loop.add_reader(self.done_r, self._on_done)
@@ -135,9 +134,10 @@ class Orchestrator(WorkerRecovery, Completions):
 
     def submit(self, model: ServedModel, arrays: list[np.ndarray], count: int,
                timeout_s: float | None = None, uncertainty: bool = True,
-               objective_s: float | None = None) -> InflightRequest:
+               objective_s: float | None = None, members_output: bool = False) -> InflightRequest:
         """Copy the inputs into shared rows and hand them to one replica of every group ``model`` needs;
-        ``uncertainty`` off skips the ensemble's entropy and variance outputs. With ``objective_s``
+        ``uncertainty`` off skips the ensemble's entropy and variance outputs, ``members_output`` on
+        answers which members it combined (``MEMBERS_OUTPUT``). With ``objective_s``
         (a latency objective), an ensemble with a front runs only the members of the richest point
         predicted to fit it (``adaptive``), and is answered near it with the members done by then."""
         self.lifecycle.check_accepting(f"model '{model.name}'")
@@ -173,12 +173,13 @@ class Orchestrator(WorkerRecovery, Completions):
         timeout = bound if timeout_s is None else min(timeout_s, bound)
         anytime = objective_s is not None and model.kind == "ensemble" and ANSWER_AT * objective_s < timeout
         request = InflightRequest(rid, served.recipe, start, count, len(served.parts), self.loop.create_future(),
-                                  self.loop.time(), ANSWER_AT * objective_s if anytime else timeout, uncertainty)
+                                  self.loop.time(), ANSWER_AT * objective_s if anytime else timeout, uncertainty,
+                                  members_output)
         request.members, request.predicted_ns = served.members, predicted
         if model.kind == "ensemble":
             request.objective_s = objective_s
         if anytime:  # answered near the objective with the members done, if they hold the first point
-            request.anytime = frozenset(model.points[0].members)
+            request.anytime = model.points[0].member_set
         self.pending[rid] = request
         self.inflight[model.name] += 1
         self.deadlines.add(request)
@@ -212,21 +213,32 @@ class Orchestrator(WorkerRecovery, Completions):
     def cheapest_point_ns(self, model: ServedModel) -> float:
         """The least time the first point of ``model``'s front takes for one row on idle replicas: its
         slowest group's members, one image's measured cost each (0 before any is measured)."""
-        return max((mask_ns(self.groups[g].member_ns, mask) for g, mask in model.points[0].parts), default=0.0)
+        floor = self.floor_ns.get(model.name)
+        if floor is None:
+            parts = model.points[0].parts
+            floor = max((self.groups[g].mask_ns(mask) for g, mask in parts), default=0.0)
+            if all(self.groups[g].member_ns for g, _ in parts):  # measured: it stays
+                self.floor_ns[model.name] = floor
+        return floor
+
+    def _mask_cost(self, group: int, mask: int) -> float:
+        return self.groups[group].mask_ns(mask)
 
     def _point_for(self, model: ServedModel, count: int, objective_s: float) -> tuple[int, float]:
         """The richest point of ``model``'s front predicted to answer ``count`` rows within
         ``PLAN_SHARE`` of the objective less the slack answers have shown, from each group's backlog
         and measured costs; and when it is predicted to be done (ns from now)."""
-        backlog, scale, member_ns, now = {}, {}, {}, self.loop.time()
+        backlog, scale, now, ready = {}, {}, self.loop.time(), WorkerState.READY
         for g, _ in model.points[-1].parts:  # the whole model's groups: every point's are among them
             rt = self.groups[g]
-            ready = [w.work_ns for w in rt.workers if w.state is WorkerState.READY]
-            scale[g] = decayed(rt.scale, now - rt.scale_at)
-            backlog[g] = min(ready) * scale[g] if ready else float("inf")
-            member_ns[g] = rt.member_ns
-        points = PointCosts(member_ns, scale, [p.parts for p in model.points])
-        slack_ns = decayed(self.slack_ns, now - self.slack_at, rest=0.0)
+            s = scale[g] = decayed(rt.scale, now - rt.scale_at) if rt.scale != 1.0 else 1.0
+            least = float("inf")  # no replica ready: nothing of this group can be predicted to finish
+            for w in rt.workers:
+                if w.state is ready and w.work_ns < least:
+                    least = w.work_ns
+            backlog[g] = least * s
+        points = PointCosts(self._mask_cost, scale, model.point_parts)
+        slack_ns = decayed(self.slack_ns, now - self.slack_at, rest=0.0) if self.slack_ns else 0.0
         k = richest_point(backlog, points, count, PLAN_SHARE * objective_s * 1e9 - slack_ns)
         return k, predicted_ns(backlog, points[k], count)
 

@@ -28,10 +28,11 @@ from enserve.server.served.table import AnswerRecipe
 class InflightRequest:
     __slots__ = ("rid", "recipe", "start", "count", "outstanding", "totals", "squares", "error", "future",
                  "t0", "t_submit", "retried", "timeout_s", "deadline", "uncertainty", "on_answer",
-                 "members", "rows_done", "anytime", "used", "objective_s", "predicted_ns")
+                 "members", "parts_in", "anytime", "used", "objective_s", "predicted_ns", "members_output")
 
     def __init__(self, rid: int, recipe: AnswerRecipe, start: int, count: int, parts: int,
-                 future: asyncio.Future, now: float, timeout_s: float, uncertainty: bool = True) -> None:
+                 future: asyncio.Future, now: float, timeout_s: float, uncertainty: bool = True,
+                 members_output: bool = False) -> None:
         self.rid = rid
         self.recipe = recipe
         self.start = start
@@ -49,11 +50,13 @@ class InflightRequest:
         self.uncertainty = uncertainty  # compute the ensemble's entropy and variance outputs
         self.on_answer: Callable[[asyncio.Future], None] | None = None  # called at once, not a loop turn later
         self.members: tuple[str, ...] = ()  # the members of the front point it was given (``adaptive``)
-        self.rows_done: dict[str, int] = {}  # per member, the rows whose terms are in ``totals``
+        # with an objective: each part's (group's members, member mask, rows) in ``totals`` (``rows_done``)
+        self.parts_in: list[tuple[tuple[str, ...], int, int]] = []
         self.anytime: frozenset[str] | None = None  # with an objective: the members an early answer needs
         self.used: tuple[str, ...] | None = None  # the members its answer combined (an ensemble's)
         self.objective_s: float | None = None  # its latency objective, when it has one
         self.predicted_ns = 0.0  # when the policy expected its point to be done (``adaptive``)
+        self.members_output = members_output  # answer ``MEMBERS_OUTPUT`` (the caller asked for it)
 
     @property
     def answered(self) -> bool:
@@ -89,14 +92,16 @@ class InflightRequest:
             self.error = error
 
     def part_done(self, sums: list[np.ndarray], squares: np.ndarray, start: int, count: int,
-                  members: tuple[str, ...] = ()) -> None:
+                  names: tuple[str, ...] = (), mask: int = 0) -> None:
         """Add one part's sums (views into a group's shared slots) over its rows [start, start+count),
-        all of this request's rows or a share of them that one replica ran, for ``members``."""
+        all of this request's rows or a share of them that one replica ran; with ``names`` (its
+        group's members), the members ``mask`` names there are noted as done for those rows (what
+        an early answer needs: ``rows_done``)."""
         self.outstanding -= 1
         if self.error is not None or self.answered:
             return
-        for m in members:
-            self.rows_done[m] = self.rows_done.get(m, 0) + count
+        if names:
+            self.parts_in.append((names, mask, count))
         if self.totals is None and count == self.count:  # the usual first part: all rows, one copy
             self.totals = [s[start : start + count].copy() for s in sums]
             self.squares = squares[start : start + count].copy()
@@ -143,20 +148,21 @@ class InflightRequest:
         when they hold the front's first point and every row of each."""
         if self.answered:
             return
-        done = self.finished_members()
+        rows_done = self.rows_done()
+        done = self.finished_members(rows_done)
         if self.anytime is not None and self.error is None and done is not None and self.anytime <= set(done):
             self.used = done
             self.recipe = replace(self.recipe, weight_sum=self.recipe.weight_of(done))
             self.answer()
             return
         if self.anytime is not None and done is None:
-            half = sorted(m for m, rows in self.rows_done.items() if rows != self.count)
+            half = sorted(m for m, rows in rows_done.items() if rows != self.count)
             self.fail(DeadlineExceeded(
                 f"request to model '{self.recipe.model}' was not done within its objective of "
                 f"{self.objective_s * 1e3:g} ms, and no early answer could be made: members {half} had only "
                 f"part of its {self.count} rows"))
         elif self.anytime is not None:
-            have = "none" if not self.rows_done else ", ".join(sorted(self.rows_done))
+            have = "none" if not rows_done else ", ".join(sorted(rows_done))
             self.fail(DeadlineExceeded(
                 f"request to model '{self.recipe.model}' could not reach the front's first point "
                 f"({', '.join(sorted(self.anytime))}) within its objective of {self.objective_s * 1e3:g} ms "
@@ -166,12 +172,22 @@ class InflightRequest:
                 f"request to model '{self.recipe.model}' did not finish within {self.timeout_s:g} s"))
         self.answer()
 
-    def finished_members(self) -> tuple[str, ...] | None:
+    def rows_done(self) -> dict[str, int]:
+        """Per member, the rows whose terms are in the sums (noted only under an objective)."""
+        done: dict[str, int] = {}
+        for names, mask, count in self.parts_in:
+            for k, m in enumerate(names):
+                if mask >> k & 1:
+                    done[m] = done.get(m, 0) + count
+        return done
+
+    def finished_members(self, rows_done: dict[str, int] | None = None) -> tuple[str, ...] | None:
         """The members whose terms cover every row of the sums, in the point's order; None when some
         member's terms cover only part of the rows (a share of a split part is still out)."""
-        if any(rows != self.count for rows in self.rows_done.values()):
+        rows_done = self.rows_done() if rows_done is None else rows_done
+        if any(rows != self.count for rows in rows_done.values()):
             return None
-        return tuple(m for m in self.members if m in self.rows_done)
+        return tuple(m for m in self.members if m in rows_done)
 
     def _combine(self) -> dict[str, np.ndarray]:
         recipe = self.recipe
@@ -185,7 +201,7 @@ class InflightRequest:
         if self.uncertainty:
             out[ENTROPY_OUTPUT] = entropy
             out[VARIANCE_OUTPUT] = variance
-        if recipe.members_output:
+        if self.members_output:
             used = set(self.used)
             mask = np.array([m in used for m, _ in recipe.weights])
             out[MEMBERS_OUTPUT] = np.repeat(mask[None], self.count, axis=0)

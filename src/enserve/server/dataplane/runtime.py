@@ -8,6 +8,7 @@ import mmap
 from dataclasses import dataclass, field
 
 from enserve.server.config import ServeOptions
+from enserve.server.dataplane.adaptive import mask_ns
 from enserve.server.dataplane.shm import OWNER, SharedMemoryError, shm_free_bytes
 from enserve.server.dataplane.slots import InputRing, OutputSlots, ring_rows, slot_row_bytes
 from enserve.server.dataplane.supervisor import WorkerProcess
@@ -33,6 +34,17 @@ class GroupRuntime:
     member_ns: tuple[float, ...] = ()  # one image's compute per member, as its first ready replica measured
     scale: float = 1.0  # moving average of a batch's compute over its tasks' one-image costs (batching's gain)
     scale_at: float = 0.0  # when it was last updated (loop clock)
+    mask_costs: dict[int, float] = field(default_factory=dict)  # ``mask_ns``'s answers, once measured
+
+    def mask_ns(self, mask: int) -> float:
+        """One image's compute through the members ``mask`` names (0 until they are measured; each
+        mask's sum computed once: the policy and the dispatch ask for the same few on every request)."""
+        cost = self.mask_costs.get(mask)
+        if cost is None:
+            cost = mask_ns(self.member_ns, mask)
+            if self.member_ns:
+                self.mask_costs[mask] = cost
+        return cost
 
 
 def shm_budget(options: ServeOptions) -> int:

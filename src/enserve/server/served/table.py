@@ -5,6 +5,7 @@ and member masks) a request to it fans out to."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from enserve import combiners
 from enserve.server.errors import RepositoryError
@@ -40,6 +41,10 @@ class ServedPoint:
     parts: tuple[tuple[int, int], ...]
     recipe: AnswerRecipe
 
+    @cached_property
+    def member_set(self) -> frozenset[str]:
+        return frozenset(self.members)
+
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -54,6 +59,11 @@ class ServedModel:
     recipe: AnswerRecipe
     points: tuple[ServedPoint, ...] = ()  # its front, cheapest first; the last is the whole model
     objective_s: float | None = None  # its config's latency objective
+
+    @cached_property
+    def point_parts(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Each point's parts, cheapest point first (what the policy reads on every request)."""
+        return tuple(p.parts for p in self.points)
 
 
 @dataclass(frozen=True)

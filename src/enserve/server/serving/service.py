@@ -18,6 +18,7 @@ from enserve.server.errors import InvalidArgument, NotFound, Unavailable
 from enserve.server.lifecycle import Lifecycle
 from enserve.server.served.repository import (
     ENSEMBLE_PLATFORM,
+    MEMBERS_OUTPUT,
     ONNX_PLATFORM,
     UNCERTAINTY_OUTPUTS,
     Repository,
@@ -178,7 +179,8 @@ class Service:
         check_shm_outputs(wanted, target, batch, regions)
         uncertainty = any(out.name in UNCERTAINTY_OUTPUTS for out in wanted)
         objective = self._objective(orchestrator, target, objective_s)
-        request = orchestrator.submit(target, arrays, batch, timeout_s, uncertainty, objective)
+        members_output = any(out.name == MEMBERS_OUTPUT for out in wanted)
+        request = orchestrator.submit(target, arrays, batch, timeout_s, uncertainty, objective, members_output)
         return PendingInfer(request, target, wanted, regions)
 
     def _objective(self, orchestrator: Orchestrator, target: ServedModel, given: float | None) -> float | None:

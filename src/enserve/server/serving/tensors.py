@@ -15,6 +15,7 @@ from tritonclient.utils import triton_to_np_dtype
 
 from enserve.server.dataplane.shm import ClientRegion, ClientRegions
 from enserve.server.errors import InvalidArgument
+from enserve.server.served.repository import MEMBERS_OUTPUT
 
 
 @dataclass
@@ -129,10 +130,12 @@ def _to_array(spec, shape: list[int], inp: RequestInput, regions: ClientRegions 
 
 
 def select_outputs(target, requested: list[RequestOutput]) -> list[RequestOutput]:
-    """The outputs to return: all (binary) when none are named; unknown names are errors."""
+    """The outputs to return: all (binary) when none are named, but ``MEMBERS_OUTPUT``, which is
+    returned when asked for by name (a mask per row that only an answer under a latency objective
+    needs); unknown names are errors."""
     names = [t.name for t in target.outputs]
     if not requested:
-        return [RequestOutput(n) for n in names]
+        return [RequestOutput(n) for n in names if n != MEMBERS_OUTPUT]
     seen = set()
     for out in requested:
         if out.name not in names:
