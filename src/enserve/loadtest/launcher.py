@@ -96,11 +96,14 @@ class Server:
 
 def start_server(command: list[str], grpc_port: int, *, http_port: int | None = None,
                  metrics_port: int | None = None, log: Path | None = None, wait: bool = True,
-                 timeout: float = 120, cwd: Path | None = None, session: bool = False) -> Server:
+                 timeout: float = 120, cwd: Path | None = None, session: bool = False,
+                 env: dict[str, str] | None = None) -> Server:
     """Run ``command`` (any KServe v2 gRPC server listening on ``grpc_port``); output to ``log``;
-    ``session``: in a session (and process group) of its own, as a terminal's job is."""
+    ``session``: in a session (and process group) of its own, as a terminal's job is; ``env``:
+    its environment (default: ours)."""
     out = log.open("w") if log is not None else subprocess.DEVNULL
-    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=session)
+    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=session,
+                            env=env)
     server = Server(proc, grpc_port, http_port, metrics_port, log)
     if wait:
         server.wait_ready(timeout)
@@ -109,14 +112,15 @@ def start_server(command: list[str], grpc_port: int, *, http_port: int | None = 
 
 def start_daemon(repository: Path, *flags: str, log: Path | None = None, wait: bool = True,
                  timeout: float = 120, cwd: Path | None = None, wrap: list[str] | None = None,
-                 ports: tuple[int, int, int] | None = None, session: bool = False) -> Server:
+                 ports: tuple[int, int, int] | None = None, session: bool = False,
+                 env: dict[str, str] | None = None) -> Server:
     """``enserve serve`` with ``flags`` on ``ports`` (HTTP, gRPC, metrics; default: free ones);
     ``wrap`` prefixes the command (``container_command``)."""
     http, grpc_port, metrics = ports or free_ports(3)
     command = [*(wrap or []), *python_module("enserve", "serve"), "--model-repository", str(repository),
                "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics), *flags]
     return start_server(command, grpc_port, http_port=http, metrics_port=metrics, log=log, wait=wait,
-                        timeout=timeout, cwd=cwd, session=session)
+                        timeout=timeout, cwd=cwd, session=session, env=env)
 
 
 def mount_tmpfs(path: Path, mib: int) -> None:
