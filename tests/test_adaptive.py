@@ -89,3 +89,36 @@ def test_a_groups_mask_costs_are_its_members_sums_once_measured():
     assert rt.mask_ns(0b11) == 0.0 and rt.mask_costs == {}  # not measured yet: free, and not remembered
     rt.member_ns = (2.0, 5.0)
     assert rt.mask_ns(0b11) == 7.0 and rt.mask_ns(0b10) == 5.0 and rt.mask_costs == {0b11: 7.0, 0b10: 5.0}
+
+
+def test_the_idle_shortcut_answers_as_the_policy_does_when_no_task_is_out():
+    """``Orchestrator._idle_prediction`` (nothing queued anywhere) gives the richest point's
+    prediction exactly when ``_point_for`` would choose that point, and None otherwise."""
+    import itertools
+    from types import SimpleNamespace
+
+    from enserve.server.dataplane.orchestrator import Orchestrator
+    from enserve.server.dataplane.runtime import GroupRuntime
+    from enserve.server.dataplane.supervisor import WorkerState
+    from enserve.server.served.table import AnswerRecipe, ServedModel, ServedPoint
+
+    recipe = AnswerRecipe("ens", "ensemble", (), 3.0, 0)
+    points = tuple(ServedPoint(tuple("abc"[: i + 1]), tuple(parts), recipe) for i, parts in enumerate(FRONT))
+    model = ServedModel("ens", "ensemble", (), (), 8, ("a", "b", "c"), 0, points[-1].parts, recipe, points)
+    clock = SimpleNamespace(time=lambda: 10.0)
+    for scale, slack_ns, count, objective_ms, ready in itertools.product(
+            (0.5, 1.0, 1.6), (0.0, 5 * MS), (1, 2, 4), (20, 40, 80), (True, False)):
+        groups = []
+        for g, costs in enumerate(MEMBER_NS):
+            rt = GroupRuntime(spec=None, ring=None, member_ns=tuple(costs), scale=scale, scale_at=9.5)
+            state = WorkerState.READY if ready or g == 0 else WorkerState.STARTING
+            rt.workers = [SimpleNamespace(state=state, work_ns=0.0)]
+            groups.append(rt)
+        orch = SimpleNamespace(loop=clock, groups=groups, slack_ns=slack_ns, slack_at=9.0)
+        orch._mask_cost = lambda g, mask, groups=groups: groups[g].mask_ns(mask)
+        k, predicted = Orchestrator._point_for(orch, model, count, objective_ms / 1e3)
+        idle = Orchestrator._idle_prediction(orch, model, count, objective_ms / 1e3)
+        if k == len(points) - 1:
+            assert idle == predicted, (scale, slack_ns, count, objective_ms, ready)
+        else:
+            assert idle is None, (scale, slack_ns, count, objective_ms, ready, k)

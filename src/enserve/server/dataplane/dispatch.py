@@ -114,6 +114,7 @@ class Dispatch:
         self.outbox: dict[WorkerProcess, list[bytes]] = {}
         self.flush_scheduled = False
         self.next_task = 0
+        self.out = 0  # tasks handed to a worker and not yet done, skipped or dropped (0: every replica idle)
         # (group, member mask) -> one image's compute through those members (0 until measured); None:
         # no served front, nothing to predict, and no work counted on the hot path
         self.mask_cost = mask_cost
@@ -132,6 +133,7 @@ class Dispatch:
         tid = self.next_task
         self.next_task = (tid + 1) & 0xFFFFFFFF
         w.tasks[tid] = task
+        self.out += 1
         w.sent_at[tid] = self.loop.time()
         w.rows += task.count
         w.work_ns += self.task_ns(w, task)
@@ -245,6 +247,7 @@ class Dispatch:
         task = w.tasks.pop(tid, None)
         if task is None:
             return None
+        self.out -= 1
         w.sent_at.pop(tid, None)
         w.rows -= task.count
         w.work_ns = max(0.0, w.work_ns - self.task_ns(w, task)) if w.tasks else 0.0
@@ -272,6 +275,7 @@ class Dispatch:
         """``w`` is gone: the tasks it held (and those deferred behind them), for the caller to hand on;
         descriptors not yet written to it are dropped (its restarted process must not get them)."""
         self.outbox.pop(w, None)
+        self.out -= len(w.tasks)
         tasks = [*w.tasks.values(), *w.deferred]
         w.tasks.clear()
         w.sent_at.clear()

@@ -152,7 +152,11 @@ class Orchestrator(WorkerRecovery, Completions):
                 f"{self.options.max_inflight}; retry later")
         point, predicted = len(model.points) - 1, 0.0
         if objective_s is not None and point > 0:
-            point, predicted = self._point_for(model, count, objective_s)
+            idle = self._idle_prediction(model, count, objective_s) if not self.dispatch.out else None
+            if idle is None:
+                point, predicted = self._point_for(model, count, objective_s)
+            else:  # what _point_for would answer, without looking at any queue
+                predicted = idle
             self._note_point(model, point)
         served = model.points[point]
         for g, _ in served.parts:
@@ -241,6 +245,20 @@ class Orchestrator(WorkerRecovery, Completions):
         slack_ns = decayed(self.slack_ns, now - self.slack_at, rest=0.0) if self.slack_ns else 0.0
         k = richest_point(backlog, points, count, PLAN_SHARE * objective_s * 1e9 - slack_ns)
         return k, predicted_ns(backlog, points[k], count)
+
+    def _idle_prediction(self, model: ServedModel, count: int, objective_s: float) -> float | None:
+        """With no task out on any replica (every backlog 0, as at low load): when ``model``'s richest
+        point would be done, if that fits the objective as ``_point_for`` reckons it; else None (a
+        group without a ready replica, or too slow: ``_point_for`` decides)."""
+        now, ready, predicted = self.loop.time(), WorkerState.READY, 0.0
+        for g, mask in model.points[-1].parts:
+            rt = self.groups[g]
+            if not any(w.state is ready for w in rt.workers):
+                return None
+            s = decayed(rt.scale, now - rt.scale_at) if rt.scale != 1.0 else 1.0
+            predicted = max(predicted, count * s * rt.mask_ns(mask))
+        slack_ns = decayed(self.slack_ns, now - self.slack_at, rest=0.0) if self.slack_ns else 0.0
+        return predicted if predicted <= PLAN_SHARE * objective_s * 1e9 - slack_ns else None
 
     def _note_point(self, model: ServedModel, point: int, sustained: int = SUSTAINED_RUN) -> None:
         """One log line when the point served changes and holds for ``sustained`` requests in a row."""
