@@ -106,11 +106,13 @@ def test_the_idle_shortcut_answers_as_the_policy_does_when_no_task_is_out():
     points = tuple(ServedPoint(tuple("abc"[: i + 1]), tuple(parts), recipe) for i, parts in enumerate(FRONT))
     model = ServedModel("ens", "ensemble", (), (), 8, ("a", "b", "c"), 0, points[-1].parts, recipe, points)
     clock = SimpleNamespace(time=lambda: 10.0)
-    for scale, slack_ns, count, objective_ms, ready in itertools.product(
-            (0.5, 1.0, 1.6), (0.0, 5 * MS), (1, 2, 4), (20, 40, 80), (True, False)):
+    chosen = set()
+    for scales, slack_ns, count, objective_ms, ready in itertools.product(
+            itertools.product((0.5, 1.0, 1.6), (0.3, 1.0, 1.4)), (0.0, 5 * MS), (1, 2, 3, 4), (16, 20, 40, 80),
+            (True, False)):
         groups = []
         for g, costs in enumerate(MEMBER_NS):
-            rt = GroupRuntime(spec=None, ring=None, member_ns=tuple(costs), scale=scale, scale_at=9.5)
+            rt = GroupRuntime(spec=None, ring=None, member_ns=tuple(costs), scale=scales[g], scale_at=9.5)
             state = WorkerState.READY if ready or g == 0 else WorkerState.STARTING
             rt.workers = [SimpleNamespace(state=state, work_ns=0.0)]
             groups.append(rt)
@@ -118,7 +120,14 @@ def test_the_idle_shortcut_answers_as_the_policy_does_when_no_task_is_out():
         orch._mask_cost = lambda g, mask, groups=groups: groups[g].mask_ns(mask)
         k, predicted = Orchestrator._point_for(orch, model, count, objective_ms / 1e3)
         idle = Orchestrator._idle_prediction(orch, model, count, objective_ms / 1e3)
+        chosen.add(k)
         if k == len(points) - 1:
-            assert idle == predicted, (scale, slack_ns, count, objective_ms, ready)
+            assert idle == predicted, (scales, slack_ns, count, objective_ms, ready)
         else:
-            assert idle is None, (scale, slack_ns, count, objective_ms, ready, k)
+            assert idle is None, (scales, slack_ns, count, objective_ms, ready, k)
+    assert chosen == {0, 1, 2}  # every way the policy can go was met
+    # on the budget exactly: one row, group 1 at scale 1 (8 ms), no slack, 16 ms (half of it is 8): chosen
+    groups = [GroupRuntime(spec=None, ring=None, member_ns=tuple(c), workers=[SimpleNamespace(
+        state=WorkerState.READY, work_ns=0.0)]) for c in MEMBER_NS]
+    orch = SimpleNamespace(loop=clock, groups=groups, slack_ns=0.0, slack_at=0.0)
+    assert Orchestrator._idle_prediction(orch, model, 1, 0.016) == 8 * MS

@@ -169,7 +169,7 @@ def test_overload_falls_back_to_cheaper_points_and_the_whole_ensemble_returns(se
 @pytest.mark.parametrize("objective, message", [
     (-5, "objective_ms is -5, but must be a finite number of milliseconds >= 0"),
     ("fast", "parameter 'objective_ms' must be a number of milliseconds"),
-    (1e-6, "is below what the cheapest point of model 'ensemble''s front needs for one row"),
+    (1e-6, "is below what the cheapest point of the front of model 'ensemble' needs for one row"),
 ])
 def test_a_bad_objective_is_refused_with_its_rule(served, objective, message):
     daemon, _ = served

@@ -306,18 +306,21 @@ def test_a_retried_task_never_shares_a_replica_with_its_requests_task_on_the_sam
         retried = Task(7, 10, 1, 0b1100, 10)
         dispatch.reroute(rt, retried)
         assert b.deferred == [retried] and len(b.tasks) == 2  # waits behind B's share of request 7
+        assert dispatch.out == 2  # handed to a worker: a deferred task is not (yet)
         first = next(tid for tid, t in b.tasks.items() if t.rid == 7)
         assert dispatch.finished(b, next(tid for tid, t in b.tasks.items() if t.rid == 8)) == other
         assert b.deferred == [retried]  # another request finishing does not release it
         assert dispatch.finished(b, first).mask == 0b0011
-        assert b.deferred == [] and list(b.tasks.values()) == [retried] and b.rows == 1
+        assert b.deferred == [] and list(b.tasks.values()) == [retried] and b.rows == 1 and dispatch.out == 1
         dispatch.reroute(rt, Task(7, 11, 1, 0b1111, 10))  # other rows of the same request: no wait
         assert len(b.tasks) == 2 and b.deferred == []
         b.state = WorkerState.STARTING
         held = Task(9, 0, 1, 1, 0)
         dispatch.reroute(rt, held)  # no replica ready: held for the first that starts
         assert rt.held == [held]
+        assert dispatch.out == 2
         assert sorted(t.rid for t in dispatch.dropped(b)) == [7, 7] and b.rows == 0 and not b.tasks
+        assert dispatch.out == 0  # every replica idle: what the latency policy's idle shortcut reads
     finally:
         loop.close()
 

@@ -1,13 +1,15 @@
 """This tree's daemon against an earlier revision's, side by side: ``enserve bench``'s closed-loop
 cells (``bench.measure``) on every arm in turn, the arms' order rotated each round so that a
-drifting machine favours none; per cell, the median round's images/s and the daemon's CPU per
-request, as ratios to the earlier revision's. What a claim such as "within 3 % of today" is
+drifting machine favours none; per cell, the median round's images/s and the CPU per request of
+the daemon's own process (its fronts and orchestrator, where a change to the serving path shows; its
+workers' is not counted), as ratios to the earlier revision's. What a claim such as "within 3 % of today" is
 measured with (these machines are noisy: use many short rounds).
 
     python -m enserve.loadtest.ab --model-repository DIR --before REV [--serve-flags '--plan PLAN'] \\
         [--arm 'objective=DIR2 --objective-ms 1000'] [--rounds 15] [--seconds 3] [--cells 1x1,16x1,1x8]
 
-The earlier revision is checked out into a temporary git worktree of the clone this runs in and
+The earlier revision is checked out into a temporary git worktree of the clone this runs in (run
+it from the clone) and
 run with this interpreter (``PYTHONPATH`` its ``src``): its dependencies must be this
 environment's. Arms: ``before`` (REV), ``now`` (this tree), and any ``--arm NAME=REPOSITORY
 [serve flags]`` (this tree, another repository or other flags); ``--serve-flags`` go to every
@@ -106,17 +108,17 @@ def rounds_of(arms: list[Arm], servers: dict[str, Server], model: str, cells: li
 
 
 def cpu_per_request_us(cells: list[Cell]) -> float:
-    """The daemon's (frontend process's) CPU per request over all rounds, microseconds."""
+    """The daemon's own process's CPU per request over all rounds (not its workers'), microseconds."""
     return 1e6 * sum(c.front_cpu_s for c in cells) / max(1, sum(c.requests for c in cells))
 
 
 def table(arms: list[Arm], got: dict[tuple[str, int, int], list[Cell]], cells: list[tuple[int, int]]) -> list[str]:
     """Per cell and arm: median images/s, p50, daemon CPU per request, and both as ratios to ``before``."""
-    lines = ["| cell | arm | img/s (median round) | p50 ms | x before | daemon CPU us/req | x before | errors |",
+    lines = ["| cell | arm | img/s (median round) | p50 ms | x before | daemon process CPU us/req | x before | errors |",
              "|---|---|---|---|---|---|---|---|"]
     for conc, images in cells:
         base = got[(BEFORE, conc, images)]
-        base_rate, base_cpu = median_cell(base).images_per_s, cpu_per_request_us(base)
+        base_rate, base_cpu = median_cell(base).images_per_s or float("nan"), cpu_per_request_us(base) or float("nan")
         for arm in arms:
             runs = got[(arm.name, conc, images)]
             mid, cpu = median_cell(runs), cpu_per_request_us(runs)
@@ -127,20 +129,28 @@ def table(arms: list[Arm], got: dict[tuple[str, int, int], list[Cell]], cells: l
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m enserve.loadtest.ab", description=__doc__.split("\n\n")[0])
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(prog="python -m enserve.loadtest.ab", description=__doc__, formatter_class=Formatter)
     p.add_argument("--model-repository", type=Path, required=True)
-    p.add_argument("--before", required=True, help="the git revision to compare with (e.g. a commit, main~3)")
+    p.add_argument("--before", required=True, help="the git revision to compare with (e.g. a commit, main~3): "
+                   "the arm 'before'; this tree is the arm 'now'")
     p.add_argument("--serve-flags", type=shlex.split, default=[],
                    help="flags for every arm's enserve serve, e.g. '--plan plan.json' (no allocator run)")
     p.add_argument("--arm", type=parse_arm, action="append", default=[],
-                   help="NAME=REPOSITORY [serve flags]: one more arm of this tree (repeatable)")
-    p.add_argument("--model", default=DEFAULT_ENSEMBLE)
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--cells", type=parse_cells, default=parse_cells("1x1,16x1,1x8"))
+                   help="NAME=REPOSITORY [serve flags]: one more arm of this tree, serving another repository "
+                   "or with other flags (repeatable)")
+    p.add_argument("--model", default=DEFAULT_ENSEMBLE, help="the model every cell asks")
+    p.add_argument("--rounds", type=int, default=15, help="times every arm runs every cell")
+    p.add_argument("--seconds", type=float, default=3.0, help="of one cell on one arm, after a warm-up")
+    p.add_argument("--cells", type=parse_cells, default="1x1,16x1,1x8",
+                   help="CONCURRENCYxIMAGES a request, comma-separated")
     args = p.parse_args(argv)
-    if args.rounds < 1 or not args.seconds > 0:
-        p.error(f"--rounds {args.rounds} and --seconds {args.seconds} must be >= 1 and > 0")
+    if args.rounds < 1:
+        p.error(f"--rounds is {args.rounds}, but must be >= 1")
+    if not args.seconds > 0:
+        p.error(f"--seconds is {args.seconds}, but must be > 0")
     servers: dict[str, Server] = {}
     with worktree(args.before) as tree, tempfile.TemporaryDirectory(prefix="enserve-ab-logs-") as logs:
         arms = [Arm(BEFORE, args.model_repository, (), tree / "src"), Arm("now", args.model_repository),

@@ -17,8 +17,8 @@ values; the published 1-NN error 0.087; without aeon here, write it with ``loadt
 where aeon is and pass ``gunpoint=PATH``). ``NAME=PATH`` measures any ``.npz`` with ``x_train``,
 ``y_train``, ``x_test`` and ``y_test``. Held out: 25 % of the rows (stratified, seed 0), or the
 published test split where there is one. On a few hundred rows one held-out row is worth more than
-1 % of accuracy: ``--held-out-seed 0-9`` (repeated holdout) builds a tabular data set once per
-split and prints each split's figures and their mean. Baselines, fitted on the build's rows (flattened) with
+1 % of accuracy: ``--held-out-seed 0-9`` (repeated holdout) builds a data set held out here (the
+tabular ones, digits) once per split and prints each split's figures and their mean. Baselines, fitted on the build's rows (flattened) with
 scikit-learn's defaults: ``StandardScaler`` + ``LogisticRegression`` (after ``SimpleImputer``,
 which missing values need) and ``HistGradientBoostingClassifier`` (takes them as they are).
 """
@@ -74,11 +74,11 @@ def penguins() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return np.hstack([x, one_hot, sex[:, None]]), df["species"].to_numpy(dtype=str), columns
 
 
-def digits() -> Split:
+def digits(seed: int = 0) -> Split:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    return held_out(d.images[:, None].astype(np.float32), d.target)  # raw 0-16
+    return held_out(d.images[:, None].astype(np.float32), d.target, seed)  # raw 0-16
 
 
 def mnist1d() -> Split:
@@ -105,6 +105,7 @@ def npz(path: str) -> Split:
 TABULAR = {"wine": wine, "penguins": penguins}  # given to the build as a CSV
 ARRAYS = {"digits": digits, "mnist1d": mnist1d, "gunpoint": gunpoint}  # as an .npz of x_train, y_train
 DATASETS = [*TABULAR, *ARRAYS]
+SPLIT_HERE = {*TABULAR, "digits"}  # held out by this script (``--held-out-seed``); the others have a published split
 
 
 def write_csv(path: Path, x: np.ndarray, y: np.ndarray, columns: list[str]) -> Path:
@@ -181,7 +182,8 @@ def measure(name: str, budget: str, workers: int, out: Path, reuse: bool = False
     d = out / name / f"split_{held_out_seed}" if split_dir else out / name
     d.mkdir(parents=True, exist_ok=True)
     if path or name in ARRAYS:
-        x_build, y_build, x_held, y_held = npz(path) if path else ARRAYS[name]()
+        x_build, y_build, x_held, y_held = npz(path) if path else \
+            digits(held_out_seed) if name == "digits" else ARRAYS[name]()
         dataset = d / f"{name}.npz"
         np.savez(dataset, x_train=x_build, y_train=y_build)
     elif name in TABULAR:
@@ -214,7 +216,7 @@ def measure(name: str, budget: str, workers: int, out: Path, reuse: bool = False
     member_scores = [score(answers[m], y_held) for m in members]
     summary = {"ensemble": score(answers["ensemble"], y_held),
                "members, mean": tuple(float(np.mean(v)) for v in zip(*member_scores)),
-               "best member*": max(member_scores, key=lambda s: (s[0], -s[1]))}
+               "most accurate member*": max(member_scores, key=lambda s: (s[0], -s[1]))}
     summary |= {m: score(p, y_held) for m, p in baselines(x_build, y_build, x_held).items()}
     return rows, summary
 
@@ -235,16 +237,18 @@ def score(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", default="wine,penguins", help=f"comma-separated, of {', '.join(DATASETS)}")
-    parser.add_argument("--time-budget", default="3m")
-    parser.add_argument("--workers", type=int, default=2)
+    parser = argparse.ArgumentParser(prog="python -m enserve.loadtest.accuracy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default="wine,penguins", help=f"comma-separated, of {', '.join(DATASETS)}, or "
+                        "NAME=PATH.npz (x_train, y_train, x_test, y_test)")
+    parser.add_argument("--time-budget", default="3m", help="each build's (enserve build --time-budget)")
+    parser.add_argument("--workers", type=int, default=2, help="each build's trial workers")
     parser.add_argument("--out", type=Path, default=None, help="keep the builds here (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0, help="the build's seed (its split and samplers); the held-out "
                         "rows stay the same")
-    parser.add_argument("--held-out-seed", type=parse_seeds, default=[0], help="which 25 %% of a tabular data set's "
-                        "rows are held out: a seed, or a range (0-9) or list (0,2,5) for repeated holdout, one build "
-                        "per seed and the mean over them (the published splits of the others are fixed)")
+    parser.add_argument("--held-out-seed", type=parse_seeds, default=[0], help="which 25 %% of the rows of "
+                        f"{', '.join(sorted(SPLIT_HERE))} are held out: a seed, or a range (0-9) or list (0,2,5) for "
+                        "repeated holdout, one build per seed and the mean over them (the others' published test "
+                        "splits are fixed: the first seed only)")
     parser.add_argument("--reuse", action="store_true", help="serve the builds already in --out instead of building")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="enserve-accuracy-") as tmp:
@@ -252,11 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         rows, tables = [], []
         repeated = len(args.held_out_seed) > 1
         for name in args.datasets.split(","):
-            seeds = args.held_out_seed if name in TABULAR else args.held_out_seed[:1]
+            seeds = args.held_out_seed if name in SPLIT_HERE else args.held_out_seed[:1]
             summaries = {}
-            for k in seeds:
+            for k in seeds:  # a split of its own folder: --reuse never serves a build of other rows
                 got, summaries[k] = measure(name, args.time_budget, args.workers, out, args.reuse, args.seed, k,
-                                            split_dir=repeated and name in TABULAR)
+                                            split_dir=name in SPLIT_HERE and (repeated or k != 0))
                 rows += got
             if len(seeds) > 1:
                 tables.append(split_table(name, summaries))

@@ -256,7 +256,7 @@ class Orchestrator(WorkerRecovery, Completions):
             if not any(w.state is ready for w in rt.workers):
                 return None
             s = decayed(rt.scale, now - rt.scale_at) if rt.scale != 1.0 else 1.0
-            predicted = max(predicted, count * s * rt.mask_ns(mask))
+            predicted = max(predicted, count * (s * rt.mask_ns(mask)))  # as PointCosts and predicted_ns
         slack_ns = decayed(self.slack_ns, now - self.slack_at, rest=0.0) if self.slack_ns else 0.0
         return predicted if predicted <= PLAN_SHARE * objective_s * 1e9 - slack_ns else None
 

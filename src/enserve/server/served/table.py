@@ -11,7 +11,7 @@ from enserve import combiners
 from enserve.server.errors import RepositoryError
 from enserve.server.protocol import combine_flags
 from enserve.server.served.placement import Placement
-from enserve.server.served.repository import MEMBERS_OUTPUT, Repository, TensorSpec
+from enserve.server.served.repository import Repository, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,6 @@ class AnswerRecipe:
     weight_sum: float  # what the sums of the members' terms are divided by: their count, or 1 when weighted
     space: int  # the combiner's space: index into ``combiners.SPACES``
     weights: tuple[tuple[str, float], ...] = ()  # each member's term weight (1, or its weight when weighted)
-    members_output: bool = False  # it answers ``MEMBERS_OUTPUT``: which of ``weights``' members it combined
 
     def weight_of(self, members) -> float:
         """What the sums of ``members``' terms are divided by (an answer from some of them)."""
@@ -118,7 +117,7 @@ def build_table(repo: Repository, placement: Placement) -> Table:
         flags = combine_flags(combiner.space_id, combiner.weighted)
         weights = tuple((m, w if combiner.weighted else 1.0) for m, w in ens.weight_of().items())
         recipe = AnswerRecipe(ens.name, "ensemble", tuple(first.outputs), 1.0 if combiner.weighted else len(members),
-                              combiner.space_id, weights, any(t.name == MEMBERS_OUTPUT for t in ens.outputs))
+                              combiner.space_id, weights)
         points = tuple(ServedPoint(p.members, _parts(p.members, placement, flags),
                                    recipe if set(p.members) == set(members)
                                    else replace(recipe, weight_sum=recipe.weight_of(p.members)))

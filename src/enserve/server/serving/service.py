@@ -197,8 +197,8 @@ class Service:
         floor_ns = orchestrator.cheapest_point_ns(target)
         if ANSWER_AT * objective * 1e9 < floor_ns:
             raise InvalidArgument(
-                f"latency objective {objective * 1e3:g} ms is below what the cheapest point of model "
-                f"'{target.name}''s front needs for one row: {floor_ns / 1e6:.3g} ms measured (an answer is "
+                f"latency objective {objective * 1e3:g} ms is below what the cheapest point of the front of model "
+                f"'{target.name}' needs for one row: {floor_ns / 1e6:.3g} ms measured (an answer is "
                 f"due at {ANSWER_AT:.0%} of the objective)")
         return objective
 

@@ -131,8 +131,9 @@ def _to_array(spec, shape: list[int], inp: RequestInput, regions: ClientRegions 
 
 def select_outputs(target, requested: list[RequestOutput]) -> list[RequestOutput]:
     """The outputs to return: all (binary) when none are named, but ``MEMBERS_OUTPUT``, which is
-    returned when asked for by name (a mask per row that only an answer under a latency objective
-    needs); unknown names are errors."""
+    returned when asked for by name (a mask per row, which matters only to an answer under a latency
+    objective, whose members its ``enserve_members`` parameter names anyway); unknown names are
+    errors."""
     names = [t.name for t in target.outputs]
     if not requested:
         return [RequestOutput(n) for n in names if n != MEMBERS_OUTPUT]
