@@ -384,3 +384,35 @@ def test_a_starting_daemon_removes_only_dead_daemons_socket_folders(tmp_path):
             s.close()
     assert sorted(removed) == sorted(str(folders[n]) for n in ("dead", "empty"))
     assert [n for n, f in folders.items() if f.exists()] == ["live", "young"]
+
+
+def test_a_cancelled_call_frees_its_slot_at_once_and_its_work_is_skipped(demo_repo, tmp_path):
+    """Cancelling a call cancels its request (as its deadline would): the in-flight slot is free at
+    once and its workers skip the tasks they have not begun, rather than computing for no one
+    (64 calls of 64 images: seconds of compute on a small machine, gone in a fraction of that)."""
+    daemon = start_daemon(demo_repo, tmp_path, "--no-optimize")
+    try:
+        with grpc.insecure_channel(daemon.grpc_url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            futures = [stub.ModelInfer.future(request(images(64, seed=i))) for i in range(64)]
+            time.sleep(0.2)  # the calls are in
+            for f in futures:
+                f.cancel()
+        deadline = time.monotonic() + 1.0
+        while metric(daemon, "nv_inference_pending_request_count") > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert metric(daemon, "nv_inference_pending_request_count") == 0, daemon.output()
+        def worker_tasks() -> float:  # over every worker group
+            text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics").read().decode()
+            return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("enserve_worker_tasks{"))
+
+        while worker_tasks() > 0 and time.monotonic() < deadline + 1.0:
+            time.sleep(0.02)
+        assert worker_tasks() == 0  # skipped, or the one batch each worker had begun
+        client = grpcclient.InferenceServerClient(daemon.grpc_url)
+        x = images(2, seed=9)
+        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        assert client.infer("ensemble", [inp]).as_numpy("probs").shape[0] == 2
+    finally:
+        assert daemon.stop() == 0

@@ -288,12 +288,23 @@ class Orchestrator(WorkerRecovery, Completions):
 
     def _expire(self, request: InflightRequest) -> None:
         """Its deadline passed: DEADLINE_EXCEEDED and its in-flight slot free now; its rows come back
-        as its workers finish or skip its tasks."""
+        as its workers finish or skip its tasks. Counted under its objective only when the deadline was
+        the objective's (a client's own shorter ``timeout`` is not an objective missed)."""
         self._learn_slack(request)
         self._forget(request)
         request.expire()
-        if request.recipe.kind == "ensemble" and request.objective_s is not None:
+        if request.recipe.kind == "ensemble" and request.anytime is not None:
             record_request(self.stats[request.recipe.model], request)
+
+    def cancel(self, request: InflightRequest) -> None:
+        """Its caller went away (a cancelled call): as at an expiry, its in-flight slot is free now and
+        its workers skip the tasks they have not begun; nothing is answered, counted or learnt."""
+        if self.pending.get(request.rid) is not request:  # answered already, or expired
+            return
+        self._forget(request)
+        self.deadlines.note_answered()
+        request.fail(Unavailable("the caller cancelled this request"))  # read by no one: the call is gone
+        request.answer()  # (nothing more when its future was cancelled with the caller's task)
 
     def _forget(self, request: InflightRequest) -> None:
         del self.pending[request.rid]

@@ -331,7 +331,12 @@ class HttpFrontend:
             timeout = parse_timeout(params.get("timeout"))
             pending = self.service.begin(model, version, inputs, outputs, timeout,
                                          parse_objective(params.get(REQUEST_OBJECTIVE)))
-            values = pending.finish(await pending.future)
+            try:
+                result = await pending.future
+            except asyncio.CancelledError:  # the client went away: so is the work for it
+                pending.cancel()
+                raise
+            values = pending.finish(result)
         finally:
             limits.release(held)
         default_binary = bool(params.get("binary_data_output", False))

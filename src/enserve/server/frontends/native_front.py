@@ -111,7 +111,9 @@ class NativeFront:
     def _on_events(self, events) -> None:
         for kind, call_id, _, payload, _, details in events:
             if kind == EVENT_CANCEL:
-                self._forget(call_id)  # its rows still finish; nobody is answered
+                pending = self._forget(call_id)
+                if pending is not None:  # its workers skip what they have not begun; nobody is answered
+                    pending.cancel()
                 continue
             try:
                 self._call(call_id, payload, details)

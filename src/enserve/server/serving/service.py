@@ -55,6 +55,11 @@ class PendingInfer:
     target: ServedModel
     wanted: list[RequestOutput]
     regions: ClientRegions | None
+    orchestrator: Orchestrator
+
+    def cancel(self) -> None:
+        """The caller went away: its workers skip what they have not begun, its slot is free now."""
+        self.orchestrator.cancel(self.request)
 
     @property
     def future(self) -> asyncio.Future:
@@ -181,7 +186,7 @@ class Service:
         objective = self._objective(orchestrator, target, objective_s)
         members_output = any(out.name == MEMBERS_OUTPUT for out in wanted)
         request = orchestrator.submit(target, arrays, batch, timeout_s, uncertainty, objective, members_output)
-        return PendingInfer(request, target, wanted, regions)
+        return PendingInfer(request, target, wanted, regions, orchestrator)
 
     def _objective(self, orchestrator: Orchestrator, target: ServedModel, given: float | None) -> float | None:
         """The request's latency objective in seconds: its own, else its model's, else the server's;
