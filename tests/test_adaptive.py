@@ -126,8 +126,12 @@ def test_the_idle_shortcut_answers_as_the_policy_does_when_no_task_is_out():
         else:
             assert idle is None, (scales, slack_ns, count, objective_ms, ready, k)
     assert chosen == {0, 1, 2}  # every way the policy can go was met
-    # on the budget exactly: one row, group 1 at scale 1 (8 ms), no slack, 16 ms (half of it is 8): chosen
+    # on the budget exactly: one row, group 1 at scale 1 (8 ms), a slack (learnt just now: not faded)
+    # that leaves the plan's share of 40 ms exactly 8 ms: chosen
+    from enserve.server.dataplane.adaptive import PLAN_SHARE
+
     groups = [GroupRuntime(spec=None, ring=None, member_ns=tuple(c), workers=[SimpleNamespace(
         state=WorkerState.READY, work_ns=0.0)]) for c in MEMBER_NS]
-    orch = SimpleNamespace(loop=clock, groups=groups, slack_ns=0.0, slack_at=0.0)
-    assert Orchestrator._idle_prediction(orch, model, 1, 0.016) == 8 * MS
+    share = PLAN_SHARE * 0.040 * 1e9
+    orch = SimpleNamespace(loop=clock, groups=groups, slack_ns=share - 8 * MS, slack_at=clock.time())
+    assert share - orch.slack_ns == 8 * MS and Orchestrator._idle_prediction(orch, model, 1, 0.040) == 8 * MS

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-PLAN_SHARE = 0.5  # of the objective the prediction may fill: the rest absorbs noise and the frontends' own time
-# (0.7 kept 96-98 % of answers within 50 ms at 2-4x load on 2 cores; 0.5 kept 99.8-100 %)
+PLAN_SHARE = 0.4  # of the objective the prediction may fill: the rest absorbs noise and the frontends' own time
+# (on 2 cores at 50 ms, 32 rows a request: 0.7 kept 96-98 % of answers within it at 2-4x load; 0.5 99.4-100 %
+# in one run but 98.4 and 98.5 % at 4x in two later ones; 0.4 kept 99.5-100 % at every load in three runs)
 RISK_SHARE = 0.5  # of the time to an early answer: a request predicted past it runs its first point apart
 ANSWER_AT = 0.8  # of the objective: when a request not yet complete is answered with the members done (the
 # rest is for the answer's way out through a busy front: under 4x load on 2 cores it took up to ~6 ms of 50)
