@@ -61,12 +61,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         held = limits.reserve(request.ByteSize())  # until the answer is encoded
         try:
             pending = begin_infer(self.service, request, deadline_s)
-            try:
-                result = await pending.future
-            except asyncio.CancelledError:  # the call was cancelled: so is the work for it
-                pending.cancel()
-                raise
-            values = pending.finish(result)
+            values = await pending.outputs()
             return encode_response(request, values, pending.parameters())
         finally:
             limits.release(held)

@@ -331,12 +331,7 @@ class HttpFrontend:
             timeout = parse_timeout(params.get("timeout"))
             pending = self.service.begin(model, version, inputs, outputs, timeout,
                                          parse_objective(params.get(REQUEST_OBJECTIVE)))
-            try:
-                result = await pending.future
-            except asyncio.CancelledError:  # the client went away: so is the work for it
-                pending.cancel()
-                raise
-            values = pending.finish(result)
+            values = await pending.outputs()
         finally:
             limits.release(held)
         default_binary = bool(params.get("binary_data_output", False))

@@ -61,6 +61,16 @@ class PendingInfer:
         """The caller went away: its workers skip what they have not begun, its slot is free now."""
         self.orchestrator.cancel(self.request)
 
+    async def outputs(self) -> list[OutputValue]:
+        """Wait for the answer and return the values asked for; a cancelled wait (the call or the
+        client went away) cancels the request too."""
+        try:
+            values = await self.future
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        return self.finish(values)
+
     @property
     def future(self) -> asyncio.Future:
         return self.request.future
@@ -168,8 +178,7 @@ class Service:
         outputs: list[RequestOutput],
         timeout_s: float | None = None,
     ) -> list[OutputValue]:
-        pending = self.begin(model, version, inputs, outputs, timeout_s)
-        return pending.finish(await pending.future)
+        return await self.begin(model, version, inputs, outputs, timeout_s).outputs()
 
     def begin(self, model: str, version: str, inputs: list[RequestInput], outputs: list[RequestOutput],
               timeout_s: float | None = None, objective_s: float | None = None) -> PendingInfer:
