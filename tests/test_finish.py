@@ -33,6 +33,15 @@ def test_kfold_trains_every_fold_of_the_best_configurations():
                                                       Task(1, 0), Task(1, 1), Task(1, 2)]
 
 
+def test_kfold_always_finishes_the_baseline_second_after_the_best():
+    # {"w": 1} (trial 0) ranks last; named in ``always`` it comes second, after the best; a
+    # configuration already among the top is not finished twice, and holdout ignores ``always``
+    assert plan(RECORDS, "kfold", top=2, folds=2, always=[{"w": 1}]) == [
+        Task(2, 0), Task(2, 1), Task(0, 0), Task(0, 1), Task(1, 0), Task(1, 1)]
+    assert plan(RECORDS, "kfold", top=2, folds=2, always=[{"w": 2}]) == plan(RECORDS, "kfold", top=2, folds=2)
+    assert plan(RECORDS, "holdout", top=2, always=[{"w": 1}]) == plan(RECORDS, "holdout", top=2)
+
+
 def test_holdout_trains_to_the_end_the_best_configurations_the_search_stopped_early():
     assert plan(RECORDS, "holdout", top=3, replicas=0) == [Task(2, HOLDOUT), Task(0, HOLDOUT)]  # trial 1 is complete
 

@@ -66,23 +66,30 @@ def validation_scheme(requested: str, rows: int) -> str:
 
 
 def plan(records: list, scheme: str, *, top: int = TOP_CONFIGS, folds: int = FOLDS,
-         replicas: int = REPLICAS) -> list[Task]:
+         replicas: int = REPLICAS, always: list[dict] = ()) -> list[Task]:
     """The tasks, most valuable first: the ``top`` distinct configurations by validation loss
     (records of trained trials; finished ones excluded), for k-fold each one's folds; for holdout
     the ones the search stopped before the end, and ``replicas`` other seeds of the best (one fewer
-    for each next), a configuration's n-th seed after the next configuration's first."""
+    for each next), a configuration's n-th seed after the next configuration's first.
+
+    For k-fold, a configuration in ``always`` (trial parameters: the portfolio's baseline, logistic
+    regression) is finished whatever its rank, second after the best: on a few dozen validation rows the
+    search's ranking prefers networks that fit those rows, and the selection can only weigh the
+    simple model if it is among the finished."""
     trained = [r for r in records if r.state in ("complete", "pruned") and r.number < FINISHED_OFFSET]
+    key = lambda r: json.dumps(r.config.get("trial_params", {}), sort_keys=True)  # noqa: E731
+    wanted = {json.dumps(p, sort_keys=True) for p in always}
     seen, best = set(), []
     for r in sorted(trained, key=lambda r: (r.val_loss, r.number)):
-        key = json.dumps(r.config.get("trial_params", {}), sort_keys=True)
-        if key in seen:
+        if key(r) in seen:
             continue
-        seen.add(key)
+        seen.add(key(r))
         best.append(r)
-        if len(best) == top:
-            break
     if scheme == "kfold":
-        return [Task(r.number, f) for r in best for f in range(folds)]
+        ranked = best[:top]
+        ranked[1:1] = [r for r in best[top:] if key(r) in wanted]
+        return [Task(r.number, f) for r in ranked for f in range(folds)]
+    best = best[:top]
     ordered = []  # (rank + the task's place among its configuration's, that place, the task)
     for rank, r in enumerate(best):
         seeds = range(0 if r.state == "pruned" else 1, max(0, replicas - rank) + 1)

@@ -117,7 +117,11 @@ def build_library(options: BuildOptions, *, progress: Callable[[], None] | None 
                    index=i) for i in range(workers)]
     run_workers("enserve.tuning.trial_worker", kwargs, progress, progress_every_s)
     if o.finish_fraction > 0:
-        finish_library(o, data, max_epochs, threads, start + time_budget_s, progress, progress_every_s, say)
+        from enserve.tuning.space import linear_start
+
+        baseline = linear_start(data, (schedule.batch_low, schedule.batch_high))
+        finish_library(o, data, max_epochs, threads, start + time_budget_s, progress, progress_every_s, say,
+                       always=[baseline] if baseline else [])
     return storage
 
 
@@ -130,9 +134,10 @@ def run_workers(module: str, kwargs: list[dict], progress, progress_every_s: flo
 
 
 def finish_library(o: BuildOptions, data, epochs: int, threads: int, deadline: float, progress,
-                   progress_every_s: float, say: Callable[[str], None] | None) -> None:
+                   progress_every_s: float, say: Callable[[str], None] | None, always: list[dict] = ()) -> None:
     """The finishing stage (``finish``): the best configurations trained to the end (on every fold,
-    for k-fold validation) by the workers until ``deadline``; k-fold predictions assembled."""
+    for k-fold validation, with the configurations ``always`` names) by the workers until
+    ``deadline``; k-fold predictions assembled."""
     from enserve.tuning.library import read_records, trial_dir
 
     library = Path(o.library)
@@ -146,7 +151,7 @@ def finish_library(o: BuildOptions, data, epochs: int, threads: int, deadline: f
         d = finish.finished_dir(library, t.number)
         return (d / f"fold_{t.fold}_pred.npy").is_file()
 
-    tasks = [t for t in finish.plan(read_records(library), scheme, folds=o.folds) if not done(t)]
+    tasks = [t for t in finish.plan(read_records(library), scheme, folds=o.folds, always=always) if not done(t)]
     rows = len(data.x_train) + len(data.x_val)
     if say is not None:
         why = (f"{rows} training and validation rows" + (f" < {finish.SMALL_ROWS}" if scheme == "kfold" and
