@@ -18,11 +18,12 @@ from enserve.tuning.finish import (
 from enserve.tuning.library import TrialRecord
 
 
-def record(number: int, state: str, val_loss: float, params: dict) -> TrialRecord:
-    return TrialRecord(number, state, {"trial_params": params}, 3, [], val_loss, 0.1, 0.1, 0.01, 10, 10, "", "", "")
+def record(number: int, state: str, val_loss: float, params: dict, start: str | None = None) -> TrialRecord:
+    config = {"trial_params": params} | ({"start": start} if start else {})
+    return TrialRecord(number, state, config, 3, [], val_loss, 0.1, 0.1, 0.01, 10, 10, "", "", "")
 
 
-RECORDS = [record(0, "pruned", 0.50, {"w": 1}), record(1, "complete", 0.20, {"w": 2}),
+RECORDS = [record(0, "pruned", 0.50, {"w": 1}, "linear"), record(1, "complete", 0.20, {"w": 2}, "default"),
            record(2, "pruned", 0.10, {"w": 3}), record(3, "failed", 0.01, {"w": 4}),
            record(4, "pruned", 0.15, {"w": 3}),  # the same configuration as trial 2: finished once
            record(FINISHED_OFFSET + 9, "complete", 0.05, {"w": 9})]  # already finished: not again
@@ -34,12 +35,14 @@ def test_kfold_trains_every_fold_of_the_best_configurations():
 
 
 def test_kfold_always_finishes_the_baseline_second_after_the_best():
-    # {"w": 1} (trial 0) ranks last; named in ``always`` it comes second, after the best; a
-    # configuration already among the top is not finished twice, and holdout ignores ``always``
-    assert plan(RECORDS, "kfold", top=2, folds=2, always=[{"w": 1}]) == [
+    # the start "linear" (trial 0) ranks last; named in ``always`` it comes second, after the best
+    # (with top=1 too); a start already among the top is not finished twice, and holdout ignores ``always``
+    assert plan(RECORDS, "kfold", top=2, folds=2, always=("linear",)) == [
         Task(2, 0), Task(2, 1), Task(0, 0), Task(0, 1), Task(1, 0), Task(1, 1)]
-    assert plan(RECORDS, "kfold", top=2, folds=2, always=[{"w": 2}]) == plan(RECORDS, "kfold", top=2, folds=2)
-    assert plan(RECORDS, "holdout", top=2, always=[{"w": 1}]) == plan(RECORDS, "holdout", top=2)
+    assert plan(RECORDS, "kfold", top=1, folds=1, always=("linear",)) == [Task(2, 0), Task(0, 0)]
+    assert plan(RECORDS, "kfold", top=2, folds=2, always=("default",)) == plan(RECORDS, "kfold", top=2, folds=2)
+    assert plan(RECORDS, "kfold", top=2, folds=2, always=("absent",)) == plan(RECORDS, "kfold", top=2, folds=2)
+    assert plan(RECORDS, "holdout", top=2, always=("linear",)) == plan(RECORDS, "holdout", top=2)
 
 
 def test_holdout_trains_to_the_end_the_best_configurations_the_search_stopped_early():

@@ -91,6 +91,18 @@ def test_a_csv_with_missing_values_is_served_from_its_raw_rows(tmp_path):
     trials = optuna.load_study(study_name="enserve", storage=make_storage(default_storage(tmp_path / "lib"))).trials
     assert [(t.params["depth"], t.params["weight_decay"]) for t in trials[:2]] == [(0, 1e-3), (2, 1e-5)]
     assert trials[1].params["width"] == 256 and trials[1].params["dropout"] == 0.1
+    # each keeps its name in its record, by which a small data set's finishing always takes the
+    # logistic regression (here the 6 trials are all finished; with one place, it still comes second)
+    from enserve.tuning.finish import plan
+    from enserve.tuning.library import read_records
+    from enserve.tuning.space import LOGISTIC_START
+
+    records = read_records(tmp_path / "lib")
+    assert [r.config.get("start") for r in sorted(records, key=lambda r: r.number)[:3]] == \
+        [LOGISTIC_START, "mlp_default", None]
+    best = min((r for r in records if r.number < 100_000 and r.state != "failed"), key=lambda r: (r.val_loss, r.number))
+    assert [t.number for t in plan(records, "kfold", top=1, folds=1, always=(LOGISTIC_START,))] == \
+        [best.number] + ([0] if best.number != 0 else [])
     learned = json.loads((tmp_path / "lib" / "preprocessing.json").read_text())["mlp"]
     assert learned["kind"] == "per_column" and len(learned["median"]) == 13
     rows = x[:40].astype(np.float32)

@@ -213,12 +213,39 @@ def measure(name: str, budget: str, workers: int, out: Path, reuse: bool = False
     rows += [(f"{name}:   member {m}", *score(answers[m], y_held)) for m in members]
     best = min(members, key=lambda m: score(answers[m], y_held)[1])
     rows.append((f"{name}:   its best member by held-out log loss ({best})", *score(answers[best], y_held)))
+    chosen, answer = best_by_validation(d / "library", members, answers)
+    rows.append((f"{name}:   its best member by validation ({chosen})", *score(answer, y_held)))
     member_scores = [score(answers[m], y_held) for m in members]
     summary = {"ensemble": score(answers["ensemble"], y_held),
+               "best member by validation": score(answer, y_held),
                "members, mean": tuple(float(np.mean(v)) for v in zip(*member_scores)),
                "most accurate member*": max(member_scores, key=lambda s: (s[0], -s[1]))}
     summary |= {m: score(p, y_held) for m, p in baselines(x_build, y_build, x_held).items()}
     return rows, summary
+
+
+def best_by_validation(library: Path, members: list[str], answers: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
+    """The member the build ranks best without the held-out rows, and its answer: the configuration
+    (``trial_N``, its fold models' mean answer for k-fold, as the selection compares them) with the
+    lowest out-of-fold log loss on the training and validation rows, else (holdout) the trial with
+    the lowest validation loss in its record."""
+    import json
+
+    groups: dict[str, list[str]] = {}
+    for m in members:
+        groups.setdefault(m.split("_fold_")[0], []).append(m)
+    finished = library / "finished"
+    losses = {}
+    for trial in groups:
+        oof = finished / trial / "oof_pred.npy"
+        if oof.is_file():
+            saved = np.load(finished / "labels.npz")
+            n = int(saved["trainval"])
+            losses[trial] = log_loss(np.load(oof)[:n], saved["y"][:n])
+        else:
+            losses[trial] = json.loads((library / trial / "record.json").read_text())["val_loss"]
+    best = min(groups, key=lambda t: (losses[t], t))
+    return best, np.mean([answers[m] for m in groups[best]], axis=0)
 
 
 def split_table(name: str, summaries: dict[int, dict[str, tuple[float, float]]]) -> list[str]:

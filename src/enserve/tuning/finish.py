@@ -66,19 +66,18 @@ def validation_scheme(requested: str, rows: int) -> str:
 
 
 def plan(records: list, scheme: str, *, top: int = TOP_CONFIGS, folds: int = FOLDS,
-         replicas: int = REPLICAS, always: list[dict] = ()) -> list[Task]:
+         replicas: int = REPLICAS, always: tuple[str, ...] = ()) -> list[Task]:
     """The tasks, most valuable first: the ``top`` distinct configurations by validation loss
     (records of trained trials; finished ones excluded), for k-fold each one's folds; for holdout
     the ones the search stopped before the end, and ``replicas`` other seeds of the best (one fewer
     for each next), a configuration's n-th seed after the next configuration's first.
 
-    For k-fold, a configuration in ``always`` (trial parameters: the portfolio's baseline, logistic
-    regression) is finished whatever its rank, second after the best: on a few dozen validation rows the
-    search's ranking prefers networks that fit those rows, and the selection can only weigh the
-    simple model if it is among the finished."""
+    For k-fold, a starting point named in ``always`` (a record's ``config["start"]``: the search's
+    logistic regression) is finished whatever its rank, second after the best: on a few dozen
+    validation rows the search's ranking prefers networks that fit those rows, and the selection can
+    only weigh the simple model if it is among the finished."""
     trained = [r for r in records if r.state in ("complete", "pruned") and r.number < FINISHED_OFFSET]
     key = lambda r: json.dumps(r.config.get("trial_params", {}), sort_keys=True)  # noqa: E731
-    wanted = {json.dumps(p, sort_keys=True) for p in always}
     seen, best = set(), []
     for r in sorted(trained, key=lambda r: (r.val_loss, r.number)):
         if key(r) in seen:
@@ -87,7 +86,7 @@ def plan(records: list, scheme: str, *, top: int = TOP_CONFIGS, folds: int = FOL
         best.append(r)
     if scheme == "kfold":
         ranked = best[:top]
-        ranked[1:1] = [r for r in best[top:] if key(r) in wanted]
+        ranked[1:1] = [r for r in best[top:] if r.config.get("start") in always]
         return [Task(r.number, f) for r in ranked for f in range(folds)]
     best = best[:top]
     ordered = []  # (rank + the task's place among its configuration's, that place, the task)

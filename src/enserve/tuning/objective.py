@@ -69,6 +69,8 @@ def objective(trial, data, library: Path, settings: TrialSettings, profiler, pre
     d.mkdir(parents=True, exist_ok=True)
     params = {"trial_params": trial.params, "network": asdict(config.network),
               "network_kind": type(config.network).__name__, "family": family}
+    if "start" in trial.user_attrs:  # one of the search's starting points (``space.starting_points``)
+        params["start"] = trial.user_attrs["start"]
     try:
         if settings.cost_weight > 0:  # the cost is the architecture's: known before training, seen at every rung
             cost = measure_cost(export_onnx(model, data.input_shape, d / "model.onnx"), data, profiler)

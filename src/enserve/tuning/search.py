@@ -98,8 +98,8 @@ def build_library(options: BuildOptions, *, progress: Callable[[], None] | None 
     if not study.trials:  # a new study starts from the known-good defaults (a continued one has them)
         from enserve.tuning.space import starting_points
 
-        for params in starting_points(data, (schedule.batch_low, schedule.batch_high)):
-            study.enqueue_trial(params, skip_if_exists=True)
+        for name, params in starting_points(data, (schedule.batch_low, schedule.batch_high)).items():
+            study.enqueue_trial(params, user_attrs={"start": name}, skip_if_exists=True)
     goal = study.user_attrs.get("objective")
     if goal is None:
         goal = {"kind": objective, "cost_weight": 0.0, "cost_ref": 1.0}
@@ -117,11 +117,7 @@ def build_library(options: BuildOptions, *, progress: Callable[[], None] | None 
                    index=i) for i in range(workers)]
     run_workers("enserve.tuning.trial_worker", kwargs, progress, progress_every_s)
     if o.finish_fraction > 0:
-        from enserve.tuning.space import linear_start
-
-        baseline = linear_start(data, (schedule.batch_low, schedule.batch_high))
-        finish_library(o, data, max_epochs, threads, start + time_budget_s, progress, progress_every_s, say,
-                       always=[baseline] if baseline else [])
+        finish_library(o, data, max_epochs, threads, start + time_budget_s, progress, progress_every_s, say)
     return storage
 
 
@@ -134,11 +130,12 @@ def run_workers(module: str, kwargs: list[dict], progress, progress_every_s: flo
 
 
 def finish_library(o: BuildOptions, data, epochs: int, threads: int, deadline: float, progress,
-                   progress_every_s: float, say: Callable[[str], None] | None, always: list[dict] = ()) -> None:
+                   progress_every_s: float, say: Callable[[str], None] | None) -> None:
     """The finishing stage (``finish``): the best configurations trained to the end (on every fold,
-    for k-fold validation, with the configurations ``always`` names) by the workers until
-    ``deadline``; k-fold predictions assembled."""
+    for k-fold validation, the logistic-regression start among them whatever its rank) by the workers
+    until ``deadline``; k-fold predictions assembled."""
     from enserve.tuning.library import read_records, trial_dir
+    from enserve.tuning.space import LOGISTIC_START
 
     library = Path(o.library)
     scheme = finish.validation_scheme(o.validation, len(data.x_train) + len(data.x_val))
@@ -151,7 +148,7 @@ def finish_library(o: BuildOptions, data, epochs: int, threads: int, deadline: f
         d = finish.finished_dir(library, t.number)
         return (d / f"fold_{t.fold}_pred.npy").is_file()
 
-    tasks = [t for t in finish.plan(read_records(library), scheme, folds=o.folds, always=always) if not done(t)]
+    tasks = [t for t in finish.plan(read_records(library), scheme, folds=o.folds, always=(LOGISTIC_START,)) if not done(t)]
     rows = len(data.x_train) + len(data.x_val)
     if say is not None:
         why = (f"{rows} training and validation rows" + (f" < {finish.SMALL_ROWS}" if scheme == "kfold" and

@@ -115,7 +115,10 @@ def suggest(trial, data, batch_sizes: tuple[int, int] = (8, 48), preprocessing: 
     return TrialConfig(net, lr, batch, l2, aug)
 
 
-def starting_points(data, batch_sizes: tuple[int, int]) -> list[dict]:
+LOGISTIC_START = "logistic_regression"  # the starting point a small data set's finishing always trains
+
+
+def starting_points(data, batch_sizes: tuple[int, int]) -> dict[str, dict]:
     """Configurations the search tries first (Optuna's ``enqueue_trial``), as AutoML systems start
     from a portfolio of known-good defaults; the sampler takes over after them. For tabular rows:
     logistic regression on the scaled columns (no hidden layer, weight decay 1e-3: about
@@ -123,30 +126,19 @@ def starting_points(data, batch_sizes: tuple[int, int]) -> list[dict]:
     few hundred steps left it short of convergence: out-of-fold log loss on penguins 0.126 against
     scikit-learn's 0.032, 0.042 at 1e-2), the data scientist's first try, and the tabular MLP
     baselines' usual default (2 x 256, dropout 0.1, Adam at 1e-3). None for the CNN families, whose
-    space is centred already."""
-    base = _mlp_base(data, batch_sizes)
-    if base is None:
-        return []
-    return [linear_start(data, batch_sizes),
-            base | {"learning_rate": 1e-3, "weight_decay": 1e-5, "width": 256, "depth": 2, "dropout": 0.1}]
-
-
-def linear_start(data, batch_sizes: tuple[int, int]) -> dict | None:
-    """The portfolio's logistic regression (the first of ``starting_points``), or None where the
-    data set searches no MLP: the configuration a small data set's finishing always trains on every
-    fold (``finish.plan``'s ``always``)."""
-    base = _mlp_base(data, batch_sizes)
-    return None if base is None else \
-        base | {"learning_rate": 1e-2, "weight_decay": 1e-3, "width": 64, "depth": 0, "dropout": 0.0}
-
-
-def _mlp_base(data, batch_sizes: tuple[int, int]) -> dict | None:
+    space is centred already. Named (the search marks each enqueued trial with its name, which its
+    library record keeps as ``config["start"]``); the first is ``LOGISTIC_START``."""
     families = data.families or (KIND_FAMILY[data.kind],)
     if "mlp" not in families:
-        return None
+        return {}
     low, high = batch_sizes
     base = {"batch_size": min(max(32, low), high), "activation": "relu", "batch_norm": False}
-    return base | {"family": "mlp"} if len(families) > 1 else base
+    if len(families) > 1:
+        base["family"] = "mlp"
+    return {LOGISTIC_START: base | {"learning_rate": 1e-2, "weight_decay": 1e-3, "width": 64, "depth": 0,
+                                    "dropout": 0.0},
+            "mlp_default": base | {"learning_rate": 1e-3, "weight_decay": 1e-5, "width": 256, "depth": 2,
+                                   "dropout": 0.1}}
 
 
 def timed_family(data) -> str:
