@@ -129,6 +129,14 @@ def test_choose_prunes_among_the_models_that_fit_the_budget():
     assert best_single(lib)["number"] == 10 and best_single(lib, 2.0)["number"] == 13
     assert best_single(lib, 2.0)["test_loss"] == pytest.approx(nll(0.5, 0.5, 0.99))
     assert best_single(lib, 0.5) is None
+    # one member kept: why (the top quarter within the budget held one candidate; or none lowered the loss)
+    from enserve.tuning.build import report
+
+    assert chosen.considered == 1 and "only one fits the budget among the top --prune fraction" in \
+        report(lib, chosen, best_single(lib, 2.0))[-1]
+    alone = choose(lib, 1.0, prune=1.0)  # B, C and D fit, one at a time
+    assert alone.numbers == [13] and alone.considered == 3 and "no other candidate lowered the validation log loss" in \
+        report(lib, alone, best_single(lib))[-1]
 
 
 def test_the_default_budget_leaves_room_for_about_three_good_models():

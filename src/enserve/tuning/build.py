@@ -38,6 +38,7 @@ class Chosen:
     cost: float
     weights: list[float] | None = None  # per member (Caruana's repeats): served by the weighted twin
     combiner: str = combiners.DEFAULT  # what the ensemble is served with
+    considered: int = 0  # candidates the selection chose among (within the budget and the --prune fraction)
 
 
 def choose(c: Candidates, budget: float, *, method: str = "smobf", prune: float = 0.2,
@@ -70,7 +71,7 @@ def choose(c: Candidates, budget: float, *, method: str = "smobf", prune: float 
     val = served.combine(c.val_preds[members], weights)
     test = served.combine(c.test_preds[members], weights)
     return Chosen(sel, [c.numbers[m] for m in members], error_rate(val, labels), error_rate(test, c.test_labels),
-                  cross_entropy(test, c.test_labels), float(c.costs[members].sum()), weights, served.name)
+                  cross_entropy(test, c.test_labels), float(c.costs[members].sum()), weights, served.name, len(keep))
 
 
 def pareto_rows(c: Candidates, budgets: list[float], **kw) -> list[dict]:
@@ -279,6 +280,9 @@ def report(c: Candidates, chosen: Chosen, single: dict) -> list[str]:
              f"by validation loss) {single['test_error']:.4f}, {single['test_loss']:.4f}"]
     if len(c.numbers) == 1:
         lines.append("the selection kept one member: the library has no other candidate")
+    elif len(at) == 1 and chosen.considered == 1:
+        lines.append(f"the selection kept one member: of the library's {len(c.numbers)} candidates only one fits "
+                     "the budget among the top --prune fraction by validation loss")
     elif len(at) == 1:
         lines.append(f"the selection kept one member: no other candidate lowered the validation log loss on the "
                      f"{len(c.labels)} validation predictions when averaged in (within the budget)")
