@@ -41,7 +41,8 @@ class SelectOptions:
                                     "the model repository the ensemble is written into", Path)
     ensemble: str = option(DEFAULT_ENSEMBLE, "--ensemble", "name of the ensemble model in the repository", str)
     budget: float | None = option(None, "--budget", "largest total inference cost of the ensemble, in seconds per "
-                                  "2000 samples on one core", float, above=0, shown="3 x the median cost of the top --prune fraction, at least 3 x the best single model's")
+                                  "2000 samples on one core", float, above=0, shown="3 x the median cost of the top --prune fraction (k-fold: of every finished configuration), at least 3 x "
+                                  "the best single model's")
     method: str = option(METHODS[0], "--method", "SMOBF greedy (w in 0.1, 0.01, 0.001), forward greedy with "
                          "--n-models, or Caruana's selection with replacement (served by the combiner's weighted "
                          "form)", str, choices=METHODS)
@@ -50,7 +51,8 @@ class SelectOptions:
                                f"{n}: {combiners.get(n).doc}" for n in combiners.unweighted()),
                            str, choices=tuple(combiners.unweighted()))
     n_models: int = option(5, "--n-models", "models of the forward-greedy baseline", int, minimum=1)
-    prune: float = option(0.2, "--prune", "select among the top fraction of the library", float, above=0)
+    prune: float = option(0.2, "--prune", "select among the top fraction of the library (k-fold: every finished "
+                          "configuration, the library's best already)", float, above=0)
     validation: str = option(VALIDATIONS[0], "--validation", "what the selection compares members on: the "
                              "validation split (holdout), or out-of-fold predictions for every training and validation "
                              "row (kfold: trained in the build's finishing stage, each chosen configuration served as "
