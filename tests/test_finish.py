@@ -41,6 +41,11 @@ def test_kfold_always_finishes_the_baseline_second_after_the_best():
         Task(2, 0), Task(2, 1), Task(0, 0), Task(0, 1), Task(1, 0), Task(1, 1)]
     assert plan(RECORDS, "kfold", top=1, folds=1, always=("linear",)) == [Task(2, 0), Task(0, 0)]
     assert plan(RECORDS, "kfold", top=2, folds=2, always=("default",)) == plan(RECORDS, "kfold", top=2, folds=2)
+    # among the top, it moves up to second: a tight budget finishes it before the others
+    assert plan(RECORDS, "kfold", top=3, folds=1, always=("linear",)) == [Task(2, 0), Task(0, 0), Task(1, 0)]
+    assert plan(RECORDS, "kfold", top=3, folds=1) == [Task(2, 0), Task(1, 0), Task(0, 0)]
+    best = [record(2, "pruned", 0.10, {"w": 3}, "linear"), record(1, "complete", 0.20, {"w": 2})]
+    assert plan(best, "kfold", top=2, folds=1, always=("linear",)) == [Task(2, 0), Task(1, 0)]  # once
     assert plan(RECORDS, "kfold", top=2, folds=2, always=("absent",)) == plan(RECORDS, "kfold", top=2, folds=2)
     assert plan(RECORDS, "holdout", top=2, always=("linear",)) == plan(RECORDS, "holdout", top=2)
 

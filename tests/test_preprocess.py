@@ -73,6 +73,16 @@ def test_the_exported_member_on_raw_inputs_is_the_network_on_transformed_inputs(
         want = torch.softmax(net(torch.from_numpy(sklearn_reference(x_train, x).astype(np.float32))), dim=1).numpy()
     assert np.isnan(x).any() and np.isfinite(served).all()
     np.testing.assert_allclose(served, want, atol=1e-5)
+    # an infinite value, or one that overflows when scaled, counts as CLIP standard deviations: an
+    # answer, not NaN (the same as the value at exactly that many deviations)
+    extreme = x[:4].copy()
+    extreme[0, 0], extreme[1, 1], extreme[2, 2], extreme[3, 3] = np.inf, -np.inf, 3e38, -3e38
+    at_clip = x[:4].copy()
+    for k, sign in enumerate((1, -1, 1, -1)):
+        at_clip[k, k] = p.mean[k] + sign * preprocess.CLIP * p.scale[k]
+    got = session.run(None, {"input": extreme})[0]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, session.run(None, {"input": at_clip})[0], atol=1e-5)
 
 
 def test_a_signal_family_reads_rows_as_one_channel(tmp_path):

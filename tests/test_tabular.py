@@ -62,6 +62,7 @@ def test_a_csv_with_missing_values_is_served_from_its_raw_rows(tmp_path):
     # 142 rows: the selection compared the finished configurations on out-of-fold predictions, and
     # serves each chosen one as its 5 fold models
     assert "selection on out-of-fold predictions for all 142 training and validation rows" in out.stdout
+    assert "trial 0, the search's logistic-regression start, among them" in out.stdout
     served_members = sorted(p.parent.parent.name for p in (tmp_path / "repo").glob("trial_*/1/model.onnx"))
     assert served_members and len(served_members) % 5 == 0, served_members
     for m in served_members:
@@ -134,6 +135,10 @@ def test_a_text_column_is_refused_with_its_name(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "columns 'region' (e.g. 'north') are text, but the served model takes numbers only" in out.stderr
     assert not (tmp_path / "repo").exists()
+    # a CSV of the label alone: refused before any training
+    (tmp_path / "only.csv").write_text("label\n" + "a\nb\n" * 10)
+    out = build(tmp_path, tmp_path / "only.csv")
+    assert out.returncode == 2 and "no feature columns, only the label 'label'" in out.stderr, out.stderr[-2000:]
 
 
 def test_a_continued_build_keeps_its_preprocessing(tmp_path):

@@ -274,6 +274,9 @@ def load_csv(path: Path, label: str = "label", seed: int = 0) -> Dataset:
     named = [j for j, h in enumerate(header) if h.lower() == label.lower()]
     col = named[0] if named else len(header) - 1  # 'label' in any case, else the last column
     features = [j for j in range(len(header)) if j != col]
+    if not features:
+        raise ValueError(f"{path}: no feature columns, only the label '{header[col]}': a model needs at least one "
+                         "column of numbers besides the label")
     parsed = [[_number(r[j]) for j in features] for r in body]
     text = {}
     for k, j in enumerate(features):

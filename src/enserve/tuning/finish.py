@@ -73,7 +73,8 @@ def plan(records: list, scheme: str, *, top: int = TOP_CONFIGS, folds: int = FOL
     for each next), a configuration's n-th seed after the next configuration's first.
 
     For k-fold, a starting point named in ``always`` (a record's ``config["start"]``: the search's
-    logistic regression) is finished whatever its rank, second after the best: on a few dozen
+    logistic regression) is finished whatever its rank, second after the best (or first, as the
+    best): on a few dozen
     validation rows the search's ranking prefers networks that fit those rows, and the selection can
     only weigh the simple model if it is among the finished."""
     trained = [r for r in records if r.state in ("complete", "pruned") and r.number < FINISHED_OFFSET]
@@ -85,8 +86,8 @@ def plan(records: list, scheme: str, *, top: int = TOP_CONFIGS, folds: int = FOL
         seen.add(key(r))
         best.append(r)
     if scheme == "kfold":
-        ranked = best[:top]
-        ranked[1:1] = [r for r in best[top:] if r.config.get("start") in always]
+        starts = [r for r in best[1:] if r.config.get("start") in always]
+        ranked = best[:1] + starts + [r for r in best[1:top] if r not in starts]
         return [Task(r.number, f) for r in ranked for f in range(folds)]
     best = best[:top]
     ordered = []  # (rank + the task's place among its configuration's, that place, the task)

@@ -91,9 +91,14 @@ def learn(x_train: np.ndarray, kind: str) -> Preprocessing:
     return per_column(x_train) if kind == "per_column" else per_channel(x_train)
 
 
+CLIP = 1000.0  # standard deviations: a scaled tabular value is kept within +-CLIP
+
+
 class Preprocess(nn.Module):
     """``Preprocessing`` as a layer: raw inputs in, what the network trains on out. Exported to ONNX
-    as IsNaN / Where / Sub / Div (/ Concat of the missingness columns)."""
+    as IsNaN / Where / Sub / Div / Clip (/ Concat of the missingness columns). A tabular value beyond
+    ``CLIP`` training standard deviations (an infinite one, or one that overflows when scaled) counts
+    as ``CLIP``: without the clip an infinite value made every output NaN."""
 
     def __init__(self, p: Preprocessing, input_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -111,7 +116,7 @@ class Preprocess(nn.Module):
         if not self.impute:
             return (x - self.mean) / self.scale
         missing = torch.isnan(x)
-        out = (torch.where(missing, self.median, x) - self.mean) / self.scale
+        out = ((torch.where(missing, self.median, x) - self.mean) / self.scale).clamp(-CLIP, CLIP)
         if self.indicators:
             out = torch.cat([out, missing[:, self.indicate].to(out.dtype)], dim=1)
         return out

@@ -148,13 +148,18 @@ def finish_library(o: BuildOptions, data, epochs: int, threads: int, deadline: f
         d = finish.finished_dir(library, t.number)
         return (d / f"fold_{t.fold}_pred.npy").is_file()
 
-    tasks = [t for t in finish.plan(read_records(library), scheme, folds=o.folds, always=(LOGISTIC_START,)) if not done(t)]
+    records = read_records(library)
+    planned = finish.plan(records, scheme, folds=o.folds, always=(LOGISTIC_START,))
+    tasks = [t for t in planned if not done(t)]
     rows = len(data.x_train) + len(data.x_val)
     if say is not None:
         why = (f"{rows} training and validation rows" + (f" < {finish.SMALL_ROWS}" if scheme == "kfold" and
                                                          o.validation == "auto" else ""))
+        starts = {r.number for r in records if r.config.get("start") == LOGISTIC_START}
+        linear = [t.number for t in planned if t.number in starts][:1] if scheme == "kfold" else []
         say(f"finishing ({why}): {scheme} validation, {len(tasks)} models to train to the end "
-            f"({epochs} epochs) in the last {o.finish_fraction:.0%} of the time budget")
+            f"({epochs} epochs) in the last {o.finish_fraction:.0%} of the time budget"
+            + (f"; trial {linear[0]}, the search's logistic-regression start, among them" if linear else ""))
     if tasks:
         common = dict(dataset=str(o.dataset), library=str(library), input_kind=o.input_kind, seed=o.seed,
                       scheme=scheme, folds=o.folds, epochs=epochs, deadline=deadline, threads=threads)
