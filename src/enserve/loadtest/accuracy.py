@@ -235,13 +235,14 @@ def best_by_validation(library: Path, members: list[str], answers: dict[str, np.
     for m in members:
         groups.setdefault(m.split("_fold_")[0], []).append(m)
     finished = library / "finished"
+    if (finished / "labels.npz").is_file():
+        saved = np.load(finished / "labels.npz")
+        y = saved["y"][: int(saved["trainval"])]  # the rows the selection compares on
     losses = {}
     for trial in groups:
         oof = finished / trial / "oof_pred.npy"
         if oof.is_file():
-            saved = np.load(finished / "labels.npz")
-            n = int(saved["trainval"])
-            losses[trial] = log_loss(np.load(oof)[:n], saved["y"][:n])
+            losses[trial] = log_loss(np.load(oof)[: len(y)], y)
         else:
             losses[trial] = json.loads((library / trial / "record.json").read_text())["val_loss"]
     best = min(groups, key=lambda t: (losses[t], t))

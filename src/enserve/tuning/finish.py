@@ -74,16 +74,15 @@ def plan(records: list, scheme: str, *, top: int = TOP_CONFIGS, folds: int = FOL
 
     For k-fold, a starting point named in ``always`` (a record's ``config["start"]``: the search's
     logistic regression) is finished whatever its rank, second after the best (or first, as the
-    best): on a few dozen
-    validation rows the search's ranking prefers networks that fit those rows, and the selection can
-    only weigh the simple model if it is among the finished."""
+    best): on a few dozen validation rows the search's ranking prefers networks that fit those rows,
+    and the selection can only weigh the simple model if it is among the finished."""
     trained = [r for r in records if r.state in ("complete", "pruned") and r.number < FINISHED_OFFSET]
-    key = lambda r: json.dumps(r.config.get("trial_params", {}), sort_keys=True)  # noqa: E731
     seen, best = set(), []
     for r in sorted(trained, key=lambda r: (r.val_loss, r.number)):
-        if key(r) in seen:
+        key = json.dumps(r.config.get("trial_params", {}), sort_keys=True)
+        if key in seen:
             continue
-        seen.add(key(r))
+        seen.add(key)
         best.append(r)
     if scheme == "kfold":
         starts = [r for r in best[1:] if r.config.get("start") in always]

@@ -41,8 +41,9 @@ class SelectOptions:
                                     "the model repository the ensemble is written into", Path)
     ensemble: str = option(DEFAULT_ENSEMBLE, "--ensemble", "name of the ensemble model in the repository", str)
     budget: float | None = option(None, "--budget", "largest total inference cost of the ensemble, in seconds per "
-                                  "2000 samples on one core", float, above=0, shown="3 x the median cost of the top --prune fraction (k-fold: of every finished configuration), at least 3 x "
-                                  "the best single model's")
+                                  "2000 samples on one core", float, above=0,
+                                  shown="3 x the median cost of the top --prune fraction (k-fold: of every finished "
+                                  "configuration), at least 3 x the best single model's")
     method: str = option(METHODS[0], "--method", "SMOBF greedy (w in 0.1, 0.01, 0.001), forward greedy with "
                          "--n-models, or Caruana's selection with replacement (served by the combiner's weighted "
                          "form)", str, choices=METHODS)

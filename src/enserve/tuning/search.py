@@ -156,10 +156,10 @@ def finish_library(o: BuildOptions, data, epochs: int, threads: int, deadline: f
         why = (f"{rows} training and validation rows" + (f" < {finish.SMALL_ROWS}" if scheme == "kfold" and
                                                          o.validation == "auto" else ""))
         starts = {r.number for r in records if r.config.get("start") == LOGISTIC_START}
-        linear = [t.number for t in planned if t.number in starts][:1] if scheme == "kfold" else []
+        linear = next((t.number for t in planned if t.number in starts), None) if scheme == "kfold" else None
         say(f"finishing ({why}): {scheme} validation, {len(tasks)} models to train to the end "
             f"({epochs} epochs) in the last {o.finish_fraction:.0%} of the time budget"
-            + (f"; trial {linear[0]}, the search's logistic-regression start, among them" if linear else ""))
+            + (f"; trial {linear}, the search's logistic-regression start, among them" if linear is not None else ""))
     if tasks:
         common = dict(dataset=str(o.dataset), library=str(library), input_kind=o.input_kind, seed=o.seed,
                       scheme=scheme, folds=o.folds, epochs=epochs, deadline=deadline, threads=threads)
